@@ -1,0 +1,1 @@
+//! Datasets: loading, formats, chat templates, tokenization with loss masks, batching.
