@@ -3,5 +3,10 @@
 
 pub mod data;
 pub mod error;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod rng;
 
 pub use error::{Error, Result};

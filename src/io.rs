@@ -1,0 +1,102 @@
+//! Writing files safely: every output goes to a temporary file in the same folder and is renamed
+//! into place, so an interrupted or failed write never damages what was already there.
+
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The temporary sibling of `path` used while writing it.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes through `write` into a temporary file, then renames it to `path`.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let tmp = temp_path(path);
+    let result =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes bytes atomically.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes a value as pretty JSON atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message: e.to_string(),
+    })?;
+    write_bytes(path, text.as_bytes())
+}
+
+/// Reads a JSON file, naming the file and line on error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "check the path".into(),
+        },
+        _ => Error::io(path, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: Some(e.line()),
+        message: e.to_string(),
+    })
+}
+
+/// Writes tensors as safetensors with `{"format": "pt"}` metadata (as transformers and PEFT expect).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomic(path, |tmp| {
+        safetensors::serialize_to_file(
+            contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(|e| Error::Parse {
+            path: tmp.to_path_buf(),
+            line: None,
+            message: format!("cannot write safetensors: {e}"),
+        })
+    })
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn read_safetensors(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "check the path".into(),
+        });
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read safetensors: {e}"),
+    })
+}

@@ -1,0 +1,129 @@
+//! PEFT's adapter files: `adapter_model.safetensors` (keys like
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, A `[r, in]`, B `[out, r]`) and
+//! `adapter_config.json`.
+
+use super::config::{LoraConfig, TargetModules};
+use super::layer::LoraLayer;
+use super::target::{rank_and_scale, short_name};
+use crate::io::{read_safetensors, write_safetensors};
+use crate::model::CausalLm;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// The adapter weights' file name.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's prefix for a causal LM's module paths.
+const PREFIX: &str = "base_model.model.";
+
+/// PEFT's key for one half of a module's adapter (`lora_A` or `lora_B`).
+pub fn peft_key(module: &str, half: &str) -> String {
+    format!("{PREFIX}{module}.{half}.weight")
+}
+
+/// The adapter tensors of `model` under PEFT's key names.
+pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            out.push((peft_key(&lin.name, "lora_A"), l.a.as_tensor().clone()));
+            out.push((peft_key(&lin.name, "lora_B"), l.b.as_tensor().clone()));
+        }
+    }
+    out
+}
+
+/// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` as PEFT does: an
+/// `all-linear` target is saved as the list of module names it selected.
+pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result<()> {
+    let mut config = config.clone();
+    if config.target_modules == TargetModules::Pattern("all-linear".into()) {
+        let names: BTreeSet<String> = model
+            .linears()
+            .iter()
+            .filter(|l| l.lora.is_some())
+            .map(|l| short_name(&l.name).to_string())
+            .collect();
+        config.target_modules = TargetModules::List(names.into_iter().collect());
+    }
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model))?;
+    config.save(dir)
+}
+
+/// Splits a PEFT key into (module, half), accepting PEFT's in-memory form with an adapter name
+/// (`lora_A.default.weight`) as well as the saved form.
+fn parse_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(PREFIX)?.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (module, half) = rest.rsplit_once('.')?;
+    matches!(half, "lora_A" | "lora_B").then_some((module, half))
+}
+
+/// Loads a PEFT LoRA adapter folder into `model`, replacing any adapter it has. Every tensor is
+/// checked against the base: a key naming no linear module or a shape that does not fit is an
+/// error naming the tensor.
+pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
+    let config = LoraConfig::from_dir(dir)?;
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let tensors = read_safetensors(&path, &model.device)?;
+    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
+            name: key.clone(),
+            message: format!(
+                "in {}: not a LoRA weight of a causal LM (expected base_model.model.<module>.lora_A/lora_B.weight); modules_to_save and other PEFT methods are not supported",
+                path.display()
+            ),
+        })?;
+        let slot = pairs.entry(module.to_string()).or_default();
+        let t = t.to_dtype(model.dtype)?;
+        if half == "lora_A" {
+            slot.0 = Some(t);
+        } else {
+            slot.1 = Some(t);
+        }
+    }
+    let known: BTreeSet<String> = model.linears().iter().map(|l| l.name.clone()).collect();
+    for module in pairs.keys() {
+        if !known.contains(module) {
+            return Err(Error::Tensor {
+                name: peft_key(module, "lora_A"),
+                message: format!(
+                    "in {}: the base model has no linear module `{module}`; was this adapter trained on another architecture?",
+                    path.display()
+                ),
+            });
+        }
+    }
+    for lin in model.linears_mut() {
+        lin.lora = None;
+        let Some((a, b)) = pairs.remove(&lin.name) else {
+            continue;
+        };
+        let missing = |half: &str| Error::Tensor {
+            name: peft_key(&lin.name, half),
+            message: format!("missing from {}", path.display()),
+        };
+        let a = a.ok_or_else(|| missing("lora_A"))?;
+        let b = b.ok_or_else(|| missing("lora_B"))?;
+        let (r, scale) = rank_and_scale(&config, &lin.name)?;
+        let expect_a = [r, lin.in_features()];
+        let expect_b = [lin.out_features(), r];
+        for (half, t, expect) in [("lora_A", &a, expect_a), ("lora_B", &b, expect_b)] {
+            if t.dims() != expect {
+                return Err(Error::Tensor {
+                    name: peft_key(&lin.name, half),
+                    message: format!(
+                        "in {}: shape {:?} does not fit the base model (expected {:?} for r={r}); the adapter was trained on a different base",
+                        path.display(),
+                        t.dims(),
+                        expect
+                    ),
+                });
+            }
+        }
+        lin.lora = Some(LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?);
+    }
+    Ok(config)
+}

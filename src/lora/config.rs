@@ -1,0 +1,151 @@
+//! PEFT's `LoraConfig`, read from and written to `adapter_config.json` with PEFT's field names.
+
+use crate::io::{read_json, write_json};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `target_modules`: a list of module-name suffixes, or one regular expression matched against the
+/// full module name (`all-linear` selects every linear layer but the LM head, as PEFT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names matched exactly or as a `.`-separated suffix.
+    List(Vec<String>),
+    /// A regex (full match), or `all-linear`.
+    Pattern(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Pattern("all-linear".into())
+    }
+}
+
+/// The LoRA hyper-parameters, as PEFT's `LoraConfig` names them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Always `LORA`.
+    pub peft_type: String,
+    /// `CAUSAL_LM`.
+    pub task_type: Option<String>,
+    /// The base model's path or Hub id.
+    pub base_model_name_or_path: Option<String>,
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch input.
+    pub lora_dropout: f64,
+    /// Which modules get adapters.
+    pub target_modules: TargetModules,
+    /// Scale by alpha / sqrt(r) instead of alpha / r.
+    pub use_rslora: bool,
+    /// DoRA (not supported yet).
+    pub use_dora: bool,
+    /// Which biases train: only `none` is supported.
+    pub bias: String,
+    /// Per-module rank overrides (pattern -> r).
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (pattern -> alpha).
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Weights stored transposed (Conv1D models); must be false here.
+    pub fan_in_fan_out: bool,
+    /// Whether the adapter was saved for inference.
+    pub inference_mode: bool,
+    /// PEFT's init flag, kept as written.
+    pub init_lora_weights: serde_json::Value,
+    /// Modules trained in full and saved beside the adapter (not supported yet).
+    pub modules_to_save: Option<Vec<String>>,
+    /// Layer indices to adapt (not supported yet).
+    pub layers_to_transform: Option<serde_json::Value>,
+    /// Modules excluded from targeting.
+    pub exclude_modules: Option<serde_json::Value>,
+    /// PEFT version that wrote the file, or ours.
+    pub revision: Option<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: None,
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::default(),
+            use_rslora: false,
+            use_dora: false,
+            bias: "none".into(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            fan_in_fan_out: false,
+            inference_mode: true,
+            init_lora_weights: serde_json::Value::Bool(true),
+            modules_to_save: None,
+            layers_to_transform: None,
+            exclude_modules: None,
+            revision: None,
+        }
+    }
+}
+
+/// The file PEFT reads an adapter's config from.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+impl LoraConfig {
+    /// Rejects settings peft-sft does not implement, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let unsupported = |what: &str| Err(Error::Config(format!("{what} is not supported yet")));
+        if self.peft_type != "LORA" {
+            return Err(Error::Config(format!(
+                "peft_type `{}`: only LORA adapters are supported",
+                self.peft_type
+            )));
+        }
+        if self.r == 0 {
+            return Err(Error::Config("lora r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::Config(format!(
+                "lora_dropout {} must be in [0, 1)",
+                self.lora_dropout
+            )));
+        }
+        if self.use_dora {
+            return unsupported("use_dora (DoRA)");
+        }
+        if self.bias != "none" {
+            return unsupported(&format!("bias = \"{}\" (only \"none\")", self.bias));
+        }
+        if self.fan_in_fan_out {
+            return unsupported("fan_in_fan_out");
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return unsupported("modules_to_save");
+        }
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return unsupported("layers_to_transform");
+        }
+        Ok(())
+    }
+
+    /// Reads `dir/adapter_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config: LoraConfig = read_json(&dir.join(ADAPTER_CONFIG))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Writes `dir/adapter_config.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_json(&dir.join(ADAPTER_CONFIG), self)
+    }
+}

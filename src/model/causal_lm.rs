@@ -1,0 +1,326 @@
+//! The decoder-only causal language model: embedding, decoder layers, final norm, LM head.
+
+use super::config::{Family, ModelConfig};
+use super::layers::{Attention, DecoderLayer, ForwardContext, KvCache, Linear, Mlp, Norm};
+use super::param::Param;
+use super::weights::Weights;
+use crate::ops::attention::AttentionMask;
+use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
+use crate::ops::linear::dense;
+use crate::ops::rope::RotaryEmbedding;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, Var};
+
+/// A causal LM of one of the supported families.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    /// The model's config.json.
+    pub config: ModelConfig,
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Param,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: Norm,
+    /// LM head `[vocab, hidden]`; None when tied to the embedding.
+    pub lm_head: Option<Param>,
+    rope: RotaryEmbedding,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Device holding the weights.
+    pub device: Device,
+}
+
+/// Where a tensor loads from and whether it trains.
+struct Loader<'a> {
+    weights: &'a Weights,
+    trainable: bool,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        let t = self.weights.get(name, shape, self.dtype, self.device)?;
+        Ok(Param::new(t, self.trainable)?)
+    }
+
+    fn linear(&self, name: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            name: name.to_string(),
+            weight: self.param(&format!("{name}.weight"), &[out_f, in_f])?,
+            bias: if bias {
+                Some(self.param(&format!("{name}.bias"), &[out_f])?)
+            } else {
+                None
+            },
+            lora: None,
+        })
+    }
+
+    fn norm(&self, name: &str, d: usize, eps: f64) -> Result<Norm> {
+        Ok(Norm {
+            name: name.to_string(),
+            weight: self.param(&format!("{name}.weight"), &[d])?,
+            eps,
+        })
+    }
+}
+
+impl CausalLm {
+    /// Builds the model from its config and weights. With `trainable`, every weight is a `Var`
+    /// (full fine-tuning); otherwise all are frozen (LoRA trains adapters injected later).
+    pub fn load(
+        config: ModelConfig,
+        weights: &Weights,
+        trainable: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let family = config.family()?;
+        let l = Loader {
+            weights,
+            trainable,
+            dtype,
+            device,
+        };
+        let (h, hd) = (config.hidden_size, config.head_dim());
+        let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+        let eps = config.rms_norm_eps;
+        let embed_tokens = l.param("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = family == Family::Qwen3;
+            let self_attn = Attention {
+                q_proj: l.linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    h,
+                    heads * hd,
+                    config.qkv_bias(),
+                )?,
+                k_proj: l.linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    h,
+                    kv * hd,
+                    config.qkv_bias(),
+                )?,
+                v_proj: l.linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    h,
+                    kv * hd,
+                    config.qkv_bias(),
+                )?,
+                o_proj: l.linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    heads * hd,
+                    h,
+                    config.o_bias(),
+                )?,
+                q_norm: qk_norm
+                    .then(|| l.norm(&format!("{p}.self_attn.q_norm"), hd, eps))
+                    .transpose()?,
+                k_norm: qk_norm
+                    .then(|| l.norm(&format!("{p}.self_attn.k_norm"), hd, eps))
+                    .transpose()?,
+                heads,
+                kv_heads: kv,
+                head_dim: hd,
+                use_rope: config.layer_uses_rope(i),
+            };
+            let inter = config.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), h, inter, config.mlp_bias)?,
+                up_proj: l.linear(&format!("{p}.mlp.up_proj"), h, inter, config.mlp_bias)?,
+                down_proj: l.linear(&format!("{p}.mlp.down_proj"), inter, h, config.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: l.norm(&format!("{p}.input_layernorm"), h, eps)?,
+                self_attn,
+                post_attention_layernorm: l.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                )?,
+                mlp,
+            });
+        }
+        let norm = l.norm("model.norm", h, eps)?;
+        // Some tied checkpoints also store lm_head.weight; the tie decides.
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(l.param("lm_head.weight", &[config.vocab_size, h])?)
+        };
+        let rope = RotaryEmbedding::new(hd, config.rope_theta, &config.rope_scaling()?);
+        Ok(CausalLm {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The LM head's weight (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor()
+    }
+
+    /// Runs the decoder. `positions` has one row (shared) or one row per batch element; `documents`
+    /// (packed rows) keeps attention within each document; `offset` and `caches` serve generation.
+    ///
+    /// input_ids: [b, t] -> hidden states [b, t, hidden]
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &[Vec<u32>],
+        documents: Option<&[Vec<u32>]>,
+        dropout_key: Option<u64>,
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let offset = positions
+            .first()
+            .and_then(|p| p.first())
+            .copied()
+            .unwrap_or(0) as usize;
+        let offset = if caches.is_some() { offset } else { 0 };
+        let mask = AttentionMask::new(
+            t,
+            offset,
+            self.config.window(),
+            documents,
+            self.dtype,
+            &self.device,
+        )?;
+        let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
+        let ctx = ForwardContext {
+            mask: &mask,
+            cos: &cos,
+            sin: &sin,
+            dropout_key,
+        };
+        let ids = input_ids.flatten_all()?;
+        let mut x =
+            self.embed_tokens
+                .tensor()
+                .embedding(&ids)?
+                .reshape((b, t, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = layer.forward(&x, &ctx, cache)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Logits of hidden states, outside autograd. hidden: [.., h] -> [.., vocab]
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(dense(&hidden.detach(), self.head_weight(), None)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits for a batch of unpadded sequences, positions 0..t (evaluation, parity checks).
+    /// input_ids: [b, t] -> [b, t, vocab]
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let t = input_ids.dim(1)?;
+        let hidden =
+            self.forward_hidden(input_ids, &[(0..t as u32).collect()], None, None, None)?;
+        self.logits(&hidden)
+    }
+
+    /// The summed next-token cross-entropy of a padded batch: position i predicts token i + 1
+    /// where `loss_mask[i + 1]` is 1; entropy is averaged over attended positions, as TRL does.
+    ///
+    /// input_ids: [b, t] u32, loss_mask and attention_mask: [b, t] f32
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        attention_mask: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> Result<LossOutput> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_vec2::<u32>()?;
+        let loss_mask = loss_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let attention = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut targets = LossTargets {
+            target_ids: Vec::with_capacity(b * t),
+            loss_weight: Vec::with_capacity(b * t),
+            entropy_weight: Vec::with_capacity(b * t),
+        };
+        for row in 0..b {
+            for i in 0..t {
+                let next = i + 1 < t;
+                targets
+                    .target_ids
+                    .push(if next { ids[row][i + 1] } else { 0 });
+                targets
+                    .loss_weight
+                    .push(if next { loss_mask[row][i + 1] } else { 0.0 });
+                targets.entropy_weight.push(attention[row][i]);
+            }
+        }
+        let hidden = self.forward_hidden(
+            input_ids,
+            &[(0..t as u32).collect()],
+            None,
+            dropout_key,
+            None,
+        )?;
+        let hidden = hidden.reshape((b * t, self.config.hidden_size))?;
+        Ok(lm_head_loss(&hidden, self.head_weight(), &targets)?)
+    }
+
+    /// Every linear module (decoder layers only; the LM head is not a LoRA target).
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.layers.iter().flat_map(|l| l.linears()).collect()
+    }
+
+    /// Mutable access to every linear module.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect()
+    }
+
+    /// Every base weight with its HF name (for saving a full or merged model).
+    pub fn named_weights(&self) -> Vec<(String, &Param)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                out.push((format!("{}.weight", lin.name), &lin.weight));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", lin.name), b));
+                }
+            }
+            for n in layer.norms() {
+                out.push((format!("{}.weight", n.name), &n.weight));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head));
+        }
+        out
+    }
+
+    /// Every trainable tensor with its name: base weights when fully fine-tuning, plus LoRA pairs.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self
+            .named_weights()
+            .into_iter()
+            .filter_map(|(n, p)| p.var().map(|v| (n, v.clone())))
+            .collect();
+        for lin in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((format!("{}.lora_A.weight", lin.name), l.a.clone()));
+                out.push((format!("{}.lora_B.weight", lin.name), l.b.clone()));
+            }
+        }
+        out
+    }
+}

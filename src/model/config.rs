@@ -1,0 +1,264 @@
+//! The model's `config.json`, read as Hugging Face writes it, for the decoder families peft-sft
+//! implements: Llama (incl. SmolLM2 and Llama 3), Mistral, Qwen2, Qwen3 and SmolLM3.
+
+use crate::ops::rope::RopeScaling;
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The decoder family, which decides the few places the architectures differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM` (Llama 2/3, SmolLM, SmolLM2, TinyLlama ...).
+    Llama,
+    /// `MistralForCausalLM`: Llama with an optional sliding window.
+    Mistral,
+    /// `Qwen2ForCausalLM`: bias on q/k/v projections.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: RMSNorm on queries and keys per head, explicit head_dim.
+    Qwen3,
+    /// `SmolLM3ForCausalLM`: layers marked 0 in `no_rope_layers` skip RoPE.
+    SmolLm3,
+}
+
+/// The architectures (config.json `architectures`) peft-sft can load.
+pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
+    ("LlamaForCausalLM", Family::Llama),
+    ("MistralForCausalLM", Family::Mistral),
+    ("Qwen2ForCausalLM", Family::Qwen2),
+    ("Qwen3ForCausalLM", Family::Qwen3),
+    ("SmolLM3ForCausalLM", Family::SmolLm3),
+];
+
+/// `rope_scaling` as stored in config.json (`rope_type`, or the older `type`).
+#[derive(Debug, Clone, Deserialize)]
+struct RawRopeScaling {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// config.json fields peft-sft reads; unknown fields are kept by transformers and ignored here.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelConfig {
+    /// Architecture names, e.g. `["LlamaForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// `model_type`, e.g. `llama`.
+    #[serde(default)]
+    pub model_type: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    rope_scaling: Option<RawRopeScaling>,
+    /// Longest context the model was trained for.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Bias on the attention projections (Llama/SmolLM3: q, k, v and o).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Mistral/Qwen sliding-window width.
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: whether the sliding window is used at all.
+    pub use_sliding_window: Option<bool>,
+    /// SmolLM3: 1 for layers that apply RoPE, 0 for layers that do not.
+    pub no_rope_layers: Option<Vec<u8>>,
+    /// Activation of the MLP (only `silu` is supported).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-sequence id(s).
+    pub eos_token_id: Option<serde_json::Value>,
+    /// The dtype the weights were saved in (`torch_dtype` or `dtype`).
+    #[serde(alias = "dtype")]
+    pub torch_dtype: Option<String>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            line: Some(e.line()),
+            message: e.to_string(),
+        })?;
+        config.family()?;
+        config.rope_scaling()?;
+        if config.hidden_act != "silu" {
+            return Err(Error::Config(format!(
+                "{}: hidden_act `{}` is not supported (only silu)",
+                path.display(),
+                config.hidden_act
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The decoder family named by `architectures` (or `model_type`).
+    pub fn family(&self) -> Result<Family> {
+        let by_arch = self.architectures.iter().find_map(|a| {
+            SUPPORTED_ARCHITECTURES
+                .iter()
+                .find(|(n, _)| n == a)
+                .map(|(_, f)| *f)
+        });
+        let by_type = match self.model_type.as_str() {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            "qwen3" => Some(Family::Qwen3),
+            "smollm3" => Some(Family::SmolLm3),
+            _ => None,
+        };
+        by_arch
+            .or(by_type)
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                name: self
+                    .architectures
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| self.model_type.clone()),
+                supported: SUPPORTED_ARCHITECTURES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether q/k/v projections carry a bias.
+    pub fn qkv_bias(&self) -> bool {
+        matches!(self.family(), Ok(Family::Qwen2)) || self.attention_bias
+    }
+
+    /// Whether the output projection carries a bias.
+    pub fn o_bias(&self) -> bool {
+        !matches!(self.family(), Ok(Family::Qwen2)) && self.attention_bias
+    }
+
+    /// The sliding window in effect, if any.
+    pub fn window(&self) -> Option<usize> {
+        match self.family() {
+            Ok(Family::Mistral) => self.sliding_window,
+            Ok(Family::Qwen2 | Family::Qwen3) if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether layer `layer` applies RoPE (SmolLM3's `no_rope_layers`; every layer elsewhere).
+    pub fn layer_uses_rope(&self, layer: usize) -> bool {
+        match (&self.no_rope_layers, self.family()) {
+            (Some(flags), Ok(Family::SmolLm3)) => flags.get(layer).is_none_or(|&f| f != 0),
+            _ => true,
+        }
+    }
+
+    /// The RoPE frequency scaling.
+    pub fn rope_scaling(&self) -> Result<RopeScaling> {
+        let Some(raw) = &self.rope_scaling else {
+            return Ok(RopeScaling::Default);
+        };
+        let kind = raw
+            .rope_type
+            .as_deref()
+            .or(raw.kind.as_deref())
+            .unwrap_or("default");
+        let need = |v: Option<f64>, name: &str| {
+            v.ok_or_else(|| Error::Config(format!("rope_scaling type `{kind}` needs `{name}`")))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: need(raw.factor, "factor")?,
+            }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: need(raw.factor, "factor")?,
+                low_freq_factor: need(raw.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: need(raw.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: need(
+                    raw.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?,
+            }),
+            other => Err(Error::Config(format!(
+                "rope_scaling type `{other}` is not supported (default, linear, llama3)"
+            ))),
+        }
+    }
+
+    /// End-of-sequence ids named by the config (a number or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        ids_of(self.eos_token_id.as_ref())
+    }
+}
+
+/// Reads a token id field that may be a number or a list of numbers.
+pub(crate) fn ids_of(value: Option<&serde_json::Value>) -> Vec<u32> {
+    match value {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,272 @@
+//! The decoder's building blocks: linear projections (optionally LoRA-adapted), RMSNorm,
+//! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
+
+use super::param::Param;
+use crate::lora::layer::LoraLayer;
+use crate::ops::attention::{attention, AttentionMask};
+use crate::ops::linear::{frozen_linear, lora_linear, LoraBase};
+use crate::ops::norm::rms_norm;
+use crate::ops::residual::residual_add;
+use crate::ops::rope::apply_rope;
+use crate::ops::swiglu::swiglu;
+use candle_core::{Result, Tensor};
+
+/// Per-forward inputs shared by all layers.
+pub struct ForwardContext<'a> {
+    /// Which keys each query sees.
+    pub mask: &'a AttentionMask,
+    /// RoPE cos table `[t, d/2]` or `[b, t, d/2]`.
+    pub cos: &'a Tensor,
+    /// RoPE sin table, like `cos`.
+    pub sin: &'a Tensor,
+    /// Key of this micro-batch's dropout draws; None disables dropout (evaluation).
+    pub dropout_key: Option<u64>,
+}
+
+/// A linear projection `y = x W^T + b`, with an optional LoRA branch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The module's path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// Weight `[out, in]`.
+    pub weight: Param,
+    /// Bias `[out]`.
+    pub bias: Option<Param>,
+    /// The LoRA adapter on this module, if any.
+    pub lora: Option<LoraLayer>,
+}
+
+impl Linear {
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.tensor().dims()[1]
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.tensor().dims()[0]
+    }
+
+    /// x: [.., in] -> [.., out]
+    pub fn forward(&self, x: &Tensor, dropout_key: Option<u64>) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(Param::tensor);
+        match (&self.weight, &self.lora) {
+            (Param::Frozen(w), Some(lora)) => {
+                let rows = x.elem_count() / self.in_features();
+                let base = LoraBase {
+                    weight: w,
+                    bias,
+                    dropout_mask: lora.dropout_mask(&self.name, rows, dropout_key)?,
+                };
+                lora_linear(x, base, &lora.a, &lora.b, lora.scale)
+            }
+            (Param::Frozen(w), None) if self.bias.as_ref().is_none_or(|b| b.var().is_none()) => {
+                frozen_linear(x, w, bias)
+            }
+            _ => {
+                // Full fine-tuning: the weight is a Var, so candle's own matmul is what we want.
+                let y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// RMSNorm over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    /// The module's path.
+    pub name: String,
+    /// Scale `[d]`.
+    pub weight: Param,
+    /// Epsilon added to the mean square.
+    pub eps: f64,
+}
+
+impl Norm {
+    /// x: [.., d] -> [.., d]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, self.weight.tensor(), self.eps)
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Qwen3's per-head query norm.
+    pub q_norm: Option<Norm>,
+    /// Qwen3's per-head key norm.
+    pub k_norm: Option<Norm>,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Whether RoPE is applied (SmolLM3 skips it in some layers).
+    pub use_rope: bool,
+}
+
+/// Keys and values of earlier positions, kept during generation: `[b, kv_heads, t, d]` each.
+pub type KvCache = Option<(Tensor, Tensor)>;
+
+impl Attention {
+    fn heads_first(&self, x: &Tensor, heads: usize, norm: Option<&Norm>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let x = x.reshape((b, t, heads, self.head_dim))?;
+        let x = match norm {
+            Some(n) => n.forward(&x)?,
+            None => x,
+        };
+        x.transpose(1, 2)?.contiguous()
+    }
+
+    /// x: [b, t, hidden] -> [b, t, hidden]; `cache` (generation) holds earlier keys/values.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = self.heads_first(
+            &self.q_proj.forward(x, ctx.dropout_key)?,
+            self.heads,
+            self.q_norm.as_ref(),
+        )?;
+        let k = self.heads_first(
+            &self.k_proj.forward(x, ctx.dropout_key)?,
+            self.kv_heads,
+            self.k_norm.as_ref(),
+        )?;
+        let v = self.heads_first(
+            &self.v_proj.forward(x, ctx.dropout_key)?,
+            self.kv_heads,
+            None,
+        )?;
+        let (q, k) = if self.use_rope {
+            (
+                apply_rope(&q, ctx.cos, ctx.sin)?,
+                apply_rope(&k, ctx.cos, ctx.sin)?,
+            )
+        } else {
+            (q, k)
+        };
+        let (k, v) = match cache {
+            Some(cache) => {
+                let (k, v) = match cache.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *cache = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention(&q, &k, &v, ctx.mask, scale)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o_proj.forward(&out, ctx.dropout_key)
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// x: [b, t, hidden] -> [b, t, hidden]
+    pub fn forward(&self, x: &Tensor, dropout_key: Option<u64>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, dropout_key)?;
+        let up = self.up_proj.forward(x, dropout_key)?;
+        self.down_proj.forward(&swiglu(&gate, &up)?, dropout_key)
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: Norm,
+    /// Self-attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Norm,
+    /// The MLP.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// x: [b, t, hidden] -> [b, t, hidden]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout_key)?;
+        residual_add(&x, &mlp)
+    }
+
+    /// The layer's linear modules, in a fixed order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// Mutable access to the layer's linear modules.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
+    /// The layer's norms.
+    pub fn norms(&self) -> Vec<&Norm> {
+        let mut n = vec![&self.input_layernorm, &self.post_attention_layernorm];
+        n.extend(self.self_attn.q_norm.iter());
+        n.extend(self.self_attn.k_norm.iter());
+        n
+    }
+}

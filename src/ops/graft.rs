@@ -1,0 +1,254 @@
+//! Attaching a hand-written backward to a forward computed outside candle's graph.
+//!
+//! candle computes gradients for every operand of a tracked op, frozen or not, and several fused
+//! candle-nn kernels have no backward. A grafted op runs its forward with any candle ops on
+//! detached inputs, then re-enters the graph as one custom op whose backward is ours: it returns
+//! gradients only for the inputs that are tracked, so no frozen tensor ever receives one.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use std::sync::Mutex;
+
+/// Backward of a one-input op: `(input, grad_out) -> grad_input`.
+pub type Backward1 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
+/// Backward of a two-input op: `(a, b, grad_out, needs_grad) -> (grad_a, grad_b)`; inputs are
+/// detached, `needs_grad[i]` says whether input `i` is tracked (skip its gradient when not).
+pub type Backward2 = Box<
+    dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+/// Backward of a three-input op: `(a, b, c, grad_out, needs_grad) -> (grad_a, grad_b, grad_c)`.
+pub type Backward3 = Box<
+    dyn Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            [bool; 3],
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+
+/// The forward result waiting to be handed to candle, taken exactly once.
+struct Pending(Mutex<Option<Tensor>>);
+
+impl Pending {
+    fn new(out: Tensor) -> Self {
+        Pending(Mutex::new(Some(out)))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let mut slot = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("grafted op: poisoned lock".into()))?;
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg("grafted op: forward ran twice".into()))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let shape = out.shape().clone();
+        let flat = out.flatten_all()?;
+        let storage = match out.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+            dtype => candle_core::bail!("grafted op: unsupported dtype {dtype:?}"),
+        };
+        Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        // A fresh affine result is contiguous, starts at offset 0 and owns exactly its elements.
+        let out = self.take()?.affine(1.0, 0.0)?;
+        let shape = out.shape().clone();
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+            _ => candle_core::bail!("grafted op: expected a cuda tensor"),
+        }
+    }
+}
+
+struct Graft1 {
+    name: &'static str,
+    out: Pending,
+    backward: Backward1,
+}
+
+impl CustomOp1 for Graft1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(&arg.detach(), grad)
+    }
+}
+
+struct Graft2 {
+    name: &'static str,
+    out: Pending,
+    backward: Backward2,
+}
+
+impl CustomOp2 for Graft2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let needs = [a.track_op(), b.track_op()];
+        let (ga, gb) = (self.backward)(&a.detach(), &b.detach(), grad, needs)?;
+        Ok((ga.filter(|_| needs[0]), gb.filter(|_| needs[1])))
+    }
+}
+
+struct Graft3 {
+    name: &'static str,
+    out: Pending,
+    backward: Backward3,
+}
+
+impl CustomOp3 for Graft3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let needs = [a.track_op(), b.track_op(), c.track_op()];
+        let (ga, gb, gc) = (self.backward)(&a.detach(), &b.detach(), &c.detach(), grad, needs)?;
+        Ok((
+            ga.filter(|_| needs[0]),
+            gb.filter(|_| needs[1]),
+            gc.filter(|_| needs[2]),
+        ))
+    }
+}
+
+/// Returns `out` (computed from `x` outside the graph) as a tracked result of `x` with `backward`.
+/// When `x` is not tracked, `out` is returned as is and no graph node is made.
+pub fn graft1(name: &'static str, x: &Tensor, out: Tensor, backward: Backward1) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(out);
+    }
+    x.apply_op1(Graft1 {
+        name,
+        out: Pending::new(out),
+        backward,
+    })
+}
+
+/// Two-input version of [`graft1`]; the backward's gradients for untracked inputs are dropped.
+pub fn graft2(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    out: Tensor,
+    backward: Backward2,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        return Ok(out);
+    }
+    a.apply_op2(
+        b,
+        Graft2 {
+            name,
+            out: Pending::new(out),
+            backward,
+        },
+    )
+}
+
+/// Three-input version of [`graft1`]; the backward's gradients for untracked inputs are dropped.
+pub fn graft3(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    out: Tensor,
+    backward: Backward3,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() && !c.track_op() {
+        return Ok(out);
+    }
+    a.apply_op3(
+        b,
+        c,
+        Graft3 {
+            name,
+            out: Pending::new(out),
+            backward,
+        },
+    )
+}

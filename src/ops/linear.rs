@@ -1,0 +1,104 @@
+//! Linear layers over frozen weights, with and without a LoRA branch.
+
+use super::graft::{graft1, graft3};
+use super::rows;
+use candle_core::{Result, Tensor, D};
+
+/// `x @ w^T + bias` for a frozen `w: [out, in]`; backward returns only the input gradient `g @ w`.
+///
+/// x: [.., in] -> [.., out]
+pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let out = dense(&x.detach(), w, bias)?;
+    let w = w.clone();
+    graft1(
+        "frozen-linear",
+        x,
+        out,
+        Box::new(move |x, g| Ok(Some(rows(g)?.matmul(&w)?.reshape(x.shape())?))),
+    )
+}
+
+/// `x @ w^T + bias` computed on untracked tensors. x: [.., in] -> [.., out]
+pub(crate) fn dense(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let y = rows(x)?.matmul(&w.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(dims)
+}
+
+/// The frozen part of a LoRA-adapted linear: base weight, optional bias, and the dropout mask of
+/// this step (already scaled by `1 / (1 - p)`), if dropout is active.
+pub struct LoraBase<'a> {
+    /// Frozen base weight `[out, in]`.
+    pub weight: &'a Tensor,
+    /// Frozen base bias `[out]`.
+    pub bias: Option<&'a Tensor>,
+    /// Dropout mask `[n, in]` applied to the LoRA branch's input only, as PEFT does.
+    pub dropout_mask: Option<Tensor>,
+}
+
+/// PEFT's LoRA forward: `x @ W^T + bias + scale * (dropout(x) @ A^T) @ B^T`, as one op whose
+/// backward yields gradients for `a`, `b` and (when tracked) `x`, and none for the frozen base.
+///
+/// x: [.., in], a: [r, in], b: [out, r] -> [.., out]
+pub fn lora_linear(
+    x: &Tensor,
+    base: LoraBase<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let x_rows = rows(&x.detach())?;
+    let base_out = x_rows.matmul(&base.weight.t()?)?;
+    let base_out = match base.bias {
+        Some(bias) => base_out.broadcast_add(bias)?,
+        None => base_out,
+    };
+    let lora_in = match &base.dropout_mask {
+        Some(mask) => x_rows.mul(mask)?,
+        None => x_rows,
+    };
+    let hidden = lora_in.matmul(&a.detach().t()?)?;
+    let out = (base_out + hidden.matmul(&b.detach().t()?)?.affine(scale, 0.0)?)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out.dim(D::Minus1)?;
+    }
+    let out = out.reshape(dims)?;
+    let weight = base.weight.clone();
+    let mask = base.dropout_mask;
+    graft3(
+        "lora-linear",
+        x,
+        a,
+        b,
+        out,
+        Box::new(move |x, a, b, g, needs| {
+            let g = rows(g)?;
+            let grad_hidden = g.matmul(b)?.affine(scale, 0.0)?;
+            let grad_b = needs[2]
+                .then(|| g.t()?.matmul(&hidden)?.affine(scale, 0.0))
+                .transpose()?;
+            let grad_a = needs[1]
+                .then(|| grad_hidden.t()?.matmul(&lora_in))
+                .transpose()?;
+            let grad_x = if needs[0] {
+                let through_lora = grad_hidden.matmul(a)?;
+                let through_lora = match &mask {
+                    Some(mask) => through_lora.mul(mask)?,
+                    None => through_lora,
+                };
+                Some((g.matmul(&weight)? + through_lora)?.reshape(x.shape())?)
+            } else {
+                None
+            };
+            Ok((grad_x, grad_a, grad_b))
+        }),
+    )
+}

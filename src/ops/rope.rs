@@ -1,0 +1,124 @@
+//! Rotary position embeddings (the "rotate half" layout HF transformers uses), with the
+//! `linear` and Llama-3 frequency scalings.
+
+use super::graft::graft1;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// How the rotary frequencies are rescaled for long contexts (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// No rescaling.
+    Default,
+    /// Positions divided by `factor`.
+    Linear {
+        /// The scaling factor.
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise frequency rescaling.
+    Llama3 {
+        /// Overall scaling factor.
+        factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are divided by `factor`.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The inverse frequencies of one attention head's rotary embedding.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f64>,
+}
+
+impl RotaryEmbedding {
+    /// Frequencies for a head of size `head_dim` with base `theta`, as transformers computes them
+    /// (the base frequencies in f32, like torch).
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) as f64)
+            .collect();
+        let inv_freq = match *scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            } => {
+                let low_freq_wavelen = original / low_freq_factor;
+                let high_freq_wavelen = original / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_freq_wavelen {
+                            f
+                        } else if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        RotaryEmbedding { inv_freq }
+    }
+
+    /// cos and sin tables for the given positions: `[t, head_dim / 2]` each, or `[b, t, head_dim / 2]`
+    /// when `positions` has one row per batch element (packed sequences restart at each document).
+    pub fn tables(
+        &self,
+        positions: &[Vec<u32>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let rows = positions.len();
+        let len = positions.first().map_or(0, Vec::len);
+        let mut cos = Vec::with_capacity(rows * len * half);
+        let mut sin = Vec::with_capacity(rows * len * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    // transformers computes position * inv_freq in f32.
+                    let angle = (p as f32) * (f as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape: Vec<usize> = if rows == 1 {
+            vec![len, half]
+        } else {
+            vec![rows, len, half]
+        };
+        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Rotates `x: [b, heads, t, head_dim]` by the position angles in `cos`/`sin` (from
+/// [`RotaryEmbedding::tables`]). The backward is the inverse rotation of the gradient.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    graft1(
+        "rope",
+        x,
+        out,
+        Box::new(move |_, g| {
+            Ok(Some(candle_nn::rotary_emb::rope(
+                &g.contiguous()?,
+                &cos,
+                &sin.neg()?,
+            )?))
+        }),
+    )
+}

@@ -1,0 +1,251 @@
+//! Each differentiable op's forward and gradients equal those of the same function composed from
+//! candle primitives (whose backward candle derives), within 1e-5 relative, in f32.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use peft_sft::ops::attention::{attention, AttentionMask};
+use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
+use peft_sft::ops::linear::{frozen_linear, lora_linear, LoraBase};
+use peft_sft::ops::norm::rms_norm;
+use peft_sft::ops::residual::residual_add;
+use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
+use peft_sft::ops::swiglu::swiglu;
+
+fn randn(shape: &[usize]) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+}
+
+fn var(shape: &[usize]) -> Result<Var> {
+    Var::from_tensor(&randn(shape)?)
+}
+
+/// Largest absolute difference relative to the largest magnitude of `b`.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
+    diff / scale
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let e = rel_err(a, b);
+    assert!(e < 1e-5, "{what}: relative error {e}");
+}
+
+/// Compares `ours` with `reference` (same inputs) on value and on the gradients of
+/// `sum(out * probe)` with respect to `inputs`.
+fn check(name: &str, inputs: &[&Var], ours: &Tensor, reference: &Tensor) -> Result<()> {
+    assert_close(&format!("{name} forward"), ours, reference);
+    let probe = randn(ours.dims())?;
+    let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+    let g_ref = (reference * &probe)?.sum_all()?.backward()?;
+    for (i, v) in inputs.iter().enumerate() {
+        let a = g_ours
+            .get(v)
+            .unwrap_or_else(|| panic!("{name}: no gradient for input {i}"));
+        let b = g_ref.get(v).expect("reference gradient");
+        assert_close(&format!("{name} grad {i}"), a, b);
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_matches_composed() -> Result<()> {
+    let (x, w) = (var(&[2, 5, 16])?, var(&[16])?);
+    let ours = rms_norm(&x, &w, 1e-6)?;
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?
+        .sqrt()?
+        .recip()?;
+    let reference = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
+    check("rms_norm", &[&x, &w], &ours, &reference)
+}
+
+#[test]
+fn rope_matches_composed() -> Result<()> {
+    let x = var(&[2, 3, 7, 8])?;
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 4.0,
+    };
+    let rope = RotaryEmbedding::new(8, 10000.0, &scaling);
+    let (cos, sin) = rope.tables(&[(3..10).collect()], DType::F32, &Device::Cpu)?;
+    let ours = apply_rope(&x, &cos, &sin)?;
+    let reference = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)?;
+    check("rope", &[&x], &ours, &reference)
+}
+
+#[test]
+fn swiglu_matches_composed() -> Result<()> {
+    let (g, u) = (var(&[3, 4, 10])?, var(&[3, 4, 10])?);
+    let ours = swiglu(&g, &u)?;
+    let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
+    let reference = ((g.as_tensor() * sigmoid)? * u.as_tensor())?;
+    check("swiglu", &[&g, &u], &ours, &reference)
+}
+
+fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let rep = |x: &Tensor| -> Result<Tensor> {
+        let (b, h, t, d) = x.dims4()?;
+        x.unsqueeze(2)?
+            .expand((b, h, n_rep, t, d))?
+            .reshape((b, h * n_rep, t, d))
+    };
+    let scores = (q.matmul(&rep(k)?.t()?)? * scale)?.broadcast_add(bias)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&rep(v)?)
+}
+
+fn mask_bias(t: usize, window: Option<usize>, docs: Option<&[Vec<u32>]>) -> Tensor {
+    let rows = docs.map_or(1, |d| d.len());
+    let mut v = Vec::new();
+    for r in 0..rows {
+        for i in 0..t {
+            for j in 0..t {
+                let ok = j <= i
+                    && window.is_none_or(|w| i - j < w)
+                    && docs.is_none_or(|d| d[r][i] == d[r][j]);
+                v.push(if ok { 0f32 } else { -1e30 });
+            }
+        }
+    }
+    Tensor::from_vec(v, (rows, 1, t, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_matches_composed_with_gqa_window_and_documents() -> Result<()> {
+    let docs = vec![
+        vec![0, 0, 0, 1, 1, 1, 1, 2, 2],
+        vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
+    ];
+    let cases: [(Option<usize>, Option<&[Vec<u32>]>); 3] =
+        [(None, None), (Some(3), None), (None, Some(&docs))];
+    for (window, documents) in cases {
+        let (q, k, v) = (
+            var(&[2, 4, 9, 8])?,
+            var(&[2, 2, 9, 8])?,
+            var(&[2, 2, 9, 8])?,
+        );
+        let mask = AttentionMask::new(9, 0, window, documents, DType::F32, &Device::Cpu)?;
+        let ours = attention(&q, &k, &v, &mask, 0.35)?;
+        let reference = composed_attention(&q, &k, &v, &mask_bias(9, window, documents), 0.35)?;
+        check("attention", &[&q, &k, &v], &ours, &reference)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_linear_matches_composed_and_leaves_the_base_alone() -> Result<()> {
+    let x = var(&[2, 3, 12])?;
+    let (w, bias) = (randn(&[10, 12])?, randn(&[10])?);
+    let (a, b) = (var(&[4, 12])?, var(&[10, 4])?);
+    let mask = Tensor::from_vec(
+        (0..72)
+            .map(|i| if i % 5 == 0 { 0f32 } else { 1.25 })
+            .collect::<Vec<_>>(),
+        (6, 12),
+        &Device::Cpu,
+    )?;
+    let base = LoraBase {
+        weight: &w,
+        bias: Some(&bias),
+        dropout_mask: Some(mask.clone()),
+    };
+    let ours = lora_linear(&x, base, &a, &b, 0.5)?;
+    let x2 = x.reshape((6, 12))?;
+    let reference = (x2.matmul(&w.t()?)?.broadcast_add(&bias)?
+        + (x2 * &mask)?
+            .matmul(&a.t()?)?
+            .matmul(&b.t()?)?
+            .affine(0.5, 0.0)?)?
+    .reshape((2, 3, 10))?;
+    check("lora_linear", &[&x, &a, &b], &ours, &reference)?;
+    let grads = (ours * 1.0)?.sum_all()?.backward()?;
+    assert!(grads.get(&w).is_none() && grads.get(&bias).is_none());
+    Ok(())
+}
+
+#[test]
+fn frozen_linear_returns_only_the_input_gradient() -> Result<()> {
+    let x = var(&[3, 2, 6])?;
+    let w = randn(&[5, 6])?;
+    let ours = frozen_linear(&x, &w, None)?;
+    let reference = x.broadcast_matmul(&w.t()?)?;
+    check("frozen_linear", &[&x], &ours, &reference)?;
+    let grads = ours.sum_all()?.backward()?;
+    assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
+    Ok(())
+}
+
+#[test]
+fn residual_add_gives_no_gradient_to_an_untracked_side() -> Result<()> {
+    let (a, b) = (randn(&[2, 3])?, var(&[2, 3])?);
+    let out = residual_add(&a, &b)?;
+    let grads = out.sum_all()?.backward()?;
+    assert_eq!(grads.get_ids().count(), 1);
+    assert_close(
+        "residual grad",
+        grads.get(&b).unwrap(),
+        &Tensor::ones((2, 3), DType::F32, &Device::Cpu)?,
+    );
+    Ok(())
+}
+
+#[test]
+fn lm_head_loss_matches_composed_cross_entropy() -> Result<()> {
+    let (h, w) = (var(&[7, 8])?, var(&[11, 8])?);
+    let targets = LossTargets {
+        target_ids: vec![1, 4, 10, 0, 3, 3, 9],
+        loss_weight: vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0],
+        entropy_weight: vec![1.0; 7],
+    };
+    let out = lm_head_loss(&h, &w, &targets)?;
+    let logits = h.matmul(&w.t()?)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let ids = Tensor::new(targets.target_ids.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
+    let weights = Tensor::new(targets.loss_weight.as_slice(), &Device::Cpu)?;
+    let reference = (logp.gather(&ids, 1)?.squeeze(1)?.neg()? * &weights)?.sum_all()?;
+    assert_close("loss", &out.loss_sum, &reference);
+    let g_ours = out.loss_sum.backward()?;
+    let g_ref = reference.backward()?;
+    assert_close(
+        "loss grad h",
+        g_ours.get(&h).unwrap(),
+        g_ref.get(&h).unwrap(),
+    );
+    assert_close(
+        "loss grad w",
+        g_ours.get(&w).unwrap(),
+        g_ref.get(&w).unwrap(),
+    );
+    assert_eq!(out.loss_tokens, 5.0);
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+    let entropy = (probs * logp)?.sum_all()?.neg()?.to_scalar::<f32>()? as f64;
+    assert!((out.entropy_sum - entropy).abs() < 1e-4 * entropy.abs().max(1.0));
+    let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let correct = (0..7)
+        .filter(|&i| targets.loss_weight[i] > 0.0 && argmax[i] == targets.target_ids[i])
+        .count();
+    assert_eq!(out.correct_tokens, correct as f64);
+    Ok(())
+}
