@@ -1,1 +1,29 @@
-fn main() {}
+//! `peft-sft`: supervised fine-tuning with LoRA, QLoRA and full fine-tuning.
+
+mod cli;
+
+use clap::Command;
+
+fn main() {
+    let matches = Command::new("peft-sft")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Fine-tune causal language models with LoRA, QLoRA or all weights (TRL/PEFT compatible)")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(cli::train::command())
+        .subcommand(cli::merge::command())
+        .subcommand(cli::eval::command())
+        .subcommand(cli::generate::command())
+        .get_matches();
+    let result = match matches.subcommand() {
+        Some(("train", m)) => cli::train::run(m),
+        Some(("merge", m)) => cli::merge::run(m),
+        Some(("eval", m)) => cli::eval::run(m),
+        Some(("generate", m)) => cli::generate::run(m),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

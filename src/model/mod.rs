@@ -1,10 +1,14 @@
-//! Hugging Face decoder models: config parsing, weights, the layers and the causal LM.
+//! Hugging Face decoder models: config parsing, weights, the layers, the causal LM, loading and
+//! saving model folders.
 
 pub mod causal_lm;
 pub mod config;
 pub mod layers;
+pub mod load;
 pub mod param;
+pub mod save;
 pub mod weights;
 
 pub use causal_lm::CausalLm;
 pub use config::{Family, ModelConfig};
+pub use load::{load_pretrained, select_device, Pretrained};

@@ -1,0 +1,219 @@
+//! The training configuration: TRL's `SFTConfig`/transformers' `TrainingArguments` names and
+//! defaults, plus PEFT's LoRA fields as TRL's `ModelConfig` names them (`lora_r`, `lora_alpha`, ...).
+//! A TOML recipe uses the same keys; command-line flags (kebab-case) override the recipe.
+
+use crate::lora::{LoraConfig, TargetModules};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Which weights train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// LoRA adapters on a frozen base.
+    #[default]
+    Lora,
+    /// QLoRA: LoRA on a 4-bit quantized frozen base.
+    Qlora,
+    /// Every weight trains.
+    Full,
+}
+
+/// Everything `peft-sft train` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    /// Base model: local folder or Hub id.
+    pub model_name_or_path: String,
+    /// Training data: a local file or Hub id.
+    pub dataset_name: String,
+    /// Evaluation data.
+    pub eval_dataset: Option<String>,
+    /// Where checkpoints, metrics and the final adapter/model go.
+    pub output_dir: String,
+    /// Which weights train.
+    pub mode: Mode,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Sequences per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Sequences per evaluation batch.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Epochs (fractional allowed) when `max_steps` is not positive.
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides epochs when positive.
+    pub max_steps: i64,
+    /// `linear`, `cosine`, `constant` or `constant_with_warmup`.
+    pub lr_scheduler_type: String,
+    /// Fraction of steps spent warming up (used when `warmup_steps` is 0).
+    pub warmup_ratio: f64,
+    /// Warm-up steps.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_epsilon: f64,
+    /// Gradient clipping threshold (0 disables).
+    pub max_grad_norm: f64,
+    /// Log every N steps.
+    pub logging_steps: usize,
+    /// Evaluate every N steps (defaults to `logging_steps`).
+    pub eval_steps: Option<usize>,
+    /// Checkpoint every N steps.
+    pub save_steps: usize,
+    /// Keep at most N checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Resume from a checkpoint folder, or `latest`.
+    pub resume_from_checkpoint: Option<String>,
+    /// Seed of initialisation, shuffling and dropout.
+    pub seed: u64,
+    /// Longest tokenized example (longer ones are truncated).
+    pub max_length: usize,
+    /// Train on completions only (prompt-completion data); None = TRL's default.
+    pub completion_only_loss: Option<bool>,
+    /// Train on assistant turns only.
+    pub assistant_only_loss: bool,
+    /// Pack examples into rows of `max_length`.
+    pub packing: bool,
+    /// Recompute activations in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+    /// LoRA target modules: `all-linear`, a regex, or a comma-separated list.
+    pub lora_target_modules: Vec<String>,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+    /// DoRA.
+    pub use_dora: bool,
+    /// `cpu`, `cuda` or `auto`.
+    pub device: String,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            model_name_or_path: String::new(),
+            dataset_name: String::new(),
+            eval_dataset: None,
+            output_dir: String::new(),
+            mode: Mode::Lora,
+            learning_rate: 2e-5,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            logging_steps: 10,
+            eval_steps: None,
+            save_steps: 500,
+            save_total_limit: None,
+            resume_from_checkpoint: None,
+            seed: 42,
+            max_length: 1024,
+            completion_only_loss: None,
+            assistant_only_loss: false,
+            packing: false,
+            gradient_checkpointing: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: vec!["all-linear".into()],
+            use_rslora: false,
+            use_dora: false,
+            device: "auto".into(),
+        }
+    }
+}
+
+impl SftConfig {
+    /// Reads a TOML recipe (same keys as the struct), naming the file and the bad key on error.
+    pub fn from_toml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| text[..s.start].lines().count().max(1)),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Overlays `overrides` (field name -> JSON value) onto this config.
+    pub fn with_overrides(&self, overrides: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let mut value = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
+        let object = value
+            .as_object_mut()
+            .ok_or_else(|| Error::Config("config is not an object".into()))?;
+        for (k, v) in overrides {
+            object.insert(k, v);
+        }
+        serde_json::from_value(value).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Checks required fields and value ranges.
+    pub fn validate(&self) -> Result<()> {
+        let need = |v: &str, flag: &str| {
+            if v.is_empty() {
+                Err(Error::Config(format!("{flag} is required")))
+            } else {
+                Ok(())
+            }
+        };
+        need(&self.model_name_or_path, "--model")?;
+        need(&self.dataset_name, "--dataset")?;
+        need(&self.output_dir, "--output-dir")?;
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return Err(Error::Config(
+                "--per-device-train-batch-size and --gradient-accumulation-steps must be at least 1".into(),
+            ));
+        }
+        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
+            return Err(Error::Config("--logging-steps, --eval-steps and --save-steps must be at least 1".into()));
+        }
+        if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
+            return Err(Error::Config("set --max-steps or a positive --num-train-epochs".into()));
+        }
+        crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
+        if self.mode != Mode::Full {
+            self.lora_config().validate()?;
+        }
+        Ok(())
+    }
+
+    /// The PEFT LoRA config these settings describe.
+    pub fn lora_config(&self) -> LoraConfig {
+        let targets = match self.lora_target_modules.as_slice() {
+            [one] if one == "all-linear" || one.contains(['*', '(', '|', '\\', '$', '^']) => {
+                TargetModules::Pattern(one.clone())
+            }
+            many => TargetModules::List(many.to_vec()),
+        };
+        LoraConfig {
+            base_model_name_or_path: Some(self.model_name_or_path.clone()),
+            r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: targets,
+            use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
+            ..LoraConfig::default()
+        }
+    }
+}

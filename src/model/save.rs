@@ -1,0 +1,113 @@
+//! Writing a complete Hugging Face model folder (full fine-tuning, merged adapters): safetensors
+//! sharded like transformers above 5 GB, config.json, and the tokenizer/template/generation files
+//! copied from the base.
+
+use super::param::Param;
+use super::CausalLm;
+use crate::io::{write_bytes, write_json, write_safetensors};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use std::path::Path;
+
+/// transformers' default `max_shard_size`.
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Files copied from the base model folder when present.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
+
+fn dtype_of(name: Option<&str>) -> Option<DType> {
+    match name? {
+        "float32" => Some(DType::F32),
+        "bfloat16" => Some(DType::BF16),
+        "float16" => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// Splits tensors into shards of at most `max_bytes` (a tensor larger than that gets its own).
+pub fn shard(tensors: Vec<(String, Tensor)>, max_bytes: usize) -> Vec<Vec<(String, Tensor)>> {
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut size = 0;
+    for (name, t) in tensors {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        if size + bytes > max_bytes && !shards.last().is_some_and(Vec::is_empty) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push((name, t));
+        }
+    }
+    shards
+}
+
+/// Writes `model` as a transformers model folder in `out_dir`, in the dtype of the base's
+/// config (`torch_dtype`), copying the tokenizer and template files from `base_dir`.
+pub fn save_pretrained(model: &CausalLm, base_dir: &Path, out_dir: &Path, max_shard_bytes: usize) -> Result<()> {
+    let dtype = dtype_of(model.config.torch_dtype.as_deref()).unwrap_or(model.dtype);
+    let tensors: Vec<(String, Tensor)> = model
+        .named_weights()
+        .into_iter()
+        .map(|(n, p)| Ok((n, Param::tensor(p).to_dtype(dtype)?)))
+        .collect::<candle_core::Result<_>>()?;
+    let total: usize = tensors.iter().map(|(_, t)| t.elem_count() * dtype.size_in_bytes()).sum();
+    let shards = shard(tensors, max_shard_bytes);
+    if shards.len() == 1 {
+        write_safetensors(&out_dir.join("model.safetensors"), &shards[0])?;
+    } else {
+        let mut weight_map = serde_json::Map::new();
+        let count = shards.len();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+            for (name, _) in shard {
+                weight_map.insert(name.clone(), file.clone().into());
+            }
+            write_safetensors(&out_dir.join(&file), shard)?;
+        }
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&out_dir.join("model.safetensors.index.json"), &index)?;
+    }
+    let config_path = base_dir.join("config.json");
+    let mut config: serde_json::Value = crate::io::read_json(&config_path)?;
+    if let Some(obj) = config.as_object_mut() {
+        let name = match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        obj.insert("torch_dtype".into(), name.into());
+    }
+    write_json(&out_dir.join("config.json"), &config)?;
+    for file in SIDE_FILES {
+        let src = base_dir.join(file);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            write_bytes(&out_dir.join(file), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_respect_the_size_limit() {
+        let t = |n: usize| Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let parts = shard(vec![("a".into(), t(10)), ("b".into(), t(10)), ("c".into(), t(30))], 80);
+        let names: Vec<Vec<&str>> = parts.iter().map(|s| s.iter().map(|(n, _)| n.as_str()).collect()).collect();
+        assert_eq!(names, vec![vec!["a", "b"], vec!["c"]]);
+    }
+}

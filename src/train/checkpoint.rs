@@ -1,0 +1,119 @@
+//! Checkpoints: `OUTPUT/checkpoint-N/` holds the trainable weights (PEFT adapter or full model),
+//! the optimizer state, the scheduler step, the RNG state and `trainer_state.json` with the log
+//! history. Each is written to a temporary folder and renamed into place.
+
+use crate::io::{read_json, write_json};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// transformers' `TrainerState`, the fields peft-sft reads back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: usize,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Planned steps.
+    pub max_steps: usize,
+    /// Logging interval.
+    pub logging_steps: usize,
+    /// Evaluation interval.
+    pub eval_steps: usize,
+    /// Checkpoint interval.
+    pub save_steps: usize,
+    /// Micro-batch size.
+    pub train_batch_size: usize,
+    /// Attended tokens trained on so far.
+    pub num_input_tokens_seen: usize,
+    /// Every log entry so far.
+    pub log_history: Vec<serde_json::Value>,
+    /// Lowest eval loss seen.
+    pub best_metric: Option<f64>,
+    /// The checkpoint with the lowest eval loss.
+    pub best_model_checkpoint: Option<String>,
+}
+
+/// The state file's name.
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// The folder of the checkpoint at `step`.
+pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Writes a checkpoint by calling `write` on a temporary folder, then renaming it to
+/// `checkpoint-{step}`.
+pub fn save(output_dir: &Path, step: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output_dir, step);
+    let tmp = output_dir.join(format!(".checkpoint-{step}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Checkpoint folders in `output_dir`, oldest step first.
+pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(STATE_FILE).exists().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Deletes the oldest checkpoints beyond `limit`, never the best one.
+pub fn rotate(output_dir: &Path, limit: usize, best: Option<&str>) -> Result<()> {
+    let all = list(output_dir);
+    let excess = all.len().saturating_sub(limit);
+    for (_, dir) in all
+        .into_iter()
+        .filter(|(_, d)| best.is_none_or(|b| Path::new(b) != d))
+        .take(excess)
+    {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    Ok(())
+}
+
+/// A checkpoint folder from `--resume-from-checkpoint` (a path, or `latest` in `output_dir`).
+pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
+    let dir = if spec == "latest" {
+        list(output_dir).pop().map(|(_, d)| d).ok_or_else(|| Error::MissingFile {
+            path: output_dir.join("checkpoint-*"),
+            hint: "--resume-from-checkpoint latest found no checkpoint in the output folder".into(),
+        })?
+    } else {
+        PathBuf::from(spec)
+    };
+    if !dir.join(STATE_FILE).exists() {
+        return Err(Error::MissingFile {
+            path: dir.join(STATE_FILE),
+            hint: "not a peft-sft checkpoint folder".into(),
+        });
+    }
+    Ok(dir)
+}
+
+/// Reads `trainer_state.json`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    read_json(&dir.join(STATE_FILE))
+}
+
+/// Writes `trainer_state.json`.
+pub fn write_state(dir: &Path, state: &TrainerState) -> Result<()> {
+    write_json(&dir.join(STATE_FILE), state)
+}

@@ -1,0 +1,312 @@
+//! The SFT training loop, top to bottom: load the model and data, inject adapters (or make every
+//! weight trainable), then for each optimizer step run its micro-batches forward and backward,
+//! clip, update, log, evaluate and checkpoint. `--full`, `--lora` and `--qlora` differ only in
+//! which tensors train and what is saved.
+
+use super::checkpoint::{self, TrainerState};
+use super::eval::{evaluate, LossTotals};
+use super::metrics::{MetricsFile, StepMetrics, Window};
+use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
+use super::plan::StepPlan;
+use super::schedule::{warmup_steps, Schedule};
+use crate::config::{Mode, SftConfig};
+use crate::data::{collate, prepare_dataset, Example, PreparedDataset, TokenizeOptions};
+use crate::io::write_json;
+use crate::lora::{self, LoraConfig};
+use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
+use crate::model::{load_pretrained, select_device, CausalLm, Pretrained};
+use crate::rng::key;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Optimizer steps done in total.
+    pub global_step: usize,
+    /// Every log entry (train and eval), as in `metrics.jsonl`.
+    pub log_history: Vec<Value>,
+    /// Where the final adapter or model was written.
+    pub output_dir: PathBuf,
+    /// Training rows skipped because no loss token survived truncation.
+    pub skipped_rows: usize,
+}
+
+/// Options that affect only how a run reports, not what it computes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reporting {
+    /// Show a progress bar and print log lines to stderr.
+    pub progress: bool,
+}
+
+fn loss_tokens(example: &Example) -> f64 {
+    // Position 0 is never predicted: the loss covers targets 1..t.
+    example.loss_mask.iter().skip(1).map(|&m| m as f64).sum()
+}
+
+fn load_data(path: &str, tokenizer: &crate::data::ChatTokenizer, config: &SftConfig) -> Result<PreparedDataset> {
+    let opts = TokenizeOptions {
+        max_length: Some(config.max_length),
+        completion_only_loss: config.completion_only_loss,
+    };
+    let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
+    if data.examples.is_empty() {
+        return Err(Error::Config(format!(
+            "{path}: no example has a loss token after truncation to --max-length {} ({} rows skipped)",
+            config.max_length, data.skipped_no_loss_tokens
+        )));
+    }
+    Ok(data)
+}
+
+/// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
+fn save_weights(model: &CausalLm, lora: Option<&LoraConfig>, base_dir: &Path, dir: &Path) -> Result<()> {
+    match lora {
+        Some(config) => lora::save_adapter(model, config, dir),
+        None => save_pretrained(model, base_dir, dir, MAX_SHARD_BYTES),
+    }
+}
+
+/// Runs supervised fine-tuning as `config` describes.
+pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
+    config.validate()?;
+    match config.mode {
+        Mode::Qlora => return Err(Error::Config("--qlora is not implemented yet; use --lora".into())),
+        _ if config.packing => return Err(Error::Config("--packing is not implemented yet".into())),
+        _ if config.assistant_only_loss => {
+            return Err(Error::Config("--assistant-only-loss is not implemented yet".into()))
+        }
+        _ => {}
+    }
+    let device = select_device(&config.device)?;
+    let output_dir = PathBuf::from(&config.output_dir);
+    std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+    let resume_dir = config
+        .resume_from_checkpoint
+        .as_deref()
+        .map(|spec| checkpoint::resolve(spec, &output_dir))
+        .transpose()?;
+    let full = config.mode == Mode::Full;
+    // A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base plus the adapter.
+    let model_spec = match (&resume_dir, full) {
+        (Some(dir), true) => dir.to_string_lossy().into_owned(),
+        _ => config.model_name_or_path.clone(),
+    };
+    let Pretrained {
+        mut model,
+        tokenizer,
+        dir: base_dir,
+    } = load_pretrained(&model_spec, full, &device)?;
+    let train_set = load_data(&config.dataset_name, &tokenizer, config)?;
+    let eval_set = config
+        .eval_dataset
+        .as_deref()
+        .map(|p| load_data(p, &tokenizer, config))
+        .transpose()?;
+    let pad_id = tokenizer.pad_token_id().ok_or_else(|| {
+        Error::Config(format!(
+            "{}: the tokenizer has neither a pad nor an eos token",
+            base_dir.display()
+        ))
+    })?;
+    let lora_config = (!full).then(|| config.lora_config());
+    if let Some(lc) = &lora_config {
+        match &resume_dir {
+            Some(dir) => {
+                lora::load_adapter(&mut model, dir)?;
+            }
+            None => {
+                lora::inject(&mut model, lc, config.seed)?;
+            }
+        }
+    }
+
+    let plan = StepPlan::new(
+        train_set.examples.len(),
+        config.per_device_train_batch_size,
+        config.gradient_accumulation_steps,
+        config.num_train_epochs,
+        config.max_steps,
+        config.seed,
+    );
+    let total = plan.total_steps();
+    let schedule = Schedule::parse(&config.lr_scheduler_type)?;
+    let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, total);
+    let lr_at = |step: usize| config.learning_rate * schedule.factor(step, warmup, total);
+    let eval_steps = config.eval_steps.unwrap_or(config.logging_steps);
+    let mut optimizer = AdamW::new(
+        model.trainable(),
+        AdamWParams {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
+    )?;
+    let mut state = TrainerState {
+        max_steps: total,
+        logging_steps: config.logging_steps,
+        eval_steps,
+        save_steps: config.save_steps,
+        train_batch_size: config.per_device_train_batch_size,
+        ..TrainerState::default()
+    };
+    if let Some(dir) = &resume_dir {
+        optimizer.load(dir)?;
+        let saved = checkpoint::read_state(dir)?;
+        state.global_step = saved.global_step;
+        state.num_input_tokens_seen = saved.num_input_tokens_seen;
+        state.log_history = saved.log_history;
+        state.best_metric = saved.best_metric;
+        state.best_model_checkpoint = saved.best_model_checkpoint;
+    }
+    write_json(&output_dir.join("training_config.json"), config)?;
+    let metrics = MetricsFile::create(&output_dir, &state.log_history)?;
+    let bar = reporting.progress.then(|| progress_bar(total, state.global_step));
+    let mut log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
+        let entry = Value::Object(entry);
+        metrics.append(&entry)?;
+        if let Some(bar) = &bar {
+            bar.println(entry.to_string());
+        }
+        state.log_history.push(entry);
+        Ok(())
+    };
+
+    let mut window = Window::default();
+    for step in state.global_step..total {
+        let micro_batches: Vec<Vec<&Example>> = plan
+            .step(step)
+            .iter()
+            .map(|ids| ids.iter().map(|&i| &train_set.examples[i]).collect())
+            .collect();
+        // transformers normalises by the loss tokens of all micro-batches of the step.
+        let step_loss_tokens: f64 = micro_batches.iter().flatten().map(|e| loss_tokens(e)).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params().len()];
+        let mut totals = LossTotals::default();
+        let mut tokens = 0;
+        for (micro, examples) in micro_batches.iter().enumerate() {
+            let batch = collate(examples, pad_id, &device)?;
+            let dropout_key = key(&[config.seed, step as u64, micro as u64]);
+            let out = model.loss(&batch.input_ids, &batch.loss_mask, &batch.attention_mask, Some(dropout_key))?;
+            let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
+            for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
+                if let Some(g) = store.get(var) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            totals.add(&LossTotals {
+                loss_sum: out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                loss_tokens: out.loss_tokens,
+                correct_tokens: out.correct_tokens,
+                entropy_sum: out.entropy_sum,
+                entropy_tokens: out.entropy_tokens,
+            });
+            tokens += batch.num_tokens;
+        }
+        let grads = grads
+            .into_iter()
+            .zip(optimizer.params())
+            .map(|(g, (_, v))| g.map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (grad_norm, grads) = clip_grad_norm(grads, config.max_grad_norm)?;
+        optimizer.step(&grads, lr_at(step))?;
+        let done = step + 1;
+        state.global_step = done;
+        state.epoch = plan.epoch_at(done);
+        state.num_input_tokens_seen += tokens;
+        window.add(&StepMetrics {
+            loss: totals.loss(),
+            grad_norm,
+            accuracy: totals.accuracy(),
+            entropy: totals.entropy(),
+            tokens,
+        });
+        if let Some(bar) = &bar {
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                totals.loss(),
+                lr_at(step),
+                window.tokens_per_second()
+            ));
+            bar.inc(1);
+        }
+        if done % config.logging_steps == 0 || done == total {
+            // transformers logs the scheduler's rate after its step, i.e. the next step's rate.
+            let entry = window.flush(lr_at(done), state.epoch, state.num_input_tokens_seen, done);
+            log(entry, &mut state)?;
+        }
+        if let Some(eval_set) = &eval_set {
+            if done % eval_steps == 0 || done == total {
+                let totals = evaluate(&model, &eval_set.examples, config.per_device_eval_batch_size, pad_id)?;
+                let mut entry = totals.eval_metrics();
+                entry.insert("epoch".into(), state.epoch.into());
+                entry.insert("step".into(), done.into());
+                if state.best_metric.is_none_or(|b| totals.loss() < b) {
+                    state.best_metric = Some(totals.loss());
+                    if done % config.save_steps == 0 {
+                        let dir = checkpoint::checkpoint_dir(&output_dir, done);
+                        state.best_model_checkpoint = Some(dir.to_string_lossy().into_owned());
+                    }
+                }
+                log(entry, &mut state)?;
+            }
+        }
+        if done % config.save_steps == 0 {
+            checkpoint::save(&output_dir, done, |dir| {
+                save_weights(&model, lora_config.as_ref(), &base_dir, dir)?;
+                optimizer.save(dir)?;
+                write_json(
+                    &dir.join("scheduler.json"),
+                    &serde_json::json!({
+                        "last_epoch": done,
+                        "lr_scheduler_type": config.lr_scheduler_type,
+                        "warmup_steps": warmup,
+                        "total_steps": total,
+                        "base_learning_rate": config.learning_rate,
+                    }),
+                )?;
+                write_json(
+                    &dir.join("rng_state.json"),
+                    &serde_json::json!({
+                        "seed": config.seed,
+                        "scheme": "counter-based: shuffle = permutation(seed, epoch); dropout = mix(seed, step, micro_batch, module)",
+                        "next_step": done,
+                    }),
+                )?;
+                write_json(&dir.join("training_config.json"), config)?;
+                checkpoint::write_state(dir, &state)
+            })?;
+            if let Some(limit) = config.save_total_limit {
+                checkpoint::rotate(&output_dir, limit, state.best_model_checkpoint.as_deref())?;
+            }
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    save_weights(&model, lora_config.as_ref(), &base_dir, &output_dir)?;
+    checkpoint::write_state(&output_dir, &state)?;
+    Ok(TrainOutcome {
+        global_step: state.global_step,
+        log_history: state.log_history,
+        output_dir,
+        skipped_rows: train_set.skipped_no_loss_tokens,
+    })
+}
+
+fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_position(done as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}

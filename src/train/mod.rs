@@ -1,0 +1,11 @@
+//! Training: the loop, optimizer, schedules, step planning, metrics, evaluation and checkpoints.
+
+pub mod checkpoint;
+pub mod engine;
+pub mod eval;
+pub mod metrics;
+pub mod optimizer;
+pub mod plan;
+pub mod schedule;
+
+pub use engine::{train, Reporting, TrainOutcome};

@@ -1,0 +1,47 @@
+//! Autograd discipline: after `backward`, the gradient store holds exactly the trainable tensors:
+//! the LoRA pairs for LoRA, every weight for full fine-tuning, and never a frozen weight.
+
+mod common;
+use candle_core::{Device, Tensor};
+use common::*;
+use peft_sft::lora::{inject, LoraConfig, TargetModules};
+use std::collections::BTreeSet;
+
+fn batch() -> (Tensor, Tensor, Tensor) {
+    let ids = Tensor::new(&[[1u32, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]], &Device::Cpu).unwrap();
+    let ones = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    (ids, ones.clone(), ones)
+}
+
+#[test]
+fn lora_gradients_reach_only_the_adapters() {
+    for name in ["llama", "qwen2", "qwen3", "smollm3"] {
+        let mut model = load_model(&fixture(&format!("models/{name}")), false);
+        let config = LoraConfig {
+            r: 4,
+            lora_dropout: 0.1,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+            ..LoraConfig::default()
+        };
+        inject(&mut model, &config, 0).unwrap();
+        let (ids, mask, attn) = batch();
+        let out = model.loss(&ids, &mask, &attn, Some(7)).unwrap();
+        let grads = out.loss_sum.backward().unwrap();
+        let trainable: BTreeSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
+        let stored: BTreeSet<_> = grads.get_ids().copied().collect();
+        assert_eq!(trainable.len(), 6 * model.layers.len(), "{name}: three A/B pairs per layer");
+        assert_eq!(stored, trainable, "{name}: the gradient store must hold exactly the adapters");
+    }
+}
+
+#[test]
+fn full_fine_tuning_gradients_reach_every_weight() {
+    let model = load_model(&fixture("models/qwen2"), true);
+    let (ids, mask, attn) = batch();
+    let out = model.loss(&ids, &mask, &attn, None).unwrap();
+    let grads = out.loss_sum.backward().unwrap();
+    let trainable: BTreeSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
+    let stored: BTreeSet<_> = grads.get_ids().copied().collect();
+    assert_eq!(stored, trainable);
+    assert_eq!(trainable.len(), model.named_weights().len());
+}

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use peft_sft::model::weights::Weights;
+use peft_sft::model::{CausalLm, ModelConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Loads a fixture model (f32, CPU); `trainable` makes every weight a variable.
+pub fn load_model(dir: &Path, trainable: bool) -> CausalLm {
+    let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let weights = Weights::from_dir(dir).expect("weights");
+    CausalLm::load(config, &weights, trainable, DType::F32, &Device::Cpu).expect("model")
+}
+
+/// Every tensor of a safetensors file.
+pub fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    peft_sft::io::read_safetensors(path, &Device::Cpu).expect("safetensors")
+}
+
+/// The int64 `input_ids` of a reference file as u32.
+pub fn input_ids(reference: &HashMap<String, Tensor>) -> Tensor {
+    reference["input_ids"].to_dtype(DType::U32).expect("ids")
+}
+
+/// Largest absolute difference relative to the largest magnitude of `expected`.
+pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
+    let a = actual.to_dtype(DType::F32).unwrap();
+    let b = expected.to_dtype(DType::F32).unwrap().reshape(a.shape()).unwrap();
+    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// Path of the built CLI.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_peft-sft")
+}
+
+/// Runs the CLI, returning (success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run peft-sft");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,114 @@
+//! Bad input gets one clear error naming the file, line or tensor, a non-zero exit, and leaves
+//! what was already in the output folder untouched.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn train_err(model: &str, dataset: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "train",
+        "--lora",
+        "--model",
+        model,
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = run_cli(&args);
+    assert!(!ok, "expected failure");
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    err
+}
+
+fn model() -> String {
+    fixture("models/qwen2").to_string_lossy().into_owned()
+}
+
+#[test]
+fn malformed_jsonl_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"text\": oops}\n").unwrap();
+    let err = train_err(&model(), &data, &tmp.path().join("out"), &[]);
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+}
+
+#[test]
+fn a_row_of_no_known_format_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap();
+    let err = train_err(&model(), &data, &tmp.path().join("out"), &[]);
+    assert!(err.contains("rows.jsonl:2") && err.contains("question"), "{err}");
+}
+
+#[test]
+fn missing_model_folder_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = train_err("./no-such-model", &fixture("data/qa_chat.jsonl"), &tmp.path().join("out"), &[]);
+    assert!(err.contains("no-such-model"), "{err}");
+}
+
+#[test]
+fn unknown_target_module_lists_the_linear_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = train_err(
+        &model(),
+        &fixture("data/qa_chat.jsonl"),
+        &tmp.path().join("out"),
+        &["--lora-target-modules", "query_key_value"],
+    );
+    assert!(err.contains("query_key_value") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
+}
+
+#[test]
+fn unsupported_architecture_names_it_and_the_supported_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gpt2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("models/qwen2/config.json")).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    config["model_type"] = "gpt2".into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = train_err(dir.to_str().unwrap(), &fixture("data/qa_chat.jsonl"), &tmp.path().join("out"), &[]);
+    assert!(err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"), "{err}");
+}
+
+#[test]
+fn adapter_of_the_wrong_shape_names_the_tensor_and_leaves_the_output_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An adapter trained for qwen3 does not fit qwen2.
+    let adapter = tmp.path().join("adapter");
+    let mut m = load_model(&fixture("models/qwen3"), false);
+    let config = peft_sft::lora::LoraConfig {
+        r: 2,
+        target_modules: peft_sft::lora::TargetModules::List(vec!["q_proj".into()]),
+        ..Default::default()
+    };
+    peft_sft::lora::inject(&mut m, &config, 0).unwrap();
+    peft_sft::lora::save_adapter(&m, &config, &adapter).unwrap();
+    let out = tmp.path().join("merged");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("model.safetensors"), b"precious").unwrap();
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        &model(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("q_proj.lora_B.weight") && err.contains("does not fit"), "{err}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), b"precious");
+}

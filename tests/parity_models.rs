@@ -1,0 +1,39 @@
+//! Forward logits equal HF transformers' (fixtures from scripts/make_reference_fixtures.py) within
+//! 1e-4 relative, in f32, for each supported family.
+
+mod common;
+use common::*;
+
+fn check(name: &str) {
+    let dir = fixture(&format!("models/{name}"));
+    let reference = tensors(&dir.join("reference.safetensors"));
+    let model = load_model(&dir, false);
+    let logits = model.forward(&input_ids(&reference)).unwrap();
+    let err = rel_err(&logits, &reference["logits"]);
+    assert!(err < 1e-4, "{name}: logits differ from transformers by {err} (relative)");
+}
+
+#[test]
+fn llama_with_llama3_rope_scaling() {
+    check("llama");
+}
+
+#[test]
+fn qwen2_tied_with_qkv_bias() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_with_qk_norm_and_explicit_head_dim() {
+    check("qwen3");
+}
+
+#[test]
+fn smollm3_with_no_rope_layers() {
+    check("smollm3");
+}
+
+#[test]
+fn mistral_with_sliding_window() {
+    check("mistral");
+}
