@@ -1,0 +1,323 @@
+//! Reading local dataset files into JSON rows: `.jsonl` (one object a line) and `.json` (an array of
+//! objects, or records-by-column `{"col": [..]}`), each row tagged with where it came from so that
+//! later errors can point the user at `file:line`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One dataset record and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The 1-based line of the record in a `.jsonl` file, or its 1-based index in a `.json` file.
+    pub line: usize,
+    /// The record, always a JSON object.
+    pub value: Value,
+}
+
+/// Reads a local `.jsonl` / `.ndjson` or `.json` dataset file into rows.
+///
+/// JSON Lines: one object a line, blank lines ignored, rows keep their 1-based line number.
+/// JSON: an array of objects, or an object of equally long columns (`{"text": ["a", "b"]}`); rows keep
+/// their 1-based record index. A `.json` file that is really JSON Lines (as the Hub's `datasets` loader
+/// accepts) is read as JSON Lines.
+pub fn load_rows(path: &Path) -> Result<Vec<Row>> {
+    if !path.exists() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "Pass the path of a local .jsonl or .json dataset file.".to_string(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match extension.as_deref() {
+        Some("jsonl") | Some("ndjson") => parse_json_lines(text, path),
+        Some("json") => parse_json(text, path),
+        _ => Err(Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            message: "unsupported dataset file type; use .jsonl (one JSON object a line) or .json"
+                .to_string(),
+        }),
+    }
+}
+
+/// Parses JSON Lines text: one object a line, blank lines skipped.
+fn parse_json_lines(text: &str, path: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_number = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).map_err(|e| Error::BadRow {
+            path: path.to_path_buf(),
+            line: line_number,
+            message: format!(
+                "invalid JSON at column {}: {e}; each line must hold one complete JSON object",
+                e.column()
+            ),
+        })?;
+        if !value.is_object() {
+            return Err(Error::BadRow {
+                path: path.to_path_buf(),
+                line: line_number,
+                message: format!(
+                    "expected a JSON object, found {}; each line must hold one record like {{\"text\": \"...\"}}",
+                    json_kind(&value)
+                ),
+            });
+        }
+        rows.push(Row {
+            line: line_number,
+            value,
+        });
+    }
+    Ok(rows)
+}
+
+/// Parses a whole-file JSON dataset: an array of records or records-by-column.
+fn parse_json(text: &str, path: &Path) -> Result<Vec<Row>> {
+    let document: Value = match serde_json::from_str(text) {
+        Ok(document) => document,
+        Err(whole_file_error) => {
+            // The Hub's `json` loader also accepts JSON Lines under a .json name.
+            if looks_like_json_lines(text) {
+                return parse_json_lines(text, path);
+            }
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: Some(whole_file_error.line()),
+                message: format!("invalid JSON: {whole_file_error}"),
+            });
+        }
+    };
+    match document {
+        Value::Array(records) => records
+            .into_iter()
+            .enumerate()
+            .map(|(index, value)| {
+                if value.is_object() {
+                    Ok(Row {
+                        line: index + 1,
+                        value,
+                    })
+                } else {
+                    Err(Error::BadRow {
+                        path: path.to_path_buf(),
+                        line: index + 1,
+                        message: format!(
+                            "record {} is {}, expected a JSON object",
+                            index + 1,
+                            json_kind(&value)
+                        ),
+                    })
+                }
+            })
+            .collect(),
+        Value::Object(columns) => records_from_columns(columns, path),
+        other => Err(Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            message: format!(
+                "expected an array of records or an object of columns, found {}",
+                json_kind(&other)
+            ),
+        }),
+    }
+}
+
+/// Turns `{"a": [1, 2], "b": [3, 4]}` into the rows `{"a": 1, "b": 3}` and `{"a": 2, "b": 4}`.
+fn records_from_columns(columns: serde_json::Map<String, Value>, path: &Path) -> Result<Vec<Row>> {
+    let mut row_count = None;
+    for (name, column) in &columns {
+        let Value::Array(values) = column else {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                message: format!(
+                    "column `{name}` is {}, expected a list; a JSON dataset is either a list of records or an object of equally long lists",
+                    json_kind(column)
+                ),
+            });
+        };
+        match row_count {
+            None => row_count = Some(values.len()),
+            Some(count) if count != values.len() => {
+                return Err(Error::Parse {
+                    path: path.to_path_buf(),
+                    line: None,
+                    message: format!(
+                        "column `{name}` has {} values but earlier columns have {count}; all columns must have the same length",
+                        values.len()
+                    ),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    let row_count = row_count.unwrap_or(0);
+    let mut rows: Vec<serde_json::Map<String, Value>> =
+        (0..row_count).map(|_| serde_json::Map::new()).collect();
+    for (name, column) in columns {
+        if let Value::Array(values) = column {
+            for (row, value) in rows.iter_mut().zip(values) {
+                row.insert(name.clone(), value);
+            }
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(index, record)| Row {
+            line: index + 1,
+            value: Value::Object(record),
+        })
+        .collect())
+}
+
+/// Whether the first non-blank line of `text` is a complete JSON object on its own.
+fn looks_like_json_lines(text: &str) -> bool {
+    text.lines()
+        .find(|line| !line.trim().is_empty())
+        .and_then(|line| serde_json::from_str::<Value>(line).ok())
+        .is_some_and(|value| value.is_object())
+}
+
+/// A short name for the kind of a JSON value, for error messages.
+pub(crate) fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &tempfile::TempDir, name: &str, content: &str) -> std::path::PathBuf {
+        let path = dir.path().join(name);
+        let mut file = std::fs::File::create(&path).expect("create test file");
+        file.write_all(content.as_bytes()).expect("write test file");
+        path
+    }
+
+    #[test]
+    fn jsonl_rows_keep_their_line_and_skip_blank_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "d.jsonl",
+            "{\"text\": \"a\"}\n\n  \n{\"text\": \"b\"}\r\n",
+        );
+        let rows = load_rows(&path).expect("load");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].line, 1);
+        assert_eq!(rows[1].line, 4);
+        assert_eq!(rows[1].value["text"], "b");
+    }
+
+    #[test]
+    fn malformed_jsonl_names_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "bad.jsonl", "{\"text\": \"a\"}\n{\"text\": \n");
+        let err = load_rows(&path).expect_err("must fail");
+        assert!(matches!(err, Error::BadRow { line: 2, .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("bad.jsonl:2:"), "{message}");
+    }
+
+    #[test]
+    fn jsonl_line_that_is_not_an_object_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "d.jsonl", "[1, 2]\n");
+        let err = load_rows(&path).expect_err("must fail");
+        assert!(err
+            .to_string()
+            .contains("d.jsonl:1: expected a JSON object, found a list"));
+    }
+
+    #[test]
+    fn json_array_rows_are_numbered_by_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "d.json",
+            "[\n {\"text\": \"a\"},\n {\"text\": \"b\"}\n]",
+        );
+        let rows = load_rows(&path).expect("load");
+        assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn json_columns_become_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "d.json",
+            r#"{"prompt": ["p1", "p2"], "completion": ["c1", "c2"]}"#,
+        );
+        let rows = load_rows(&path).expect("load");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].value["prompt"], "p2");
+        assert_eq!(rows[1].value["completion"], "c2");
+        assert_eq!(rows[1].line, 2);
+    }
+
+    #[test]
+    fn json_columns_of_unequal_length_are_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "d.json",
+            r#"{"prompt": ["p1", "p2"], "completion": ["c1"]}"#,
+        );
+        let err = load_rows(&path).expect_err("must fail");
+        assert!(err.to_string().contains("same length"), "{err}");
+    }
+
+    #[test]
+    fn json_file_holding_json_lines_is_accepted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "d.json", "{\"text\": \"a\"}\n{\"text\": \"b\"}\n");
+        assert_eq!(load_rows(&path).expect("load").len(), 2);
+    }
+
+    #[test]
+    fn malformed_json_names_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            &dir,
+            "d.json",
+            "[\n {\"text\": \"a\"},\n {\"text\" \"b\"}\n]",
+        );
+        let err = load_rows(&path).expect_err("must fail");
+        assert!(err.to_string().contains("d.json:3:"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_gives_a_hint() {
+        let err = load_rows(Path::new("/nonexistent/data.jsonl")).expect_err("must fail");
+        assert!(matches!(err, Error::MissingFile { .. }));
+        assert!(err.to_string().contains(".jsonl or .json"));
+    }
+
+    #[test]
+    fn unknown_extension_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(&dir, "d.csv", "text\na\n");
+        assert!(load_rows(&path).is_err());
+    }
+}

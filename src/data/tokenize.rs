@@ -1,0 +1,477 @@
+//! Samples to token ids and loss masks, reproducing TRL's `SFTTrainer._prepare_dataset`
+//! (`add_eos`, `tokenize_fn`, `build_labels`, `truncate` and the filter of fully masked examples).
+
+use std::path::{Path, PathBuf};
+
+use super::format::{parse_sample, Sample};
+use super::load::load_rows;
+use super::template::ChatTemplate;
+use super::tokenizer::ChatTokenizer;
+use crate::error::{Error, Result};
+
+/// How samples are tokenized; the defaults are TRL's `SFTConfig` defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    /// Keep at most this many tokens of each example (TRL's `max_length`, default 1024, truncation
+    /// mode `keep_start`); `None` keeps everything.
+    pub max_length: Option<usize>,
+    /// Train only on completion tokens of prompt-completion samples. `None` is TRL's default: true for
+    /// prompt-completion samples, which are the only ones with a completion mask.
+    pub completion_only_loss: Option<bool>,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            max_length: Some(1024),
+            completion_only_loss: None,
+        }
+    }
+}
+
+/// `loss_mask[i] == 1` means token i is a training target (TRL's labels[i] != -100).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids of the whole sequence.
+    pub input_ids: Vec<u32>,
+    /// 1 where the token is a target of the loss, 0 where it is context only; as long as `input_ids`.
+    pub loss_mask: Vec<u8>,
+}
+
+impl Example {
+    /// The number of tokens.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether the example has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// The number of tokens marked as loss targets.
+    pub fn num_loss_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|&&bit| bit == 1).count()
+    }
+
+    /// Keeps the first `max_length` tokens (TRL's `truncation_mode="keep_start"`); returns whether
+    /// anything was cut.
+    pub fn truncate(&mut self, max_length: usize) -> bool {
+        if self.input_ids.len() <= max_length {
+            return false;
+        }
+        self.input_ids.truncate(max_length);
+        self.loss_mask.truncate(max_length);
+        true
+    }
+}
+
+/// A tokenized dataset file.
+#[derive(Debug, Clone)]
+pub struct PreparedDataset {
+    /// The examples kept, in file order.
+    pub examples: Vec<Example>,
+    /// Rows dropped because truncation left them without loss tokens (TRL drops them too).
+    pub skipped_no_loss_tokens: usize,
+    /// Rows longer than `max_length` that were truncated (including skipped ones).
+    pub truncated: usize,
+    /// The dataset file.
+    pub path: PathBuf,
+}
+
+/// Tokenizes one sample the way TRL prepares it, then truncates it to `opts.max_length`.
+///
+/// - Text: the EOS token is appended unless the text already ends with it (`add_eos`), and the text is
+///   tokenized with the tokenizer's special tokens (`tokenizer(text)`); every token is a target.
+/// - Messages: the chat template is rendered and tokenized without special tokens
+///   (`apply_chat_template(tokenize=True)`); every token is a target.
+/// - Prompt-completion: EOS is appended to the completion unless already there (`add_eos`); `prompt`
+///   and `prompt + completion` are tokenized with special tokens; the completion starts where the two
+///   id sequences diverge (`common_prefix_length`).
+/// - Conversational prompt-completion: the prompt is rendered with `add_generation_prompt=True`,
+///   `prompt + completion` without it, both tokenized without special tokens; the completion starts
+///   where they diverge.
+///
+/// Prompt tokens are masked when `completion_only_loss` is on (`build_labels`).
+pub fn tokenize_sample(
+    sample: &Sample,
+    tok: &ChatTokenizer,
+    opts: &TokenizeOptions,
+) -> Result<Example> {
+    let mut tokenizer = SampleTokenizer::new(tok, opts);
+    let mut example = tokenizer.tokenize(sample)?;
+    if let Some(max_length) = opts.max_length {
+        example.truncate(max_length);
+    }
+    Ok(example)
+}
+
+/// load_rows + parse_sample + tokenize_sample; rows with no loss tokens after truncation are skipped and counted.
+///
+/// As in TRL, the filter of fully masked rows runs only when `max_length` is set (it is part of
+/// TRL's truncation step). Errors while tokenizing a row name the file and line.
+pub fn prepare_dataset(
+    path: &Path,
+    tok: &ChatTokenizer,
+    opts: &TokenizeOptions,
+) -> Result<PreparedDataset> {
+    let rows = load_rows(path)?;
+    if rows.is_empty() {
+        return Err(Error::Parse {
+            path: path.to_path_buf(),
+            line: None,
+            message: "the dataset has no rows".to_string(),
+        });
+    }
+    let mut tokenizer = SampleTokenizer::new(tok, opts);
+    let mut examples = Vec::with_capacity(rows.len());
+    let mut skipped_no_loss_tokens = 0;
+    let mut truncated = 0;
+    for row in &rows {
+        let sample = parse_sample(row, path)?;
+        let mut example = tokenizer.tokenize(&sample).map_err(|e| match e {
+            Error::BadRow { .. } => e,
+            other => Error::BadRow {
+                path: path.to_path_buf(),
+                line: row.line,
+                message: other.to_string(),
+            },
+        })?;
+        if let Some(max_length) = opts.max_length {
+            if example.truncate(max_length) {
+                truncated += 1;
+            }
+            if example.num_loss_tokens() == 0 {
+                skipped_no_loss_tokens += 1;
+                continue;
+            }
+        }
+        examples.push(example);
+    }
+    if examples.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: all {} rows were left without loss tokens after truncation to max_length {}; raise max_length",
+            path.display(),
+            rows.len(),
+            opts.max_length.unwrap_or_default()
+        )));
+    }
+    Ok(PreparedDataset {
+        examples,
+        skipped_no_loss_tokens,
+        truncated,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Tokenizes samples with one tokenizer, compiling its chat template once, on first use.
+struct SampleTokenizer<'a> {
+    tok: &'a ChatTokenizer,
+    completion_only_loss: Option<bool>,
+    template: Option<ChatTemplate>,
+}
+
+impl<'a> SampleTokenizer<'a> {
+    fn new(tok: &'a ChatTokenizer, opts: &TokenizeOptions) -> Self {
+        SampleTokenizer {
+            tok,
+            completion_only_loss: opts.completion_only_loss,
+            template: None,
+        }
+    }
+
+    /// TRL's `tokenize_fn` followed by `build_labels`, before truncation.
+    fn tokenize(&mut self, sample: &Sample) -> Result<Example> {
+        // SFTTrainer.__init__: `completion_only_loss = "prompt" in sample and "completion" in sample` when unset.
+        let completion_only_loss = self
+            .completion_only_loss
+            .unwrap_or_else(|| sample.is_prompt_completion());
+        let (input_ids, completion_start) = match sample {
+            Sample::Text(text) => {
+                let text = with_eos(text, self.eos_token()?);
+                (self.tok.encode(&text, true)?, None)
+            }
+            Sample::Messages(messages) => {
+                let rendered = self.render(messages, false)?;
+                (self.tok.encode(&rendered, false)?, None)
+            }
+            Sample::PromptCompletion { prompt, completion } => {
+                let completion = with_eos(completion, self.eos_token()?);
+                let prompt_ids = self.tok.encode(prompt, true)?;
+                let full_ids = self.tok.encode(&format!("{prompt}{completion}"), true)?;
+                let start = common_prefix_length(&prompt_ids, &full_ids);
+                (full_ids, Some(start))
+            }
+            Sample::ConversationalPromptCompletion { prompt, completion } => {
+                let prompt_text = self.render(prompt, true)?;
+                let conversation: Vec<serde_json::Value> =
+                    prompt.iter().chain(completion.iter()).cloned().collect();
+                let full_text = self.render(&conversation, false)?;
+                let prompt_ids = self.tok.encode(&prompt_text, false)?;
+                let full_ids = self.tok.encode(&full_text, false)?;
+                let start = common_prefix_length(&prompt_ids, &full_ids);
+                (full_ids, Some(start))
+            }
+        };
+        let loss_mask = match completion_start {
+            Some(start) if completion_only_loss => {
+                (0..input_ids.len()).map(|i| u8::from(i >= start)).collect()
+            }
+            _ => vec![1; input_ids.len()],
+        };
+        Ok(Example {
+            input_ids,
+            loss_mask,
+        })
+    }
+
+    /// The EOS token TRL's `add_eos` appends, which text formats need.
+    fn eos_token(&self) -> Result<&'a str> {
+        self.tok.eos_token.as_deref().ok_or_else(|| {
+            Error::Tokenizer(
+                "the tokenizer has no eos_token, which TRL appends to text and completions; set \
+                 `eos_token` in tokenizer_config.json"
+                    .to_string(),
+            )
+        })
+    }
+
+    /// Renders messages with the tokenizer's chat template, compiled on first use.
+    fn render(
+        &mut self,
+        messages: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        if self.template.is_none() {
+            self.template = Some(self.tok.compile_chat_template()?);
+        }
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::Template("the chat template could not be compiled".to_string())
+        })?;
+        template.render(
+            messages,
+            add_generation_prompt,
+            &self.tok.template_special_tokens(),
+        )
+    }
+}
+
+/// `text` with `eos` appended unless it already ends with it (TRL's `add_eos`).
+fn with_eos(text: &str, eos: &str) -> String {
+    if text.ends_with(eos) {
+        text.to_string()
+    } else {
+        format!("{text}{eos}")
+    }
+}
+
+/// The number of leading ids two sequences share (TRL's `common_prefix_length`): the completion
+/// starts there, which is not always the prompt's length when tokens merge across the boundary or the
+/// template renders the prompt differently alone.
+fn common_prefix_length(ids: &[u32], other_ids: &[u32]) -> usize {
+    ids.iter()
+        .zip(other_ids)
+        .take_while(|(a, b)| a == b)
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tokenizer::test_support::{bos_tokenizer, chatml_tokenizer};
+    use super::*;
+    use serde_json::json;
+
+    fn byte_ids(text: &str) -> Vec<u32> {
+        text.bytes().map(u32::from).collect()
+    }
+
+    #[test]
+    fn text_gets_eos_and_special_tokens_and_trains_on_everything() {
+        let tok = bos_tokenizer();
+        let example = tokenize_sample(
+            &Sample::Text("hi".into()),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .expect("tokenize");
+        assert_eq!(
+            example.input_ids,
+            [vec![258], byte_ids("hi"), vec![259]].concat()
+        );
+        assert_eq!(example.loss_mask, vec![1; 4]);
+    }
+
+    #[test]
+    fn text_already_ending_with_eos_is_left_alone() {
+        let tok = bos_tokenizer();
+        let example = tokenize_sample(
+            &Sample::Text("hi</s>".into()),
+            &tok,
+            &TokenizeOptions::default(),
+        )
+        .expect("tokenize");
+        assert_eq!(
+            example.input_ids,
+            [vec![258], byte_ids("hi"), vec![259]].concat()
+        );
+    }
+
+    #[test]
+    fn prompt_completion_masks_the_prompt_by_default() {
+        let tok = bos_tokenizer();
+        let sample = Sample::PromptCompletion {
+            prompt: "Q".into(),
+            completion: "A".into(),
+        };
+        let example =
+            tokenize_sample(&sample, &tok, &TokenizeOptions::default()).expect("tokenize");
+        assert_eq!(example.input_ids, vec![258, 'Q' as u32, 'A' as u32, 259]);
+        assert_eq!(example.loss_mask, vec![0, 0, 1, 1]);
+
+        let all = TokenizeOptions {
+            completion_only_loss: Some(false),
+            ..Default::default()
+        };
+        let example = tokenize_sample(&sample, &tok, &all).expect("tokenize");
+        assert_eq!(example.loss_mask, vec![1; 4]);
+    }
+
+    #[test]
+    fn messages_render_the_template_without_special_tokens() {
+        let tok = bos_tokenizer();
+        let sample = Sample::Messages(vec![json!({"role": "user", "content": "a"})]);
+        let example =
+            tokenize_sample(&sample, &tok, &TokenizeOptions::default()).expect("tokenize");
+        assert_eq!(
+            example.input_ids,
+            [vec![256], byte_ids("user\na"), vec![257], byte_ids("\n")].concat()
+        );
+        assert!(example.loss_mask.iter().all(|&bit| bit == 1));
+
+        let only_completion = TokenizeOptions {
+            completion_only_loss: Some(true),
+            ..Default::default()
+        };
+        let masked = tokenize_sample(&sample, &tok, &only_completion).expect("tokenize");
+        assert_eq!(
+            masked.loss_mask, example.loss_mask,
+            "messages have no completion mask"
+        );
+    }
+
+    #[test]
+    fn conversational_prompt_completion_masks_the_prompt_and_generation_prompt() {
+        let tok = chatml_tokenizer();
+        let sample = Sample::ConversationalPromptCompletion {
+            prompt: vec![json!({"role": "user", "content": "q"})],
+            completion: vec![json!({"role": "assistant", "content": "a"})],
+        };
+        let example =
+            tokenize_sample(&sample, &tok, &TokenizeOptions::default()).expect("tokenize");
+        let prompt_len = [
+            vec![256],
+            byte_ids("user\nq"),
+            vec![257],
+            byte_ids("\n"),
+            vec![256],
+            byte_ids("assistant\n"),
+        ]
+        .concat()
+        .len();
+        let expected = [
+            vec![256],
+            byte_ids("user\nq"),
+            vec![257],
+            byte_ids("\n"),
+            vec![256],
+            byte_ids("assistant\na"),
+            vec![257],
+            byte_ids("\n"),
+        ]
+        .concat();
+        assert_eq!(example.input_ids, expected);
+        let expected_mask: Vec<u8> = (0..expected.len())
+            .map(|i| u8::from(i >= prompt_len))
+            .collect();
+        assert_eq!(example.loss_mask, expected_mask);
+    }
+
+    #[test]
+    fn completion_starts_where_ids_diverge() {
+        assert_eq!(common_prefix_length(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix_length(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix_length(&[], &[1]), 0);
+    }
+
+    #[test]
+    fn truncation_keeps_the_start() {
+        let tok = chatml_tokenizer();
+        let opts = TokenizeOptions {
+            max_length: Some(3),
+            completion_only_loss: None,
+        };
+        let example =
+            tokenize_sample(&Sample::Text("abcdef".into()), &tok, &opts).expect("tokenize");
+        assert_eq!(example.input_ids, byte_ids("abc"));
+        assert_eq!(example.loss_mask, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn text_without_eos_token_is_an_error() {
+        let mut tok = chatml_tokenizer();
+        tok.eos_token = None;
+        let err = tokenize_sample(&Sample::Text("a".into()), &tok, &TokenizeOptions::default())
+            .expect_err("must fail");
+        assert!(err.to_string().contains("no eos_token"), "{err}");
+    }
+
+    fn write_dataset(lines: &[serde_json::Value]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("train.jsonl");
+        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        std::fs::write(&path, text.join("\n")).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn prepare_dataset_skips_rows_left_without_loss_tokens() {
+        let tok = chatml_tokenizer();
+        let (_dir, path) = write_dataset(&[
+            json!({"prompt": "a long prompt", "completion": "x"}),
+            json!({"prompt": "p", "completion": "x"}),
+        ]);
+        let opts = TokenizeOptions {
+            max_length: Some(4),
+            completion_only_loss: None,
+        };
+        let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
+        assert_eq!(prepared.examples.len(), 1);
+        assert_eq!(prepared.skipped_no_loss_tokens, 1);
+        assert_eq!(prepared.truncated, 1);
+        assert_eq!(
+            prepared.examples[0].input_ids,
+            vec!['p' as u32, 'x' as u32, 257]
+        );
+    }
+
+    #[test]
+    fn prepare_dataset_names_the_row_of_a_template_error() {
+        let mut tok = chatml_tokenizer();
+        tok.chat_template = Some("{{ raise_exception('only user messages') }}".into());
+        let (_dir, path) = write_dataset(&[
+            json!({"text": "ok"}),
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+        ]);
+        let err = prepare_dataset(&path, &tok, &TokenizeOptions::default()).expect_err("must fail");
+        let message = err.to_string();
+        assert!(message.contains("train.jsonl:2:"), "{message}");
+        assert!(message.contains("only user messages"), "{message}");
+    }
+
+    #[test]
+    fn prepare_dataset_rejects_empty_files() {
+        let tok = chatml_tokenizer();
+        let (_dir, path) = write_dataset(&[]);
+        assert!(prepare_dataset(&path, &tok, &TokenizeOptions::default()).is_err());
+    }
+}
