@@ -156,7 +156,10 @@ impl SftConfig {
     }
 
     /// Overlays `overrides` (field name -> JSON value) onto this config.
-    pub fn with_overrides(&self, overrides: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+    pub fn with_overrides(
+        &self,
+        overrides: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
         let mut value = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
         let object = value
             .as_object_mut()
@@ -185,10 +188,14 @@ impl SftConfig {
             ));
         }
         if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
-            return Err(Error::Config("--logging-steps, --eval-steps and --save-steps must be at least 1".into()));
+            return Err(Error::Config(
+                "--logging-steps, --eval-steps and --save-steps must be at least 1".into(),
+            ));
         }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
-            return Err(Error::Config("set --max-steps or a positive --num-train-epochs".into()));
+            return Err(Error::Config(
+                "set --max-steps or a positive --num-train-epochs".into(),
+            ));
         }
         crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
         if self.mode != Mode::Full {

@@ -6,12 +6,7 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// Files of a model repo peft-sft needs (weights, configs, tokenizer, template).
-const MODEL_FILES: &[&str] = &[
-    "*.json",
-    "*.safetensors",
-    "*.jinja",
-    "tokenizer.model",
-];
+const MODEL_FILES: &[&str] = &["*.json", "*.safetensors", "*.jinja", "tokenizer.model"];
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only resolution (as huggingface_hub reads it).
 pub fn offline() -> bool {
@@ -23,7 +18,11 @@ pub fn offline() -> bool {
 /// Splits `owner/name` (a Hub id); None for anything else.
 fn hub_id(spec: &str) -> Option<(&str, &str)> {
     let (owner, name) = spec.split_once('/')?;
-    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     (valid(owner) && valid(name) && !spec.starts_with('.')).then_some((owner, name))
 }
 
@@ -36,11 +35,14 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let Some((owner, name)) = hub_id(spec) else {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
-            hint: "give a local model folder or a Hugging Face Hub id like HuggingFaceTB/SmolLM2-135M".into(),
+            hint:
+                "give a local model folder or a Hugging Face Hub id like HuggingFaceTB/SmolLM2-135M"
+                    .into(),
         });
     };
     let offline = offline();
-    let client = hf_hub::HFClientSync::new().map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+    let client = hf_hub::HFClientSync::new()
+        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
     client
         .model(owner, name)
         .snapshot_download()
@@ -67,7 +69,10 @@ mod tests {
 
     #[test]
     fn hub_ids_are_told_apart_from_paths() {
-        assert_eq!(hub_id("HuggingFaceTB/SmolLM2-135M"), Some(("HuggingFaceTB", "SmolLM2-135M")));
+        assert_eq!(
+            hub_id("HuggingFaceTB/SmolLM2-135M"),
+            Some(("HuggingFaceTB", "SmolLM2-135M"))
+        );
         assert_eq!(hub_id("./model"), None);
         assert_eq!(hub_id("a/b/c"), None);
         assert_eq!(hub_id("model"), None);
@@ -76,6 +81,9 @@ mod tests {
     #[test]
     fn a_missing_path_that_is_no_hub_id_says_what_to_give() {
         let err = resolve_model("no/such/dir", None).unwrap_err().to_string();
-        assert!(err.contains("no/such/dir") && err.contains("Hub id"), "{err}");
+        assert!(
+            err.contains("no/such/dir") && err.contains("Hub id"),
+            "{err}"
+        );
     }
 }

@@ -5,10 +5,17 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use peft_sft::lora::{inject, LoraConfig, TargetModules};
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 
 fn batch() -> (Tensor, Tensor, Tensor) {
-    let ids = Tensor::new(&[[1u32, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[
+            [1u32, 5, 9, 13, 17, 21, 25, 29],
+            [2, 4, 6, 8, 10, 12, 14, 16],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
     let ones = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     (ids, ones.clone(), ones)
 }
@@ -20,17 +27,28 @@ fn lora_gradients_reach_only_the_adapters() {
         let config = LoraConfig {
             r: 4,
             lora_dropout: 0.1,
-            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]),
+            target_modules: TargetModules::List(vec![
+                "q_proj".into(),
+                "v_proj".into(),
+                "down_proj".into(),
+            ]),
             ..LoraConfig::default()
         };
         inject(&mut model, &config, 0).unwrap();
         let (ids, mask, attn) = batch();
         let out = model.loss(&ids, &mask, &attn, Some(7)).unwrap();
         let grads = out.loss_sum.backward().unwrap();
-        let trainable: BTreeSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
-        let stored: BTreeSet<_> = grads.get_ids().copied().collect();
-        assert_eq!(trainable.len(), 6 * model.layers.len(), "{name}: three A/B pairs per layer");
-        assert_eq!(stored, trainable, "{name}: the gradient store must hold exactly the adapters");
+        let trainable: HashSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
+        let stored: HashSet<_> = grads.get_ids().copied().collect();
+        assert_eq!(
+            trainable.len(),
+            6 * model.layers.len(),
+            "{name}: three A/B pairs per layer"
+        );
+        assert_eq!(
+            stored, trainable,
+            "{name}: the gradient store must hold exactly the adapters"
+        );
     }
 }
 
@@ -40,8 +58,8 @@ fn full_fine_tuning_gradients_reach_every_weight() {
     let (ids, mask, attn) = batch();
     let out = model.loss(&ids, &mask, &attn, None).unwrap();
     let grads = out.loss_sum.backward().unwrap();
-    let trainable: BTreeSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
-    let stored: BTreeSet<_> = grads.get_ids().copied().collect();
+    let trainable: HashSet<_> = model.trainable().iter().map(|(_, v)| v.id()).collect();
+    let stored: HashSet<_> = grads.get_ids().copied().collect();
     assert_eq!(stored, trainable);
     assert_eq!(trainable.len(), model.named_weights().len());
 }

@@ -45,15 +45,27 @@ fn malformed_jsonl_names_file_and_line() {
 fn a_row_of_no_known_format_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("rows.jsonl");
-    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap();
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\"}\n{\"question\": \"q\", \"answer\": \"a\"}\n",
+    )
+    .unwrap();
     let err = train_err(&model(), &data, &tmp.path().join("out"), &[]);
-    assert!(err.contains("rows.jsonl:2") && err.contains("question"), "{err}");
+    assert!(
+        err.contains("rows.jsonl:2") && err.contains("question"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_model_folder_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = train_err("./no-such-model", &fixture("data/qa_chat.jsonl"), &tmp.path().join("out"), &[]);
+    let err = train_err(
+        "./no-such-model",
+        &fixture("data/qa_chat.jsonl"),
+        &tmp.path().join("out"),
+        &[],
+    );
     assert!(err.contains("no-such-model"), "{err}");
 }
 
@@ -66,7 +78,10 @@ fn unknown_target_module_lists_the_linear_modules() {
         &tmp.path().join("out"),
         &["--lora-target-modules", "query_key_value"],
     );
-    assert!(err.contains("query_key_value") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
+    assert!(
+        err.contains("query_key_value") && err.contains("q_proj") && err.contains("down_proj"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -74,13 +89,23 @@ fn unsupported_architecture_names_it_and_the_supported_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("gpt2");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("models/qwen2/config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("models/qwen2/config.json")).unwrap(),
+    )
+    .unwrap();
     config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     config["model_type"] = "gpt2".into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let err = train_err(dir.to_str().unwrap(), &fixture("data/qa_chat.jsonl"), &tmp.path().join("out"), &[]);
-    assert!(err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"), "{err}");
+    let err = train_err(
+        dir.to_str().unwrap(),
+        &fixture("data/qa_chat.jsonl"),
+        &tmp.path().join("out"),
+        &[],
+    );
+    assert!(
+        err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -109,6 +134,12 @@ fn adapter_of_the_wrong_shape_names_the_tensor_and_leaves_the_output_alone() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(err.contains("q_proj.lora_B.weight") && err.contains("does not fit"), "{err}");
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), b"precious");
+    assert!(
+        err.contains("q_proj.lora_B.weight") && err.contains("does not fit"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        b"precious"
+    );
 }

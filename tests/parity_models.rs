@@ -10,7 +10,10 @@ fn check(name: &str) {
     let model = load_model(&dir, false);
     let logits = model.forward(&input_ids(&reference)).unwrap();
     let err = rel_err(&logits, &reference["logits"]);
-    assert!(err < 1e-4, "{name}: logits differ from transformers by {err} (relative)");
+    assert!(
+        err < 1e-4,
+        "{name}: logits differ from transformers by {err} (relative)"
+    );
 }
 
 #[test]

@@ -22,7 +22,10 @@ fn check(name: &str) {
 
     let logits = model.forward(&ids).unwrap();
     let err = rel_err(&logits, &reference["logits"]);
-    assert!(err < 1e-4, "{name}: logits with adapter differ from PEFT's by {err}");
+    assert!(
+        err < 1e-4,
+        "{name}: logits with adapter differ from PEFT's by {err}"
+    );
 
     let mask = loss_mask(&ids);
     let ones = mask.ones_like().unwrap();
@@ -35,16 +38,23 @@ fn check(name: &str) {
     assert!(!trainable.is_empty());
     for (param, var) in &trainable {
         let key = format!("grad.base_model.model.{param}");
-        let expected = reference.get(&key).unwrap_or_else(|| panic!("fixture lacks {key}"));
+        let expected = reference
+            .get(&key)
+            .unwrap_or_else(|| panic!("fixture lacks {key}"));
         let err = rel_err(grads.get(var).unwrap(), expected);
-        assert!(err < 1e-4, "{name}: gradient of {param} differs from PEFT's by {err}");
+        assert!(
+            err < 1e-4,
+            "{name}: gradient of {param} differs from PEFT's by {err}"
+        );
     }
 
     let merged = merge_and_unload(&mut model).unwrap();
     assert_eq!(merged, trainable.len() / 2);
     let merged_ref = tensors(&dir.join("merged/model.safetensors"));
     for (n, p) in model.named_weights() {
-        let expected = merged_ref.get(&n).unwrap_or_else(|| panic!("merged fixture lacks {n}"));
+        let expected = merged_ref
+            .get(&n)
+            .unwrap_or_else(|| panic!("merged fixture lacks {n}"));
         let diff = (p.tensor() - expected)
             .unwrap()
             .abs()
@@ -53,7 +63,10 @@ fn check(name: &str) {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(diff < 1e-5, "{name}: merged {n} differs from PEFT's merge_and_unload by {diff}");
+        assert!(
+            diff < 1e-5,
+            "{name}: merged {n} differs from PEFT's merge_and_unload by {diff}"
+        );
     }
     let logits = model.forward(&ids).unwrap().to_dtype(DType::F32).unwrap();
     let err = rel_err(&logits, &reference["merged_logits"]);

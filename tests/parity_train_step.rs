@@ -4,8 +4,8 @@
 mod common;
 use candle_core::{DType, Tensor};
 use common::*;
-use peft_sft::lora::load_adapter;
 use peft_sft::lora::adapter::peft_key;
+use peft_sft::lora::load_adapter;
 use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 
 #[test]
@@ -36,13 +36,23 @@ fn adamw_steps_match_torch() {
         let out = model.loss(&ids, &mask, &attention, None).unwrap();
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();
         let grads = loss.backward().unwrap();
-        let grads: Vec<Tensor> = opt.params().iter().map(|(_, v)| grads.get(v).unwrap().clone()).collect();
+        let grads: Vec<Tensor> = opt
+            .params()
+            .iter()
+            .map(|(_, v)| grads.get(v).unwrap().clone())
+            .collect();
         let (norm, grads) = clip_grad_norm(grads, 1.0).unwrap();
         let loss = loss.to_scalar::<f32>().unwrap() as f64;
         let want_loss = expected["loss"].as_f64().unwrap();
         let want_norm = expected["grad_norm"].as_f64().unwrap();
-        assert!((loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0), "step {i}: loss {loss} vs {want_loss}");
-        assert!((norm - want_norm).abs() < 1e-4 * want_norm.max(1e-3), "step {i}: grad_norm {norm} vs {want_norm}");
+        assert!(
+            (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+            "step {i}: loss {loss} vs {want_loss}"
+        );
+        assert!(
+            (norm - want_norm).abs() < 1e-4 * want_norm.max(1e-3),
+            "step {i}: grad_norm {norm} vs {want_norm}"
+        );
         opt.step(&grads, 1e-3).unwrap();
     }
     let final_ref = tensors(&dir.join("final_adapter/adapter_model.safetensors"));
@@ -50,9 +60,18 @@ fn adamw_steps_match_torch() {
         let lora = lin.lora.as_ref().unwrap();
         for (half, v) in [("lora_A", &lora.a), ("lora_B", &lora.b)] {
             let expected = &final_ref[&peft_key(&lin.name, half)];
-            let diff = (v.as_tensor() - expected).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (v.as_tensor() - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
             let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(diff < 2e-5, "{} {half}: differs from torch's AdamW by {diff}", lin.name);
+            assert!(
+                diff < 2e-5,
+                "{} {half}: differs from torch's AdamW by {diff}",
+                lin.name
+            );
         }
     }
 }

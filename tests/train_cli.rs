@@ -25,7 +25,16 @@ fn qa() -> Vec<(String, String)> {
 
 fn generate(model: &Path, adapter: Option<&Path>, question: &str) -> String {
     let model = model.to_str().unwrap();
-    let mut args = vec!["generate", "--model", model, "--chat", "--prompt", question, "--max-new-tokens", "12"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--prompt",
+        question,
+        "--max-new-tokens",
+        "12",
+    ];
     let adapter_s;
     if let Some(a) = adapter {
         adapter_s = a.to_str().unwrap().to_string();
@@ -37,7 +46,9 @@ fn generate(model: &Path, adapter: Option<&Path>, question: &str) -> String {
 }
 
 fn correct(model: &Path, adapter: Option<&Path>) -> usize {
-    qa().iter().filter(|(q, a)| generate(model, adapter, q) == *a).count()
+    qa().iter()
+        .filter(|(q, a)| generate(model, adapter, q) == *a)
+        .count()
 }
 
 fn train_args<'a>(out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -79,18 +90,37 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn lora_learns_the_answers_and_the_merged_model_agrees() {
     let model = fixture(MODEL);
-    assert_eq!(correct(&model, None), 0, "the base model must not know the answers");
+    assert_eq!(
+        correct(&model, None),
+        0,
+        "the base model must not know the answers"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let out_s = out.to_str().unwrap();
     let args = train_args(
         out_s,
         "80",
-        &["--lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--save-steps", "40"],
+        &[
+            "--lora",
+            "--lora-r",
+            "16",
+            "--lora-alpha",
+            "32",
+            "--lora-dropout",
+            "0",
+            "--save-steps",
+            "40",
+        ],
     );
     let (ok, _, err) = run_cli(&args);
     assert!(ok, "train failed: {err}");
-    for file in ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "trainer_state.json"] {
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "trainer_state.json",
+    ] {
         assert!(out.join(file).exists(), "missing {file}");
     }
     assert!(out.join("checkpoint-40/optimizer.safetensors").exists());
@@ -98,7 +128,15 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     let first = log[0]["loss"].as_f64().unwrap();
     let last = log.last().unwrap()["loss"].as_f64().unwrap();
     assert!(last < first / 4.0, "loss {first} -> {last}");
-    for key in ["loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "mean_token_accuracy", "entropy"] {
+    for key in [
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "num_tokens",
+        "mean_token_accuracy",
+        "entropy",
+    ] {
         assert!(log[0].get(key).is_some(), "metrics lack {key}");
     }
     let learned = correct(&model, Some(&out));
@@ -117,30 +155,56 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     assert!(ok, "merge failed: {err}");
     assert!(err.contains("largest logit difference"), "{err}");
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["tie_word_embeddings"], true, "tied embeddings stay tied");
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["tie_word_embeddings"], true,
+        "tied embeddings stay tied"
+    );
     assert!(!tensors(&merged.join("model.safetensors")).contains_key("lm_head.weight"));
     assert_eq!(correct(&merged, None), learned);
 
     let mut adapted = load_model(&model, false);
     peft_sft::lora::load_adapter(&mut adapted, &out).unwrap();
     let merged_model = load_model(&merged, false);
-    let ids = candle_core::Tensor::new(&[[3u32, 17, 42, 99, 7, 250, 31, 8]], &candle_core::Device::Cpu).unwrap();
-    let err = rel_err(&merged_model.forward(&ids).unwrap(), &adapted.forward(&ids).unwrap());
+    let ids = candle_core::Tensor::new(
+        &[[3u32, 17, 42, 99, 7, 250, 31, 8]],
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let err = rel_err(
+        &merged_model.forward(&ids).unwrap(),
+        &adapted.forward(&ids).unwrap(),
+    );
     assert!(err < 1e-4, "merged and adapter logits differ by {err}");
 }
 
 #[test]
 fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
-    let extra = ["--lora", "--lora-dropout", "0.1", "--save-steps", "3", "--gradient-accumulation-steps", "2"];
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let extra = [
+        "--lora",
+        "--lora-dropout",
+        "0.1",
+        "--save-steps",
+        "3",
+        "--gradient-accumulation-steps",
+        "2",
+    ];
     for dir in [&a, &b] {
         let (ok, _, err) = run_cli(&train_args(dir.to_str().unwrap(), "6", &extra));
         assert!(ok, "{err}");
     }
     let (ma, mb) = (metrics(&a), metrics(&b));
-    assert_eq!(ma, mb, "two runs with the same seed must log the same values");
+    assert_eq!(
+        ma, mb,
+        "two runs with the same seed must log the same values"
+    );
     // Resume a copy of the step-3 checkpoint in a fresh folder and compare steps 4..6.
     std::fs::create_dir_all(c.join("checkpoint-3")).unwrap();
     for entry in std::fs::read_dir(a.join("checkpoint-3")).unwrap() {
@@ -153,7 +217,11 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
     assert!(ok, "{err}");
     let mc = metrics(&c);
     assert_eq!(mc.len(), ma.len());
-    assert_eq!(mc[3..], ma[3..], "resumed steps must equal the uninterrupted run's");
+    assert_eq!(
+        mc[3..],
+        ma[3..],
+        "resumed steps must equal the uninterrupted run's"
+    );
     assert_eq!(
         tensors(&c.join("adapter_model.safetensors")).len(),
         tensors(&a.join("adapter_model.safetensors")).len()
@@ -171,17 +239,31 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
 fn full_fine_tuning_lowers_the_loss_and_writes_a_loadable_model() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("full");
-    let (ok, _, err) = run_cli(&train_args(out.to_str().unwrap(), "20", &["--full", "--learning-rate", "1e-3"]));
+    let (ok, _, err) = run_cli(&train_args(
+        out.to_str().unwrap(),
+        "20",
+        &["--full", "--learning-rate", "1e-3"],
+    ));
     assert!(ok, "{err}");
     let log = metrics(&out);
     assert!(log.last().unwrap()["loss"].as_f64().unwrap() < log[0]["loss"].as_f64().unwrap());
-    for file in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(file).exists(), "missing {file}");
     }
     let trained = load_model(&out, false);
     let base = load_model(&fixture(MODEL), false);
     let ids = candle_core::Tensor::new(&[[3u32, 17, 42, 99]], &candle_core::Device::Cpu).unwrap();
-    assert!(rel_err(&trained.forward(&ids).unwrap(), &base.forward(&ids).unwrap()) > 1e-3);
+    assert!(
+        rel_err(
+            &trained.forward(&ids).unwrap(),
+            &base.forward(&ids).unwrap()
+        ) > 1e-3
+    );
 }
 
 #[test]
@@ -197,7 +279,12 @@ fn eval_json_prints_exactly_one_object() {
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    for key in ["eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_num_tokens"] {
+    for key in [
+        "eval_loss",
+        "eval_mean_token_accuracy",
+        "eval_entropy",
+        "eval_num_tokens",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert!(v["eval_loss"].as_f64().unwrap() > 0.0);

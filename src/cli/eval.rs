@@ -11,10 +11,29 @@ use std::path::Path;
 pub fn command() -> Command {
     Command::new("eval")
         .about("Evaluate eval_loss, eval_mean_token_accuracy, eval_entropy on a dataset")
-        .arg(Arg::new("model").long("model").required(true).help("Model folder or Hub id"))
-        .arg(Arg::new("adapter").long("adapter").help("PEFT adapter folder"))
-        .arg(Arg::new("dataset").long("dataset").required(true).help("Dataset file"))
-        .arg(Arg::new("max_length").long("max-length").default_value("1024").value_parser(clap::value_parser!(usize)))
+        .arg(
+            Arg::new("model")
+                .long("model")
+                .required(true)
+                .help("Model folder or Hub id"),
+        )
+        .arg(
+            Arg::new("adapter")
+                .long("adapter")
+                .help("PEFT adapter folder"),
+        )
+        .arg(
+            Arg::new("dataset")
+                .long("dataset")
+                .required(true)
+                .help("Dataset file"),
+        )
+        .arg(
+            Arg::new("max_length")
+                .long("max-length")
+                .default_value("1024")
+                .value_parser(clap::value_parser!(usize)),
+        )
         .arg(
             Arg::new("batch_size")
                 .long("per-device-eval-batch-size")
@@ -28,14 +47,23 @@ pub fn command() -> Command {
                 .num_args(0..=1)
                 .default_missing_value("true"),
         )
-        .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print one JSON object"))
+        .arg(
+            Arg::new("json")
+                .long("json")
+                .action(ArgAction::SetTrue)
+                .help("Print one JSON object"),
+        )
         .arg(Arg::new("device").long("device").default_value("cpu"))
 }
 
 /// Runs `peft-sft eval`.
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let device = select_device(m.get_one::<String>("device").map_or("cpu", String::as_str))?;
-    let mut loaded = load_pretrained(m.get_one::<String>("model").map_or("", String::as_str), false, &device)?;
+    let mut loaded = load_pretrained(
+        m.get_one::<String>("model").map_or("", String::as_str),
+        false,
+        &device,
+    )?;
     if let Some(adapter) = m.get_one::<String>("adapter") {
         load_adapter(&mut loaded.model, Path::new(adapter))?;
     }
@@ -59,7 +87,10 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
             println!("{k}: {v}");
         }
         if data.skipped_no_loss_tokens > 0 {
-            eprintln!("skipped {} rows with no loss token", data.skipped_no_loss_tokens);
+            eprintln!(
+                "skipped {} rows with no loss token",
+                data.skipped_no_loss_tokens
+            );
         }
     }
     Ok(())

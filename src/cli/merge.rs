@@ -10,19 +10,45 @@ use std::path::Path;
 pub fn command() -> Command {
     Command::new("merge")
         .about("Merge a PEFT LoRA adapter into its base and write a transformers model folder")
-        .arg(Arg::new("model").long("model").required(true).help("Base model folder or Hub id"))
-        .arg(Arg::new("adapter").long("adapter").required(true).help("PEFT adapter folder"))
-        .arg(Arg::new("output").long("output").required(true).help("Output model folder"))
-        .arg(Arg::new("device").long("device").default_value("cpu").help("cpu | cuda | auto"))
+        .arg(
+            Arg::new("model")
+                .long("model")
+                .required(true)
+                .help("Base model folder or Hub id"),
+        )
+        .arg(
+            Arg::new("adapter")
+                .long("adapter")
+                .required(true)
+                .help("PEFT adapter folder"),
+        )
+        .arg(
+            Arg::new("output")
+                .long("output")
+                .required(true)
+                .help("Output model folder"),
+        )
+        .arg(
+            Arg::new("device")
+                .long("device")
+                .default_value("cpu")
+                .help("cpu | cuda | auto"),
+        )
 }
 
 /// Runs `peft-sft merge`.
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let device = select_device(m.get_one::<String>("device").map_or("cpu", String::as_str))?;
-    let mut loaded = load_pretrained(&m.get_one::<String>("model").cloned().unwrap_or_default(), false, &device)?;
+    let mut loaded = load_pretrained(
+        &m.get_one::<String>("model").cloned().unwrap_or_default(),
+        false,
+        &device,
+    )?;
     let adapter = Path::new(m.get_one::<String>("adapter").map_or("", String::as_str));
     load_adapter(&mut loaded.model, adapter)?;
-    let probe = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog.", true)?;
+    let probe = loaded
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog.", true)?;
     let probe = candle_core::Tensor::new(probe.as_slice(), &device)?.unsqueeze(0)?;
     let before = loaded.model.forward(&probe)?;
     let merged = merge_and_unload(&mut loaded.model)?;

@@ -19,40 +19,108 @@ enum Kind {
 
 /// (config field, kind, help). The flag is the field in kebab-case.
 const FIELDS: &[(&str, Kind, &str)] = &[
-    ("model_name_or_path", Kind::Text, "Base model: local folder or Hub id (also --model)"),
-    ("dataset_name", Kind::Text, "Training data: .jsonl/.json file (also --dataset)"),
+    (
+        "model_name_or_path",
+        Kind::Text,
+        "Base model: local folder or Hub id (also --model)",
+    ),
+    (
+        "dataset_name",
+        Kind::Text,
+        "Training data: .jsonl/.json file (also --dataset)",
+    ),
     ("eval_dataset", Kind::Text, "Evaluation data"),
     ("output_dir", Kind::Text, "Output folder"),
     ("learning_rate", Kind::Float, "Peak learning rate [2e-5]"),
-    ("per_device_train_batch_size", Kind::Int, "Sequences per micro-batch [8]"),
-    ("per_device_eval_batch_size", Kind::Int, "Sequences per eval batch [8]"),
-    ("gradient_accumulation_steps", Kind::Int, "Micro-batches per optimizer step [1]"),
+    (
+        "per_device_train_batch_size",
+        Kind::Int,
+        "Sequences per micro-batch [8]",
+    ),
+    (
+        "per_device_eval_batch_size",
+        Kind::Int,
+        "Sequences per eval batch [8]",
+    ),
+    (
+        "gradient_accumulation_steps",
+        Kind::Int,
+        "Micro-batches per optimizer step [1]",
+    ),
     ("num_train_epochs", Kind::Float, "Epochs [3]"),
-    ("max_steps", Kind::Int, "Optimizer steps; overrides epochs when > 0 [-1]"),
-    ("lr_scheduler_type", Kind::Text, "linear | cosine | constant | constant_with_warmup [linear]"),
+    (
+        "max_steps",
+        Kind::Int,
+        "Optimizer steps; overrides epochs when > 0 [-1]",
+    ),
+    (
+        "lr_scheduler_type",
+        Kind::Text,
+        "linear | cosine | constant | constant_with_warmup [linear]",
+    ),
     ("warmup_ratio", Kind::Float, "Warm-up fraction of steps [0]"),
     ("warmup_steps", Kind::Int, "Warm-up steps [0]"),
     ("weight_decay", Kind::Float, "AdamW weight decay [0]"),
     ("adam_beta1", Kind::Float, "AdamW beta1 [0.9]"),
     ("adam_beta2", Kind::Float, "AdamW beta2 [0.999]"),
     ("adam_epsilon", Kind::Float, "AdamW epsilon [1e-8]"),
-    ("max_grad_norm", Kind::Float, "Gradient clipping norm, 0 = off [1.0]"),
+    (
+        "max_grad_norm",
+        Kind::Float,
+        "Gradient clipping norm, 0 = off [1.0]",
+    ),
     ("logging_steps", Kind::Int, "Log every N steps [10]"),
-    ("eval_steps", Kind::Int, "Evaluate every N steps [logging_steps]"),
+    (
+        "eval_steps",
+        Kind::Int,
+        "Evaluate every N steps [logging_steps]",
+    ),
     ("save_steps", Kind::Int, "Checkpoint every N steps [500]"),
     ("save_total_limit", Kind::Int, "Keep at most N checkpoints"),
-    ("resume_from_checkpoint", Kind::Text, "Checkpoint folder or `latest`"),
+    (
+        "resume_from_checkpoint",
+        Kind::Text,
+        "Checkpoint folder or `latest`",
+    ),
     ("seed", Kind::Int, "Random seed [42]"),
-    ("max_length", Kind::Int, "Truncate examples to N tokens [1024]"),
-    ("completion_only_loss", Kind::Bool, "Train on completions only (prompt-completion data) [true]"),
-    ("assistant_only_loss", Kind::Bool, "Train on assistant turns only [false]"),
-    ("packing", Kind::Bool, "Pack examples into rows of --max-length [false]"),
-    ("gradient_checkpointing", Kind::Bool, "Recompute activations in backward [false]"),
+    (
+        "max_length",
+        Kind::Int,
+        "Truncate examples to N tokens [1024]",
+    ),
+    (
+        "completion_only_loss",
+        Kind::Bool,
+        "Train on completions only (prompt-completion data) [true]",
+    ),
+    (
+        "assistant_only_loss",
+        Kind::Bool,
+        "Train on assistant turns only [false]",
+    ),
+    (
+        "packing",
+        Kind::Bool,
+        "Pack examples into rows of --max-length [false]",
+    ),
+    (
+        "gradient_checkpointing",
+        Kind::Bool,
+        "Recompute activations in backward [false]",
+    ),
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
     ("lora_dropout", Kind::Float, "LoRA dropout [0.05]"),
-    ("lora_target_modules", Kind::List, "all-linear, a regex, or names (comma-separated) [all-linear]"),
-    ("use_rslora", Kind::Bool, "rsLoRA scaling alpha/sqrt(r) [false]"),
+    (
+        "lora_target_modules",
+        Kind::List,
+        "all-linear, a regex, or names (comma-separated) [all-linear]",
+    ),
+    (
+        "use_rslora",
+        Kind::Bool,
+        "rsLoRA scaling alpha/sqrt(r) [false]",
+    ),
     ("use_dora", Kind::Bool, "DoRA [false]"),
     ("device", Kind::Text, "cpu | cuda | cuda:N | auto [auto]"),
 ];
@@ -65,13 +133,36 @@ fn flag(field: &str) -> String {
 pub fn command() -> Command {
     let mut cmd = Command::new("train")
         .about("Supervised fine-tuning with LoRA, QLoRA or all weights")
-        .arg(Arg::new("lora").long("lora").action(ArgAction::SetTrue).help("Train LoRA adapters (default)"))
-        .arg(Arg::new("qlora").long("qlora").action(ArgAction::SetTrue).help("LoRA on a 4-bit base"))
-        .arg(Arg::new("full").long("full").action(ArgAction::SetTrue).help("Train every weight"))
+        .arg(
+            Arg::new("lora")
+                .long("lora")
+                .action(ArgAction::SetTrue)
+                .help("Train LoRA adapters (default)"),
+        )
+        .arg(
+            Arg::new("qlora")
+                .long("qlora")
+                .action(ArgAction::SetTrue)
+                .help("LoRA on a 4-bit base"),
+        )
+        .arg(
+            Arg::new("full")
+                .long("full")
+                .action(ArgAction::SetTrue)
+                .help("Train every weight"),
+        )
         .group(clap::ArgGroup::new("mode").args(["lora", "qlora", "full"]))
-        .arg(Arg::new("config").long("config").value_name("TOML").help("Recipe file with the same keys"));
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("TOML")
+                .help("Recipe file with the same keys"),
+        );
     for &(field, kind, help) in FIELDS {
-        let mut arg = Arg::new(field).long(flag(field)).help(help).value_name("VALUE");
+        let mut arg = Arg::new(field)
+            .long(flag(field))
+            .help(help)
+            .value_name("VALUE");
         arg = match field {
             "model_name_or_path" => arg.visible_alias("model"),
             "dataset_name" => arg.visible_alias("dataset"),
@@ -96,7 +187,11 @@ fn value_of(kind: Kind, field: &str, text: &str) -> anyhow::Result<Value> {
             "false" | "False" | "0" => false,
             _ => return Err(bad("true or false")),
         }),
-        Kind::List => Value::from(text.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>()),
+        Kind::List => Value::from(
+            text.split(',')
+                .map(|s| s.trim().to_string())
+                .collect::<Vec<_>>(),
+        ),
     })
 }
 

@@ -22,14 +22,23 @@ pub fn select_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
         cuda if cuda.starts_with("cuda") => {
-            let ordinal = cuda.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| {
-                Error::Config(format!("--device `{name}`: expected cpu, cuda, cuda:N or auto"))
-            })?;
+            let ordinal = cuda
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .map_err(|_| {
+                    Error::Config(format!(
+                        "--device `{name}`: expected cpu, cuda, cuda:N or auto"
+                    ))
+                })?;
             Device::new_cuda(ordinal).map_err(|e| {
-                Error::Config(format!("--device {name}: {e} (build with --features cuda on a machine with a GPU)"))
+                Error::Config(format!(
+                    "--device {name}: {e} (build with --features cuda on a machine with a GPU)"
+                ))
             })
         }
-        other => Err(Error::Config(format!("--device `{other}`: expected cpu, cuda, cuda:N or auto"))),
+        other => Err(Error::Config(format!(
+            "--device `{other}`: expected cpu, cuda, cuda:N or auto"
+        ))),
     }
 }
 
@@ -60,5 +69,9 @@ pub fn load_pretrained(spec: &str, trainable: bool, device: &Device) -> Result<P
     let weights = Weights::from_dir(&dir)?;
     let dtype = compute_dtype(&config, device);
     let model = CausalLm::load(config, &weights, trainable, dtype, device)?;
-    Ok(Pretrained { model, tokenizer, dir })
+    Ok(Pretrained {
+        model,
+        tokenizer,
+        dir,
+    })
 }

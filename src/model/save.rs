@@ -54,14 +54,22 @@ pub fn shard(tensors: Vec<(String, Tensor)>, max_bytes: usize) -> Vec<Vec<(Strin
 
 /// Writes `model` as a transformers model folder in `out_dir`, in the dtype of the base's
 /// config (`torch_dtype`), copying the tokenizer and template files from `base_dir`.
-pub fn save_pretrained(model: &CausalLm, base_dir: &Path, out_dir: &Path, max_shard_bytes: usize) -> Result<()> {
+pub fn save_pretrained(
+    model: &CausalLm,
+    base_dir: &Path,
+    out_dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let dtype = dtype_of(model.config.torch_dtype.as_deref()).unwrap_or(model.dtype);
     let tensors: Vec<(String, Tensor)> = model
         .named_weights()
         .into_iter()
         .map(|(n, p)| Ok((n, Param::tensor(p).to_dtype(dtype)?)))
         .collect::<candle_core::Result<_>>()?;
-    let total: usize = tensors.iter().map(|(_, t)| t.elem_count() * dtype.size_in_bytes()).sum();
+    let total: usize = tensors
+        .iter()
+        .map(|(_, t)| t.elem_count() * dtype.size_in_bytes())
+        .sum();
     let shards = shard(tensors, max_shard_bytes);
     if shards.len() == 1 {
         write_safetensors(&out_dir.join("model.safetensors"), &shards[0])?;
@@ -75,7 +83,8 @@ pub fn save_pretrained(model: &CausalLm, base_dir: &Path, out_dir: &Path, max_sh
             }
             write_safetensors(&out_dir.join(&file), shard)?;
         }
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&out_dir.join("model.safetensors.index.json"), &index)?;
     }
     let config_path = base_dir.join("config.json");
@@ -106,8 +115,18 @@ mod tests {
     #[test]
     fn shards_respect_the_size_limit() {
         let t = |n: usize| Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap();
-        let parts = shard(vec![("a".into(), t(10)), ("b".into(), t(10)), ("c".into(), t(30))], 80);
-        let names: Vec<Vec<&str>> = parts.iter().map(|s| s.iter().map(|(n, _)| n.as_str()).collect()).collect();
+        let parts = shard(
+            vec![
+                ("a".into(), t(10)),
+                ("b".into(), t(10)),
+                ("c".into(), t(30)),
+            ],
+            80,
+        );
+        let names: Vec<Vec<&str>> = parts
+            .iter()
+            .map(|s| s.iter().map(|(n, _)| n.as_str()).collect())
+            .collect();
         assert_eq!(names, vec![vec!["a", "b"], vec!["c"]]);
     }
 }

@@ -44,7 +44,11 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
 
 /// Writes a checkpoint by calling `write` on a temporary folder, then renaming it to
 /// `checkpoint-{step}`.
-pub fn save(output_dir: &Path, step: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn save(
+    output_dir: &Path,
+    step: usize,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let dir = checkpoint_dir(output_dir, step);
     let tmp = output_dir.join(format!(".checkpoint-{step}.tmp"));
     if tmp.exists() {
@@ -92,10 +96,14 @@ pub fn rotate(output_dir: &Path, limit: usize, best: Option<&str>) -> Result<()>
 /// A checkpoint folder from `--resume-from-checkpoint` (a path, or `latest` in `output_dir`).
 pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     let dir = if spec == "latest" {
-        list(output_dir).pop().map(|(_, d)| d).ok_or_else(|| Error::MissingFile {
-            path: output_dir.join("checkpoint-*"),
-            hint: "--resume-from-checkpoint latest found no checkpoint in the output folder".into(),
-        })?
+        list(output_dir)
+            .pop()
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::MissingFile {
+                path: output_dir.join("checkpoint-*"),
+                hint: "--resume-from-checkpoint latest found no checkpoint in the output folder"
+                    .into(),
+            })?
     } else {
         PathBuf::from(spec)
     };

@@ -46,7 +46,11 @@ fn loss_tokens(example: &Example) -> f64 {
     example.loss_mask.iter().skip(1).map(|&m| m as f64).sum()
 }
 
-fn load_data(path: &str, tokenizer: &crate::data::ChatTokenizer, config: &SftConfig) -> Result<PreparedDataset> {
+fn load_data(
+    path: &str,
+    tokenizer: &crate::data::ChatTokenizer,
+    config: &SftConfig,
+) -> Result<PreparedDataset> {
     let opts = TokenizeOptions {
         max_length: Some(config.max_length),
         completion_only_loss: config.completion_only_loss,
@@ -62,7 +66,12 @@ fn load_data(path: &str, tokenizer: &crate::data::ChatTokenizer, config: &SftCon
 }
 
 /// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
-fn save_weights(model: &CausalLm, lora: Option<&LoraConfig>, base_dir: &Path, dir: &Path) -> Result<()> {
+fn save_weights(
+    model: &CausalLm,
+    lora: Option<&LoraConfig>,
+    base_dir: &Path,
+    dir: &Path,
+) -> Result<()> {
     match lora {
         Some(config) => lora::save_adapter(model, config, dir),
         None => save_pretrained(model, base_dir, dir, MAX_SHARD_BYTES),
@@ -73,10 +82,18 @@ fn save_weights(model: &CausalLm, lora: Option<&LoraConfig>, base_dir: &Path, di
 pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
     match config.mode {
-        Mode::Qlora => return Err(Error::Config("--qlora is not implemented yet; use --lora".into())),
-        _ if config.packing => return Err(Error::Config("--packing is not implemented yet".into())),
+        Mode::Qlora => {
+            return Err(Error::Config(
+                "--qlora is not implemented yet; use --lora".into(),
+            ))
+        }
+        _ if config.packing => {
+            return Err(Error::Config("--packing is not implemented yet".into()))
+        }
         _ if config.assistant_only_loss => {
-            return Err(Error::Config("--assistant-only-loss is not implemented yet".into()))
+            return Err(Error::Config(
+                "--assistant-only-loss is not implemented yet".into(),
+            ))
         }
         _ => {}
     }
@@ -164,8 +181,10 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     }
     write_json(&output_dir.join("training_config.json"), config)?;
     let metrics = MetricsFile::create(&output_dir, &state.log_history)?;
-    let bar = reporting.progress.then(|| progress_bar(total, state.global_step));
-    let mut log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
+    let bar = reporting
+        .progress
+        .then(|| progress_bar(total, state.global_step));
+    let log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
         let entry = Value::Object(entry);
         metrics.append(&entry)?;
         if let Some(bar) = &bar {
@@ -190,7 +209,12 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         for (micro, examples) in micro_batches.iter().enumerate() {
             let batch = collate(examples, pad_id, &device)?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
-            let out = model.loss(&batch.input_ids, &batch.loss_mask, &batch.attention_mask, Some(dropout_key))?;
+            let out = model.loss(
+                &batch.input_ids,
+                &batch.loss_mask,
+                &batch.attention_mask,
+                Some(dropout_key),
+            )?;
             let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
             for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
                 if let Some(g) = store.get(var) {
@@ -243,7 +267,12 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         }
         if let Some(eval_set) = &eval_set {
             if done % eval_steps == 0 || done == total {
-                let totals = evaluate(&model, &eval_set.examples, config.per_device_eval_batch_size, pad_id)?;
+                let totals = evaluate(
+                    &model,
+                    &eval_set.examples,
+                    config.per_device_eval_batch_size,
+                    pad_id,
+                )?;
                 let mut entry = totals.eval_metrics();
                 entry.insert("epoch".into(), state.epoch.into());
                 entry.insert("step".into(), done.into());
@@ -303,9 +332,9 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
 fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_position(done as u64);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    ) {
         bar.set_style(style);
     }
     bar

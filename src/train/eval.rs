@@ -58,14 +58,27 @@ impl LossTotals {
 }
 
 /// Runs the model over `examples` in order, `batch_size` at a time, without dropout.
-pub fn evaluate(model: &CausalLm, examples: &[Example], batch_size: usize, pad_id: u32) -> Result<LossTotals> {
+pub fn evaluate(
+    model: &CausalLm,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<LossTotals> {
     let mut totals = LossTotals::default();
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &model.device)?;
-        let out = model.loss(&batch.input_ids, &batch.loss_mask, &batch.attention_mask, None)?;
+        let out = model.loss(
+            &batch.input_ids,
+            &batch.loss_mask,
+            &batch.attention_mask,
+            None,
+        )?;
         totals.add(&LossTotals {
-            loss_sum: out.loss_sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+            loss_sum: out
+                .loss_sum
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?,
             loss_tokens: out.loss_tokens,
             correct_tokens: out.correct_tokens,
             entropy_sum: out.entropy_sum,

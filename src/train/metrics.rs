@@ -58,7 +58,13 @@ impl Window {
     }
 
     /// The log entry for this window, TRL's names; resets the window.
-    pub fn flush(&mut self, learning_rate: f64, epoch: f64, num_tokens: usize, step: usize) -> Map<String, Value> {
+    pub fn flush(
+        &mut self,
+        learning_rate: f64,
+        epoch: f64,
+        num_tokens: usize,
+        step: usize,
+    ) -> Map<String, Value> {
         let n = self.steps.max(1) as f64;
         let mut entry = Map::new();
         entry.insert("loss".into(), round(self.loss / n));

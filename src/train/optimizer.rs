@@ -35,8 +35,14 @@ impl AdamW {
     /// Fresh state (zero moments) for `params`.
     pub fn new(params: Vec<(String, Var)>, hyper: AdamWParams) -> Result<Self> {
         let zeros = |v: &Var| v.zeros_like().and_then(|z| z.to_dtype(DType::F32));
-        let exp_avg = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
-        let exp_avg_sq = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
+        let exp_avg = params
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        let exp_avg_sq = params
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
             params,
             exp_avg,
@@ -98,16 +104,27 @@ impl AdamW {
         let path = dir.join(OPTIMIZER_FILE);
         let mut state = read_safetensors(&path, self.params[0].1.device())?;
         for (i, (name, var)) in self.params.iter().enumerate() {
-            for (prefix, slot) in [("exp_avg", &mut self.exp_avg[i]), ("exp_avg_sq", &mut self.exp_avg_sq[i])] {
+            for (prefix, slot) in [
+                ("exp_avg", &mut self.exp_avg[i]),
+                ("exp_avg_sq", &mut self.exp_avg_sq[i]),
+            ] {
                 let key = format!("{prefix}.{name}");
                 let t = state.remove(&key).ok_or_else(|| Error::Tensor {
                     name: key.clone(),
-                    message: format!("missing from {}: the checkpoint was written for other trainable weights", path.display()),
+                    message: format!(
+                        "missing from {}: the checkpoint was written for other trainable weights",
+                        path.display()
+                    ),
                 })?;
                 if t.dims() != var.dims() {
                     return Err(Error::Tensor {
                         name: key,
-                        message: format!("shape {:?} in {} but the weight is {:?}", t.dims(), path.display(), var.dims()),
+                        message: format!(
+                            "shape {:?} in {} but the weight is {:?}",
+                            t.dims(),
+                            path.display(),
+                            var.dims()
+                        ),
                     });
                 }
                 *slot = t;
@@ -127,7 +144,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<(f64, Vec<Tensor>)> {
     let mut sq = 0f64;
     for g in &grads {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = sq.sqrt();
     if max_norm <= 0.0 {
@@ -137,6 +158,9 @@ pub fn clip_grad_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<(f64, Vec<Ten
     if factor >= 1.0 {
         return Ok((norm, grads));
     }
-    let scaled = grads.iter().map(|g| g * factor).collect::<candle_core::Result<_>>()?;
+    let scaled = grads
+        .iter()
+        .map(|g| g * factor)
+        .collect::<candle_core::Result<_>>()?;
     Ok((norm, scaled))
 }

@@ -14,7 +14,14 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// Plans `max_steps` steps when positive, else `ceil(epochs * steps_per_epoch)`, over `n` examples.
-    pub fn new(n: usize, batch_size: usize, accumulation: usize, epochs: f64, max_steps: i64, seed: u64) -> Self {
+    pub fn new(
+        n: usize,
+        batch_size: usize,
+        accumulation: usize,
+        epochs: f64,
+        max_steps: i64,
+        seed: u64,
+    ) -> Self {
         let batches_per_epoch = n.div_ceil(batch_size).max(1);
         let steps_per_epoch = batches_per_epoch.div_ceil(accumulation).max(1);
         let total = if max_steps > 0 {
@@ -26,7 +33,8 @@ impl StepPlan {
         let mut epoch = 0u64;
         while steps.len() < total && n > 0 {
             let order = Rng::new(key(&[seed, epoch])).permutation(n);
-            let batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+            let batches: Vec<Vec<usize>> =
+                order.chunks(batch_size).map(<[usize]>::to_vec).collect();
             for group in batches.chunks(accumulation) {
                 if steps.len() == total {
                     break;
@@ -35,7 +43,10 @@ impl StepPlan {
             }
             epoch += 1;
         }
-        StepPlan { steps, steps_per_epoch }
+        StepPlan {
+            steps,
+            steps_per_epoch,
+        }
     }
 
     /// Number of optimizer steps.
@@ -66,7 +77,11 @@ mod tests {
         let mut first: Vec<usize> = (0..2).flat_map(|s| plan.step(s).concat()).collect();
         first.sort();
         assert_eq!(first, (0..10).collect::<Vec<_>>());
-        assert_eq!(plan.step(1).len(), 2, "last step of the epoch holds the remaining batches");
+        assert_eq!(
+            plan.step(1).len(),
+            2,
+            "last step of the epoch holds the remaining batches"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 /// `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Loads a fixture model (f32, CPU); `trainable` makes every weight a variable.
@@ -32,9 +34,27 @@ pub fn input_ids(reference: &HashMap<String, Tensor>) -> Tensor {
 /// Largest absolute difference relative to the largest magnitude of `expected`.
 pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
     let a = actual.to_dtype(DType::F32).unwrap();
-    let b = expected.to_dtype(DType::F32).unwrap().reshape(a.shape()).unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12)
+    let b = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape(a.shape())
+        .unwrap();
+    let diff = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12)
 }
 
 /// Path of the built CLI.
