@@ -1,0 +1,80 @@
+//! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
+//! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
+//!
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK]
+
+use candle_core::{DType, Device, Tensor};
+use peft_sft::lora::{inject, LoraConfig};
+use peft_sft::model::weights::Weights;
+use peft_sft::model::{CausalLm, ModelConfig};
+use peft_sft::rng::Rng;
+use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(args.get(1).ok_or_else(|| anyhow::anyhow!("usage: MODEL_DIR [SEQ_LEN] [STEPS] [RANK]"))?);
+    let seq_len: usize = args.get(2).map_or(Ok(512), |s| s.parse())?;
+    let steps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
+    let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let vocab = config.vocab_size as u64;
+    let weights = Weights::from_dir(&dir)?;
+    let mut model = CausalLm::load(config, &weights, false, DType::F32, &Device::Cpu)?;
+    let lora = LoraConfig {
+        r: rank,
+        lora_alpha: 2.0 * rank as f64,
+        ..LoraConfig::default()
+    };
+    inject(&mut model, &lora, 0)?;
+    let mut opt = AdamW::new(
+        model.trainable(),
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let mut rng = Rng::new(1);
+    let ids: Vec<u32> = (0..seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, seq_len), &Device::Cpu)?;
+    let ones = Tensor::ones((1, seq_len), DType::F32, &Device::Cpu)?;
+    let mut timed = Vec::new();
+    // The first step warms up allocations and is not timed.
+    for step in 0..=steps {
+        let start = Instant::now();
+        let out = model.loss(&ids, &ones, &ones, None)?;
+        let grads = (&out.loss_sum / out.loss_tokens)?.backward()?;
+        let grads: Vec<Tensor> = opt.params().iter().map(|(_, v)| grads.get(v).cloned().unwrap_or(v.zeros_like().unwrap())).collect();
+        let (_, grads) = clip_grad_norm(grads, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        if step > 0 {
+            timed.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let step_seconds = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "peft-sft",
+            "seq_len": seq_len,
+            "lora_r": rank,
+            "step_seconds": step_seconds,
+            "tokens_per_second": seq_len as f64 / step_seconds,
+            "peak_rss_mib": peak_rss_mib(),
+            "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    );
+    Ok(())
+}
