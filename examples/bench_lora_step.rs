@@ -23,7 +23,10 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = PathBuf::from(args.get(1).ok_or_else(|| anyhow::anyhow!("usage: MODEL_DIR [SEQ_LEN] [STEPS] [RANK]"))?);
+    let dir = PathBuf::from(
+        args.get(1)
+            .ok_or_else(|| anyhow::anyhow!("usage: MODEL_DIR [SEQ_LEN] [STEPS] [RANK]"))?,
+    );
     let seq_len: usize = args.get(2).map_or(Ok(512), |s| s.parse())?;
     let steps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
     let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
@@ -47,7 +50,9 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let mut rng = Rng::new(1);
-    let ids: Vec<u32> = (0..seq_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let ids: Vec<u32> = (0..seq_len)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
     let ids = Tensor::from_vec(ids, (1, seq_len), &Device::Cpu)?;
     let ones = Tensor::ones((1, seq_len), DType::F32, &Device::Cpu)?;
     let mut timed = Vec::new();
@@ -56,7 +61,11 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let out = model.loss(&ids, &ones, &ones, None)?;
         let grads = (&out.loss_sum / out.loss_tokens)?.backward()?;
-        let grads: Vec<Tensor> = opt.params().iter().map(|(_, v)| grads.get(v).cloned().unwrap_or(v.zeros_like().unwrap())).collect();
+        let grads: Vec<Tensor> = opt
+            .params()
+            .iter()
+            .map(|(_, v)| grads.get(v).cloned().unwrap_or(v.zeros_like().unwrap()))
+            .collect();
         let (_, grads) = clip_grad_norm(grads, 1.0)?;
         opt.step(&grads, 1e-4)?;
         if step > 0 {

@@ -152,7 +152,7 @@ impl CausalLm {
         } else {
             Some(l.param("lm_head.weight", &[config.vocab_size, h])?)
         };
-        let rope = RotaryEmbedding::new(hd, config.rope_theta, &config.rope_scaling()?);
+        let rope = RotaryEmbedding::new(hd, config.rope_theta(), &config.rope_scaling()?);
         Ok(CausalLm {
             config,
             embed_tokens,
@@ -189,21 +189,18 @@ impl CausalLm {
             .copied()
             .unwrap_or(0) as usize;
         let offset = if caches.is_some() { offset } else { 0 };
-        let mask = AttentionMask::new(
-            t,
-            offset,
-            self.config.window(),
-            documents,
-            self.dtype,
-            &self.device,
-        )?;
+        // One mask per distinct window (full attention, sliding window), shared by the layers.
+        let windows: Vec<Option<usize>> = (0..self.layers.len())
+            .map(|i| self.config.layer_window(i))
+            .collect();
+        let mut masks: Vec<(Option<usize>, AttentionMask)> = Vec::new();
+        for w in &windows {
+            if !masks.iter().any(|(m, _)| m == w) {
+                let mask = AttentionMask::new(t, offset, *w, documents, self.dtype, &self.device)?;
+                masks.push((*w, mask));
+            }
+        }
         let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
-        let ctx = ForwardContext {
-            mask: &mask,
-            cos: &cos,
-            sin: &sin,
-            dropout_key,
-        };
         let ids = input_ids.flatten_all()?;
         let mut x =
             self.embed_tokens
@@ -212,6 +209,13 @@ impl CausalLm {
                 .reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            let mask = masks.iter().find(|(w, _)| *w == windows[i]).map(|(_, m)| m);
+            let ctx = ForwardContext {
+                mask: mask.ok_or_else(|| candle_core::Error::Msg("no attention mask".into()))?,
+                cos: &cos,
+                sin: &sin,
+                dropout_key,
+            };
             x = layer.forward(&x, &ctx, cache)?;
         }
         Ok(self.norm.forward(&x)?)

@@ -30,9 +30,11 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
     ("SmolLM3ForCausalLM", Family::SmolLm3),
 ];
 
-/// `rope_scaling` as stored in config.json (`rope_type`, or the older `type`).
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as stored in config.json
+/// (`rope_type`, or the older `type`).
 #[derive(Debug, Clone, Deserialize)]
 struct RawRopeScaling {
+    rope_theta: Option<f64>,
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -68,11 +70,14 @@ pub struct ModelConfig {
     /// RMSNorm epsilon.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
-    /// RoPE base.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// RoPE base (transformers 4; transformers 5 keeps it in `rope_parameters`).
+    rope_theta: Option<f64>,
     #[serde(default)]
     rope_scaling: Option<RawRopeScaling>,
+    #[serde(default)]
+    rope_parameters: Option<RawRopeScaling>,
+    /// transformers 5: `full_attention` or `sliding_attention` per layer.
+    pub layer_types: Option<Vec<String>>,
     /// Longest context the model was trained for.
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
@@ -105,9 +110,6 @@ pub struct ModelConfig {
 
 fn default_rms_norm_eps() -> f64 {
     1e-6
-}
-fn default_rope_theta() -> f64 {
-    10000.0
 }
 fn default_max_positions() -> usize {
     2048
@@ -190,11 +192,29 @@ impl ModelConfig {
         !matches!(self.family(), Ok(Family::Qwen2)) && self.attention_bias
     }
 
-    /// The sliding window in effect, if any.
-    pub fn window(&self) -> Option<usize> {
+    /// The RoPE base frequency.
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// The sliding window of layer `layer`, if it has one: `layer_types` decides where present
+    /// (transformers 5), else the family's rule (Mistral always; Qwen with `use_sliding_window`).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        if let Some(types) = &self.layer_types {
+            return match types.get(layer).map(String::as_str) {
+                Some("sliding_attention") => self.sliding_window,
+                _ => None,
+            };
+        }
         match self.family() {
             Ok(Family::Mistral) => self.sliding_window,
-            Ok(Family::Qwen2 | Family::Qwen3) if self.use_sliding_window == Some(true) => {
+            Ok(Family::Qwen2 | Family::Qwen3 | Family::SmolLm3)
+                if self.use_sliding_window == Some(true) =>
+            {
                 self.sliding_window
             }
             _ => None,
@@ -211,7 +231,7 @@ impl ModelConfig {
 
     /// The RoPE frequency scaling.
     pub fn rope_scaling(&self) -> Result<RopeScaling> {
-        let Some(raw) = &self.rope_scaling else {
+        let Some(raw) = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()) else {
             return Ok(RopeScaling::Default);
         };
         let kind = raw
