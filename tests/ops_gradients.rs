@@ -138,8 +138,7 @@ fn attention_matches_composed_with_gqa_window_and_documents() -> Result<()> {
         vec![0, 0, 0, 1, 1, 1, 1, 2, 2],
         vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
     ];
-    let cases: [(Option<usize>, Option<&[Vec<u32>]>); 3] =
-        [(None, None), (Some(3), None), (None, Some(&docs))];
+    let cases = [(None, None), (Some(3), None), (None, Some(docs.as_slice()))];
     for (window, documents) in cases {
         let (q, k, v) = (
             var(&[2, 4, 9, 8])?,

@@ -132,6 +132,7 @@ fn flag(field: &str) -> String {
 /// The `train` subcommand's definition.
 pub fn command() -> Command {
     let mut cmd = Command::new("train")
+        .args_override_self(true)
         .about("Supervised fine-tuning with LoRA, QLoRA or all weights")
         .arg(
             Arg::new("lora")

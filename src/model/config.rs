@@ -103,9 +103,10 @@ pub struct ModelConfig {
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
     pub eos_token_id: Option<serde_json::Value>,
-    /// The dtype the weights were saved in (`torch_dtype` or `dtype`).
-    #[serde(alias = "dtype")]
-    pub torch_dtype: Option<String>,
+    /// The dtype the weights were saved in (transformers 4).
+    torch_dtype: Option<String>,
+    /// The dtype the weights were saved in (transformers 5).
+    dtype: Option<String>,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -260,6 +261,11 @@ impl ModelConfig {
                 "rope_scaling type `{other}` is not supported (default, linear, llama3)"
             ))),
         }
+    }
+
+    /// The dtype the weights were saved in (`dtype`, or the older `torch_dtype`).
+    pub fn saved_dtype(&self) -> Option<&str> {
+        self.dtype.as_deref().or(self.torch_dtype.as_deref())
     }
 
     /// End-of-sequence ids named by the config (a number or a list).

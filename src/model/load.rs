@@ -47,7 +47,7 @@ pub fn compute_dtype(config: &ModelConfig, device: &Device) -> DType {
     if device.is_cpu() {
         return DType::F32;
     }
-    match config.torch_dtype.as_deref() {
+    match config.saved_dtype() {
         Some("bfloat16") => DType::BF16,
         Some("float16") => DType::F16,
         _ => DType::F32,

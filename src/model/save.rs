@@ -60,7 +60,7 @@ pub fn save_pretrained(
     out_dir: &Path,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    let dtype = dtype_of(model.config.torch_dtype.as_deref()).unwrap_or(model.dtype);
+    let dtype = dtype_of(model.config.saved_dtype()).unwrap_or(model.dtype);
     let tensors: Vec<(String, Tensor)> = model
         .named_weights()
         .into_iter()
@@ -95,7 +95,13 @@ pub fn save_pretrained(
             DType::F16 => "float16",
             _ => "float32",
         };
-        obj.insert("torch_dtype".into(), name.into());
+        // transformers 5 writes `dtype`, older versions `torch_dtype`: keep the file's own key.
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.into(), name.into());
     }
     write_json(&out_dir.join("config.json"), &config)?;
     for file in SIDE_FILES {

@@ -187,8 +187,10 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     let log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
         let entry = Value::Object(entry);
         metrics.append(&entry)?;
-        if let Some(bar) = &bar {
-            bar.println(entry.to_string());
+        match &bar {
+            Some(bar) if !bar.is_hidden() => bar.println(entry.to_string()),
+            Some(_) => eprintln!("{entry}"),
+            None => {}
         }
         state.log_history.push(entry);
         Ok(())
