@@ -11,6 +11,12 @@ Outputs (all small, committed):
                                          grad.<PEFT key> for every LoRA weight)
   train/llama_adamw/                     initial_adapter/, batch.safetensors, steps.json (loss, grad_norm
                                          per step of torch AdamW + clip_grad_norm_), final_adapter/
+  trl/<format>.jsonl                     datasets in TRL's four formats
+  trl/expected_<format>_<tokenizer>[_<variant>].json
+                                         per dataset row, what TRL's SFTTrainer trains on: {"row", "dropped",
+                                         "input_ids", "labels"} (labels from its data collator, -100 = no loss)
+  trl/rendered_<tokenizer>.json          apply_chat_template(tokenize=False) of each messages row, without and
+                                         with add_generation_prompt
 """
 import json
 import os
@@ -228,12 +234,106 @@ def write_train_step():
     model.save_pretrained(path / "final_adapter")
 
 
+TRL_DATA = {
+    "text": [
+        {"text": "The quick brown fox jumps over the lazy dog."},
+        {"text": "Café, naïve, über: text is text."},
+        {"text": "Hello, how are you today? I am fine, thank you."},
+    ],
+    "messages": [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                      {"role": "assistant", "content": "Paris."}]},
+        {"messages": [{"role": "system", "content": "You answer in one word."},
+                      {"role": "user", "content": "What do bees make?"},
+                      {"role": "assistant", "content": "Honey."}]},
+        {"messages": [{"role": "user", "content": "Hello!"},
+                      {"role": "assistant", "content": "Hello, how are you today?"},
+                      {"role": "user", "content": "Can you help me write a poem about the sea?"},
+                      {"role": "assistant", "content": "Waves over 東京 🙂, the sea sings."}]},
+    ],
+    "prompt_completion": [
+        {"prompt": "Question: What is two plus two?\nAnswer:", "completion": " Four."},
+        {"prompt": "The capital of France is", "completion": " Paris."},
+        {"prompt": "Translate to German: over", "completion": " über"},
+    ],
+    "conversational_prompt_completion": [
+        {"prompt": [{"role": "user", "content": "What colour is the sky on a clear day?"}],
+         "completion": [{"role": "assistant", "content": "Blue."}]},
+        {"prompt": [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Who wrote Hamlet?"}],
+         "completion": [{"role": "assistant", "content": "Shakespeare wrote Hamlet."}]},
+        {"prompt": [{"role": "user", "content": "Hello!"},
+                    {"role": "assistant", "content": "Hello, how are you today?"},
+                    {"role": "user", "content": "What is the tallest animal?"}],
+         "completion": [{"role": "assistant", "content": "The giraffe."}]},
+    ],
+}
+
+TRL_MODELS = {"chatml": "qwen2", "llama3": "llama"}
+
+
+def trl_process(model_dir, tok, row, **config):
+    """What TRL's SFTTrainer trains on for one row: the processed example and the collator's labels."""
+    import tempfile
+    import warnings
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    warnings.filterwarnings("ignore")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, report_to=[], bf16=False, use_cpu=True, **config)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([row]), processing_class=tok)
+        if len(trainer.train_dataset) == 0:
+            return {"dropped": True, "input_ids": None, "labels": None}
+        example = trainer.train_dataset[0]
+        batch = trainer.data_collator([example])
+        return {"dropped": False, "input_ids": example["input_ids"], "labels": batch["labels"][0].tolist()}
+
+
+def write_trl():
+    import trl
+
+    path = OUT / "trl"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    for fmt, rows in TRL_DATA.items():
+        with open(path / f"{fmt}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for tok_name, model_name in TRL_MODELS.items():
+        tok = transformers.AutoTokenizer.from_pretrained(OUT / "tokenizers" / tok_name)
+        model_dir = OUT / "models" / model_name
+        for fmt, rows in TRL_DATA.items():
+            variants = {"": {"max_length": 1024}, "_maxlen12": {"max_length": 12}}
+            if "prompt_completion" in fmt:
+                variants["_all_tokens"] = {"max_length": 1024, "completion_only_loss": False}
+            for suffix, config in variants.items():
+                expected = []
+                for i, row in enumerate(rows):
+                    entry = trl_process(model_dir, tok, row, **config)
+                    expected.append({"row": i, **entry})
+                out = {"trl_version": trl.__version__, "sft_config": config, "examples": expected}
+                (path / f"expected_{fmt}_{tok_name}{suffix}.json").write_text(json.dumps(out, indent=1))
+        rendered = []
+        for row in TRL_DATA["messages"]:
+            rendered.append({
+                "messages": row["messages"],
+                "add_generation_prompt_false": tok.apply_chat_template(row["messages"], tokenize=False),
+                "add_generation_prompt_true": tok.apply_chat_template(
+                    row["messages"], tokenize=False, add_generation_prompt=True),
+            })
+        (path / f"rendered_{tok_name}.json").write_text(json.dumps(rendered, indent=1, ensure_ascii=False))
+
+
 def main():
     write_models()
     write_peft()
     write_train_step()
+    write_trl()
     (OUT / "VERSIONS.txt").write_text(
         f"torch {torch.__version__}\ntransformers {transformers.__version__}\npeft {peft.__version__}\n"
+        f"trl {__import__('trl').__version__}\n"
     )
 
 

@@ -150,7 +150,7 @@ impl SftConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         toml::from_str(&text).map_err(|e| Error::Parse {
             path: path.to_path_buf(),
-            line: e.span().map(|s| text[..s.start].lines().count().max(1)),
+            line: e.span().map(|s| text[..s.start].matches('\n').count() + 1),
             message: e.message().to_string(),
         })
     }

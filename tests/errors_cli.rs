@@ -143,3 +143,58 @@ fn adapter_of_the_wrong_shape_names_the_tensor_and_leaves_the_output_alone() {
         b"precious"
     );
 }
+
+#[test]
+fn an_uncached_hub_id_offline_says_so_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args([
+            "generate",
+            "--model",
+            "nobody-here/no-such-model",
+            "--prompt",
+            "hi",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path())
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("nobody-here/no-such-model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rows_with_no_loss_token_after_truncation_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("long_prompts.jsonl");
+    let long = "word ".repeat(200);
+    let rows = format!(
+        "{{\"prompt\": \"{long}\", \"completion\": \" yes\"}}\n{{\"prompt\": \"Short?\", \"completion\": \" Fine.\"}}\n"
+    );
+    std::fs::write(&data, rows).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run_cli(&[
+        "train",
+        "--lora",
+        "--model",
+        &model(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("skipped 1 training rows"), "{err}");
+}

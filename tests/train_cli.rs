@@ -111,6 +111,10 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
             "0",
             "--save-steps",
             "80",
+            "--eval-dataset",
+            "tests/fixtures/data/qa_chat.jsonl",
+            "--eval-steps",
+            "60",
         ],
     );
     let (ok, _, err) = run_cli(&args);
@@ -125,8 +129,10 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     }
     assert!(out.join("checkpoint-80/optimizer.safetensors").exists());
     let log = metrics(&out);
-    let first = log[0]["loss"].as_f64().unwrap();
-    let last = log.last().unwrap()["loss"].as_f64().unwrap();
+    let train_log: Vec<&serde_json::Value> =
+        log.iter().filter(|e| e.get("loss").is_some()).collect();
+    let first = train_log[0]["loss"].as_f64().unwrap();
+    let last = train_log.last().unwrap()["loss"].as_f64().unwrap();
     assert!(last < first / 4.0, "loss {first} -> {last}");
     for key in [
         "loss",
@@ -139,6 +145,13 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     ] {
         assert!(log[0].get(key).is_some(), "metrics lack {key}");
     }
+    let evals: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "eval at steps 60 and 120");
+    assert!(evals[1]["eval_loss"].as_f64().unwrap() < evals[0]["eval_loss"].as_f64().unwrap());
+    assert!(evals[1]["eval_mean_token_accuracy"].as_f64().unwrap() > 0.9);
     let learned = correct(&model, Some(&out));
     assert_eq!(learned, 20, "only {learned}/20 answers learned");
 

@@ -233,3 +233,44 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_recipe_and_the_recipe_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("r.toml");
+        std::fs::write(
+            &recipe,
+            "learning_rate = 1e-4\nlora_r = 4\nmode = \"full\"\n",
+        )
+        .unwrap();
+        let m = command().get_matches_from([
+            "train",
+            "--config",
+            recipe.to_str().unwrap(),
+            "--lora-r",
+            "32",
+            "--lora",
+            "--lora-target-modules",
+            "q_proj,v_proj",
+            "--packing",
+        ]);
+        let c = config_from(&m).unwrap();
+        assert_eq!(c.learning_rate, 1e-4);
+        assert_eq!(c.lora_r, 32);
+        assert_eq!(c.mode, peft_sft::config::Mode::Lora);
+        assert_eq!(c.lora_target_modules, vec!["q_proj", "v_proj"]);
+        assert!(c.packing);
+        assert_eq!(c.seed, 42);
+    }
+
+    #[test]
+    fn a_bad_number_names_the_flag() {
+        let m = command().get_matches_from(["train", "--learning-rate", "fast"]);
+        let err = config_from(&m).unwrap_err().to_string();
+        assert!(err.contains("--learning-rate fast"), "{err}");
+    }
+}

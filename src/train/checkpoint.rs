@@ -125,3 +125,28 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 pub fn write_state(dir: &Path, state: &TrainerState) -> Result<()> {
     write_json(&dir.join(STATE_FILE), state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_the_newest_and_the_best() {
+        let tmp = tempfile::tempdir().unwrap();
+        for step in [2, 4, 6, 8] {
+            save(tmp.path(), step, |dir| {
+                write_state(dir, &TrainerState::default())
+            })
+            .unwrap();
+        }
+        let best = checkpoint_dir(tmp.path(), 2).to_string_lossy().into_owned();
+        rotate(tmp.path(), 2, Some(&best)).unwrap();
+        let left: Vec<usize> = list(tmp.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![2, 8]);
+        assert_eq!(
+            resolve("latest", tmp.path()).unwrap(),
+            checkpoint_dir(tmp.path(), 8)
+        );
+        assert!(resolve("latest", &tmp.path().join("none")).is_err());
+    }
+}
