@@ -65,7 +65,9 @@ pub fn lora_linear(
         None => x_rows,
     };
     let hidden = lora_in.matmul(&a.detach().t()?)?;
-    let out = (base_out + hidden.matmul(&b.detach().t()?)?.affine(scale, 0.0)?)?;
+    // Folding the scale into the tiny B saves two passes over the [n, out] output.
+    let b_scaled = b.detach().affine(scale, 0.0)?;
+    let out = (base_out + hidden.matmul(&b_scaled.t()?)?)?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out.dim(D::Minus1)?;
@@ -79,9 +81,9 @@ pub fn lora_linear(
         a,
         b,
         out,
-        Box::new(move |x, a, b, g, needs| {
+        Box::new(move |x, a, _, g, needs| {
             let g = rows(g)?;
-            let grad_hidden = g.matmul(b)?.affine(scale, 0.0)?;
+            let grad_hidden = g.matmul(&b_scaled)?;
             let grad_b = needs[2]
                 .then(|| g.t()?.matmul(&hidden)?.affine(scale, 0.0))
                 .transpose()?;
