@@ -33,16 +33,6 @@ pub enum Sample {
 }
 
 impl Sample {
-    /// The format's name as TRL's documentation calls it, for messages and logs.
-    pub fn format_name(&self) -> &'static str {
-        match self {
-            Sample::Text(_) => "language modeling (text)",
-            Sample::Messages(_) => "conversational language modeling (messages)",
-            Sample::PromptCompletion { .. } => "prompt-completion",
-            Sample::ConversationalPromptCompletion { .. } => "conversational prompt-completion",
-        }
-    }
-
     /// Whether TRL treats this sample as prompt-completion, which decides the default of
     /// `completion_only_loss` (`SFTTrainer.__init__`: `"prompt" in dataset_sample and "completion" in dataset_sample`).
     pub fn is_prompt_completion(&self) -> bool {

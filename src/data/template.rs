@@ -3,7 +3,7 @@
 //! loop controls, `raise_exception`, transformers' `tojson`, `strftime_now`, Python string methods and
 //! Python's way of printing values, here on minijinja.
 
-use minijinja::value::{Kwargs, Rest, Value};
+use minijinja::value::{Kwargs, Rest, Value, ValueKind};
 use minijinja::{Environment, Error as TemplateError, ErrorKind};
 use serde_json::Value as JsonValue;
 
@@ -56,7 +56,12 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, without_generation_tags(source))
+        env.add_test("iterable", is_iterable);
+        env.add_test("sequence", is_sequence);
+        env.add_test("number", is_number);
+        // Jinja2's lexer turns every newline sequence into "\n"; minijinja keeps "\r\n".
+        let source = source.replace("\r\n", "\n").replace('\r', "\n");
+        env.add_template_owned(TEMPLATE_NAME, without_generation_tags(&source))
             .map_err(|e| template_error(&e))?;
         Ok(ChatTemplate { env })
     }
@@ -117,6 +122,33 @@ fn normalize_message(message: &JsonValue) -> JsonValue {
         fields.insert("reasoning_content".to_string(), reasoning);
     }
     JsonValue::Object(fields)
+}
+
+/// Jinja2's `is iterable` (`iter(value)` succeeds): true for strings, lists, dicts and undefined,
+/// false for none, booleans and numbers (minijinja would iterate none as empty).
+fn is_iterable(value: &Value) -> bool {
+    match value.kind() {
+        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Invalid => false,
+        ValueKind::Undefined => true,
+        _ => value.try_iter().is_ok(),
+    }
+}
+
+/// Jinja2's `is sequence` (has a length and item access): true for strings, lists and dicts.
+fn is_sequence(value: &Value) -> bool {
+    matches!(
+        value.kind(),
+        ValueKind::String
+            | ValueKind::Bytes
+            | ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::Undefined
+    )
+}
+
+/// Jinja2's `is number` (`isinstance(value, Number)`), which holds for booleans too.
+fn is_number(value: &Value) -> bool {
+    matches!(value.kind(), ValueKind::Number | ValueKind::Bool)
 }
 
 /// `raise_exception(message)`: fails the render with the template's message.
@@ -404,6 +436,26 @@ mod tests {
         assert_eq!(
             render(source, messages, false).expect("render"),
             "False think think"
+        );
+    }
+
+    #[test]
+    fn crlf_templates_render_plain_newlines_like_jinja2() {
+        let source = "{% for m in messages %}\r\n{{ m.content }}\r\n{% endfor %}";
+        assert_eq!(
+            render(source, conversation(), false).expect("render"),
+            "Hi\nHello\n"
+        );
+    }
+
+    #[test]
+    fn type_tests_follow_python() {
+        let source =
+            "{{ tools is iterable }} {{ messages is iterable }} {{ undefined_name is iterable }} \
+                      {{ 'x' is sequence }} {{ true is number }} {{ none is sequence }}";
+        assert_eq!(
+            render(source, conversation(), false).expect("render"),
+            "False True True True True False"
         );
     }
 

@@ -109,7 +109,8 @@ pub fn tokenize_sample(
 /// load_rows + parse_sample + tokenize_sample; rows with no loss tokens after truncation are skipped and counted.
 ///
 /// As in TRL, the filter of fully masked rows runs only when `max_length` is set (it is part of
-/// TRL's truncation step). Errors while tokenizing a row name the file and line.
+/// TRL's truncation step), and may leave no example at all; the caller decides whether that is an
+/// error. Errors while tokenizing a row name the file and line.
 pub fn prepare_dataset(
     path: &Path,
     tok: &ChatTokenizer,
@@ -147,14 +148,6 @@ pub fn prepare_dataset(
             }
         }
         examples.push(example);
-    }
-    if examples.is_empty() {
-        return Err(Error::Config(format!(
-            "{}: all {} rows were left without loss tokens after truncation to max_length {}; raise max_length",
-            path.display(),
-            rows.len(),
-            opts.max_length.unwrap_or_default()
-        )));
     }
     Ok(PreparedDataset {
         examples,
