@@ -282,7 +282,10 @@ mod tests {
         let err = parse(json!({"question": "q", "answer": "a"})).expect_err("must fail");
         let message = err.to_string();
         assert!(message.starts_with("data/train.jsonl:7: "), "{message}");
-        assert!(message.contains("[answer, question]"), "{message}");
+        assert!(
+            message.contains("[question, answer]"),
+            "keys in row order: {message}"
+        );
         assert!(message.contains("\"messages\""), "{message}");
         assert!(
             message.contains("\"prompt\": str, \"completion\": str"),
