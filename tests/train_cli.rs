@@ -302,3 +302,43 @@ fn eval_json_prints_exactly_one_object() {
     }
     assert!(v["eval_loss"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    use peft_sft::config::SftConfig;
+    use peft_sft::train::{train, Reporting};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, batch: usize, accumulation: usize| {
+        let out = tmp.path().join(name);
+        let config = SftConfig {
+            model_name_or_path: fixture(MODEL).to_string_lossy().into_owned(),
+            dataset_name: fixture("data/qa_prompt_completion.jsonl")
+                .to_string_lossy()
+                .into_owned(),
+            output_dir: out.to_string_lossy().into_owned(),
+            max_steps: 2,
+            per_device_train_batch_size: batch,
+            gradient_accumulation_steps: accumulation,
+            learning_rate: 1e-2,
+            lora_dropout: 0.0,
+            logging_steps: 1,
+            device: "cpu".into(),
+            ..SftConfig::default()
+        };
+        train(&config, Reporting::default()).unwrap();
+        metrics(&out)
+    };
+    // Same examples per step (the shuffle is per epoch, cut into 4 or 2x2); the loss is normalised
+    // by the loss tokens of the whole step either way, so loss and gradient norm agree.
+    let (big, accumulated) = (run("big", 4, 1), run("acc", 2, 2));
+    assert_eq!(big.len(), 2);
+    for (b, a) in big.iter().zip(&accumulated) {
+        for key in ["loss", "grad_norm", "mean_token_accuracy"] {
+            let (x, y) = (b[key].as_f64().unwrap(), a[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 2e-6 * x.abs().max(1.0),
+                "{key}: {x} vs {y}"
+            );
+        }
+    }
+}

@@ -79,8 +79,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     } else {
         tok.encode(&prompt, true)?
     };
-    let mut stop_ids = loaded.model.config.eos_ids();
-    stop_ids.extend(tok.eos_token_id());
+    let stop_ids = loaded.stop_ids();
     let opts = GenerateOptions {
         max_new_tokens: m.get_one::<usize>("max_new_tokens").copied().unwrap_or(128),
         temperature: m.get_one::<f64>("temperature").copied().unwrap_or(0.0),

@@ -60,33 +60,72 @@ fn parse_key(key: &str) -> Option<(&str, &str)> {
     matches!(half, "lora_A" | "lora_B").then_some((module, half))
 }
 
-/// Loads a PEFT LoRA adapter folder into `model`, replacing any adapter it has. Every tensor is
-/// checked against the base: a key naming no linear module or a shape that does not fit is an
-/// error naming the tensor.
-pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
-    let config = LoraConfig::from_dir(dir)?;
-    let path = dir.join(ADAPTER_WEIGHTS);
-    let tensors = read_safetensors(&path, &model.device)?;
-    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-    for (key, t) in tensors {
-        let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
-            name: key.clone(),
-            message: format!(
-                "in {}: not a LoRA weight of a causal LM (expected base_model.model.<module>.lora_A/lora_B.weight); modules_to_save and other PEFT methods are not supported",
-                path.display()
-            ),
-        })?;
-        let slot = pairs.entry(module.to_string()).or_default();
-        let t = t.to_dtype(model.dtype)?;
-        if half == "lora_A" {
-            slot.0 = Some(t);
-        } else {
-            slot.1 = Some(t);
+/// A PEFT adapter read from disk and checked against a base model: its config and one LoRA layer
+/// per adapted module (by module path).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// The adapter's `adapter_config.json`.
+    pub config: LoraConfig,
+    /// The LoRA layer of each adapted module.
+    pub layers: BTreeMap<String, LoraLayer>,
+}
+
+impl Adapter {
+    /// Reads a PEFT LoRA adapter folder and checks every tensor against `model`: a key naming no
+    /// linear module, a missing half or a shape that does not fit is an error naming the tensor.
+    /// `model` is not changed.
+    pub fn read(dir: &Path, model: &CausalLm) -> Result<Self> {
+        let config = LoraConfig::from_dir(dir)?;
+        let path = dir.join(ADAPTER_WEIGHTS);
+        let tensors = read_safetensors(&path, &model.device)?;
+        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
+                name: key.clone(),
+                message: format!(
+                    "in {}: not a LoRA weight of a causal LM (expected base_model.model.<module>.lora_A/lora_B.weight); modules_to_save and other PEFT methods are not supported",
+                    path.display()
+                ),
+            })?;
+            let slot = pairs.entry(module.to_string()).or_default();
+            let t = t.to_dtype(model.dtype)?;
+            if half == "lora_A" {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
         }
-    }
-    let known: BTreeSet<String> = model.linears().iter().map(|l| l.name.clone()).collect();
-    for module in pairs.keys() {
-        if !known.contains(module) {
+        let mut layers = BTreeMap::new();
+        for lin in model.linears() {
+            let Some((a, b)) = pairs.remove(&lin.name) else {
+                continue;
+            };
+            let missing = |half: &str| Error::Tensor {
+                name: peft_key(&lin.name, half),
+                message: format!("missing from {}", path.display()),
+            };
+            let a = a.ok_or_else(|| missing("lora_A"))?;
+            let b = b.ok_or_else(|| missing("lora_B"))?;
+            let (r, scale) = rank_and_scale(&config, &lin.name)?;
+            let expect_a = [r, lin.in_features()];
+            let expect_b = [lin.out_features(), r];
+            for (half, t, expect) in [("lora_A", &a, expect_a), ("lora_B", &b, expect_b)] {
+                if t.dims() != expect {
+                    return Err(Error::Tensor {
+                        name: peft_key(&lin.name, half),
+                        message: format!(
+                            "in {}: shape {:?} does not fit the base model (expected {:?} for r={r}); the adapter was trained on a different base",
+                            path.display(),
+                            t.dims(),
+                            expect
+                        ),
+                    });
+                }
+            }
+            let layer = LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?;
+            layers.insert(lin.name.clone(), layer);
+        }
+        if let Some(module) = pairs.keys().next() {
             return Err(Error::Tensor {
                 name: peft_key(module, "lora_A"),
                 message: format!(
@@ -95,35 +134,28 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
                 ),
             });
         }
+        Ok(Adapter { config, layers })
     }
+
+    /// Puts this adapter on `model`, replacing whatever adapter it had.
+    pub fn apply(&self, model: &mut CausalLm) {
+        for lin in model.linears_mut() {
+            lin.lora = self.layers.get(&lin.name).cloned();
+        }
+    }
+}
+
+/// Removes every adapter from `model` (the base model again).
+pub fn remove_adapters(model: &mut CausalLm) {
     for lin in model.linears_mut() {
         lin.lora = None;
-        let Some((a, b)) = pairs.remove(&lin.name) else {
-            continue;
-        };
-        let missing = |half: &str| Error::Tensor {
-            name: peft_key(&lin.name, half),
-            message: format!("missing from {}", path.display()),
-        };
-        let a = a.ok_or_else(|| missing("lora_A"))?;
-        let b = b.ok_or_else(|| missing("lora_B"))?;
-        let (r, scale) = rank_and_scale(&config, &lin.name)?;
-        let expect_a = [r, lin.in_features()];
-        let expect_b = [lin.out_features(), r];
-        for (half, t, expect) in [("lora_A", &a, expect_a), ("lora_B", &b, expect_b)] {
-            if t.dims() != expect {
-                return Err(Error::Tensor {
-                    name: peft_key(&lin.name, half),
-                    message: format!(
-                        "in {}: shape {:?} does not fit the base model (expected {:?} for r={r}); the adapter was trained on a different base",
-                        path.display(),
-                        t.dims(),
-                        expect
-                    ),
-                });
-            }
-        }
-        lin.lora = Some(LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?);
     }
-    Ok(config)
+}
+
+/// Loads a PEFT LoRA adapter folder into `model`, replacing any adapter it has. Nothing changes
+/// when the adapter does not fit (see [`Adapter::read`]).
+pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
+    let adapter = Adapter::read(dir, model)?;
+    adapter.apply(model);
+    Ok(adapter.config)
 }

@@ -2,12 +2,14 @@
 //! modules, PEFT's adapter files, and merging into the base weights.
 
 pub mod adapter;
+pub mod bank;
 pub mod config;
 pub mod layer;
 pub mod merge;
 pub mod target;
 
-pub use adapter::{load_adapter, save_adapter};
+pub use adapter::{load_adapter, remove_adapters, save_adapter, Adapter};
+pub use bank::AdapterBank;
 pub use config::{LoraConfig, TargetModules};
 pub use merge::merge_and_unload;
 pub use target::inject;

@@ -14,6 +14,20 @@ pub struct Pretrained {
     pub tokenizer: ChatTokenizer,
     /// The resolved model folder.
     pub dir: PathBuf,
+    /// End-of-sequence ids from `generation_config.json` (empty when absent).
+    pub generation_eos: Vec<u32>,
+}
+
+impl Pretrained {
+    /// Every id that ends generation: generation_config.json's, config.json's and the tokenizer's eos.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.generation_eos.clone();
+        ids.extend(self.model.config.eos_ids());
+        ids.extend(self.tokenizer.eos_token_id());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// Picks the device: `cpu`, `cuda` (or `cuda:N`), or `auto` (CUDA when built with it and present).
@@ -69,9 +83,17 @@ pub fn load_pretrained(spec: &str, trainable: bool, device: &Device) -> Result<P
     let weights = Weights::from_dir(&dir)?;
     let dtype = compute_dtype(&config, device);
     let model = CausalLm::load(config, &weights, trainable, dtype, device)?;
+    let generation_path = dir.join("generation_config.json");
+    let generation_eos = if generation_path.exists() {
+        let value: serde_json::Value = crate::io::read_json(&generation_path)?;
+        super::config::ids_of(value.get("eos_token_id"))
+    } else {
+        Vec::new()
+    };
     Ok(Pretrained {
         model,
         tokenizer,
         dir,
+        generation_eos,
     })
 }

@@ -115,6 +115,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         mut model,
         tokenizer,
         dir: base_dir,
+        ..
     } = load_pretrained(&model_spec, full, &device)?;
     let train_set = load_data(&config.dataset_name, &tokenizer, config)?;
     let eval_set = config
