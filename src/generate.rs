@@ -65,6 +65,10 @@ fn sample(logits: &Tensor, opts: &GenerateOptions, rng: &mut Rng) -> Result<u32>
 
 /// Continues `prompt` (token ids) and returns the new tokens only.
 pub fn generate(model: &CausalLm, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+    crate::ops::graft::without_grad(|| generate_tokens(model, prompt, opts))
+}
+
+fn generate_tokens(model: &CausalLm, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
     let mut caches: Vec<KvCache> = vec![None; model.layers.len()];
     let mut rng = Rng::new(opts.seed);
     let mut out = Vec::new();

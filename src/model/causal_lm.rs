@@ -230,9 +230,11 @@ impl CausalLm {
     /// input_ids: [b, t] -> [b, t, vocab]
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let t = input_ids.dim(1)?;
-        let hidden =
-            self.forward_hidden(input_ids, &[(0..t as u32).collect()], None, None, None)?;
-        self.logits(&hidden)
+        crate::ops::graft::without_grad(|| {
+            let positions = [(0..t as u32).collect()];
+            let hidden = self.forward_hidden(input_ids, &positions, None, None, None)?;
+            self.logits(&hidden)
+        })
     }
 
     /// The summed next-token cross-entropy of a padded batch: position i predicts token i + 1

@@ -2,7 +2,7 @@
 //! never held; each chunk of rows is projected, reduced, and recomputed in the backward.
 //! The same pass yields TRL's `mean_token_accuracy` and `entropy`.
 
-use super::graft::graft2;
+use super::graft::{grad_enabled, graft2};
 use candle_core::{DType, Result, Tensor, D};
 
 /// Per-row targets of a flattened batch.
@@ -39,6 +39,11 @@ fn chunk_rows(vocab: usize) -> usize {
 /// Cross-entropy of `hidden @ head^T` against the targets, summed with the loss weights.
 /// The head weight gets a gradient only when it is trainable (full fine-tuning).
 ///
+/// The loss is a scalar, so its gradient is known up to the incoming scale while the chunk's
+/// logits are at hand: each chunk's `d loss / d hidden` (and `d loss / d head` when the head
+/// trains) is computed in the forward pass, and the backward only scales it. No logits are kept
+/// or recomputed.
+///
 /// hidden: [n, h], head: [vocab, h]; targets have n rows.
 pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Result<LossOutput> {
     let n = hidden.dim(0)?;
@@ -50,83 +55,75 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
     }
     let device = hidden.device().clone();
     let (hd, wd) = (hidden.detach(), head.detach());
+    let grad = grad_enabled();
+    let (want_grad_h, want_grad_w) = (grad && hidden.track_op(), grad && head.track_op());
     let chunk = chunk_rows(wd.dim(0)?);
     let mut loss_sum = 0f64;
     let mut correct = 0f64;
     let mut entropy_sum = 0f64;
-    let mut lse_chunks = Vec::new();
+    let mut grad_h = Vec::new();
+    let mut grad_w: Option<Tensor> = None;
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = hd
-            .narrow(0, start, len)?
-            .matmul(&wd.t()?)?
-            .to_dtype(DType::F32)?;
+        let h_chunk = hd.narrow(0, start, len)?;
+        let logits = h_chunk.matmul(&wd.t()?)?.to_dtype(DType::F32)?;
         let ids = Tensor::from_slice(&targets.target_ids[start..start + len], (len, 1), &device)?;
-        let loss_w = Tensor::from_slice(&targets.loss_weight[start..start + len], len, &device)?;
+        let loss_w = Tensor::from_slice(&targets.loss_weight[start..start + len], (len, 1), &device)?;
         let ent_w = Tensor::from_slice(&targets.entropy_weight[start..start + len], len, &device)?;
         let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let exp = shifted.exp()?;
+        let exp = logits.broadcast_sub(&max)?.exp()?;
         let sum_exp = exp.sum_keepdim(D::Minus1)?;
         let lse = (sum_exp.log()? + &max)?;
         let target_logit = logits.gather(&ids, 1)?;
-        let ce = (&lse - target_logit)?.squeeze(1)?;
+        let ce = (&lse - target_logit)?;
         loss_sum += (&ce * &loss_w)?.sum_all()?.to_scalar::<f32>()? as f64;
         let hits = logits
             .argmax(D::Minus1)?
             .eq(&ids.squeeze(1)?)?
             .to_dtype(DType::F32)?;
-        correct += (hits * &loss_w)?.sum_all()?.to_scalar::<f32>()? as f64;
+        correct += (hits * loss_w.squeeze(1)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let probs = exp.broadcast_div(&sum_exp)?;
         // entropy = lse - sum(p * logits)
-        let expected_logit = (exp.broadcast_div(&sum_exp)? * &logits)?.sum(D::Minus1)?;
+        let expected_logit = (&probs * &logits)?.sum(D::Minus1)?;
         let entropy = (lse.squeeze(1)? - expected_logit)?;
         entropy_sum += (entropy * &ent_w)?.sum_all()?.to_scalar::<f32>()? as f64;
-        lse_chunks.push(lse);
+        if want_grad_h || want_grad_w {
+            // d ce / d logits = softmax - onehot(target), weighted per row.
+            let minus_one = Tensor::full(-1f32, (len, 1), &device)?;
+            let grad_logits = probs
+                .scatter_add(&ids, &minus_one, 1)?
+                .broadcast_mul(&loss_w)?
+                .to_dtype(hd.dtype())?;
+            if want_grad_h {
+                grad_h.push(grad_logits.matmul(&wd)?);
+            }
+            if want_grad_w {
+                let gw = grad_logits.t()?.matmul(&h_chunk)?;
+                grad_w = Some(match grad_w {
+                    Some(acc) => (acc + gw)?,
+                    None => gw,
+                });
+            }
+        }
     }
     let loss_tokens: f64 = targets.loss_weight.iter().map(|&w| w as f64).sum();
     let entropy_tokens: f64 = targets.entropy_weight.iter().map(|&w| w as f64).sum();
     let out = Tensor::new(loss_sum as f32, &device)?.to_dtype(hidden.dtype())?;
-    let target_ids = targets.target_ids.clone();
-    let loss_weight = targets.loss_weight.clone();
+    let grad_h = want_grad_h.then(|| Tensor::cat(&grad_h, 0)).transpose()?;
     let loss_sum = graft2(
         "lm-head-loss",
         hidden,
         head,
         out,
-        Box::new(move |h, w, g, needs| {
-            let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            let device = h.device();
-            let mut grad_h = Vec::new();
-            let mut grad_w: Option<Tensor> = None;
-            for (i, start) in (0..n).step_by(chunk).enumerate() {
-                let len = chunk.min(n - start);
-                let h_chunk = h.narrow(0, start, len)?;
-                let logits = h_chunk.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-                let probs = logits.broadcast_sub(&lse_chunks[i])?.exp()?;
-                let ids = Tensor::from_slice(&target_ids[start..start + len], (len, 1), device)?;
-                let ones = Tensor::ones((len, 1), DType::F32, device)?;
-                let onehot = probs.zeros_like()?.scatter_add(&ids, &ones, 1)?;
-                let weight: Vec<f32> = loss_weight[start..start + len]
-                    .iter()
-                    .map(|w| w * g)
-                    .collect();
-                let weight = Tensor::from_vec(weight, (len, 1), device)?;
-                let grad_logits = (probs - onehot)?
-                    .broadcast_mul(&weight)?
-                    .to_dtype(h.dtype())?;
-                if needs[0] {
-                    grad_h.push(grad_logits.matmul(w)?);
+        Box::new(move |_, _, g, needs| {
+            let scale = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let scaled = |t: &Option<Tensor>, needed: bool| -> Result<Option<Tensor>> {
+                match t {
+                    Some(t) if needed => Ok(Some(t.affine(scale, 0.0)?)),
+                    _ => Ok(None),
                 }
-                if needs[1] {
-                    let gw = grad_logits.t()?.matmul(&h_chunk)?;
-                    grad_w = Some(match grad_w {
-                        Some(acc) => (acc + gw)?,
-                        None => gw,
-                    });
-                }
-            }
-            let grad_h = needs[0].then(|| Tensor::cat(&grad_h, 0)).transpose()?;
-            Ok((grad_h, grad_w))
+            };
+            Ok((scaled(&grad_h, needs[0])?, scaled(&grad_w, needs[1])?))
         }),
     )?;
     Ok(LossOutput {

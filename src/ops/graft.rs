@@ -32,6 +32,24 @@ pub type Backward3 = Box<
         + Sync,
 >;
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` without recording backward information in our ops (evaluation, generation): grafted
+/// ops return their forward result directly and the loss skips its gradient.
+pub fn without_grad<T>(f: impl FnOnce() -> T) -> T {
+    let before = NO_GRAD.with(|c| c.replace(true));
+    let out = f();
+    NO_GRAD.with(|c| c.set(before));
+    out
+}
+
+/// Whether ops should record what their backward needs.
+pub fn grad_enabled() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
 /// The forward result waiting to be handed to candle, taken exactly once.
 struct Pending(Mutex<Option<Tensor>>);
 
@@ -199,7 +217,7 @@ impl CustomOp3 for Graft3 {
 /// Returns `out` (computed from `x` outside the graph) as a tracked result of `x` with `backward`.
 /// When `x` is not tracked, `out` is returned as is and no graph node is made.
 pub fn graft1(name: &'static str, x: &Tensor, out: Tensor, backward: Backward1) -> Result<Tensor> {
-    if !x.track_op() {
+    if !x.track_op() || !grad_enabled() {
         return Ok(out);
     }
     x.apply_op1(Graft1 {
@@ -217,7 +235,7 @@ pub fn graft2(
     out: Tensor,
     backward: Backward2,
 ) -> Result<Tensor> {
-    if !a.track_op() && !b.track_op() {
+    if (!a.track_op() && !b.track_op()) || !grad_enabled() {
         return Ok(out);
     }
     a.apply_op2(
@@ -239,7 +257,7 @@ pub fn graft3(
     out: Tensor,
     backward: Backward3,
 ) -> Result<Tensor> {
-    if !a.track_op() && !b.track_op() && !c.track_op() {
+    if (!a.track_op() && !b.track_op() && !c.track_op()) || !grad_enabled() {
         return Ok(out);
     }
     a.apply_op3(
