@@ -1,17 +1,100 @@
 //! Reading a model's safetensors weights: one `model.safetensors` or a sharded set listed by
-//! `model.safetensors.index.json`, memory-mapped, each tensor checked for shape on load.
+//! `model.safetensors.index.json`. Only the headers are read up front; each tensor is read from
+//! its file on demand and checked for shape, so loading never holds a second copy of the model
+//! (memory-mapped files would keep every touched page resident next to the loaded tensors).
 
 use crate::{Error, Result};
-use candle_core::safetensors::MmapedSafetensors;
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: PathBuf,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
 /// The weight files of one model folder.
 pub struct Weights {
-    files: MmapedSafetensors,
+    entries: HashMap<String, Entry>,
     names: BTreeSet<String>,
     dir: PathBuf,
+}
+
+fn parse_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        "I64" => DType::I64,
+        _ => return None,
+    })
+}
+
+/// Reads the header of one safetensors file: every tensor's dtype, shape and byte range.
+fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
+    let bad = |message: String| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad("not a safetensors file (header too large)".into()));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
+    let mut out = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_name = info["dtype"].as_str().unwrap_or_default();
+        let dtype = parse_dtype(dtype_name)
+            .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {dtype_name}")))?;
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+            .unwrap_or_default();
+        let offsets: Vec<u64> = info["data_offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let [start, end] = offsets[..] else {
+            return Err(bad(format!("tensor `{name}` has no data_offsets")));
+        };
+        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if (end - start) as usize != expected {
+            return Err(bad(format!("tensor `{name}`: {} bytes for shape {shape:?}", end - start)));
+        }
+        let base = 8 + len;
+        out.push((
+            name,
+            Entry {
+                file: path.to_path_buf(),
+                dtype,
+                shape,
+                start: base + start,
+                end: base + end,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 /// The weight files of a model folder: the index's shards, or the single file.
@@ -46,7 +129,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Weights {
-    /// Memory-maps the weights of the model folder `dir`.
+    /// Reads the headers of the weight files of the model folder `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let files = weight_files(dir)?;
         for f in &files {
@@ -57,15 +140,13 @@ impl Weights {
                 });
             }
         }
-        // SAFETY: the files are mapped read-only; peft-sft never writes to a model folder it reads.
-        let files = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Parse {
-            path: dir.to_path_buf(),
-            line: None,
-            message: format!("cannot read safetensors: {e}"),
-        })?;
-        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+        let mut entries = HashMap::new();
+        for f in &files {
+            entries.extend(read_header(f)?);
+        }
+        let names = entries.keys().cloned().collect();
         Ok(Weights {
-            files,
+            entries,
             names,
             dir: dir.to_path_buf(),
         })
@@ -95,7 +176,14 @@ impl Weights {
                 message: format!("missing from the weights in {}", self.dir.display()),
             });
         }
-        let t = self.files.load(name, device)?;
+        let entry = &self.entries[name];
+        let mut file = std::fs::File::open(&entry.file).map_err(|e| Error::io(&entry.file, e))?;
+        file.seek(SeekFrom::Start(entry.start))
+            .map_err(|e| Error::io(&entry.file, e))?;
+        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
+        file.read_exact(&mut bytes)
+            .map_err(|e| Error::io(&entry.file, e))?;
+        let t = Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, device)?;
         if t.dims() != shape {
             return Err(Error::Tensor {
                 name: name.into(),
