@@ -22,6 +22,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    peft_sft::alloc::retain_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(
         args.get(1)

@@ -5,6 +5,7 @@ mod cli;
 use clap::Command;
 
 fn main() {
+    peft_sft::alloc::retain_freed_memory();
     let matches = Command::new("peft-sft")
         .version(env!("CARGO_PKG_VERSION"))
         .about("Fine-tune causal language models with LoRA, QLoRA or all weights (TRL/PEFT compatible)")

@@ -4,10 +4,10 @@
 //! (memory-mapped files would keep every touched page resident next to the loaded tensors).
 
 use crate::{Error, Result};
-use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Where one tensor lives.
@@ -56,7 +56,8 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
         return Err(bad("not a safetensors file (header too large)".into()));
     }
     let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
     let mut out = Vec::new();
@@ -65,11 +66,19 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
             continue;
         }
         let dtype_name = info["dtype"].as_str().unwrap_or_default();
-        let dtype = parse_dtype(dtype_name)
-            .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {dtype_name}")))?;
+        let dtype = parse_dtype(dtype_name).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` has unsupported dtype {dtype_name}"
+            ))
+        })?;
         let shape: Vec<usize> = info["shape"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         let offsets: Vec<u64> = info["data_offsets"]
             .as_array()
@@ -80,7 +89,10 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
         };
         let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
         if (end - start) as usize != expected {
-            return Err(bad(format!("tensor `{name}`: {} bytes for shape {shape:?}", end - start)));
+            return Err(bad(format!(
+                "tensor `{name}`: {} bytes for shape {shape:?}",
+                end - start
+            )));
         }
         let base = 8 + len;
         out.push((

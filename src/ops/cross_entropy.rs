@@ -68,7 +68,8 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
         let h_chunk = hd.narrow(0, start, len)?;
         let logits = h_chunk.matmul(&wd.t()?)?.to_dtype(DType::F32)?;
         let ids = Tensor::from_slice(&targets.target_ids[start..start + len], (len, 1), &device)?;
-        let loss_w = Tensor::from_slice(&targets.loss_weight[start..start + len], (len, 1), &device)?;
+        let loss_w =
+            Tensor::from_slice(&targets.loss_weight[start..start + len], (len, 1), &device)?;
         let ent_w = Tensor::from_slice(&targets.entropy_weight[start..start + len], len, &device)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let exp = logits.broadcast_sub(&max)?.exp()?;
