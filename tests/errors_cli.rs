@@ -198,3 +198,22 @@ fn rows_with_no_loss_token_after_truncation_are_skipped_and_counted() {
     assert!(ok, "{err}");
     assert!(err.contains("skipped 1 training rows"), "{err}");
 }
+
+#[test]
+fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    for flag in [
+        "--qlora",
+        "--packing",
+        "--gradient-checkpointing",
+        "--assistant-only-loss",
+    ] {
+        let err = train_err(
+            &model(),
+            &fixture("data/qa_chat.jsonl"),
+            &tmp.path().join("out"),
+            &[flag],
+        );
+        assert!(err.contains("not implemented yet"), "{flag}: {err}");
+    }
+}

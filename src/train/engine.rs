@@ -95,6 +95,11 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                 "--assistant-only-loss is not implemented yet".into(),
             ))
         }
+        _ if config.gradient_checkpointing => {
+            return Err(Error::Config(
+                "--gradient-checkpointing is not implemented yet; train without it".into(),
+            ))
+        }
         _ => {}
     }
     let device = select_device(&config.device)?;
