@@ -203,7 +203,6 @@ fn rows_with_no_loss_token_after_truncation_are_skipped_and_counted() {
 fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     for flag in [
-        "--qlora",
         "--packing",
         "--gradient-checkpointing",
         "--assistant-only-loss",
@@ -216,4 +215,19 @@ fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
         );
         assert!(err.contains("not implemented yet"), "{flag}: {err}");
     }
+    let out = tmp.path().join("q");
+    let (ok, _, err) = run_cli(&[
+        "train",
+        "--qlora",
+        "--model",
+        &model(),
+        "--dataset",
+        fixture("data/qa_chat.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("--qlora is not implemented yet"),
+        "{err}"
+    );
 }
