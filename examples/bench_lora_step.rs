@@ -41,15 +41,7 @@ fn main() -> anyhow::Result<()> {
         ..LoraConfig::default()
     };
     inject(&mut model, &lora, 0)?;
-    let mut opt = AdamW::new(
-        model.trainable(),
-        AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
+    let mut opt = AdamW::new(model.trainable(), AdamWParams::default())?;
     let mut rng = Rng::new(1);
     let ids: Vec<u32> = (0..seq_len)
         .map(|_| (rng.next_u64() % vocab) as u32)

@@ -1,7 +1,9 @@
 //! Each differentiable op's forward and gradients equal those of the same function composed from
 //! candle primitives (whose backward candle derives), within 1e-5 relative, in f32.
 
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use common::rel_err;
 use peft_sft::ops::attention::{attention, AttentionMask};
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
 use peft_sft::ops::linear::{frozen_linear, lora_linear, LoraBase};
@@ -16,27 +18,6 @@ fn randn(shape: &[usize]) -> Result<Tensor> {
 
 fn var(shape: &[usize]) -> Result<Var> {
     Var::from_tensor(&randn(shape)?)
-}
-
-/// Largest absolute difference relative to the largest magnitude of `b`.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-6);
-    diff / scale
 }
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor) {

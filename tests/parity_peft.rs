@@ -55,14 +55,7 @@ fn check(name: &str) {
         let expected = merged_ref
             .get(&n)
             .unwrap_or_else(|| panic!("merged fixture lacks {n}"));
-        let diff = (p.tensor() - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(p.tensor(), expected);
         assert!(
             diff < 1e-5,
             "{name}: merged {n} differs from PEFT's merge_and_unload by {diff}"

@@ -22,16 +22,7 @@ fn adamw_steps_match_torch() {
     let steps: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("steps.json")).unwrap()).unwrap();
     let steps = steps.as_array().expect("steps.json is a list");
-    let mut opt = AdamW::new(
-        model.trainable(),
-        AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )
-    .unwrap();
+    let mut opt = AdamW::new(model.trainable(), AdamWParams::default()).unwrap();
     for (i, expected) in steps.iter().enumerate() {
         let out = model.loss(&ids, &mask, &attention, None).unwrap();
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();
@@ -60,13 +51,7 @@ fn adamw_steps_match_torch() {
         let lora = lin.lora.as_ref().unwrap();
         for (half, v) in [("lora_A", &lora.a), ("lora_B", &lora.b)] {
             let expected = &final_ref[&peft_key(&lin.name, half)];
-            let diff = (v.as_tensor() - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let diff = max_abs_diff(v.as_tensor(), expected);
             assert!(
                 diff < 2e-5,
                 "{} {half}: differs from torch's AdamW by {diff}",

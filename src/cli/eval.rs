@@ -1,9 +1,8 @@
 //! `peft-sft eval`: loss, token accuracy and entropy of a model (optionally with an adapter).
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use super::{load_model, model_args, text};
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use peft_sft::data::{prepare_dataset, TokenizeOptions};
-use peft_sft::lora::load_adapter;
-use peft_sft::model::{load_pretrained, select_device};
 use peft_sft::train::eval::evaluate;
 use std::path::Path;
 
@@ -11,17 +10,7 @@ use std::path::Path;
 pub fn command() -> Command {
     Command::new("eval")
         .about("Evaluate eval_loss, eval_mean_token_accuracy, eval_entropy on a dataset")
-        .arg(
-            Arg::new("model")
-                .long("model")
-                .required(true)
-                .help("Model folder or Hub id"),
-        )
-        .arg(
-            Arg::new("adapter")
-                .long("adapter")
-                .help("PEFT adapter folder"),
-        )
+        .args(model_args(false))
         .arg(
             Arg::new("dataset")
                 .long("dataset")
@@ -32,18 +21,18 @@ pub fn command() -> Command {
             Arg::new("max_length")
                 .long("max-length")
                 .default_value("1024")
-                .value_parser(clap::value_parser!(usize)),
+                .value_parser(value_parser!(usize)),
         )
         .arg(
             Arg::new("batch_size")
                 .long("per-device-eval-batch-size")
                 .default_value("8")
-                .value_parser(clap::value_parser!(usize)),
+                .value_parser(value_parser!(usize)),
         )
         .arg(
             Arg::new("completion_only_loss")
                 .long("completion-only-loss")
-                .value_parser(clap::value_parser!(bool))
+                .value_parser(value_parser!(bool))
                 .num_args(0..=1)
                 .default_missing_value("true"),
         )
@@ -53,33 +42,22 @@ pub fn command() -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Print one JSON object"),
         )
-        .arg(Arg::new("device").long("device").default_value("cpu"))
 }
 
 /// Runs `peft-sft eval`.
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
-    let device = select_device(m.get_one::<String>("device").map_or("cpu", String::as_str))?;
-    let mut loaded = load_pretrained(
-        m.get_one::<String>("model").map_or("", String::as_str),
-        false,
-        &device,
-    )?;
-    if let Some(adapter) = m.get_one::<String>("adapter") {
-        load_adapter(&mut loaded.model, Path::new(adapter))?;
-    }
+    let loaded = load_model(m)?;
     let opts = TokenizeOptions {
         max_length: m.get_one::<usize>("max_length").copied(),
         completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
     };
-    let dataset = Path::new(m.get_one::<String>("dataset").map_or("", String::as_str));
-    let data = prepare_dataset(dataset, &loaded.tokenizer, &opts)?;
+    let data = prepare_dataset(Path::new(text(m, "dataset")), &loaded.tokenizer, &opts)?;
     let pad = loaded
         .tokenizer
         .pad_token_id()
         .ok_or_else(|| anyhow::anyhow!("the tokenizer has neither a pad nor an eos token"))?;
     let batch = m.get_one::<usize>("batch_size").copied().unwrap_or(8);
-    let totals = evaluate(&loaded.model, &data.examples, batch, pad)?;
-    let metrics = totals.eval_metrics();
+    let metrics = evaluate(&loaded.model, &data.examples, batch, pad)?.eval_metrics();
     if m.get_flag("json") {
         println!("{}", serde_json::Value::Object(metrics));
     } else {

@@ -19,6 +19,18 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
+impl Default for AdamWParams {
+    /// transformers' defaults: betas (0.9, 0.999), eps 1e-8, no weight decay.
+    fn default() -> Self {
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// AdamW over named variables.
 pub struct AdamW {
     params: Vec<(String, Var)>,

@@ -57,6 +57,24 @@ pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
         .max(1e-12)
 }
 
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+    let a = actual.to_dtype(DType::F32).unwrap();
+    let b = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape(a.shape())
+        .unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Path of the built CLI.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_peft-sft")
