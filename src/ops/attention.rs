@@ -1,7 +1,11 @@
 //! Scaled dot-product attention for training and inference: causal, optional sliding window,
 //! optional document boundaries (packed rows), grouped-query heads.
 //!
-//! This is the reference implementation: it keeps the `[t, t]` probabilities for the backward.
+//! Blocked and recomputing, composed of candle ops (so every device runs it): queries are taken
+//! in blocks that only meet the keys the causal (and window) mask lets them see, the forward keeps
+//! only the output and each row's log-sum-exp, and the backward recomputes the probabilities block
+//! by block — once by query blocks for dQ, once by key blocks for dK and dV. No `[t, t]` matrix is
+//! kept between forward and backward.
 
 use super::graft::graft3;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -10,6 +14,8 @@ use candle_core::{DType, Device, Result, Tensor, D};
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
     bias: Tensor,
+    offset: usize,
+    window: Option<usize>,
 }
 
 impl AttentionMask {
@@ -43,8 +49,47 @@ impl AttentionMask {
             }
         }
         let bias = Tensor::from_vec(bias, (rows.len(), 1, t_q, t_k), device)?.to_dtype(dtype)?;
-        Ok(AttentionMask { bias })
+        Ok(AttentionMask {
+            bias,
+            offset,
+            window,
+        })
     }
+
+    /// Keys `[start, end)` that queries `q_start..q_end` (indices into this call's queries) may see.
+    fn key_range(&self, q_start: usize, q_end: usize) -> (usize, usize) {
+        let first = self.offset + q_start;
+        let start = self.window.map_or(0, |w| (first + 1).saturating_sub(w));
+        (start, self.offset + q_end)
+    }
+
+    /// Queries (indices into this call's queries, `t_q` of them) that may see any key in
+    /// `k_start..k_end`.
+    fn query_range(&self, k_start: usize, k_end: usize, t_q: usize) -> (usize, usize) {
+        let start = k_start.saturating_sub(self.offset).min(t_q);
+        let end = match self.window {
+            Some(w) => (k_end + w - 1).saturating_sub(self.offset).min(t_q),
+            None => t_q,
+        };
+        (start, end.max(start))
+    }
+
+    /// The bias for queries `q0..q1` and keys `k0..k1`: `[b or 1, 1, q1 - q0, k1 - k0]`.
+    fn block(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> Result<Tensor> {
+        self.bias.narrow(2, q0, q1 - q0)?.narrow(3, k0, k1 - k0)
+    }
+}
+
+/// Rows of queries (and columns of keys) per block.
+const BLOCK: usize = 256;
+
+fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(len)))
+}
+
+/// Scores of one block: `q k^T * scale + bias`. q: [b, h, m, d], k: [b, h, n, d] -> [b, h, m, n]
+fn block_scores(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)
 }
 
 /// Repeats each key/value head `n_rep` times: `[b, kv, t, d] -> [b, kv * n_rep, t, d]`.
@@ -70,42 +115,90 @@ fn sum_groups(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// `softmax(q k^T * scale + mask) v` with grouped-query heads.
 ///
 /// q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &AttentionMask,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
     let n_rep = q.dim(1)? / k.dim(1)?;
     let (qd, kd, vd) = (
-        q.detach(),
-        repeat_kv(&k.detach(), n_rep)?,
-        repeat_kv(&v.detach(), n_rep)?,
+        q.detach().contiguous()?,
+        repeat_kv(&k.detach(), n_rep)?.contiguous()?,
+        repeat_kv(&v.detach(), n_rep)?.contiguous()?,
     );
-    let scores = (qd.matmul(&kd.t()?)? * scale)?.broadcast_add(&mask.bias)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    drop(scores);
-    let out = probs.matmul(&vd)?;
+    let t_q = qd.dim(2)?;
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for (q0, q1) in blocks(t_q) {
+        let (k0, k1) = mask.key_range(q0, q1);
+        let scores = block_scores(
+            &qd.narrow(2, q0, q1 - q0)?,
+            &kd.narrow(2, k0, k1 - k0)?,
+            &mask.block((q0, q1), (k0, k1))?,
+            scale,
+        )?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let exp = scores.broadcast_sub(&max)?.exp()?;
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        outs.push(exp.broadcast_div(&sum)?.matmul(&vd.narrow(2, k0, k1 - k0)?)?);
+        lses.push((sum.log()? + max)?);
+    }
+    let out = Tensor::cat(&outs, 2)?;
+    let lse = Tensor::cat(&lses, 2)?;
+    let saved_out = out.clone();
+    let mask = mask.clone();
     graft3(
         "attention",
         q,
         k,
         v,
         out,
-        Box::new(move |q, _, _, g, needs| {
+        Box::new(move |_, _, _, g, needs| {
             let g = g.contiguous()?;
-            let grad_v = needs[2]
-                .then(|| sum_groups(&probs.t()?.matmul(&g)?, n_rep))
-                .transpose()?;
-            let grad_probs = g.matmul(&vd.t()?)?;
-            let row_dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
-            let grad_scores = (&probs * grad_probs.broadcast_sub(&row_dot)?)?;
-            let grad_q = needs[0]
-                .then(|| grad_scores.matmul(&kd)? * scale)
-                .transpose()?;
+            // D_i = sum_j dO_ij O_ij, the row term of the softmax backward.
+            let row_dot = (&g * &saved_out)?.sum_keepdim(D::Minus1)?;
+            let probs = |(q0, q1): (usize, usize), (k0, k1): (usize, usize)| -> Result<Tensor> {
+                let scores = block_scores(
+                    &qd.narrow(2, q0, q1 - q0)?,
+                    &kd.narrow(2, k0, k1 - k0)?,
+                    &mask.block((q0, q1), (k0, k1))?,
+                    scale,
+                )?;
+                scores.broadcast_sub(&lse.narrow(2, q0, q1 - q0)?)?.exp()
+            };
+            let grad_scores = |p: &Tensor, (q0, q1): (usize, usize), (k0, k1): (usize, usize)| -> Result<Tensor> {
+                let grad_p = g.narrow(2, q0, q1 - q0)?.matmul(&vd.narrow(2, k0, k1 - k0)?.t()?)?;
+                p * grad_p.broadcast_sub(&row_dot.narrow(2, q0, q1 - q0)?)?
+            };
+            let grad_q = if needs[0] {
+                let mut parts = Vec::new();
+                for qb in blocks(t_q) {
+                    let kb = mask.key_range(qb.0, qb.1);
+                    let ds = grad_scores(&probs(qb, kb)?, qb, kb)?;
+                    parts.push((ds.matmul(&kd.narrow(2, kb.0, kb.1 - kb.0)?)? * scale)?);
+                }
+                Some(Tensor::cat(&parts, 2)?)
+            } else {
+                None
+            };
+            let (mut grad_k, mut grad_v) = (Vec::new(), Vec::new());
+            if needs[1] || needs[2] {
+                let (b, h, _, d) = kd.dims4()?;
+                for kb in blocks(kd.dim(2)?) {
+                    let qb = mask.query_range(kb.0, kb.1, t_q);
+                    if qb.0 == qb.1 {
+                        grad_k.push(Tensor::zeros((b, h, kb.1 - kb.0, d), kd.dtype(), kd.device())?);
+                        grad_v.push(Tensor::zeros((b, h, kb.1 - kb.0, d), vd.dtype(), vd.device())?);
+                        continue;
+                    }
+                    let p = probs(qb, kb)?;
+                    let g_block = g.narrow(2, qb.0, qb.1 - qb.0)?;
+                    grad_v.push(p.t()?.matmul(&g_block)?);
+                    let ds = grad_scores(&p, qb, kb)?;
+                    grad_k.push((ds.t()?.matmul(&qd.narrow(2, qb.0, qb.1 - qb.0)?)? * scale)?);
+                }
+            }
             let grad_k = needs[1]
-                .then(|| sum_groups(&(grad_scores.t()?.matmul(q)? * scale)?, n_rep))
+                .then(|| sum_groups(&Tensor::cat(&grad_k, 2)?, n_rep))
+                .transpose()?;
+            let grad_v = needs[2]
+                .then(|| sum_groups(&Tensor::cat(&grad_v, 2)?, n_rep))
                 .transpose()?;
             Ok((grad_q, grad_k, grad_v))
         }),
