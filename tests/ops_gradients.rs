@@ -236,9 +236,17 @@ fn attention_matches_composed_across_several_blocks() -> Result<()> {
     // edges and the key-block backward are all exercised.
     let t = 549;
     let docs: Vec<Vec<u32>> = vec![(0..t as u32).map(|i| i / 200).collect()];
-    let cases = [(None, None), (Some(300), None), (Some(40), Some(docs.as_slice()))];
+    let cases = [
+        (None, None),
+        (Some(300), None),
+        (Some(40), Some(docs.as_slice())),
+    ];
     for (window, documents) in cases {
-        let (q, k, v) = (var(&[1, 4, t, 8])?, var(&[1, 2, t, 8])?, var(&[1, 2, t, 8])?);
+        let (q, k, v) = (
+            var(&[1, 4, t, 8])?,
+            var(&[1, 2, t, 8])?,
+            var(&[1, 2, t, 8])?,
+        );
         let mask = AttentionMask::new(t, 0, window, documents, DType::F32, &Device::Cpu)?;
         let ours = attention(&q, &k, &v, &mask, 0.35)?;
         let reference = composed_attention(&q, &k, &v, &mask_bias(t, window, documents), 0.35)?;
@@ -250,7 +258,11 @@ fn attention_matches_composed_across_several_blocks() -> Result<()> {
 #[test]
 fn attention_with_a_cache_offset_matches_the_full_computation() -> Result<()> {
     // Generation: 3 new queries at positions 7..10 over 10 cached + new keys.
-    let (q, k, v) = (randn(&[1, 4, 10, 8])?, randn(&[1, 2, 10, 8])?, randn(&[1, 2, 10, 8])?);
+    let (q, k, v) = (
+        randn(&[1, 4, 10, 8])?,
+        randn(&[1, 2, 10, 8])?,
+        randn(&[1, 2, 10, 8])?,
+    );
     let full_mask = AttentionMask::new(10, 0, Some(4), None, DType::F32, &Device::Cpu)?;
     let full = attention(&q, &k, &v, &full_mask, 0.5)?;
     let tail_mask = AttentionMask::new(3, 7, Some(4), None, DType::F32, &Device::Cpu)?;

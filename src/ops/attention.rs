@@ -84,7 +84,9 @@ impl AttentionMask {
 const BLOCK: usize = 256;
 
 fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(len)))
+    (0..len)
+        .step_by(BLOCK)
+        .map(move |s| (s, (s + BLOCK).min(len)))
 }
 
 /// Scores of one block: `q k^T * scale + bias`. q: [b, h, m, d], k: [b, h, n, d] -> [b, h, m, n]
@@ -115,7 +117,13 @@ fn sum_groups(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// `softmax(q k^T * scale + mask) v` with grouped-query heads.
 ///
 /// q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
     let n_rep = q.dim(1)? / k.dim(1)?;
     let (qd, kd, vd) = (
         q.detach().contiguous()?,
@@ -136,7 +144,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
         let max = scores.max_keepdim(D::Minus1)?;
         let exp = scores.broadcast_sub(&max)?.exp()?;
         let sum = exp.sum_keepdim(D::Minus1)?;
-        outs.push(exp.broadcast_div(&sum)?.matmul(&vd.narrow(2, k0, k1 - k0)?)?);
+        outs.push(
+            exp.broadcast_div(&sum)?
+                .matmul(&vd.narrow(2, k0, k1 - k0)?)?,
+        );
         lses.push((sum.log()? + max)?);
     }
     let out = Tensor::cat(&outs, 2)?;
@@ -162,8 +173,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
                 )?;
                 scores.broadcast_sub(&lse.narrow(2, q0, q1 - q0)?)?.exp()
             };
-            let grad_scores = |p: &Tensor, (q0, q1): (usize, usize), (k0, k1): (usize, usize)| -> Result<Tensor> {
-                let grad_p = g.narrow(2, q0, q1 - q0)?.matmul(&vd.narrow(2, k0, k1 - k0)?.t()?)?;
+            let grad_scores = |p: &Tensor,
+                               (q0, q1): (usize, usize),
+                               (k0, k1): (usize, usize)|
+             -> Result<Tensor> {
+                let grad_p = g
+                    .narrow(2, q0, q1 - q0)?
+                    .matmul(&vd.narrow(2, k0, k1 - k0)?.t()?)?;
                 p * grad_p.broadcast_sub(&row_dot.narrow(2, q0, q1 - q0)?)?
             };
             let grad_q = if needs[0] {
@@ -183,8 +199,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale
                 for kb in blocks(kd.dim(2)?) {
                     let qb = mask.query_range(kb.0, kb.1, t_q);
                     if qb.0 == qb.1 {
-                        grad_k.push(Tensor::zeros((b, h, kb.1 - kb.0, d), kd.dtype(), kd.device())?);
-                        grad_v.push(Tensor::zeros((b, h, kb.1 - kb.0, d), vd.dtype(), vd.device())?);
+                        grad_k.push(Tensor::zeros(
+                            (b, h, kb.1 - kb.0, d),
+                            kd.dtype(),
+                            kd.device(),
+                        )?);
+                        grad_v.push(Tensor::zeros(
+                            (b, h, kb.1 - kb.0, d),
+                            vd.dtype(),
+                            vd.device(),
+                        )?);
                         continue;
                     }
                     let p = probs(qb, kb)?;
