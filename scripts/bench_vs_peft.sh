@@ -11,8 +11,8 @@ STEPS="${STEPS:-3}"
 [ -f "$MODEL/config.json" ] || python3 scripts/bench_peft.py --make-model "$MODEL"
 cargo build --release --example bench_lora_step -q
 for T in "${@:-512}"; do
-  peft=$(python3 scripts/bench_peft.py --model "$MODEL" --seq-len "$T" --steps "$STEPS" 2>/dev/null | tail -1)
-  peft_gc=$(python3 scripts/bench_peft.py --model "$MODEL" --seq-len "$T" --steps "$STEPS" --gradient-checkpointing 2>/dev/null | tail -1)
+  peft=$(python3 scripts/bench_peft.py --model "$MODEL" --seq-len "$T" --steps "$((STEPS + 1))" 2>/dev/null | tail -1)
+  peft_gc=$(python3 scripts/bench_peft.py --model "$MODEL" --seq-len "$T" --steps "$((STEPS + 1))" --gradient-checkpointing 2>/dev/null | tail -1)
   ours=$(target/release/examples/bench_lora_step "$MODEL" "$T" "$STEPS" 16)
   echo "$peft"; echo "$peft_gc"; echo "$ours"
   python3 - "$peft" "$peft_gc" "$ours" <<'PY'

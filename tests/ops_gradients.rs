@@ -4,7 +4,9 @@
 mod common;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::rel_err;
-use peft_sft::ops::attention::{attention, AttentionMask};
+use peft_sft::ops::attention::{
+    attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
+};
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
 use peft_sft::ops::linear::{frozen_linear, lora_linear, LoraBase};
 use peft_sft::ops::norm::rms_norm;
@@ -248,9 +250,11 @@ fn attention_matches_composed_across_several_blocks() -> Result<()> {
             var(&[1, 2, t, 8])?,
         );
         let mask = AttentionMask::new(t, 0, window, documents, DType::F32, &Device::Cpu)?;
-        let ours = attention(&q, &k, &v, &mask, 0.35)?;
         let reference = composed_attention(&q, &k, &v, &mask_bias(t, window, documents), 0.35)?;
-        check("attention", &[&q, &k, &v], &ours, &reference)?;
+        let blocked = attention_blocked(&q, &k, &v, &mask, 0.35)?;
+        check("blocked attention", &[&q, &k, &v], &blocked, &reference)?;
+        let kept = attention_keeping_probabilities(&q, &k, &v, &mask, 0.35)?;
+        check("reference attention", &[&q, &k, &v], &kept, &reference)?;
     }
     Ok(())
 }
@@ -264,9 +268,12 @@ fn attention_with_a_cache_offset_matches_the_full_computation() -> Result<()> {
         randn(&[1, 2, 10, 8])?,
     );
     let full_mask = AttentionMask::new(10, 0, Some(4), None, DType::F32, &Device::Cpu)?;
-    let full = attention(&q, &k, &v, &full_mask, 0.5)?;
+    let full = attention_keeping_probabilities(&q, &k, &v, &full_mask, 0.5)?;
     let tail_mask = AttentionMask::new(3, 7, Some(4), None, DType::F32, &Device::Cpu)?;
-    let tail = attention(&q.narrow(2, 7, 3)?, &k, &v, &tail_mask, 0.5)?;
+    let tail_q = q.narrow(2, 7, 3)?;
+    let tail = attention_blocked(&tail_q, &k, &v, &tail_mask, 0.5)?;
+    assert_close("cached blocked attention", &tail, &full.narrow(2, 7, 3)?);
+    let tail = attention(&tail_q, &k, &v, &tail_mask, 0.5)?;
     assert_close("cached attention", &tail, &full.narrow(2, 7, 3)?);
     Ok(())
 }

@@ -100,7 +100,7 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     let out_s = out.to_str().unwrap();
     let args = train_args(
         out_s,
-        "120",
+        "160",
         &[
             "--lora",
             "--lora-r",
@@ -114,7 +114,7 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
             "--eval-dataset",
             "tests/fixtures/data/qa_chat.jsonl",
             "--eval-steps",
-            "60",
+            "80",
         ],
     );
     let (ok, _, err) = run_cli(&args);
@@ -149,7 +149,7 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
         .iter()
         .filter(|e| e.get("eval_loss").is_some())
         .collect();
-    assert_eq!(evals.len(), 2, "eval at steps 60 and 120");
+    assert_eq!(evals.len(), 2, "eval at steps 80 and 160");
     assert!(evals[1]["eval_loss"].as_f64().unwrap() < evals[0]["eval_loss"].as_f64().unwrap());
     assert!(evals[1]["eval_mean_token_accuracy"].as_f64().unwrap() > 0.9);
     let learned = correct(&model, Some(&out));

@@ -1,11 +1,11 @@
 //! Scaled dot-product attention for training and inference: causal, optional sliding window,
 //! optional document boundaries (packed rows), grouped-query heads.
 //!
-//! Blocked and recomputing, composed of candle ops (so every device runs it): queries are taken
-//! in blocks that only meet the keys the causal (and window) mask lets them see, the forward keeps
-//! only the output and each row's log-sum-exp, and the backward recomputes the probabilities block
-//! by block — once by query blocks for dQ, once by key blocks for dK and dV. No `[t, t]` matrix is
-//! kept between forward and backward.
+//! Two kernels composed of candle ops (so every device runs them): the reference one keeps the
+//! `[t, t]` probabilities for the backward; the blocked one takes queries in blocks that only meet
+//! the keys the causal (and window) mask lets them see, keeps only the output and each row's
+//! log-sum-exp, and recomputes the probabilities block by block in the backward — once by query
+//! blocks for dQ, once by key blocks for dK and dV. [`attention`] picks by size.
 
 use super::graft::graft3;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -114,10 +114,79 @@ fn sum_groups(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     x.reshape((b, h / n_rep, n_rep, t, d))?.sum(2)
 }
 
-/// `softmax(q k^T * scale + mask) v` with grouped-query heads.
+/// `softmax(q k^T * scale + mask) v` with grouped-query heads. Keeps the probabilities for the
+/// backward while they are small (at most [`KEEP_PROBABILITIES_BYTES`] per call: faster, as
+/// nothing is recomputed), else runs the blocked, recomputing kernel.
 ///
 /// q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t_q, _) = q.dims4()?;
+    let bytes = b * h * t_q * k.dim(2)? * q.dtype().size_in_bytes();
+    if bytes <= KEEP_PROBABILITIES_BYTES {
+        attention_keeping_probabilities(q, k, v, mask, scale)
+    } else {
+        attention_blocked(q, k, v, mask, scale)
+    }
+}
+
+/// Largest probability matrix (bytes, all heads) that [`attention`] keeps for the backward:
+/// 9 heads at T=512 (9.4 MB) are kept, at T=2048 (151 MB) recomputed.
+pub const KEEP_PROBABILITIES_BYTES: usize = 16 * 1024 * 1024;
+
+/// The reference kernel: one softmax over the full `[t_q, t_k]` scores, probabilities kept for the
+/// backward. q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
+pub fn attention_keeping_probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let (qd, kd, vd) = (
+        q.detach(),
+        repeat_kv(&k.detach(), n_rep)?,
+        repeat_kv(&v.detach(), n_rep)?,
+    );
+    let scores = (qd.matmul(&kd.t()?)? * scale)?.broadcast_add(&mask.bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    drop(scores);
+    let out = probs.matmul(&vd)?;
+    graft3(
+        "attention",
+        q,
+        k,
+        v,
+        out,
+        Box::new(move |q, _, _, g, needs| {
+            let g = g.contiguous()?;
+            let grad_v = needs[2]
+                .then(|| sum_groups(&probs.t()?.matmul(&g)?, n_rep))
+                .transpose()?;
+            let grad_probs = g.matmul(&vd.t()?)?;
+            let row_dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
+            let grad_scores = (&probs * grad_probs.broadcast_sub(&row_dot)?)?;
+            let grad_q = needs[0]
+                .then(|| grad_scores.matmul(&kd)? * scale)
+                .transpose()?;
+            let grad_k = needs[1]
+                .then(|| sum_groups(&(grad_scores.t()?.matmul(q)? * scale)?, n_rep))
+                .transpose()?;
+            Ok((grad_q, grad_k, grad_v))
+        }),
+    )
+}
+
+/// The blocked kernel: per query block only the keys the mask allows, output and per-row
+/// log-sum-exp kept, probabilities recomputed in the backward (by query blocks for dQ, by key
+/// blocks for dK and dV). q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
+pub fn attention_blocked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
