@@ -105,6 +105,17 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, kv * n_rep, t, d))
 }
 
+/// Detached, contiguous q and k/v repeated to the query heads, with the repeat factor.
+fn detached_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, Tensor, Tensor, Tensor)> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    Ok((
+        n_rep,
+        q.detach().contiguous()?,
+        repeat_kv(&k.detach(), n_rep)?.contiguous()?,
+        repeat_kv(&v.detach(), n_rep)?.contiguous()?,
+    ))
+}
+
 /// Sums the gradient of repeated heads back onto their key/value head.
 fn sum_groups(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
@@ -148,13 +159,8 @@ pub fn attention_keeping_probabilities(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let n_rep = q.dim(1)? / k.dim(1)?;
-    let (qd, kd, vd) = (
-        q.detach(),
-        repeat_kv(&k.detach(), n_rep)?,
-        repeat_kv(&v.detach(), n_rep)?,
-    );
-    let scores = (qd.matmul(&kd.t()?)? * scale)?.broadcast_add(&mask.bias)?;
+    let (n_rep, qd, kd, vd) = detached_heads(q, k, v)?;
+    let scores = block_scores(&qd, &kd, &mask.bias, scale)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     drop(scores);
     let out = probs.matmul(&vd)?;
@@ -193,12 +199,7 @@ pub fn attention_blocked(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let n_rep = q.dim(1)? / k.dim(1)?;
-    let (qd, kd, vd) = (
-        q.detach().contiguous()?,
-        repeat_kv(&k.detach(), n_rep)?.contiguous()?,
-        repeat_kv(&v.detach(), n_rep)?.contiguous()?,
-    );
+    let (n_rep, qd, kd, vd) = detached_heads(q, k, v)?;
     let t_q = qd.dim(2)?;
     let mut outs = Vec::new();
     let mut lses = Vec::new();
