@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use peft_sft::ops::attention::{attention, AttentionMask};
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
-use peft_sft::ops::linear::{frozen_linear, lora_linear, LoraBase};
+use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
 use peft_sft::ops::swiglu::swiglu;
@@ -54,7 +54,7 @@ fn bench_ops(c: &mut Criterion) {
         b.iter(|| fwd_bwd(swiglu(&gate, &up).unwrap()))
     });
 
-    let w_frozen = randn(&[1536, HIDDEN]);
+    let w_frozen = FrozenWeight::Dense(randn(&[1536, HIDDEN]));
     g.bench_function("frozen_linear_576x1536", |b| {
         b.iter(|| fwd_bwd(frozen_linear(&x, &w_frozen, None).unwrap()))
     });

@@ -3,6 +3,7 @@
 //! A TOML recipe uses the same keys; command-line flags (kebab-case) override the recipe.
 
 use crate::lora::{LoraConfig, TargetModules};
+use crate::quant::{FourBitType, QuantScheme};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -26,6 +27,8 @@ pub enum Mode {
 pub struct SftConfig {
     /// Base model: local folder or Hub id.
     pub model_name_or_path: String,
+    /// Tokenizer folder, when not the model's (a GGUF base needs one).
+    pub tokenizer_name_or_path: Option<String>,
     /// Training data: a local file or Hub id.
     pub dataset_name: String,
     /// Evaluation data.
@@ -98,12 +101,19 @@ pub struct SftConfig {
     pub use_dora: bool,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// 4-bit code of `--qlora`: `nf4` or `fp4` (transformers' `bnb_4bit_quant_type`).
+    pub bnb_4bit_quant_type: String,
+    /// Double-quantize the 4-bit absmax values (`bnb_4bit_use_double_quant`; the QLoRA recipe).
+    pub bnb_4bit_use_double_quant: bool,
+    /// LoRA over a row-wise int8 base instead of 4 bits.
+    pub load_in_8bit: bool,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
         SftConfig {
             model_name_or_path: String::new(),
+            tokenizer_name_or_path: None,
             dataset_name: String::new(),
             eval_dataset: None,
             output_dir: String::new(),
@@ -140,6 +150,9 @@ impl Default for SftConfig {
             use_rslora: false,
             use_dora: false,
             device: "auto".into(),
+            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_use_double_quant: true,
+            load_in_8bit: false,
         }
     }
 }
@@ -198,10 +211,30 @@ impl SftConfig {
             ));
         }
         crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
+        self.quantization()?;
         if self.mode != Mode::Full {
             self.lora_config().validate()?;
         }
         Ok(())
+    }
+
+    /// How the base's linear weights are quantized while loading: 4-bit for `--qlora`, int8 for
+    /// `--load-in-8bit`, none otherwise.
+    pub fn quantization(&self) -> Result<Option<QuantScheme>> {
+        match (self.mode, self.load_in_8bit) {
+            (Mode::Full, true) => Err(Error::Config(
+                "--load-in-8bit freezes the base: use it with --lora".into(),
+            )),
+            (Mode::Qlora, true) => Err(Error::Config(
+                "--qlora loads the base in 4 bits; --load-in-8bit asks for 8: pick one".into(),
+            )),
+            (Mode::Qlora, false) => Ok(Some(four_bit_scheme(
+                &self.bnb_4bit_quant_type,
+                self.bnb_4bit_use_double_quant,
+            )?)),
+            (Mode::Lora, true) => Ok(Some(QuantScheme::Int8)),
+            _ => Ok(None),
+        }
     }
 
     /// The PEFT LoRA config these settings describe.
@@ -223,4 +256,18 @@ impl SftConfig {
             ..LoraConfig::default()
         }
     }
+}
+
+/// The 4-bit scheme of `--bnb-4bit-quant-type` (blocks of 64, as bitsandbytes).
+pub fn four_bit_scheme(quant_type: &str, double_quant: bool) -> Result<QuantScheme> {
+    let quant_type = FourBitType::from_name(quant_type).ok_or_else(|| {
+        Error::Config(format!(
+            "--bnb-4bit-quant-type `{quant_type}`: expected nf4 or fp4"
+        ))
+    })?;
+    Ok(QuantScheme::FourBit {
+        quant_type,
+        blocksize: 64,
+        double_quant,
+    })
 }

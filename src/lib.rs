@@ -57,6 +57,7 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod rng;
 pub mod train;
 

@@ -8,7 +8,7 @@ use peft_sft::ops::attention::{
     attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
 };
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
-use peft_sft::ops::linear::{frozen_linear, lora_linear, LoraBase};
+use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::residual::residual_add;
 use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
@@ -148,8 +148,9 @@ fn lora_linear_matches_composed_and_leaves_the_base_alone() -> Result<()> {
         (6, 12),
         &Device::Cpu,
     )?;
+    let frozen = FrozenWeight::Dense(w.clone());
     let base = LoraBase {
-        weight: &w,
+        weight: &frozen,
         bias: Some(&bias),
         dropout_mask: Some(mask.clone()),
     };
@@ -171,7 +172,7 @@ fn lora_linear_matches_composed_and_leaves_the_base_alone() -> Result<()> {
 fn frozen_linear_returns_only_the_input_gradient() -> Result<()> {
     let x = var(&[3, 2, 6])?;
     let w = randn(&[5, 6])?;
-    let ours = frozen_linear(&x, &w, None)?;
+    let ours = frozen_linear(&x, &FrozenWeight::Dense(w.clone()), None)?;
     let reference = x.broadcast_matmul(&w.t()?)?;
     check("frozen_linear", &[&x], &ours, &reference)?;
     let grads = ours.sum_all()?.backward()?;

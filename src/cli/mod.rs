@@ -5,13 +5,16 @@ pub mod generate;
 pub mod merge;
 pub mod train;
 
-use clap::{Arg, ArgMatches};
+use clap::{Arg, ArgAction, ArgMatches};
+use peft_sft::config::four_bit_scheme;
 use peft_sft::lora::load_adapter;
-use peft_sft::model::{load_pretrained, select_device, Pretrained};
+use peft_sft::model::{load_pretrained_with, select_device, LoadOptions, Pretrained};
+use peft_sft::quant::QuantScheme;
 use std::path::Path;
 
-/// The `--model`, `--adapter` and `--device` flags shared by the inference commands.
-pub fn model_args(adapter_required: bool) -> [Arg; 3] {
+/// The `--model`, `--adapter`, `--device` and base-quantization flags shared by the inference
+/// commands (so an adapter is measured on the base it was trained on).
+pub fn model_args(adapter_required: bool) -> [Arg; 7] {
     [
         Arg::new("model")
             .long("model")
@@ -25,7 +28,35 @@ pub fn model_args(adapter_required: bool) -> [Arg; 3] {
             .long("device")
             .default_value("cpu")
             .help("cpu | cuda | cuda:N | auto"),
+        Arg::new("tokenizer")
+            .long("tokenizer")
+            .help("Tokenizer folder (for a .gguf --model; default: the model's folder)"),
+        Arg::new("qlora")
+            .long("qlora")
+            .visible_alias("load-in-4bit")
+            .action(ArgAction::SetTrue)
+            .help("Load the base's linear layers in 4 bits, as --qlora training did"),
+        Arg::new("bnb_4bit_quant_type")
+            .long("bnb-4bit-quant-type")
+            .default_value("nf4")
+            .help("nf4 | fp4"),
+        Arg::new("load_in_8bit")
+            .long("load-in-8bit")
+            .action(ArgAction::SetTrue)
+            .conflicts_with("qlora")
+            .help("Load the base's linear layers as row-wise int8"),
     ]
+}
+
+/// The base quantization the shared flags ask for.
+pub fn quantization(m: &ArgMatches) -> anyhow::Result<Option<QuantScheme>> {
+    Ok(if m.get_flag("qlora") {
+        Some(four_bit_scheme(text(m, "bnb_4bit_quant_type"), true)?)
+    } else if m.get_flag("load_in_8bit") {
+        Some(QuantScheme::Int8)
+    } else {
+        None
+    })
 }
 
 /// A string flag's value ("" when absent; clap enforces the required ones).
@@ -36,7 +67,12 @@ pub fn text<'a>(m: &'a ArgMatches, name: &str) -> &'a str {
 /// Loads `--model` on `--device` (frozen) and puts `--adapter` on it when given.
 pub fn load_model(m: &ArgMatches) -> anyhow::Result<Pretrained> {
     let device = select_device(text(m, "device"))?;
-    let mut loaded = load_pretrained(text(m, "model"), false, &device)?;
+    let options = LoadOptions {
+        trainable: false,
+        quantize: quantization(m)?,
+        tokenizer: m.get_one::<String>("tokenizer").map(Into::into),
+    };
+    let mut loaded = load_pretrained_with(text(m, "model"), options, &device)?;
     if let Some(adapter) = m.get_one::<String>("adapter") {
         load_adapter(&mut loaded.model, Path::new(adapter))?;
     }

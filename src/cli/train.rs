@@ -25,6 +25,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "Base model: local folder or Hub id (also --model)",
     ),
     (
+        "tokenizer_name_or_path",
+        Kind::Text,
+        "Tokenizer folder for a .gguf model (also --tokenizer)",
+    ),
+    (
         "dataset_name",
         Kind::Text,
         "Training data: .jsonl/.json file (also --dataset)",
@@ -123,6 +128,21 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ),
     ("use_dora", Kind::Bool, "DoRA [false]"),
     ("device", Kind::Text, "cpu | cuda | cuda:N | auto [auto]"),
+    (
+        "bnb_4bit_quant_type",
+        Kind::Text,
+        "4-bit code of --qlora: nf4 | fp4 [nf4]",
+    ),
+    (
+        "bnb_4bit_use_double_quant",
+        Kind::Bool,
+        "Quantize the 4-bit block scales too (QLoRA) [true]",
+    ),
+    (
+        "load_in_8bit",
+        Kind::Bool,
+        "LoRA over a row-wise int8 base [false]",
+    ),
 ];
 
 fn flag(field: &str) -> String {
@@ -144,7 +164,8 @@ pub fn command() -> Command {
             Arg::new("qlora")
                 .long("qlora")
                 .action(ArgAction::SetTrue)
-                .help("LoRA on a 4-bit base"),
+                .visible_alias("load-in-4bit")
+                .help("LoRA on a frozen 4-bit (NF4, double-quantized) base"),
         )
         .arg(
             Arg::new("full")
@@ -167,6 +188,7 @@ pub fn command() -> Command {
         arg = match field {
             "model_name_or_path" => arg.visible_alias("model"),
             "dataset_name" => arg.visible_alias("dataset"),
+            "tokenizer_name_or_path" => arg.visible_alias("tokenizer"),
             _ => arg,
         };
         if let Kind::Bool = kind {

@@ -145,6 +145,15 @@ impl ChatTokenizer {
         })
     }
 
+    /// Uses `template` when the tokenizer files had no chat template (e.g. the one stored in a GGUF
+    /// file's metadata).
+    pub fn with_chat_template_if_missing(mut self, template: Option<String>) -> Self {
+        if self.chat_template.is_none() {
+            self.chat_template = template;
+        }
+        self
+    }
+
     /// The id of the BOS token, if it is set and in the vocabulary.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_token

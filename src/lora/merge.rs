@@ -1,10 +1,12 @@
 //! Folding adapters into the base weights: `W' = W + scale * B A`, as PEFT's `merge_and_unload`.
 
+use crate::model::layers::LinearWeight;
 use crate::model::param::Param;
 use crate::model::CausalLm;
 use crate::Result;
 
-/// Merges every LoRA layer of `model` into its base weight and removes the adapters.
+/// Merges every LoRA layer of `model` into its base weight and removes the adapters. A quantized
+/// base weight is dequantized first (the merged weight is full precision).
 /// Returns the number of merged modules.
 pub fn merge_and_unload(model: &mut CausalLm) -> Result<usize> {
     let mut merged = 0;
@@ -12,12 +14,13 @@ pub fn merge_and_unload(model: &mut CausalLm) -> Result<usize> {
         let Some(lora) = lin.lora.take() else {
             continue;
         };
-        let w = lin.weight.tensor();
+        let w = lin.weight.dense()?;
+        let trainable = lin.weight.param().is_some_and(|p| p.var().is_some());
         let dtype = w.dtype();
         let new_w = (w.to_dtype(candle_core::DType::F32)?
             + lora.delta_weight()?.to_dtype(candle_core::DType::F32)?)?
         .to_dtype(dtype)?;
-        lin.weight = Param::new(new_w, lin.weight.var().is_some())?;
+        lin.weight = LinearWeight::Dense(Param::new(new_w, trainable)?);
         merged += 1;
     }
     Ok(merged)

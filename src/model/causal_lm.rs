@@ -1,15 +1,19 @@
 //! The decoder-only causal language model: embedding, decoder layers, final norm, LM head.
 
 use super::config::{Family, ModelConfig};
-use super::layers::{Attention, DecoderLayer, ForwardContext, KvCache, Linear, Mlp, Norm};
+use super::layers::{
+    Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
+};
 use super::param::Param;
 use super::weights::Weights;
 use crate::ops::attention::AttentionMask;
 use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
 use crate::ops::linear::dense;
 use crate::ops::rope::RotaryEmbedding;
+use crate::quant::{bnb, gguf, QuantScheme, QuantizedData, QuantizedWeight};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
 
 /// A causal LM of one of the supported families.
 #[derive(Debug, Clone)]
@@ -35,6 +39,7 @@ pub struct CausalLm {
 struct Loader<'a> {
     weights: &'a Weights,
     trainable: bool,
+    quantize: Option<QuantScheme>,
     dtype: DType,
     device: &'a Device,
 }
@@ -45,10 +50,57 @@ impl Loader<'_> {
         Ok(Param::new(t, self.trainable)?)
     }
 
+    /// A decoder linear's weight: read pre-quantized (bitsandbytes 4-bit), quantized as it loads
+    /// (one tensor at a time, so the full-precision model never exists), or dense.
+    fn linear_weight(&self, name: &str, in_f: usize, out_f: usize) -> Result<LinearWeight> {
+        if let Some(gguf) = self.weights.gguf() {
+            let q = gguf.tensor(name, self.device)?;
+            if q.shape().dims() != [out_f, in_f] {
+                return Err(crate::Error::Tensor {
+                    name: name.into(),
+                    message: format!(
+                        "has shape {:?} in {}, the metadata implies [{out_f}, {in_f}]",
+                        q.shape().dims(),
+                        gguf.path().display()
+                    ),
+                });
+            }
+            if !gguf::is_float(q.dtype()) {
+                let q = QuantizedWeight {
+                    shape: (out_f, in_f),
+                    data: QuantizedData::Gguf(Arc::new(q)),
+                    dtype: self.dtype,
+                };
+                return Ok(LinearWeight::Quantized(Arc::new(q)));
+            }
+        }
+        if bnb::is_four_bit(self.weights, name) {
+            let q = bnb::read_four_bit(self.weights, name, (out_f, in_f), self.dtype, self.device)?;
+            return Ok(LinearWeight::Quantized(Arc::new(q)));
+        }
+        match self.quantize {
+            Some(scheme) => {
+                let full = self.weights.get_raw(name, &Device::Cpu)?;
+                if full.dims() != [out_f, in_f] {
+                    return Err(crate::Error::Tensor {
+                        name: name.into(),
+                        message: format!(
+                            "has shape {:?}, the config implies [{out_f}, {in_f}]",
+                            full.dims()
+                        ),
+                    });
+                }
+                let q = QuantizedWeight::quantize(&full, scheme, self.dtype, self.device)?;
+                Ok(LinearWeight::Quantized(Arc::new(q)))
+            }
+            None => Ok(LinearWeight::Dense(self.param(name, &[out_f, in_f])?)),
+        }
+    }
+
     fn linear(&self, name: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
         Ok(Linear {
             name: name.to_string(),
-            weight: self.param(&format!("{name}.weight"), &[out_f, in_f])?,
+            weight: self.linear_weight(&format!("{name}.weight"), in_f, out_f)?,
             bias: if bias {
                 Some(self.param(&format!("{name}.bias"), &[out_f])?)
             } else {
@@ -77,10 +129,33 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_quantized(config, weights, trainable, None, dtype, device)
+    }
+
+    /// Like [`CausalLm::load`], quantizing the decoder's linear weights with `quantize` as they
+    /// load (embeddings, norms and the LM head stay full precision, as transformers + bitsandbytes
+    /// do). Weights stored pre-quantized by bitsandbytes are read as they are, with or without it.
+    pub fn load_quantized(
+        config: ModelConfig,
+        weights: &Weights,
+        trainable: bool,
+        quantize: Option<QuantScheme>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let family = config.family()?;
+        if trainable && (quantize.is_some() || weights.names().any(|n| n.contains(".quant_state.")))
+        {
+            return Err(crate::Error::Config(
+                "full fine-tuning needs full-precision weights: use --lora, or --qlora to train \
+                 adapters over a quantized base"
+                    .into(),
+            ));
+        }
         let l = Loader {
             weights,
             trainable,
+            quantize,
             dtype,
             device,
         };
@@ -293,12 +368,15 @@ impl CausalLm {
             .collect()
     }
 
-    /// Every base weight with its HF name (for saving a full or merged model).
+    /// Every full-precision base weight with its HF name (for saving a full or merged model);
+    /// quantized linear weights are not listed (see [`CausalLm::dequantize`]).
     pub fn named_weights(&self) -> Vec<(String, &Param)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for layer in &self.layers {
             for lin in layer.linears() {
-                out.push((format!("{}.weight", lin.name), &lin.weight));
+                if let Some(w) = lin.weight.param() {
+                    out.push((format!("{}.weight", lin.name), w));
+                }
                 if let Some(b) = &lin.bias {
                     out.push((format!("{}.bias", lin.name), b));
                 }
@@ -312,6 +390,27 @@ impl CausalLm {
             out.push(("lm_head.weight".to_string(), head));
         }
         out
+    }
+
+    /// Names of the linear modules whose weight is quantized.
+    pub fn quantized_modules(&self) -> Vec<String> {
+        self.linears()
+            .into_iter()
+            .filter(|l| matches!(l.weight, LinearWeight::Quantized(_)))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+
+    /// Replaces every quantized linear weight by its dequantized full-precision value (frozen).
+    pub fn dequantize(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for lin in self.linears_mut() {
+            if let LinearWeight::Quantized(q) = &lin.weight {
+                lin.weight = LinearWeight::Dense(Param::Frozen(q.dequantize()?));
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Every trainable tensor with its name: base weights when fully fine-tuning, plus LoRA pairs.

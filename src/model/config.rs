@@ -128,6 +128,22 @@ impl ModelConfig {
             line: Some(e.line()),
             message: e.to_string(),
         })?;
+        config.checked(path)
+    }
+
+    /// Reads a config given as JSON (e.g. derived from a GGUF file's metadata at `origin`).
+    pub fn from_value(value: serde_json::Value, origin: &Path) -> Result<Self> {
+        let config: ModelConfig = serde_json::from_value(value).map_err(|e| Error::Parse {
+            path: origin.to_path_buf(),
+            line: None,
+            message: e.to_string(),
+        })?;
+        config.checked(origin)
+    }
+
+    /// Rejects configs peft-sft cannot run.
+    fn checked(self, path: &Path) -> Result<Self> {
+        let config = self;
         config.family()?;
         config.rope_scaling()?;
         if config.hidden_act != "silu" {

@@ -4,12 +4,14 @@
 use super::param::Param;
 use crate::lora::layer::LoraLayer;
 use crate::ops::attention::{attention, AttentionMask};
-use crate::ops::linear::{frozen_linear, lora_linear, LoraBase};
+use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
 use crate::ops::rope::apply_rope;
 use crate::ops::swiglu::swiglu;
+use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor};
+use std::sync::Arc;
 
 /// Per-forward inputs shared by all layers.
 pub struct ForwardContext<'a> {
@@ -23,13 +25,60 @@ pub struct ForwardContext<'a> {
     pub dropout_key: Option<u64>,
 }
 
+/// The weight of a linear projection: full precision (frozen or trained) or frozen and quantized.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A full-precision weight.
+    Dense(Param),
+    /// A frozen quantized weight (QLoRA).
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl LinearWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(p) => {
+                let d = p.tensor().dims();
+                (d[0], d[1])
+            }
+            LinearWeight::Quantized(q) => q.shape,
+        }
+    }
+
+    /// The full-precision weight (dequantized when quantized).
+    pub fn dense(&self) -> crate::Result<Tensor> {
+        match self {
+            LinearWeight::Dense(p) => Ok(p.tensor().clone()),
+            LinearWeight::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// The weight as a frozen operand, unless it is trained.
+    pub fn frozen(&self) -> Option<FrozenWeight> {
+        match self {
+            LinearWeight::Dense(Param::Frozen(w)) => Some(FrozenWeight::Dense(w.clone())),
+            LinearWeight::Dense(Param::Trainable(_)) => None,
+            LinearWeight::Quantized(q) => Some(FrozenWeight::Quantized(q.clone())),
+        }
+    }
+
+    /// The dense parameter, if not quantized.
+    pub fn param(&self) -> Option<&Param> {
+        match self {
+            LinearWeight::Dense(p) => Some(p),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+}
+
 /// A linear projection `y = x W^T + b`, with an optional LoRA branch.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// The module's path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
     /// Weight `[out, in]`.
-    pub weight: Param,
+    pub weight: LinearWeight,
     /// Bias `[out]`.
     pub bias: Option<Param>,
     /// The LoRA adapter on this module, if any.
@@ -39,33 +88,36 @@ pub struct Linear {
 impl Linear {
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight.tensor().dims()[1]
+        self.weight.dims().1
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.tensor().dims()[0]
+        self.weight.dims().0
     }
 
     /// x: [.., in] -> [.., out]
     pub fn forward(&self, x: &Tensor, dropout_key: Option<u64>) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(Param::tensor);
-        match (&self.weight, &self.lora) {
-            (Param::Frozen(w), Some(lora)) => {
+        let bias_frozen = self.bias.as_ref().is_none_or(|b| b.var().is_none());
+        match (self.weight.frozen(), &self.lora) {
+            (Some(w), Some(lora)) => {
                 let rows = x.elem_count() / self.in_features();
                 let base = LoraBase {
-                    weight: w,
+                    weight: &w,
                     bias,
                     dropout_mask: lora.dropout_mask(&self.name, rows, dropout_key)?,
                 };
                 lora_linear(x, base, &lora.a, &lora.b, lora.scale)
             }
-            (Param::Frozen(w), None) if self.bias.as_ref().is_none_or(|b| b.var().is_none()) => {
-                frozen_linear(x, w, bias)
-            }
+            (Some(w), None) if bias_frozen => frozen_linear(x, &w, bias),
             _ => {
                 // Full fine-tuning: the weight is a Var, so candle's own matmul is what we want.
-                let y = x.broadcast_matmul(&self.weight.tensor().t()?)?;
+                let w = self
+                    .weight
+                    .dense()
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let y = x.broadcast_matmul(&w.t()?)?;
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

@@ -2,9 +2,11 @@
 
 use super::{weights::Weights, CausalLm, ModelConfig};
 use crate::data::ChatTokenizer;
+use crate::quant::gguf::GgufFile;
+use crate::quant::QuantScheme;
 use crate::{hub, Error, Result};
 use candle_core::{DType, Device};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A model with its tokenizer and the folder it came from.
 pub struct Pretrained {
@@ -28,6 +30,38 @@ impl Pretrained {
         ids.dedup();
         ids
     }
+}
+
+/// A GGUF base: config from its metadata, tokenizer from `tokenizer` (or the file's folder) with
+/// the GGUF's chat template when the folder has none. The returned folder is the tokenizer's.
+fn open_gguf(
+    path: &Path,
+    tokenizer: Option<&Path>,
+) -> Result<(ModelConfig, ChatTokenizer, Weights, PathBuf)> {
+    if !path.is_file() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "--model names a .gguf file that does not exist".into(),
+        });
+    }
+    let gguf = GgufFile::open(path)?;
+    let config = ModelConfig::from_value(gguf.config_json()?, path)?;
+    let dir = match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+    };
+    if !dir.join("tokenizer.json").exists() {
+        return Err(Error::MissingFile {
+            path: dir.join("tokenizer.json"),
+            hint: format!(
+                "a GGUF base needs the model's Hugging Face tokenizer: pass --tokenizer FOLDER (the original model's folder or Hub download) for {}",
+                path.display()
+            ),
+        });
+    }
+    let tokenizer =
+        ChatTokenizer::from_dir(&dir)?.with_chat_template_if_missing(gguf.chat_template());
+    Ok((config, tokenizer, Weights::from_gguf(gguf), dir))
 }
 
 /// Picks the device: `cpu`, `cuda` (or `cuda:N`), or `auto` (CUDA when built with it and present).
@@ -68,21 +102,58 @@ pub fn compute_dtype(config: &ModelConfig, device: &Device) -> DType {
     }
 }
 
+/// How the base weights load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Tokenizer folder for a GGUF base (default: the GGUF file's folder).
+    pub tokenizer: Option<PathBuf>,
+    /// Every base weight becomes a variable (full fine-tuning).
+    pub trainable: bool,
+    /// Quantize the decoder's linear weights while loading (`--qlora` / `--load-in-4bit`,
+    /// `--load-in-8bit`).
+    pub quantize: Option<QuantScheme>,
+}
+
 /// Loads `spec` (folder or Hub id). `trainable` makes every base weight a variable.
 pub fn load_pretrained(spec: &str, trainable: bool, device: &Device) -> Result<Pretrained> {
-    let dir = hub::resolve_model(spec, None)?;
-    let config_path = dir.join("config.json");
-    if !config_path.exists() {
-        return Err(Error::MissingFile {
-            path: config_path,
-            hint: "a model folder needs the config.json transformers writes".into(),
-        });
-    }
-    let config = ModelConfig::from_file(&config_path)?;
-    let tokenizer = ChatTokenizer::from_dir(&dir)?;
-    let weights = Weights::from_dir(&dir)?;
+    let options = LoadOptions {
+        trainable,
+        ..LoadOptions::default()
+    };
+    load_pretrained_with(spec, options, device)
+}
+
+/// Loads `spec` (folder or Hub id) as `options` say.
+pub fn load_pretrained_with(
+    spec: &str,
+    options: LoadOptions,
+    device: &Device,
+) -> Result<Pretrained> {
+    let (config, tokenizer, weights, dir) = if spec.ends_with(".gguf") {
+        open_gguf(Path::new(spec), options.tokenizer.as_deref())?
+    } else {
+        let dir = hub::resolve_model(spec, None)?;
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(Error::MissingFile {
+                path: config_path,
+                hint: "a model folder needs the config.json transformers writes".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let tokenizer = ChatTokenizer::from_dir(options.tokenizer.as_deref().unwrap_or(&dir))?;
+        let weights = Weights::from_dir(&dir)?;
+        (config, tokenizer, weights, dir)
+    };
     let dtype = compute_dtype(&config, device);
-    let model = CausalLm::load(config, &weights, trainable, dtype, device)?;
+    let model = CausalLm::load_quantized(
+        config,
+        &weights,
+        options.trainable,
+        options.quantize,
+        dtype,
+        device,
+    )?;
     let generation_path = dir.join("generation_config.json");
     let generation_eos = if generation_path.exists() {
         let value: serde_json::Value = crate::io::read_json(&generation_path)?;

@@ -11,4 +11,4 @@ pub mod weights;
 
 pub use causal_lm::CausalLm;
 pub use config::{Family, ModelConfig};
-pub use load::{load_pretrained, select_device, Pretrained};
+pub use load::{load_pretrained, load_pretrained_with, select_device, LoadOptions, Pretrained};

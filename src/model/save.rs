@@ -60,6 +60,14 @@ pub fn save_pretrained(
     out_dir: &Path,
     max_shard_bytes: usize,
 ) -> Result<()> {
+    let quantized = model.quantized_modules();
+    if let Some(first) = quantized.first() {
+        return Err(Error::Config(format!(
+            "cannot save a model whose linear weights are quantized ({first} and {} more): \
+             dequantize it first (merge does this)",
+            quantized.len() - 1
+        )));
+    }
     let dtype = dtype_of(model.config.saved_dtype()).unwrap_or(model.dtype);
     let tensors: Vec<(String, Tensor)> = model
         .named_weights()
@@ -102,6 +110,9 @@ pub fn save_pretrained(
             "torch_dtype"
         };
         obj.insert(key.into(), name.into());
+        // The saved weights are full precision: a bitsandbytes checkpoint's quantization config
+        // no longer applies.
+        obj.remove("quantization_config");
     }
     write_json(&out_dir.join("config.json"), &config)?;
     for file in SIDE_FILES {

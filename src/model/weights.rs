@@ -3,6 +3,7 @@
 //! its file on demand and checked for shape, so loading never holds a second copy of the model
 //! (memory-mapped files would keep every touched page resident next to the loaded tensors).
 
+use crate::quant::gguf::GgufFile;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeSet;
@@ -21,11 +22,12 @@ struct Entry {
     end: u64,
 }
 
-/// The weight files of one model folder.
+/// The weight files of one model folder, or one GGUF file.
 pub struct Weights {
     entries: HashMap<String, Entry>,
     names: BTreeSet<String>,
     dir: PathBuf,
+    gguf: Option<GgufFile>,
 }
 
 fn parse_dtype(name: &str) -> Option<DType> {
@@ -161,7 +163,23 @@ impl Weights {
             entries,
             names,
             dir: dir.to_path_buf(),
+            gguf: None,
         })
+    }
+
+    /// The tensors of a GGUF file, under their Hugging Face names.
+    pub fn from_gguf(gguf: GgufFile) -> Self {
+        Weights {
+            entries: HashMap::new(),
+            names: gguf.names().clone(),
+            dir: gguf.path().to_path_buf(),
+            gguf: Some(gguf),
+        }
+    }
+
+    /// The GGUF file behind these weights, if any.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        self.gguf.as_ref()
     }
 
     /// Whether a tensor of that name exists.
@@ -174,6 +192,30 @@ impl Weights {
         self.names.iter()
     }
 
+    /// Loads `name` as stored (its own dtype and shape; GGUF tensors dequantized to f32) on
+    /// `device`.
+    pub fn get_raw(&self, name: &str, device: &Device) -> Result<Tensor> {
+        if let Some(gguf) = &self.gguf {
+            return Ok(gguf.tensor(name, device)?.dequantize(device)?);
+        }
+        let entry = self.entries.get(name).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            message: format!("missing from the weights in {}", self.dir.display()),
+        })?;
+        let mut file = std::fs::File::open(&entry.file).map_err(|e| Error::io(&entry.file, e))?;
+        file.seek(SeekFrom::Start(entry.start))
+            .map_err(|e| Error::io(&entry.file, e))?;
+        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
+        file.read_exact(&mut bytes)
+            .map_err(|e| Error::io(&entry.file, e))?;
+        Ok(Tensor::from_raw_buffer(
+            &bytes,
+            entry.dtype,
+            &entry.shape,
+            device,
+        )?)
+    }
+
     /// Loads `name`, checks its shape, and converts it to `dtype` on `device`.
     pub fn get(
         &self,
@@ -182,20 +224,7 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        if !self.contains(name) {
-            return Err(Error::Tensor {
-                name: name.into(),
-                message: format!("missing from the weights in {}", self.dir.display()),
-            });
-        }
-        let entry = &self.entries[name];
-        let mut file = std::fs::File::open(&entry.file).map_err(|e| Error::io(&entry.file, e))?;
-        file.seek(SeekFrom::Start(entry.start))
-            .map_err(|e| Error::io(&entry.file, e))?;
-        let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
-        file.read_exact(&mut bytes)
-            .map_err(|e| Error::io(&entry.file, e))?;
-        let t = Tensor::from_raw_buffer(&bytes, entry.dtype, &entry.shape, device)?;
+        let t = self.get_raw(name, device)?;
         if t.dims() != shape {
             return Err(Error::Tensor {
                 name: name.into(),

@@ -2,19 +2,53 @@
 
 use super::graft::{graft1, graft3};
 use super::rows;
+use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor, D};
+use std::sync::Arc;
+
+/// A frozen linear weight `[out, in]`: a plain tensor, or quantized codes that are dequantized for
+/// each use (forward, then again in backward) so at most one layer's full-precision copy is alive.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// Full precision.
+    Dense(Tensor),
+    /// NF4 / int8 / GGUF.
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl FrozenWeight {
+    /// The full-precision weight: the tensor itself, or a temporary dequantized copy.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Quantized(q) => q
+                .dequantize()
+                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+        }
+    }
+
+    /// `x @ W^T` for x: [n, in] -> [n, out].
+    fn xwt(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.dense()?.t()?)
+    }
+
+    /// `g @ W` for g: [n, out] -> [n, in] (the input gradient).
+    fn gw(&self, g: &Tensor) -> Result<Tensor> {
+        g.matmul(&self.dense()?)
+    }
+}
 
 /// `x @ w^T + bias` for a frozen `w: [out, in]`; backward returns only the input gradient `g @ w`.
 ///
 /// x: [.., in] -> [.., out]
-pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let out = dense(&x.detach(), w, bias)?;
+pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let out = dense(&x.detach(), &w.dense()?, bias)?;
     let w = w.clone();
     graft1(
         "frozen-linear",
         x,
         out,
-        Box::new(move |x, g| Ok(Some(rows(g)?.matmul(&w)?.reshape(x.shape())?))),
+        Box::new(move |x, g| Ok(Some(w.gw(&rows(g)?)?.reshape(x.shape())?))),
     )
 }
 
@@ -36,7 +70,7 @@ pub(crate) fn dense(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 /// this step (already scaled by `1 / (1 - p)`), if dropout is active.
 pub struct LoraBase<'a> {
     /// Frozen base weight `[out, in]`.
-    pub weight: &'a Tensor,
+    pub weight: &'a FrozenWeight,
     /// Frozen base bias `[out]`.
     pub bias: Option<&'a Tensor>,
     /// Dropout mask `[n, in]` applied to the LoRA branch's input only, as PEFT does.
@@ -55,7 +89,7 @@ pub fn lora_linear(
     scale: f64,
 ) -> Result<Tensor> {
     let x_rows = rows(&x.detach())?;
-    let base_out = x_rows.matmul(&base.weight.t()?)?;
+    let base_out = base.weight.xwt(&x_rows)?;
     let base_out = match base.bias {
         Some(bias) => base_out.broadcast_add(bias)?,
         None => base_out,
@@ -96,7 +130,7 @@ pub fn lora_linear(
                     Some(mask) => through_lora.mul(mask)?,
                     None => through_lora,
                 };
-                Some((g.matmul(&weight)? + through_lora)?.reshape(x.shape())?)
+                Some((weight.gw(&g)? + through_lora)?.reshape(x.shape())?)
             } else {
                 None
             };

@@ -14,7 +14,7 @@ use crate::data::{collate, prepare_dataset, Example, PreparedDataset, TokenizeOp
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
-use crate::model::{load_pretrained, select_device, CausalLm, Pretrained};
+use crate::model::{load_pretrained_with, select_device, CausalLm, LoadOptions, Pretrained};
 use crate::rng::key;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -82,11 +82,6 @@ fn save_weights(
 pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
     match config.mode {
-        Mode::Qlora => {
-            return Err(Error::Config(
-                "--qlora is not implemented yet; use --lora".into(),
-            ))
-        }
         _ if config.packing => {
             return Err(Error::Config("--packing is not implemented yet".into()))
         }
@@ -121,7 +116,15 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         tokenizer,
         dir: base_dir,
         ..
-    } = load_pretrained(&model_spec, full, &device)?;
+    } = load_pretrained_with(
+        &model_spec,
+        LoadOptions {
+            trainable: full,
+            quantize: config.quantization()?,
+            tokenizer: config.tokenizer_name_or_path.as_ref().map(Into::into),
+        },
+        &device,
+    )?;
     let train_set = load_data(&config.dataset_name, &tokenizer, config)?;
     let eval_set = config
         .eval_dataset
