@@ -42,6 +42,8 @@ struct RawRopeScaling {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    /// Per-frequency divisors (`rope_type = "freq_factors"`, set from a GGUF file's `rope_freqs`).
+    freq_factors: Option<Vec<f64>>,
 }
 
 /// config.json fields peft-sft reads; unknown fields are kept by transformers and ignored here.
@@ -273,6 +275,9 @@ impl ModelConfig {
                     "original_max_position_embeddings",
                 )?,
             }),
+            "freq_factors" => Ok(RopeScaling::Factors(raw.freq_factors.clone().ok_or_else(
+                || Error::Config("rope type freq_factors needs `freq_factors`".into()),
+            )?)),
             other => Err(Error::Config(format!(
                 "rope_scaling type `{other}` is not supported (default, linear, llama3)"
             ))),

@@ -25,6 +25,8 @@ pub enum RopeScaling {
         /// The context length the model was pre-trained with.
         original_max_position_embeddings: f64,
     },
+    /// Per-frequency divisors, as GGUF files store Llama 3.1's scaling (`rope_freqs.weight`).
+    Factors(Vec<f64>),
 }
 
 /// The inverse frequencies of one attention head's rotary embedding.
@@ -40,10 +42,11 @@ impl RotaryEmbedding {
         let base: Vec<f64> = (0..head_dim / 2)
             .map(|i| (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) as f64)
             .collect();
-        let inv_freq = match *scaling {
+        let inv_freq = match scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
+            RopeScaling::Factors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,

@@ -225,10 +225,14 @@ impl GgufFile {
             }
         }
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(self.bad(
-                "rope_freqs.weight (Llama-3.1 RoPE scaling factors) is not supported yet; use the HF model"
-                    .into(),
-            ));
+            let mut file = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+            let factors = self
+                .content
+                .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .to_vec1::<f32>()?;
+            let factors: Vec<f64> = factors.into_iter().map(f64::from).collect();
+            config["rope_scaling"] = json!({"rope_type": "freq_factors", "freq_factors": factors});
         }
         Ok(config)
     }

@@ -1,0 +1,242 @@
+//! QLoRA against the reference stack: a transformers + bitsandbytes 4-bit checkpoint loads to the
+//! same logits, our load-time quantization writes its bytes, a PEFT QLoRA step gives the same loss
+//! and gradients, GGUF files load to the logits transformers computes from them, and `--qlora`
+//! training works end to end with a merge verified on a probe.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use peft_sft::lora::load_adapter;
+use peft_sft::model::layers::LinearWeight;
+use peft_sft::model::weights::Weights;
+use peft_sft::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, ModelConfig};
+use peft_sft::quant::{QuantScheme, QuantizedData};
+
+fn bnb_dir() -> std::path::PathBuf {
+    fixture("qlora/bnb_llama")
+}
+
+#[test]
+fn a_bitsandbytes_4bit_checkpoint_loads_to_transformers_logits() {
+    let loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &Device::Cpu).unwrap();
+    let model = loaded.model;
+    assert_eq!(
+        model.quantized_modules().len(),
+        2 * 7,
+        "every decoder linear stays 4-bit"
+    );
+    let reference = tensors(&bnb_dir().join("reference.safetensors"));
+    let ids = input_ids(&reference);
+    let err = rel_err(&model.forward(&ids).unwrap(), &reference["logits"]);
+    assert!(
+        err < 1e-5,
+        "logits differ from transformers + bitsandbytes by {err}"
+    );
+    // And they are far from the full-precision model's: the test would notice a dense load.
+    assert!(rel_err(&reference["logits"], &reference["logits_full"]) > 1e-2);
+}
+
+#[test]
+fn quantizing_the_full_model_at_load_writes_the_checkpoint_bytes() {
+    let dir = fixture("models/llama");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::from_dir(&dir).unwrap();
+    let ours = CausalLm::load_quantized(
+        config,
+        &weights,
+        false,
+        Some(QuantScheme::qlora()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let stored = tensors(&bnb_dir().join("model.safetensors"));
+    let mut checked = 0;
+    for lin in ours.linears() {
+        let LinearWeight::Quantized(q) = &lin.weight else {
+            panic!("{} was not quantized", lin.name)
+        };
+        let QuantizedData::FourBit(f) = &q.data else {
+            panic!("{} is not 4-bit", lin.name)
+        };
+        let ours: Vec<u8> = f.packed.to_vec1().unwrap();
+        let theirs: Vec<u8> = stored[&format!("{}.weight", lin.name)]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours, theirs, "{}: packed codes differ", lin.name);
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+}
+
+/// Loss mask from labels (-100 = ignored).
+fn mask_of(labels: &Tensor) -> Tensor {
+    labels.ge(0i64).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+#[test]
+fn a_qlora_step_matches_peft_over_bitsandbytes() {
+    let dir = fixture("qlora/qlora_step");
+    let step = tensors(&dir.join("step.safetensors"));
+    let mut loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &Device::Cpu).unwrap();
+    load_adapter(&mut loaded.model, &dir.join("adapter")).unwrap();
+    let model = loaded.model;
+    let ids = input_ids(&step);
+    let err = rel_err(&model.forward(&ids).unwrap(), &step["logits"]);
+    assert!(err < 1e-5, "logits differ from PEFT's by {err}");
+    let mask = mask_of(&step["labels"]);
+    let ones = mask.ones_like().unwrap();
+    let out = model.loss(&ids, &mask, &ones, None).unwrap();
+    let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+    let err = rel_err(&loss, &step["loss"]);
+    assert!(err < 1e-5, "loss differs from PEFT's by {err}");
+    let grads = loss.backward().unwrap();
+    let trainable = model.trainable();
+    assert_eq!(trainable.len(), 28);
+    for (param, var) in &trainable {
+        let key = format!("grad.base_model.model.{param}");
+        let err = rel_err(grads.get(var).unwrap(), &step[&key]);
+        assert!(
+            err < 1e-4,
+            "gradient of {param} differs from PEFT's by {err}"
+        );
+    }
+}
+
+#[test]
+fn gguf_files_load_to_the_logits_transformers_reads_from_them() {
+    let dir = fixture("qlora/gguf");
+    let reference = tensors(&dir.join("reference.safetensors"));
+    let ids = input_ids(&reference);
+    for (file, quantized) in [("f16", 0), ("q8_0", 14), ("q4_0", 14)] {
+        let options = LoadOptions {
+            tokenizer: Some(fixture("models/llama")),
+            ..LoadOptions::default()
+        };
+        let path = dir.join(format!("model-{file}.gguf"));
+        let loaded = load_pretrained_with(path.to_str().unwrap(), options, &Device::Cpu).unwrap();
+        assert_eq!(loaded.model.quantized_modules().len(), quantized, "{file}");
+        let err = rel_err(
+            &loaded.model.forward(&ids).unwrap(),
+            &reference[&format!("logits_{file}")],
+        );
+        assert!(
+            err < 1e-4,
+            "{file}: logits differ from transformers' by {err}"
+        );
+    }
+}
+
+#[test]
+fn a_gguf_base_without_a_tokenizer_says_what_to_pass() {
+    let path = fixture("qlora/gguf/model-q8_0.gguf");
+    let err = load_pretrained(path.to_str().unwrap(), false, &Device::Cpu)
+        .err()
+        .expect("no tokenizer.json next to the file")
+        .to_string();
+    assert!(err.contains("--tokenizer"), "{err}");
+}
+
+fn train_qlora(out: &str, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "train",
+        "--qlora",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        out,
+        "--max-steps",
+        "12",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--lr-scheduler-type",
+        "constant",
+        "--logging-steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = run_cli(&args);
+    (ok, err)
+}
+
+#[test]
+fn qlora_training_lowers_the_loss_and_merges_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qlora");
+    let (ok, err) = train_qlora(out.to_str().unwrap(), &[]);
+    assert!(ok, "{err}");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    let first = log[0]["loss"].as_f64().unwrap();
+    let last = log.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
+    let adapter = out.to_str().unwrap();
+
+    // Merging into the dequantized base answers like the adapter on its 4-bit base.
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--qlora",
+        "--adapter",
+        adapter,
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("dequantized"), "{err}");
+    assert!(merged.join("model.safetensors").exists());
+
+    // Merging into the original full-precision weights differs by the quantization error: the
+    // probe check refuses, writes nothing, and --force overrides.
+    let refused = tmp.path().join("refused");
+    let args = [
+        "merge",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--qlora",
+        "--adapter",
+        adapter,
+        "--base-full-precision",
+        "tests/fixtures/models/qwen2",
+        "--output",
+        refused.to_str().unwrap(),
+    ];
+    let (ok, _, err) = run_cli(&args);
+    assert!(!ok, "a merge that changes the answers must be refused");
+    assert!(
+        err.contains("--force") && err.contains("nothing written"),
+        "{err}"
+    );
+    assert!(!refused.exists());
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let (ok, _, err) = run_cli(&forced);
+    assert!(ok, "{err}");
+    assert!(refused.join("model.safetensors").exists());
+}
+
+#[test]
+fn full_fine_tuning_refuses_a_quantized_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, err) = train_qlora(tmp.path().to_str().unwrap(), &["--full"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--qlora") || err.contains("cannot be used"),
+        "{err}"
+    );
+}
