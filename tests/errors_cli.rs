@@ -219,6 +219,8 @@ fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
     let (ok, _, err) = run_cli(&[
         "train",
         "--qlora",
+        "--bnb-4bit-quant-type",
+        "int3",
         "--model",
         &model(),
         "--dataset",
@@ -227,7 +229,8 @@ fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
         out.to_str().unwrap(),
     ]);
     assert!(
-        !ok && err.contains("--qlora is not implemented yet"),
+        !ok && err.contains("--bnb-4bit-quant-type `int3`: expected nf4 or fp4"),
         "{err}"
     );
+    assert!(!out.exists(), "a bad configuration writes nothing");
 }
