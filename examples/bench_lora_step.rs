@@ -1,12 +1,16 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora]
+//!
+//! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
+//! `load_rss_mib` is the peak RSS once the model is loaded (before any step).
 
 use candle_core::{DType, Device, Tensor};
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::weights::Weights;
 use peft_sft::model::{CausalLm, ModelConfig};
+use peft_sft::quant::QuantScheme;
 use peft_sft::rng::Rng;
 use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use std::path::PathBuf;
@@ -31,10 +35,18 @@ fn main() -> anyhow::Result<()> {
     let seq_len: usize = args.get(2).map_or(Ok(512), |s| s.parse())?;
     let steps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
     let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
+    let mode = args.get(5).map_or("lora", String::as_str);
+    let quantize = match mode {
+        "lora" => None,
+        "qlora" => Some(QuantScheme::qlora()),
+        other => anyhow::bail!("mode `{other}`: expected lora or qlora"),
+    };
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let vocab = config.vocab_size as u64;
     let weights = Weights::from_dir(&dir)?;
-    let mut model = CausalLm::load(config, &weights, false, DType::F32, &Device::Cpu)?;
+    let mut model =
+        CausalLm::load_quantized(config, &weights, false, quantize, DType::F32, &Device::Cpu)?;
+    let load_rss_mib = peak_rss_mib();
     let lora = LoraConfig {
         r: rank,
         lora_alpha: 2.0 * rank as f64,
@@ -69,7 +81,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "peft-sft",
+            "impl": format!("peft-sft {mode}"),
+            "load_rss_mib": load_rss_mib,
             "seq_len": seq_len,
             "lora_r": rank,
             "step_seconds": step_seconds,

@@ -36,9 +36,19 @@ SMOLLM2_135M = dict(
 )
 
 
-def random_model(attn):
+# Public SmolLM2 configs (same family, bigger): for memory measurements (benches/README.md).
+SHAPES = {
+    "135m": SMOLLM2_135M,
+    "360m": {**SMOLLM2_135M, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+             "num_attention_heads": 15, "num_key_value_heads": 5},
+    "1.7b": {**SMOLLM2_135M, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 130000.0},
+}
+
+
+def random_model(attn, shape="135m"):
     torch.manual_seed(0)
-    config = LlamaConfig(**SMOLLM2_135M)
+    config = LlamaConfig(**SHAPES[shape])
     config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
@@ -93,6 +103,7 @@ def bench(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make-model", metavar="DIR", help="write the random model to DIR and exit")
+    p.add_argument("--shape", default="135m", choices=sorted(SHAPES), help="SmolLM2 size for --make-model")
     p.add_argument("--model", metavar="DIR", help="time this model folder instead of the in-memory random model")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=5, help="steps in all; the first is a warm-up (default 5)")
@@ -102,7 +113,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.make_model:
-        random_model(args.attn).save_pretrained(args.make_model, safe_serialization=True)
+        random_model(args.attn, args.shape).save_pretrained(args.make_model, safe_serialization=True)
         return
     if args.steps < 2:
         p.error("--steps must be at least 2 (one warm-up step and one timed step)")

@@ -240,3 +240,53 @@ fn full_fine_tuning_refuses_a_quantized_base() {
         "{err}"
     );
 }
+
+#[test]
+fn training_on_a_gguf_base_saves_an_adapter_with_hugging_face_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gguf");
+    let (ok, _, err) = run_cli(&[
+        "train",
+        "--model",
+        "tests/fixtures/qlora/gguf/model-q8_0.gguf",
+        "--tokenizer",
+        "tests/fixtures/models/llama",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "8",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--logging-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let adapter = tensors(&out.join("adapter_model.safetensors"));
+    assert!(adapter.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert_eq!(adapter.len(), 28);
+    // The adapter fits the Hugging Face model the GGUF was converted from: load it there and the
+    // q_proj output (un-permuted rows) must agree with the GGUF-based model's.
+    let mut hf = load_model(&fixture("models/llama"), false);
+    load_adapter(&mut hf, &out).unwrap();
+    let options = LoadOptions {
+        tokenizer: Some(fixture("models/llama")),
+        ..LoadOptions::default()
+    };
+    let mut gguf = load_pretrained_with(
+        "tests/fixtures/qlora/gguf/model-f16.gguf",
+        options,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    load_adapter(&mut gguf, &out).unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &Device::Cpu).unwrap();
+    let err = rel_err(&gguf.forward(&ids).unwrap(), &hf.forward(&ids).unwrap());
+    assert!(err < 2e-2, "f16 GGUF + adapter vs HF + adapter: {err}");
+}
