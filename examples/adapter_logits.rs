@@ -1,17 +1,26 @@
 //! Writes `input_ids` and the logits of base + adapter for them, for scripts/check_peft_loads.py.
 //!
-//! cargo run --example adapter_logits -- BASE_DIR ADAPTER_DIR OUT.safetensors
+//! cargo run --example adapter_logits -- BASE_DIR ADAPTER_DIR OUT.safetensors [--qlora]
+//!
+//! `--qlora` loads the base as `--qlora` training does (NF4 + double quantization).
 
 use candle_core::{Device, Tensor};
 use peft_sft::lora::load_adapter;
-use peft_sft::model::load_pretrained;
+use peft_sft::model::{load_pretrained_with, LoadOptions};
+use peft_sft::quant::QuantScheme;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, base, adapter, out] = args.as_slice() else {
-        anyhow::bail!("usage: BASE_DIR ADAPTER_DIR OUT.safetensors");
+    let (base, adapter, out, qlora) = match args.as_slice() {
+        [_, b, a, o] => (b, a, o, false),
+        [_, b, a, o, flag] if flag == "--qlora" => (b, a, o, true),
+        _ => anyhow::bail!("usage: BASE_DIR ADAPTER_DIR OUT.safetensors [--qlora]"),
     };
-    let mut loaded = load_pretrained(base, false, &Device::Cpu)?;
+    let options = LoadOptions {
+        quantize: qlora.then(QuantScheme::qlora),
+        ..LoadOptions::default()
+    };
+    let mut loaded = load_pretrained_with(base, options, &Device::Cpu)?;
     load_adapter(&mut loaded.model, std::path::Path::new(adapter))?;
     let ids = loaded
         .tokenizer

@@ -11,6 +11,7 @@ use peft_sft::lora::load_adapter;
 use peft_sft::model::layers::LinearWeight;
 use peft_sft::model::weights::Weights;
 use peft_sft::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, ModelConfig};
+use peft_sft::quant::gguf::GgufFile;
 use peft_sft::quant::{QuantScheme, QuantizedData};
 
 fn bnb_dir() -> std::path::PathBuf {
@@ -289,4 +290,104 @@ fn training_on_a_gguf_base_saves_an_adapter_with_hugging_face_names() {
     let ids = Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &Device::Cpu).unwrap();
     let err = rel_err(&gguf.forward(&ids).unwrap(), &hf.forward(&ids).unwrap());
     assert!(err < 2e-2, "f16 GGUF + adapter vs HF + adapter: {err}");
+}
+
+fn eval_loss(extra: &[&str]) -> f64 {
+    let mut args = vec![
+        "eval",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run_cli(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["eval_loss"].as_f64().unwrap()
+}
+
+#[test]
+fn eight_bit_sits_between_full_precision_and_four_bit() {
+    let full = eval_loss(&[]);
+    let int8 = eval_loss(&["--load-in-8bit"]);
+    let nf4 = eval_loss(&["--load-in-4bit"]);
+    let fp4 = eval_loss(&["--qlora", "--bnb-4bit-quant-type", "fp4"]);
+    assert!(
+        (int8 - full).abs() < 0.01 * full,
+        "int8 {int8} vs full {full}"
+    );
+    assert!(
+        (int8 - full).abs() < (nf4 - full).abs(),
+        "int8 {int8}, nf4 {nf4}, full {full}"
+    );
+    assert!(nf4 != fp4, "nf4 and fp4 must use different codes");
+}
+
+#[test]
+fn a_gguf_base_merges_into_a_gguf_file_of_the_same_types_or_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (q, should_pass) in [("q8_0", true), ("q4_0", false)] {
+        let adapter = tmp.path().join(format!("adapter-{q}"));
+        let model = format!("tests/fixtures/qlora/gguf/model-{q}.gguf");
+        let (ok, _, err) = run_cli(&[
+            "train",
+            "--model",
+            &model,
+            "--tokenizer",
+            "tests/fixtures/models/llama",
+            "--dataset",
+            "tests/fixtures/data/qa_chat.jsonl",
+            "--output-dir",
+            adapter.to_str().unwrap(),
+            "--max-steps",
+            "8",
+            "--per-device-train-batch-size",
+            "4",
+            "--learning-rate",
+            "5e-3",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{err}");
+        let out = tmp.path().join(format!("merged-{q}.gguf"));
+        let (ok, _, err) = run_cli(&[
+            "merge",
+            "--model",
+            &model,
+            "--tokenizer",
+            "tests/fixtures/models/llama",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(ok, should_pass, "{q}: {err}");
+        if !should_pass {
+            // Re-quantizing to 4 bits erases most of what a short LoRA run learned: refused.
+            assert!(err.contains("--force") && !out.exists(), "{err}");
+            continue;
+        }
+        let original = GgufFile::open(std::path::Path::new(&model)).unwrap();
+        let merged = GgufFile::open(&out).unwrap();
+        assert_eq!(original.names(), merged.names());
+        let q_proj = "model.layers.0.self_attn.q_proj.weight";
+        let (a, b) = (
+            original.tensor(q_proj, &Device::Cpu).unwrap(),
+            merged.tensor(q_proj, &Device::Cpu).unwrap(),
+        );
+        assert_eq!(a.dtype(), b.dtype(), "re-quantized to the base's type");
+        assert_ne!(
+            a.data().unwrap(),
+            b.data().unwrap(),
+            "the adapter was merged"
+        );
+        let norm = "model.norm.weight";
+        assert_eq!(
+            original.tensor(norm, &Device::Cpu).unwrap().data().unwrap(),
+            merged.tensor(norm, &Device::Cpu).unwrap().data().unwrap(),
+            "untouched tensors are copied byte for byte"
+        );
+    }
 }

@@ -1,16 +1,19 @@
 //! `peft-sft merge`: adapter + base -> a complete transformers model folder, verified on a probe.
 
 use super::{load_model, model_args, text};
+use candle_core::Tensor;
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use peft_sft::lora::{load_adapter, merge_and_unload};
 use peft_sft::model::save::{save_pretrained, MAX_SHARD_BYTES};
-use peft_sft::model::{load_pretrained, CausalLm};
+use peft_sft::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, Pretrained};
+use peft_sft::quant::gguf::GgufFile;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// The `merge` subcommand's definition.
 pub fn command() -> Command {
     Command::new("merge")
-        .about("Merge a PEFT LoRA adapter into its base and write a transformers model folder")
+        .about("Merge a PEFT LoRA adapter into its base: a transformers model folder, or a GGUF file for a GGUF base (--output x.gguf)")
         .args(model_args(true))
         .arg(
             Arg::new("output")
@@ -25,11 +28,11 @@ pub fn command() -> Command {
                 .help("For a quantized base: merge into these full-precision weights instead of the dequantized base"),
         )
         .arg(
-            Arg::new("max_logit_diff")
-                .long("max-logit-diff")
-                .default_value("1e-3")
+            Arg::new("max_merge_error")
+                .long("max-merge-error")
+                .default_value("0.1")
                 .value_parser(value_parser!(f64))
-                .help("Refuse to write when adapter and merged model differ by more than this on the probe (relative to the largest logit)"),
+                .help("Refuse to write when, on the probe, the merged model strays from the adapter by more than this fraction of what the adapter changes in the base's logits"),
         )
         .arg(
             Arg::new("force")
@@ -40,9 +43,134 @@ pub fn command() -> Command {
 }
 
 /// Logits of the probe text.
-fn probe_logits(model: &CausalLm, ids: &[u32]) -> anyhow::Result<candle_core::Tensor> {
-    let probe = candle_core::Tensor::new(ids, &model.device)?.unsqueeze(0)?;
+fn probe_logits(model: &CausalLm, ids: &[u32]) -> anyhow::Result<Tensor> {
+    let probe = Tensor::new(ids, &model.device)?.unsqueeze(0)?;
     Ok(model.forward(&probe)?)
+}
+
+/// Logits of the probe on the base alone, with the adapter, and what the adapter changes.
+struct Probe {
+    ids: Vec<u32>,
+    adapted: Tensor,
+    /// Largest change the adapter makes to the base's logits.
+    effect: f64,
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64)
+}
+
+impl Probe {
+    /// Runs the probe text through `model` with and without its adapters.
+    fn new(model: &mut CausalLm, ids: Vec<u32>) -> anyhow::Result<Self> {
+        let adapted = probe_logits(model, &ids)?;
+        let loras: Vec<_> = model
+            .linears_mut()
+            .into_iter()
+            .map(|l| l.lora.take())
+            .collect();
+        let base = probe_logits(model, &ids);
+        for (lin, lora) in model.linears_mut().into_iter().zip(loras) {
+            lin.lora = lora;
+        }
+        let effect = max_abs_diff(&adapted, &base?)?;
+        Ok(Probe {
+            ids,
+            adapted,
+            effect,
+        })
+    }
+
+    /// Compares the merged model's logits with the adapter's: a report line, and whether the
+    /// difference stays within `limit` of the adapter's effect (always, when it is at float noise).
+    fn check(&self, merged: &Tensor, limit: f64) -> anyhow::Result<(String, bool)> {
+        let diff = max_abs_diff(&self.adapted, merged)?;
+        let scale = self.adapted.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let fraction = diff / self.effect.max(f64::MIN_POSITIVE);
+        let report = format!(
+            "largest logit difference on a probe between the adapter on its base and the merged model: {diff:.2e}, {:.1}% of the largest change the adapter makes ({:.2e})",
+            100.0 * fraction,
+            self.effect
+        );
+        Ok((report, diff <= 1e-5 * scale.max(1.0) || fraction <= limit))
+    }
+}
+
+/// Refuses (unless `--force`) a merge that failed the probe check.
+fn check_probe(m: &ArgMatches, report: &str, within: bool, limit: f64) -> anyhow::Result<()> {
+    if !within && !m.get_flag("force") {
+        anyhow::bail!(
+            "{report}; above --max-merge-error {limit}: the merged model would not answer like the adapter did; nothing written (pass --force to write it anyway)"
+        );
+    }
+    Ok(())
+}
+
+/// GGUF base + adapter -> a GGUF file: the adapted linears are merged and re-quantized to the
+/// base's type per tensor, everything else is copied; the written file is loaded back and checked
+/// on the probe before it replaces `--output`.
+fn merge_to_gguf(
+    m: &ArgMatches,
+    mut loaded: Pretrained,
+    probe: &Probe,
+    limit: f64,
+) -> anyhow::Result<()> {
+    let base = text(m, "model");
+    if !base.ends_with(".gguf") {
+        anyhow::bail!(
+            "--output {}: merging into a GGUF file needs a GGUF --model (this base is a safetensors model: merge to a folder)",
+            text(m, "output")
+        );
+    }
+    let gguf = GgufFile::open(Path::new(base))?;
+    let adapted: Vec<String> = loaded
+        .model
+        .linears()
+        .into_iter()
+        .filter(|l| l.lora.is_some())
+        .map(|l| l.name.clone())
+        .collect();
+    let merged = merge_and_unload(&mut loaded.model)?;
+    let mut replaced = HashMap::new();
+    for lin in loaded.model.linears() {
+        if adapted.contains(&lin.name) {
+            replaced.insert(format!("{}.weight", lin.name), lin.weight.dense()?);
+        }
+    }
+    let out = Path::new(text(m, "output"));
+    let partial = out.with_extension("partial.gguf");
+    gguf.write_replacing(&replaced, &partial)?;
+    let options = LoadOptions {
+        tokenizer: Some(loaded.dir.clone()),
+        ..LoadOptions::default()
+    };
+    let check = load_pretrained_with(
+        partial.to_str().unwrap_or_default(),
+        options,
+        &loaded.model.device,
+    );
+    let after = match check {
+        Ok(written) => probe_logits(&written.model, &probe.ids),
+        Err(e) => Err(e.into()),
+    };
+    let after = match after {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    let (check, within) = probe.check(&after, limit)?;
+    let report = format!(
+        "merged {merged} LoRA modules into {base} and re-quantized them to their GGUF types; {check}"
+    );
+    if let Err(e) = check_probe(m, &report, within, limit) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    eprintln!("{report}; wrote {}", out.display());
+    Ok(())
 }
 
 /// Runs `peft-sft merge`: the merged model must answer like the adapter on its (possibly
@@ -53,7 +181,11 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         "The quick brown fox jumps over the lazy dog. Question: what is 12 + 30? Answer: 42.",
         true,
     )?;
-    let before = probe_logits(&loaded.model, &ids)?;
+    let probe = Probe::new(&mut loaded.model, ids)?;
+    let limit = m.get_one::<f64>("max_merge_error").copied().unwrap_or(0.1);
+    if text(m, "output").ends_with(".gguf") {
+        return merge_to_gguf(m, loaded, &probe, limit);
+    }
     let quantized = loaded.model.quantized_modules().len();
     let (mut model, source_dir, how) = match (quantized, m.get_one::<String>("base_full_precision"))
     {
@@ -74,19 +206,10 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         }
     };
     let merged = merge_and_unload(&mut model)?;
-    let after = probe_logits(&model, &ids)?;
-    let diff = (&before - &after)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let scale = before.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6) as f64;
-    let limit = m.get_one::<f64>("max_logit_diff").copied().unwrap_or(1e-3);
-    let report = format!(
-        "{how}: {merged} LoRA modules; largest logit difference between the adapter on its training base and the merged model on a probe: {diff:.2e} ({:.2e} of the largest logit)",
-        diff / scale
-    );
-    if diff / scale > limit && !m.get_flag("force") {
-        anyhow::bail!(
-            "{report}, above --max-logit-diff {limit:e}: the merged model would not answer like the adapter did; nothing written (pass --force to write it anyway)"
-        );
-    }
+    let after = probe_logits(&model, &probe.ids)?;
+    let (check, within) = probe.check(&after, limit)?;
+    let report = format!("{how}: {merged} LoRA modules; {check}");
+    check_probe(m, &report, within, limit)?;
     let out = Path::new(text(m, "output"));
     save_pretrained(&model, &source_dir, out, MAX_SHARD_BYTES)?;
     eprintln!("{report}; wrote {}", out.display());

@@ -6,10 +6,10 @@
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// An open GGUF model file.
@@ -313,4 +313,87 @@ fn unpermute_rows(t: &QTensor, heads: usize) -> Result<QTensor> {
 /// Whether a GGUF type is stored unquantized (such tensors load as plain weights).
 pub fn is_float(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Llama.cpp's query/key permutation of a dense `[rows, in]` weight (or `[rows]` bias): Hugging
+/// Face row `h*d + t*d/2 + j` becomes row `h*d + 2j + t`.
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let d = dims[0] / heads;
+    let cols = t.elem_count() / dims[0];
+    Ok(t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+impl GgufFile {
+    /// The number of heads whose rows llama.cpp permutes in tensor `hf`, if it does.
+    fn permuted_heads(&self, hf: &str) -> Result<Option<usize>> {
+        if self.arch != "llama" {
+            return Ok(None);
+        }
+        let heads = self.u64_key("attention.head_count")? as usize;
+        Ok(if hf.contains("self_attn.q_proj.") {
+            Some(heads)
+        } else if hf.contains("self_attn.k_proj.") {
+            Some(
+                self.u64_key("attention.head_count_kv")
+                    .unwrap_or(heads as u64) as usize,
+            )
+        } else {
+            None
+        })
+    }
+
+    /// Writes a copy of this file to `out` in which every tensor named in `replaced` (Hugging Face
+    /// names, full-precision values in Hugging Face layout) is re-quantized to the type it had
+    /// here; every other tensor and all metadata are copied unchanged.
+    pub fn write_replacing(&self, replaced: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+        let hf_of: HashMap<String, &String> = self
+            .names
+            .iter()
+            .filter_map(|hf| gguf_name(hf).map(|g| (g, hf)))
+            .collect();
+        let mut infos: Vec<(&String, u64)> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n, i.offset))
+            .collect();
+        infos.sort_by_key(|(_, offset)| *offset);
+        let mut file = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut tensors = Vec::with_capacity(infos.len());
+        for (name, _) in infos {
+            let original = self.content.tensor(&mut file, name, &Device::Cpu)?;
+            let new = match hf_of
+                .get(name)
+                .and_then(|hf| replaced.get(*hf).map(|t| (hf, t)))
+            {
+                Some((hf, value)) => {
+                    let value = value.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                    let value = match self.permuted_heads(hf)? {
+                        Some(h) => permute_rows(&value, h)?,
+                        None => value,
+                    };
+                    QTensor::quantize(&value, original.dtype())?
+                }
+                None => original,
+            };
+            tensors.push((name.clone(), new));
+        }
+        let metadata: Vec<(&str, &Value)> = self
+            .content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        crate::io::write_atomic(out, |tmp| {
+            let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+            let mut w = std::io::BufWriter::new(file);
+            candle_core::quantized::gguf_file::write(&mut w, &metadata, &refs)?;
+            std::io::Write::flush(&mut w).map_err(|e| Error::io(tmp, e))
+        })
+    }
 }
