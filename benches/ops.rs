@@ -1,7 +1,8 @@
 //! Forward + backward of each differentiable op at SmolLM2-135M sizes (hidden 576, 9 heads of 64,
 //! 3 KV heads, MLP 1536, vocab 49152), sequence length 512, batch 1, f32 on CPU.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use peft_sft::ops::attention::{attention, AttentionMask};
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
@@ -9,6 +10,8 @@ use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
 use peft_sft::ops::swiglu::swiglu;
+use peft_sft::quant::{QuantScheme, QuantizedData, QuantizedWeight};
+use std::sync::Arc;
 
 const T: usize = 512;
 const HIDDEN: usize = 576;
@@ -89,5 +92,57 @@ fn bench_ops(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_ops);
+/// A frozen 1536x576 linear (SmolLM2-135M's MLP up projection) at T=512 in each storage: dense f32,
+/// NF4 with double quantization, GGUF Q8_0 and Q4_0 (dequantized per use), and candle's quantized
+/// matmul for the GGUF forward as the alternative.
+fn bench_quantized_linear(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quantized_linear_t512");
+    g.sample_size(10);
+    let x = var(&[1, T, HIDDEN]);
+    let w = randn(&[1536, HIDDEN]);
+    let nf4 =
+        QuantizedWeight::quantize(&w, QuantScheme::qlora(), DType::F32, &Device::Cpu).unwrap();
+    let gguf = |dtype| QuantizedWeight {
+        shape: (1536, HIDDEN),
+        data: QuantizedData::Gguf(Arc::new(QTensor::quantize(&w, dtype).unwrap())),
+        dtype: DType::F32,
+    };
+    let weights = [
+        ("dense_f32", FrozenWeight::Dense(w.clone())),
+        ("nf4_dq", FrozenWeight::Quantized(Arc::new(nf4.clone()))),
+        (
+            "q8_0",
+            FrozenWeight::Quantized(Arc::new(gguf(GgmlDType::Q8_0))),
+        ),
+        (
+            "q4_0",
+            FrozenWeight::Quantized(Arc::new(gguf(GgmlDType::Q4_0))),
+        ),
+    ];
+    for (name, weight) in &weights {
+        g.bench_function(format!("fwd_bwd_{name}"), |b| {
+            b.iter(|| fwd_bwd(frozen_linear(&x, weight, None).unwrap()))
+        });
+    }
+    g.bench_function("dequantize_nf4_dq", |b| {
+        b.iter(|| nf4.dequantize().unwrap())
+    });
+    let xs = x.as_tensor().reshape((T, HIDDEN)).unwrap();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let qmm = QMatMul::from_arc(q.clone()).unwrap();
+        g.bench_function(format!("fwd_qmatmul_{dtype:?}"), |b| {
+            b.iter(|| qmm.forward(&xs).unwrap())
+        });
+        g.bench_function(format!("fwd_dequant_matmul_{dtype:?}"), |b| {
+            b.iter(|| {
+                let d = q.dequantize(&Device::Cpu).unwrap();
+                xs.matmul(&d.t().unwrap()).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_ops, bench_quantized_linear);
 criterion_main!(benches);

@@ -1,15 +1,17 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc]
 //!
 //! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
-//! `load_rss_mib` is the peak RSS once the model is loaded (before any step).
+//! `+gc` turns on gradient checkpointing; `load_rss_mib` is the peak RSS once the model is loaded
+//! (before any step).
 
 use candle_core::{DType, Device, Tensor};
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::weights::Weights;
 use peft_sft::model::{CausalLm, ModelConfig};
+use peft_sft::ops::checkpoint::backward;
 use peft_sft::quant::QuantScheme;
 use peft_sft::rng::Rng;
 use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
@@ -36,7 +38,8 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
     let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
     let mode = args.get(5).map_or("lora", String::as_str);
-    let quantize = match mode {
+    let checkpointing = mode.ends_with("+gc");
+    let quantize = match mode.trim_end_matches("+gc") {
         "lora" => None,
         "qlora" => Some(QuantScheme::qlora()),
         other => anyhow::bail!("mode `{other}`: expected lora or qlora"),
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     let mut model =
         CausalLm::load_quantized(config, &weights, false, quantize, DType::F32, &Device::Cpu)?;
     let load_rss_mib = peak_rss_mib();
+    model.gradient_checkpointing = checkpointing;
     let lora = LoraConfig {
         r: rank,
         lora_alpha: 2.0 * rank as f64,
@@ -65,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     for step in 0..=steps {
         let start = Instant::now();
         let out = model.loss(&ids, &ones, &ones, None)?;
-        let grads = (&out.loss_sum / out.loss_tokens)?.backward()?;
+        let grads = backward(&(&out.loss_sum / out.loss_tokens)?)?;
         let grads: Vec<Tensor> = opt
             .params()
             .iter()

@@ -202,11 +202,7 @@ fn rows_with_no_loss_token_after_truncation_are_skipped_and_counted() {
 #[test]
 fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
     let tmp = tempfile::tempdir().unwrap();
-    for flag in [
-        "--packing",
-        "--gradient-checkpointing",
-        "--assistant-only-loss",
-    ] {
+    for flag in ["--packing", "--assistant-only-loss"] {
         let err = train_err(
             &model(),
             &fixture("data/qa_chat.jsonl"),

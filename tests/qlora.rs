@@ -107,21 +107,28 @@ fn a_qlora_step_matches_peft_over_bitsandbytes() {
     }
 }
 
+/// `tests/fixtures/qlora/gguf/model-<file>.gguf` with the tiny llama's tokenizer.
+fn gguf_model(file: &str) -> CausalLm {
+    let options = LoadOptions {
+        tokenizer: Some(fixture("models/llama")),
+        ..LoadOptions::default()
+    };
+    let path = fixture(&format!("qlora/gguf/model-{file}.gguf"));
+    load_pretrained_with(path.to_str().unwrap(), options, &Device::Cpu)
+        .unwrap()
+        .model
+}
+
 #[test]
 fn gguf_files_load_to_the_logits_transformers_reads_from_them() {
     let dir = fixture("qlora/gguf");
     let reference = tensors(&dir.join("reference.safetensors"));
     let ids = input_ids(&reference);
     for (file, quantized) in [("f16", 0), ("q8_0", 14), ("q4_0", 14)] {
-        let options = LoadOptions {
-            tokenizer: Some(fixture("models/llama")),
-            ..LoadOptions::default()
-        };
-        let path = dir.join(format!("model-{file}.gguf"));
-        let loaded = load_pretrained_with(path.to_str().unwrap(), options, &Device::Cpu).unwrap();
-        assert_eq!(loaded.model.quantized_modules().len(), quantized, "{file}");
+        let model = gguf_model(file);
+        assert_eq!(model.quantized_modules().len(), quantized, "{file}");
         let err = rel_err(
-            &loaded.model.forward(&ids).unwrap(),
+            &model.forward(&ids).unwrap(),
             &reference[&format!("logits_{file}")],
         );
         assert!(
@@ -275,17 +282,7 @@ fn training_on_a_gguf_base_saves_an_adapter_with_hugging_face_names() {
     // q_proj output (un-permuted rows) must agree with the GGUF-based model's.
     let mut hf = load_model(&fixture("models/llama"), false);
     load_adapter(&mut hf, &out).unwrap();
-    let options = LoadOptions {
-        tokenizer: Some(fixture("models/llama")),
-        ..LoadOptions::default()
-    };
-    let mut gguf = load_pretrained_with(
-        "tests/fixtures/qlora/gguf/model-f16.gguf",
-        options,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model;
+    let mut gguf = gguf_model("f16");
     load_adapter(&mut gguf, &out).unwrap();
     let ids = Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &Device::Cpu).unwrap();
     let err = rel_err(&gguf.forward(&ids).unwrap(), &hf.forward(&ids).unwrap());

@@ -7,7 +7,9 @@ use super::layers::{
 use super::param::Param;
 use super::weights::Weights;
 use crate::ops::attention::AttentionMask;
+use crate::ops::checkpoint::checkpoint;
 use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
+use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
 use crate::ops::rope::RotaryEmbedding;
 use crate::quant::{bnb, gguf, QuantScheme, QuantizedData, QuantizedWeight};
@@ -33,6 +35,9 @@ pub struct CausalLm {
     pub dtype: DType,
     /// Device holding the weights.
     pub device: Device,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations (use
+    /// [`crate::ops::checkpoint::backward`] for the loss).
+    pub gradient_checkpointing: bool,
 }
 
 /// Where a tensor loads from and whether it trains.
@@ -237,6 +242,7 @@ impl CausalLm {
             rope,
             dtype,
             device: device.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -291,7 +297,21 @@ impl CausalLm {
                 sin: &sin,
                 dropout_key,
             };
-            x = layer.forward(&x, &ctx, cache)?;
+            x = if self.gradient_checkpointing && cache.is_none() && grad_enabled() {
+                let layer = layer.clone();
+                let (mask, cos, sin) = (ctx.mask.clone(), cos.clone(), sin.clone());
+                checkpoint(&x, layer.trainable_vars(), move |h| {
+                    let ctx = ForwardContext {
+                        mask: &mask,
+                        cos: &cos,
+                        sin: &sin,
+                        dropout_key,
+                    };
+                    layer.forward(h, &ctx, None)
+                })?
+            } else {
+                layer.forward(&x, &ctx, cache)?
+            };
         }
         Ok(self.norm.forward(&x)?)
     }

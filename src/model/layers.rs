@@ -10,7 +10,7 @@ use crate::ops::residual::residual_add;
 use crate::ops::rope::apply_rope;
 use crate::ops::swiglu::swiglu;
 use crate::quant::QuantizedWeight;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 use std::sync::Arc;
 
 /// Per-forward inputs shared by all layers.
@@ -284,6 +284,24 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout_key)?;
         residual_add(&x, &mlp)
+    }
+
+    /// Every trainable tensor the layer uses: LoRA pairs, and its weights when fully fine-tuning.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut out = Vec::new();
+        for lin in self.linears() {
+            if let Some(lora) = &lin.lora {
+                out.extend([lora.a.clone(), lora.b.clone()]);
+            }
+            out.extend(lin.weight.param().and_then(Param::var).cloned());
+            out.extend(lin.bias.as_ref().and_then(Param::var).cloned());
+        }
+        out.extend(
+            self.norms()
+                .into_iter()
+                .filter_map(|n| n.weight.var().cloned()),
+        );
+        out
     }
 
     /// The layer's linear modules, in a fixed order.

@@ -43,6 +43,19 @@ fn parse_dtype(name: &str) -> Option<DType> {
     })
 }
 
+/// A JSON array of sizes (a tensor shape) as numbers; empty when it is not one.
+pub(crate) fn json_dims(value: &serde_json::Value) -> Vec<usize> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Reads the header of one safetensors file: every tensor's dtype, shape and byte range.
 fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
     let bad = |message: String| Error::Parse {
@@ -73,15 +86,7 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
                 "tensor `{name}` has unsupported dtype {dtype_name}"
             ))
         })?;
-        let shape: Vec<usize> = info["shape"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let shape = json_dims(&info["shape"]);
         let offsets: Vec<u64> = info["data_offsets"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())

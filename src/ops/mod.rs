@@ -3,6 +3,7 @@
 //! inputs: frozen weights never receive a gradient and never enter candle's autograd as operands.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod cross_entropy;
 pub mod graft;
 pub mod linear;

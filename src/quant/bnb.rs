@@ -4,7 +4,7 @@
 //! state in the U8 tensor `weight.quant_state.bitsandbytes__nf4` (or `__fp4`).
 
 use super::{Absmax, FourBit, FourBitType, NestedAbsmax, QuantizedData, QuantizedWeight};
-use crate::model::weights::Weights;
+use crate::model::weights::{json_dims, Weights};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -59,15 +59,7 @@ pub fn read_four_bit(
         .to_vec1::<u8>()?;
     let state: serde_json::Value = serde_json::from_slice(&state_bytes)
         .map_err(|e| bad(format!("quant state is not JSON: {e}")))?;
-    let stored_shape: Vec<usize> = state["shape"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as usize)
-                .collect()
-        })
-        .unwrap_or_default();
+    let stored_shape = json_dims(&state["shape"]);
     if stored_shape != [shape.0, shape.1] {
         return Err(bad(format!(
             "quantized shape {stored_shape:?}, the config implies [{}, {}]",

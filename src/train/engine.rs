@@ -15,6 +15,7 @@ use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained_with, select_device, CausalLm, LoadOptions, Pretrained};
+use crate::ops::checkpoint::backward;
 use crate::rng::key;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -90,11 +91,6 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                 "--assistant-only-loss is not implemented yet".into(),
             ))
         }
-        _ if config.gradient_checkpointing => {
-            return Err(Error::Config(
-                "--gradient-checkpointing is not implemented yet; train without it".into(),
-            ))
-        }
         _ => {}
     }
     let device = select_device(&config.device)?;
@@ -125,6 +121,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         },
         &device,
     )?;
+    model.gradient_checkpointing = config.gradient_checkpointing;
     let train_set = load_data(&config.dataset_name, &tokenizer, config)?;
     let eval_set = config
         .eval_dataset
@@ -226,7 +223,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                 &batch.attention_mask,
                 Some(dropout_key),
             )?;
-            let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
+            let store = backward(&(&out.loss_sum / step_loss_tokens.max(1.0))?)?;
             for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
                 if let Some(g) = store.get(var) {
                     *slot = Some(match slot.take() {

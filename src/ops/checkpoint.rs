@@ -1,0 +1,80 @@
+//! Gradient checkpointing: a block (one decoder layer) runs its forward without keeping any of
+//! its intermediate tensors; only its input is saved, and the backward pass recomputes the block
+//! with gradients and back-propagates through the recomputed graph.
+//!
+//! candle's custom ops return gradients only for their declared inputs, while a layer's trainable
+//! weights (LoRA pairs, or all weights when fully fine-tuning) are many: the recomputation's weight
+//! gradients are parked here and [`backward`] adds them to the store. Use [`backward`] instead of
+//! `Tensor::backward` whenever checkpointing may be on.
+
+use super::graft::{graft1, graft2, without_grad};
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use std::cell::RefCell;
+
+thread_local! {
+    /// Weight gradients produced by recomputations during the running backward pass.
+    static PARKED: RefCell<Vec<(Tensor, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `block` on `x` keeping only `x` for the backward pass. `vars` are the trainable tensors
+/// `block` uses: their gradients from the recomputation reach the store through [`backward`].
+///
+/// x: any shape -> block's output
+pub fn checkpoint<F>(x: &Tensor, vars: Vec<Var>, block: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let out = without_grad(|| block(&x.detach()))?;
+    let anchor = vars.first().map(|v| v.as_tensor().clone());
+    let recompute = move |x: &Tensor, g: &Tensor, x_tracked: bool| -> Result<Option<Tensor>> {
+        let input = Var::from_tensor(&x.detach())?;
+        let y = block(input.as_tensor())?;
+        let grads = (y * g.detach())?.sum_all()?.backward()?;
+        PARKED.with(|p| {
+            let mut p = p.borrow_mut();
+            for v in &vars {
+                if let Some(gv) = grads.get(v) {
+                    p.push((v.as_tensor().clone(), gv.clone()));
+                }
+            }
+        });
+        Ok(if x_tracked {
+            grads.get(input.as_tensor()).cloned()
+        } else {
+            None
+        })
+    };
+    match anchor {
+        // A trainable weight anchors the op in the graph even when `x` itself is not tracked (the
+        // first layer's input comes from a frozen embedding); its gradient is parked, not returned.
+        Some(anchor) => graft2(
+            "checkpoint",
+            x,
+            &anchor,
+            out,
+            Box::new(move |x, _, g, needs| Ok((recompute(x, g, needs[0])?, None))),
+        ),
+        None => graft1(
+            "checkpoint",
+            x,
+            out,
+            Box::new(move |x, g| recompute(x, g, true)),
+        ),
+    }
+}
+
+/// `loss.backward()` plus the weight gradients of checkpointed blocks.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    PARKED.with(|p| p.borrow_mut().clear());
+    let mut store = loss.backward()?;
+    let parked = PARKED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for (var, grad) in parked {
+        let total = match store.get(&var) {
+            Some(existing) => (existing + grad)?,
+            None => grad,
+        };
+        store.insert(&var, total);
+    }
+    Ok(store)
+}
