@@ -82,3 +82,51 @@ fn full_fine_tuning_gradients_equal_without_checkpointing() {
     let mut model = load_model(&fixture("models/qwen2"), true);
     assert_same(&mut model);
 }
+
+/// Losses and gradient norms logged by `peft-sft train` with the given extra flags.
+fn logged(extra: &[&str]) -> Vec<(f64, f64)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args = vec![
+        "train",
+        "--model",
+        "tests/fixtures/models/llama",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--lora-dropout",
+        "0.1",
+        "--logging-steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = run_cli(&args);
+    assert!(ok, "{err}");
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn training_with_gradient_checkpointing_logs_the_same_run() {
+    let plain = logged(&[]);
+    let ckpt = logged(&["--gradient-checkpointing"]);
+    assert_eq!(plain.len(), 3);
+    for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+        assert!((a.0 - b.0).abs() < 1e-5 * a.0, "step {i} loss: {a:?} vs {b:?}");
+        assert!((a.1 - b.1).abs() < 1e-4 * a.1, "step {i} grad_norm: {a:?} vs {b:?}");
+    }
+}
