@@ -1,5 +1,7 @@
-//! Batching tokenized examples with right padding, as TRL's `DataCollatorForLanguageModeling`
-//! (padding-free off): padding is masked by position, never by token id, since the pad token may be EOS.
+//! Batching tokenized examples as TRL's `DataCollatorForLanguageModeling`: right padding (padding
+//! is masked by position, never by token id, since the pad token may be EOS), or, for packed
+//! examples, padding-free: the batch becomes one row of concatenated documents whose positions
+//! restart at each document and whose attention never crosses one.
 
 use candle_core::{Device, Tensor};
 
@@ -21,6 +23,10 @@ pub struct Batch {
     pub num_loss_tokens: usize,
     /// The number of real (non-padding) tokens, TRL's `num_tokens` metric (`attention_mask.sum()`).
     pub num_tokens: usize,
+    /// RoPE positions: one row shared by all rows, or one per row (restarting per document).
+    pub positions: Vec<Vec<u32>>,
+    /// Document id of each token per row, for packed batches (attention stays within a document).
+    pub documents: Option<Vec<Vec<u32>>>,
 }
 
 /// Pads `examples` on the right to the longest one with `pad_id` and builds the masks.
@@ -38,6 +44,9 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Ba
                 example.loss_mask.len()
             )));
         }
+    }
+    if examples.iter().any(|e| !e.seq_lengths.is_empty()) {
+        return collate_padding_free(examples, device);
     }
     let seq_len = examples.iter().map(|e| e.len()).max().unwrap_or(0);
     if seq_len == 0 {
@@ -59,12 +68,7 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Ba
             loss_mask[offset + position] = f32::from(bit);
         }
         attention_mask[offset..offset + len].fill(1.0);
-        num_loss_tokens += example
-            .loss_mask
-            .iter()
-            .skip(1)
-            .filter(|&&bit| bit == 1)
-            .count();
+        num_loss_tokens += example.loss_targets();
         num_tokens += len;
     }
     let shape = (batch_size, seq_len);
@@ -74,6 +78,44 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Ba
         attention_mask: Tensor::from_vec(attention_mask, shape, device)?,
         num_loss_tokens,
         num_tokens,
+        positions: vec![(0..seq_len as u32).collect()],
+        documents: None,
+    })
+}
+
+/// Padding-free batch of packed examples: all documents of all examples in one row `[1, n]`,
+/// positions restarting at 0 per document, a document id per token, and no loss on the first
+/// token of a document (it is never predicted from the previous document's last token).
+fn collate_padding_free(examples: &[&Example], device: &Device) -> Result<Batch> {
+    let mut input_ids = Vec::new();
+    let mut loss_mask = Vec::new();
+    let mut positions = Vec::new();
+    let mut documents = Vec::new();
+    let mut document = 0u32;
+    for example in examples {
+        let mut start = 0;
+        for len in example.documents() {
+            input_ids.extend_from_slice(&example.input_ids[start..start + len]);
+            for i in 0..len {
+                let bit = example.loss_mask[start + i];
+                loss_mask.push(if i == 0 { 0.0 } else { f32::from(bit) });
+                positions.push(i as u32);
+                documents.push(document);
+            }
+            document += 1;
+            start += len;
+        }
+    }
+    let n = input_ids.len();
+    let num_loss_tokens = examples.iter().map(|e| e.loss_targets()).sum();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(input_ids, (1, n), device)?,
+        loss_mask: Tensor::from_vec(loss_mask, (1, n), device)?,
+        attention_mask: Tensor::ones((1, n), candle_core::DType::F32, device)?,
+        num_loss_tokens,
+        num_tokens: n,
+        positions: vec![positions],
+        documents: Some(vec![documents]),
     })
 }
 
@@ -82,10 +124,7 @@ mod tests {
     use super::*;
 
     fn example(input_ids: Vec<u32>, loss_mask: Vec<u8>) -> Example {
-        Example {
-            input_ids,
-            loss_mask,
-        }
+        Example::new(input_ids, loss_mask)
     }
 
     #[test]
@@ -111,6 +150,29 @@ mod tests {
         assert_eq!(batch.num_tokens, 6);
         // Position 0 is never predicted: 3 targets in row 0, 1 in row 1.
         assert_eq!(batch.num_loss_tokens, 4);
+    }
+
+    #[test]
+    fn packed_examples_become_one_padding_free_row() {
+        let packed = Example {
+            input_ids: vec![5, 6, 7, 8, 9],
+            loss_mask: vec![1, 1, 1, 0, 1],
+            seq_lengths: vec![3, 2],
+        };
+        let single = example(vec![4, 3], vec![1, 1]);
+        let batch = collate(&[&packed, &single], 0, &Device::Cpu).expect("collate");
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().expect("ids"),
+            vec![vec![5, 6, 7, 8, 9, 4, 3]]
+        );
+        assert_eq!(batch.positions, vec![vec![0, 1, 2, 0, 1, 0, 1]]);
+        assert_eq!(batch.documents, Some(vec![vec![0, 0, 0, 1, 1, 2, 2]]));
+        assert_eq!(
+            batch.loss_mask.to_vec2::<f32>().expect("loss"),
+            vec![vec![0., 1., 1., 0., 1., 0., 1.]]
+        );
+        assert_eq!(batch.num_loss_tokens, 2 + 1 + 1);
+        assert_eq!(batch.num_tokens, 7);
     }
 
     #[test]

@@ -36,12 +36,49 @@ pub struct Example {
     pub input_ids: Vec<u32>,
     /// 1 where the token is a target of the loss, 0 where it is context only; as long as `input_ids`.
     pub loss_mask: Vec<u8>,
+    /// Lengths of the documents packed into this example, in order (TRL's `seq_lengths`); empty
+    /// for an example that is one document.
+    pub seq_lengths: Vec<usize>,
 }
 
 impl Example {
+    /// One document with its loss mask.
+    pub fn new(input_ids: Vec<u32>, loss_mask: Vec<u8>) -> Self {
+        Example {
+            input_ids,
+            loss_mask,
+            seq_lengths: Vec::new(),
+        }
+    }
+
     /// The number of tokens.
     pub fn len(&self) -> usize {
         self.input_ids.len()
+    }
+
+    /// Lengths of the documents in this example (one, unless packed).
+    pub fn documents(&self) -> Vec<usize> {
+        if self.seq_lengths.is_empty() {
+            vec![self.len()]
+        } else {
+            self.seq_lengths.clone()
+        }
+    }
+
+    /// The loss targets the shifted loss sees: masked tokens after the first of each document (the
+    /// first token of a document is never predicted, not even from the previous packed document).
+    pub fn loss_targets(&self) -> usize {
+        let mut start = 0;
+        let mut n = 0;
+        for len in self.documents() {
+            n += self.loss_mask[start..start + len]
+                .iter()
+                .skip(1)
+                .filter(|&&b| b == 1)
+                .count();
+            start += len;
+        }
+        n
     }
 
     /// Whether the example has no tokens.
@@ -212,10 +249,7 @@ impl<'a> SampleTokenizer<'a> {
             }
             _ => vec![1; input_ids.len()],
         };
-        Ok(Example {
-            input_ids,
-            loss_mask,
-        })
+        Ok(Example::new(input_ids, loss_mask))
     }
 
     /// The EOS token TRL's `add_eos` appends, which text formats need.

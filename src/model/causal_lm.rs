@@ -6,6 +6,7 @@ use super::layers::{
 };
 use super::param::Param;
 use super::weights::Weights;
+use crate::data::Batch;
 use crate::ops::attention::AttentionMask;
 use crate::ops::checkpoint::checkpoint;
 use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
@@ -332,6 +333,19 @@ impl CausalLm {
         })
     }
 
+    /// Loss over a batch: summed cross-entropy of the targets the shifted `loss_mask` selects, with
+    /// positions and document boundaries from the batch (packed batches).
+    pub fn batch_loss(&self, batch: &Batch, dropout_key: Option<u64>) -> Result<LossOutput> {
+        self.loss_with(
+            &batch.input_ids,
+            &batch.loss_mask,
+            &batch.attention_mask,
+            &batch.positions,
+            batch.documents.as_deref(),
+            dropout_key,
+        )
+    }
+
     /// The summed next-token cross-entropy of a padded batch: position i predicts token i + 1
     /// where `loss_mask[i + 1]` is 1; entropy is averaged over attended positions, as TRL does.
     ///
@@ -341,6 +355,29 @@ impl CausalLm {
         input_ids: &Tensor,
         loss_mask: &Tensor,
         attention_mask: &Tensor,
+        dropout_key: Option<u64>,
+    ) -> Result<LossOutput> {
+        let t = input_ids.dim(1)?;
+        let positions = [(0..t as u32).collect()];
+        self.loss_with(
+            input_ids,
+            loss_mask,
+            attention_mask,
+            &positions,
+            None,
+            dropout_key,
+        )
+    }
+
+    /// [`CausalLm::loss`] with explicit RoPE positions (one shared row or one per row) and
+    /// per-token document ids (attention stays within a document).
+    pub fn loss_with(
+        &self,
+        input_ids: &Tensor,
+        loss_mask: &Tensor,
+        attention_mask: &Tensor,
+        positions: &[Vec<u32>],
+        documents: Option<&[Vec<u32>]>,
         dropout_key: Option<u64>,
     ) -> Result<LossOutput> {
         let (b, t) = input_ids.dims2()?;
@@ -364,13 +401,7 @@ impl CausalLm {
                 targets.entropy_weight.push(attention[row][i]);
             }
         }
-        let hidden = self.forward_hidden(
-            input_ids,
-            &[(0..t as u32).collect()],
-            None,
-            dropout_key,
-            None,
-        )?;
+        let hidden = self.forward_hidden(input_ids, positions, documents, dropout_key, None)?;
         let hidden = hidden.reshape((b * t, self.config.hidden_size))?;
         Ok(lm_head_loss(&hidden, self.head_weight(), &targets)?)
     }

@@ -10,7 +10,7 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
-use crate::data::{collate, prepare_dataset, Example, PreparedDataset, TokenizeOptions};
+use crate::data::{collate, pack_bfd, prepare_dataset, Example, PreparedDataset, TokenizeOptions};
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
@@ -43,8 +43,7 @@ pub struct Reporting {
 }
 
 fn loss_tokens(example: &Example) -> f64 {
-    // Position 0 is never predicted: the loss covers targets 1..t.
-    example.loss_mask.iter().skip(1).map(|&m| m as f64).sum()
+    example.loss_targets() as f64
 }
 
 fn load_data(
@@ -83,9 +82,6 @@ fn save_weights(
 pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
     match config.mode {
-        _ if config.packing => {
-            return Err(Error::Config("--packing is not implemented yet".into()))
-        }
         _ if config.assistant_only_loss => {
             return Err(Error::Config(
                 "--assistant-only-loss is not implemented yet".into(),
@@ -122,12 +118,18 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         &device,
     )?;
     model.gradient_checkpointing = config.gradient_checkpointing;
-    let train_set = load_data(&config.dataset_name, &tokenizer, config)?;
-    let eval_set = config
+    let mut train_set = load_data(&config.dataset_name, &tokenizer, config)?;
+    let mut eval_set = config
         .eval_dataset
         .as_deref()
         .map(|p| load_data(p, &tokenizer, config))
         .transpose()?;
+    if config.packing {
+        // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
+        for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
+            set.examples = pack_bfd(&set.examples, config.max_length);
+        }
+    }
     let pad_id = tokenizer.pad_token_id().ok_or_else(|| {
         Error::Config(format!(
             "{}: the tokenizer has neither a pad nor an eos token",
@@ -217,12 +219,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         for (micro, examples) in micro_batches.iter().enumerate() {
             let batch = collate(examples, pad_id, &device)?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
-            let out = model.loss(
-                &batch.input_ids,
-                &batch.loss_mask,
-                &batch.attention_mask,
-                Some(dropout_key),
-            )?;
+            let out = model.batch_loss(&batch, Some(dropout_key))?;
             let store = backward(&(&out.loss_sum / step_loss_tokens.max(1.0))?)?;
             for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
                 if let Some(g) = store.get(var) {

@@ -68,12 +68,7 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &model.device)?;
-        let out = model.loss(
-            &batch.input_ids,
-            &batch.loss_mask,
-            &batch.attention_mask,
-            None,
-        )?;
+        let out = model.batch_loss(&batch, None)?;
         totals.add(&LossTotals {
             loss_sum: out
                 .loss_sum
