@@ -116,7 +116,12 @@ fn logged(extra: &[&str]) -> Vec<(f64, f64)> {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -126,7 +131,13 @@ fn training_with_gradient_checkpointing_logs_the_same_run() {
     let ckpt = logged(&["--gradient-checkpointing"]);
     assert_eq!(plain.len(), 3);
     for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
-        assert!((a.0 - b.0).abs() < 1e-5 * a.0, "step {i} loss: {a:?} vs {b:?}");
-        assert!((a.1 - b.1).abs() < 1e-4 * a.1, "step {i} grad_norm: {a:?} vs {b:?}");
+        assert!(
+            (a.0 - b.0).abs() < 1e-5 * a.0,
+            "step {i} loss: {a:?} vs {b:?}"
+        );
+        assert!(
+            (a.1 - b.1).abs() < 1e-4 * a.1,
+            "step {i} grad_norm: {a:?} vs {b:?}"
+        );
     }
 }

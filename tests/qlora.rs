@@ -388,3 +388,66 @@ fn a_gguf_base_merges_into_a_gguf_file_of_the_same_types_or_refuses() {
         );
     }
 }
+
+#[test]
+fn quantized_frozen_linears_compute_with_their_dequantized_weight() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Var;
+    use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
+    use peft_sft::quant::QuantizedWeight;
+    use std::sync::Arc;
+
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.5, (32, 256), &dev).unwrap();
+    let gguf = |dtype| QuantizedWeight {
+        shape: (32, 256),
+        data: QuantizedData::Gguf(Arc::new(QTensor::quantize(&w, dtype).unwrap())),
+        dtype: DType::F32,
+    };
+    let weights = [
+        QuantizedWeight::quantize(&w, QuantScheme::qlora(), DType::F32, &dev).unwrap(),
+        QuantizedWeight::quantize(&w, QuantScheme::Int8, DType::F32, &dev).unwrap(),
+        gguf(GgmlDType::Q4K),
+        gguf(GgmlDType::Q5K),
+        gguf(GgmlDType::Q6K),
+        gguf(GgmlDType::Q8_0),
+    ];
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 256), &dev).unwrap()).unwrap();
+    let a = Var::from_tensor(&Tensor::randn(0f32, 0.1, (4, 256), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, (32, 4), &dev).unwrap()).unwrap();
+    for q in weights {
+        let name = q.format_name();
+        let dense = q.dequantize().unwrap();
+        let err = rel_err(&dense, &w);
+        assert!(err > 0.0 && err < 0.2, "{name}: quantization error {err}");
+        let quantized = FrozenWeight::Quantized(Arc::new(q));
+        let reference = FrozenWeight::Dense(dense);
+        for (which, run) in [("frozen", 0), ("lora", 1)] {
+            let forward = |w: &FrozenWeight| {
+                if run == 0 {
+                    frozen_linear(&x, w, None).unwrap()
+                } else {
+                    let base = LoraBase {
+                        weight: w,
+                        bias: None,
+                        dropout_mask: None,
+                    };
+                    lora_linear(&x, base, &a, &b, 2.0).unwrap()
+                }
+            };
+            let (yq, yd) = (forward(&quantized), forward(&reference));
+            assert!(rel_err(&yq, &yd) < 1e-6, "{name} {which}: forward");
+            let gq = (yq * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
+            let gd = (yd * 1.0).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &a, &b].into_iter().take(if run == 0 { 1 } else { 3 }) {
+                let err = rel_err(gq.get(v).unwrap(), gd.get(v).unwrap());
+                assert!(err < 1e-6, "{name} {which}: gradient differs by {err}");
+            }
+            assert_eq!(
+                gq.get_ids().count(),
+                gd.get_ids().count(),
+                "{name}: no weight gradient"
+            );
+        }
+    }
+}

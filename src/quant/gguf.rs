@@ -397,3 +397,47 @@ impl GgufFile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermuting_quantized_rows_equals_quantizing_unpermuted_rows() {
+        // Rows are whole quantization blocks, so llama.cpp's Q/K permutation commutes with
+        // quantization: un-permuting the bytes must give exactly the quantized HF weight.
+        let w = Tensor::randn(0f32, 1.0, (16, 256), &Device::Cpu).unwrap();
+        let permuted = permute_rows(&w, 2).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+            GgmlDType::F16,
+        ] {
+            let restored =
+                unpermute_rows(&QTensor::quantize(&permuted, dtype).unwrap(), 2).unwrap();
+            let direct = QTensor::quantize(&w, dtype).unwrap();
+            assert_eq!(
+                restored.data().unwrap(),
+                direct.data().unwrap(),
+                "{dtype:?}"
+            );
+            assert_eq!(restored.shape().dims(), &[16, 256]);
+        }
+    }
+
+    #[test]
+    fn names_map_both_ways_for_every_module() {
+        for hf in hf_names(2) {
+            let g = gguf_name(&hf).unwrap();
+            assert!(!g.contains("model."), "{hf} -> {g}");
+        }
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.down_proj.weight").as_deref(),
+            Some("blk.1.ffn_down.weight")
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+    }
+}
