@@ -200,15 +200,18 @@ fn rows_with_no_loss_token_after_truncation_are_skipped_and_counted() {
 }
 
 #[test]
-fn options_not_implemented_yet_refuse_instead_of_being_ignored() {
+fn options_that_cannot_apply_refuse_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let err = train_err(
         &model(),
-        &fixture("data/qa_chat.jsonl"),
+        &fixture("data/qa_prompt_completion.jsonl"),
         &tmp.path().join("out"),
         &["--assistant-only-loss"],
     );
-    assert!(err.contains("not implemented yet"), "{err}");
+    assert!(
+        err.contains("qa_prompt_completion.jsonl:1") && err.contains("needs conversational data"),
+        "{err}"
+    );
     let out = tmp.path().join("q");
     let (ok, _, err) = run_cli(&[
         "train",

@@ -136,3 +136,47 @@ fn packing_trains_end_to_end() {
     );
     assert!(last < 0.8 * first, "loss {first} -> {last}");
 }
+
+#[test]
+fn a_packed_trl_batch_has_transformers_loss() {
+    // Two bfd rows of 128 (four documents) collated padding-free by TRL, and the per-token losses
+    // transformers computes for them (equal to each document run alone).
+    let f = tensors(&fixture("trl_packing/loss_qa_chat_bfd_128.safetensors"));
+    let model = load_model(&fixture("models/qwen2"), false);
+    let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
+    let positions: Vec<u32> = f["position_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut documents = Vec::with_capacity(positions.len());
+    let mut doc = 0u32;
+    for (i, &p) in positions.iter().enumerate() {
+        if p == 0 && i > 0 {
+            doc += 1;
+        }
+        documents.push(doc);
+    }
+    assert_eq!(doc, 3);
+    let labels: Vec<i64> = f["labels"].flatten_all().unwrap().to_vec1().unwrap();
+    let mask: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == -100 { 0.0 } else { 1.0 })
+        .collect();
+    let n = mask.len();
+    let mask = Tensor::from_vec(mask, (1, n), &Device::Cpu).unwrap();
+    let ones = mask.ones_like().unwrap();
+    let out = model
+        .loss_with(&ids, &mask, &ones, &[positions], Some(&[documents]), None)
+        .unwrap();
+    assert_eq!(out.loss_tokens, 252.0);
+    let mean = out.loss_sum.to_scalar::<f32>().unwrap() / out.loss_tokens as f32;
+    let expected: Vec<f32> = f["per_token_loss_packed"].to_vec1().unwrap();
+    let expected_mean = expected.iter().sum::<f32>() / 252.0;
+    assert!(
+        (mean - expected_mean).abs() < 1e-5 * expected_mean,
+        "mean loss {mean} vs transformers {expected_mean}"
+    );
+}

@@ -37,6 +37,12 @@ pub fn command() -> Command {
                 .default_missing_value("true"),
         )
         .arg(
+            Arg::new("assistant_only_loss")
+                .long("assistant-only-loss")
+                .action(ArgAction::SetTrue)
+                .help("Score assistant turns only"),
+        )
+        .arg(
             Arg::new("json")
                 .long("json")
                 .action(ArgAction::SetTrue)
@@ -50,6 +56,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let opts = TokenizeOptions {
         max_length: m.get_one::<usize>("max_length").copied(),
         completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
+        assistant_only_loss: m.get_flag("assistant_only_loss"),
     };
     let data = prepare_dataset(Path::new(text(m, "dataset")), &loaded.tokenizer, &opts)?;
     let pad = loaded

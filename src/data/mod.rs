@@ -17,7 +17,7 @@ pub mod tokenizer;
 pub use batch::{collate, Batch};
 pub use format::{parse_sample, Sample};
 pub use load::{load_rows, Row};
-pub use pack::pack_bfd;
+pub use pack::{pack_bfd, pack_dataset};
 pub use template::ChatTemplate;
 pub use tokenize::{prepare_dataset, tokenize_sample, Example, PreparedDataset, TokenizeOptions};
 pub use tokenizer::ChatTokenizer;

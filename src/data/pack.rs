@@ -4,9 +4,22 @@
 
 use super::tokenize::Example;
 
+/// Rows TRL packs together at most: `pack_dataset` is a batched `datasets.map` (1000 rows per batch),
+/// so rows of different batches never share a packed row.
+pub const TRL_PACK_BATCH: usize = 1000;
+
+/// Packs a dataset as TRL does: [`pack_bfd`] over consecutive batches of [`TRL_PACK_BATCH`] rows.
+pub fn pack_dataset(examples: &[Example], max_length: usize) -> Vec<Example> {
+    examples
+        .chunks(TRL_PACK_BATCH)
+        .flat_map(|batch| pack_bfd(batch, max_length))
+        .collect()
+}
+
 /// Packs `examples` into rows of at most `max_length` tokens (best fit decreasing). Examples
-/// longer than `max_length` are truncated to it first. Rows come out in the order they were
-/// opened; inside a row, documents keep the order they were placed in.
+/// longer than `max_length` are truncated to it first (the rest is dropped, as TRL's `bfd`). Each
+/// example goes to the row with the least space left that still fits it, the earliest such row on
+/// ties; rows come out in the order they were opened, documents in the order they were placed.
 pub fn pack_bfd(examples: &[Example], max_length: usize) -> Vec<Example> {
     let max_length = max_length.max(1);
     let lengths: Vec<usize> = examples.iter().map(|e| e.len().min(max_length)).collect();

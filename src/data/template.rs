@@ -77,6 +77,17 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special_tokens: &[(&str, &str)],
     ) -> Result<String> {
+        let marked = self.render_marked(messages, add_generation_prompt, special_tokens)?;
+        Ok(without_markers(&marked).0)
+    }
+
+    /// Renders with the generation markers left in.
+    fn render_marked(
+        &self,
+        messages: &[JsonValue],
+        add_generation_prompt: bool,
+        special_tokens: &[(&str, &str)],
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::Template(
                 "cannot apply the chat template to an empty conversation; provide at least one message".to_string(),
@@ -98,6 +109,47 @@ impl ChatTemplate {
             .map_err(|e| template_error(&e))?;
         template.render(context).map_err(|e| template_error(&e))
     }
+
+    /// Like [`ChatTemplate::render`], also returning the byte ranges of the text rendered inside
+    /// `{% generation %}` blocks (transformers' `return_assistant_tokens_mask`).
+    pub fn render_with_generation_spans(
+        &self,
+        messages: &[JsonValue],
+        add_generation_prompt: bool,
+        special_tokens: &[(&str, &str)],
+    ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+        let messages: Vec<JsonValue> = messages.to_vec();
+        let marked = self.render_marked(&messages, add_generation_prompt, special_tokens)?;
+        Ok(without_markers(&marked))
+    }
+
+    /// Whether the template has `{% generation %}` blocks.
+    pub fn has_generation_blocks(&self) -> bool {
+        self.env
+            .get_template(TEMPLATE_NAME)
+            .map(|t| t.source().contains(GENERATION_START))
+            .unwrap_or(false)
+    }
+}
+
+/// Removes the generation markers from rendered text: the text, and the byte ranges between each
+/// start and end marker.
+fn without_markers(marked: &str) -> (String, Vec<std::ops::Range<usize>>) {
+    let mut text = String::with_capacity(marked.len());
+    let mut spans = Vec::new();
+    let mut open: Option<usize> = None;
+    for c in marked.chars() {
+        match c {
+            GENERATION_START => open = Some(text.len()),
+            GENERATION_END => {
+                if let Some(start) = open.take() {
+                    spans.push(start..text.len());
+                }
+            }
+            other => text.push(other),
+        }
+    }
+    (text, spans)
 }
 
 /// transformers' preparation of one message: keys with null values are dropped
@@ -221,9 +273,17 @@ fn tojson(
     json_dumps(value, &options).map(Value::from)
 }
 
+/// Marks the start of a `{% generation %}` block in rendered text (a private-use character that
+/// rendering removes again, recording where it was).
+const GENERATION_START: char = '\u{F8F0}';
+/// Marks the end of a `{% generation %}` block.
+const GENERATION_END: char = '\u{F8F1}';
+
 /// Replaces transformers' `{% generation %}` / `{% endgeneration %}` block (which marks assistant
-/// tokens for `return_assistant_tokens_mask` and renders its body unchanged) with `{% if true %}` /
-/// `{% endif %}`, keeping the whitespace-control markers, since minijinja has no custom tags.
+/// tokens for `return_assistant_tokens_mask` and renders its body unchanged) with an `if true`
+/// block that also prints a marker character, since minijinja has no custom tags. The marker sits
+/// between two tags so the original whitespace control (`-`, `trim_blocks`, `lstrip_blocks`) still
+/// applies to the text around the original tag.
 fn without_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
@@ -254,10 +314,11 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, String)> {
         _ => (String::new(), body),
     };
     let trimmed = body.trim_start();
-    let (keyword, replacement) = if let Some(after) = trimmed.strip_prefix("endgeneration") {
-        (after, "endif")
+    let (keyword, outer, inner, marker) = if let Some(after) = trimmed.strip_prefix("endgeneration")
+    {
+        (after, "endif", "endif", GENERATION_END)
     } else if let Some(after) = trimmed.strip_prefix("generation") {
-        (after, "if true")
+        (after, "if true", "if true", GENERATION_START)
     } else {
         return None;
     };
@@ -272,7 +333,7 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, String)> {
     let length = tag.len() - after_close.len();
     Some((
         length,
-        format!("{{%{open_marker} {replacement} {close_marker}%}}"),
+        format!("{{%{open_marker} {outer} %}}{{{{ '{marker}' }}}}{{% {inner} {close_marker}%}}"),
     ))
 }
 
@@ -421,8 +482,25 @@ mod tests {
         );
         assert_eq!(
             without_generation_tags("{%- generation -%}x{%endgeneration%}"),
-            "{%- if true -%}x{% endif %}"
+            format!(
+                "{{%- if true %}}{{{{ '{GENERATION_START}' }}}}{{% if true -%}}x\
+                 {{% endif %}}{{{{ '{GENERATION_END}' }}}}{{% endif %}}"
+            )
         );
+        // The spans cover exactly the block's output, whitespace control included.
+        let template = ChatTemplate::new(source).expect("compile");
+        let messages = vec![
+            json!({"role": "user", "content": "Hi"}),
+            json!({"role": "assistant", "content": "Hello"}),
+            json!({"role": "user", "content": "More"}),
+            json!({"role": "assistant", "content": "Sure"}),
+        ];
+        let (text, spans) = template
+            .render_with_generation_spans(&messages, false, &[])
+            .expect("render");
+        assert_eq!(text, "HelloSure");
+        assert_eq!(spans, vec![0..5, 5..9]);
+        assert!(template.has_generation_blocks());
         assert_eq!(
             without_generation_tags("{% generations %}{% if a %}"),
             "{% generations %}{% if a %}"

@@ -18,6 +18,10 @@ pub struct TokenizeOptions {
     /// Train only on completion tokens of prompt-completion samples. `None` is TRL's default: true for
     /// prompt-completion samples, which are the only ones with a completion mask.
     pub completion_only_loss: Option<bool>,
+    /// Train only on assistant turns of conversations (TRL's `assistant_only_loss`): the tokens the
+    /// chat template renders inside `{% generation %}` blocks, or, for templates without them, each
+    /// assistant message's rendering found by rendering the conversation's prefixes.
+    pub assistant_only_loss: bool,
 }
 
 impl Default for TokenizeOptions {
@@ -25,6 +29,7 @@ impl Default for TokenizeOptions {
         TokenizeOptions {
             max_length: Some(1024),
             completion_only_loss: None,
+            assistant_only_loss: false,
         }
     }
 }
@@ -198,6 +203,7 @@ pub fn prepare_dataset(
 struct SampleTokenizer<'a> {
     tok: &'a ChatTokenizer,
     completion_only_loss: Option<bool>,
+    assistant_only_loss: bool,
     template: Option<ChatTemplate>,
 }
 
@@ -206,6 +212,7 @@ impl<'a> SampleTokenizer<'a> {
         SampleTokenizer {
             tok,
             completion_only_loss: opts.completion_only_loss,
+            assistant_only_loss: opts.assistant_only_loss,
             template: None,
         }
     }
@@ -216,10 +223,26 @@ impl<'a> SampleTokenizer<'a> {
         let completion_only_loss = self
             .completion_only_loss
             .unwrap_or_else(|| sample.is_prompt_completion());
+        if self.assistant_only_loss
+            && !matches!(
+                sample,
+                Sample::Messages(_) | Sample::ConversationalPromptCompletion { .. }
+            )
+        {
+            return Err(Error::Config(
+                "--assistant-only-loss needs conversational data (messages, or a prompt and \
+                 completion given as messages)"
+                    .to_string(),
+            ));
+        }
         let (input_ids, completion_start) = match sample {
             Sample::Text(text) => {
                 let text = with_eos(text, self.eos_token()?);
                 (self.tok.encode(&text, true)?, None)
+            }
+            Sample::Messages(messages) if self.assistant_only_loss => {
+                let (ids, mask) = self.assistant_tokens(messages)?;
+                return Ok(Example::new(ids, mask));
             }
             Sample::Messages(messages) => {
                 let rendered = self.render(messages, false)?;
@@ -243,13 +266,76 @@ impl<'a> SampleTokenizer<'a> {
                 (full_ids, Some(start))
             }
         };
-        let loss_mask = match completion_start {
+        let mut loss_mask: Vec<u8> = match completion_start {
             Some(start) if completion_only_loss => {
                 (0..input_ids.len()).map(|i| u8::from(i >= start)).collect()
             }
             _ => vec![1; input_ids.len()],
         };
+        if let (true, Sample::ConversationalPromptCompletion { prompt, completion }) =
+            (self.assistant_only_loss, sample)
+        {
+            let conversation: Vec<serde_json::Value> =
+                prompt.iter().chain(completion.iter()).cloned().collect();
+            let (ids, assistant) = self.assistant_tokens(&conversation)?;
+            if ids != input_ids {
+                return Err(Error::Template(
+                    "--assistant-only-loss: the conversation tokenizes differently with and without \
+                     generation markers"
+                        .to_string(),
+                ));
+            }
+            for (m, a) in loss_mask.iter_mut().zip(assistant) {
+                *m &= a;
+            }
+        }
         Ok(Example::new(input_ids, loss_mask))
+    }
+
+    /// The conversation's ids and a mask of its assistant tokens: the tokens overlapping text the
+    /// template renders inside `{% generation %}` blocks (transformers'
+    /// `return_assistant_tokens_mask`), or, when the template has none, overlapping each assistant
+    /// message's own rendering: from the end of the conversation before it (rendered with the
+    /// generation prompt) to the end of the conversation including it.
+    fn assistant_tokens(&mut self, messages: &[serde_json::Value]) -> Result<(Vec<u32>, Vec<u8>)> {
+        self.render(messages, false)?; // compiles the template
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::Template("the chat template could not be compiled".to_string())
+        })?;
+        let special = self.tok.template_special_tokens();
+        let (text, spans) = if template.has_generation_blocks() {
+            template.render_with_generation_spans(messages, false, &special)?
+        } else {
+            let text = template.render(messages, false, &special)?;
+            let mut spans = Vec::new();
+            for (i, m) in messages.iter().enumerate() {
+                if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
+                    continue;
+                }
+                let before = if i == 0 {
+                    String::new()
+                } else {
+                    template.render(&messages[..i], true, &special)?
+                };
+                let through = template.render(&messages[..=i], false, &special)?;
+                if !through.starts_with(&before) || !text.starts_with(&through) {
+                    return Err(Error::Template(format!(
+                        "--assistant-only-loss: the chat template has no {{% generation %}} blocks and \
+                         renders message {i} differently depending on what follows, so its assistant \
+                         tokens cannot be located; add {{% generation %}} ... {{% endgeneration %}} \
+                         around the assistant content in the template"
+                    )));
+                }
+                spans.push(before.len()..through.len());
+            }
+            (text, spans)
+        };
+        let (ids, offsets) = self.tok.encode_with_offsets(&text, false)?;
+        let mask = offsets
+            .iter()
+            .map(|&(s, e)| u8::from(e > s && spans.iter().any(|r| s < r.end && e > r.start)))
+            .collect();
+        Ok((ids, mask))
     }
 
     /// The EOS token TRL's `add_eos` appends, which text formats need.
@@ -436,6 +522,7 @@ mod tests {
         let opts = TokenizeOptions {
             max_length: Some(3),
             completion_only_loss: None,
+            assistant_only_loss: false,
         };
         let example =
             tokenize_sample(&Sample::Text("abcdef".into()), &tok, &opts).expect("tokenize");
@@ -470,6 +557,7 @@ mod tests {
         let opts = TokenizeOptions {
             max_length: Some(4),
             completion_only_loss: None,
+            assistant_only_loss: false,
         };
         let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
         assert_eq!(prepared.examples.len(), 1);

@@ -75,6 +75,9 @@ impl SpecialTokens {
     }
 }
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type ByteRange = (usize, usize);
+
 impl ChatTokenizer {
     /// Loads tokenizer.json, tokenizer_config.json (special tokens, `chat_template` as a string or as a
     /// list of named templates -> use "default"), special_tokens_map.json and chat_template.jinja (takes
@@ -145,6 +148,12 @@ impl ChatTokenizer {
         })
     }
 
+    /// Replaces the chat template (TRL's `chat_template_path`).
+    pub fn with_chat_template(mut self, template: String) -> Self {
+        self.chat_template = Some(template);
+        self
+    }
+
     /// Uses `template` when the tokenizer files had no chat template (e.g. the one stored in a GGUF
     /// file's metadata).
     pub fn with_chat_template_if_missing(mut self, template: Option<String>) -> Self {
@@ -185,6 +194,19 @@ impl ChatTokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Tokenizes `text` and returns each token's byte range (start, end) in `text` as well.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Turns ids back into text.

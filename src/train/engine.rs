@@ -10,7 +10,9 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
-use crate::data::{collate, pack_bfd, prepare_dataset, Example, PreparedDataset, TokenizeOptions};
+use crate::data::{
+    collate, pack_dataset, prepare_dataset, Example, PreparedDataset, TokenizeOptions,
+};
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
@@ -51,9 +53,11 @@ fn load_data(
     tokenizer: &crate::data::ChatTokenizer,
     config: &SftConfig,
 ) -> Result<PreparedDataset> {
+    // TRL neither truncates nor drops rows before packing: packing cuts each row to --max-length.
     let opts = TokenizeOptions {
-        max_length: Some(config.max_length),
+        max_length: (!config.packing).then_some(config.max_length),
         completion_only_loss: config.completion_only_loss,
+        assistant_only_loss: config.assistant_only_loss,
     };
     let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
     if data.examples.is_empty() {
@@ -81,14 +85,6 @@ fn save_weights(
 /// Runs supervised fine-tuning as `config` describes.
 pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
-    match config.mode {
-        _ if config.assistant_only_loss => {
-            return Err(Error::Config(
-                "--assistant-only-loss is not implemented yet".into(),
-            ))
-        }
-        _ => {}
-    }
     let device = select_device(&config.device)?;
     let output_dir = PathBuf::from(&config.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
@@ -127,7 +123,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     if config.packing {
         // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
         for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
-            set.examples = pack_bfd(&set.examples, config.max_length);
+            set.examples = pack_dataset(&set.examples, config.max_length);
         }
     }
     let pad_id = tokenizer.pad_token_id().ok_or_else(|| {
