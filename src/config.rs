@@ -2,6 +2,7 @@
 //! defaults, plus PEFT's LoRA fields as TRL's `ModelConfig` names them (`lora_r`, `lora_alpha`, ...).
 //! A TOML recipe uses the same keys; command-line flags (kebab-case) override the recipe.
 
+use crate::data::FieldMapping;
 use crate::lora::{LoraConfig, TargetModules};
 use crate::quant::{FourBitType, QuantScheme};
 use crate::{Error, Result};
@@ -33,6 +34,20 @@ pub struct SftConfig {
     pub dataset_name: String,
     /// Evaluation data.
     pub eval_dataset: Option<String>,
+    /// Hold out this fraction of the training rows for evaluation (when no `eval_dataset`).
+    pub eval_split_ratio: Option<f64>,
+    /// The column holding plain text (TRL's `dataset_text_field`).
+    pub dataset_text_field: String,
+    /// The column holding the prompt, for datasets not in TRL's formats.
+    pub prompt_field: Option<String>,
+    /// The column holding the completion.
+    pub completion_field: Option<String>,
+    /// The completion assembled from columns, e.g. `<think>{Complex_CoT}</think>{Response}`.
+    pub completion_template: Option<String>,
+    /// A system message put before each conversation that has none.
+    pub system_prompt: Option<String>,
+    /// A Jinja chat template file to use instead of the tokenizer's (TRL's `chat_template_path`).
+    pub chat_template_path: Option<String>,
     /// Where checkpoints, metrics and the final adapter/model go.
     pub output_dir: String,
     /// Which weights train.
@@ -116,6 +131,13 @@ impl Default for SftConfig {
             tokenizer_name_or_path: None,
             dataset_name: String::new(),
             eval_dataset: None,
+            eval_split_ratio: None,
+            dataset_text_field: "text".into(),
+            prompt_field: None,
+            completion_field: None,
+            completion_template: None,
+            system_prompt: None,
+            chat_template_path: None,
             output_dir: String::new(),
             mode: Mode::Lora,
             learning_rate: 2e-5,
@@ -212,6 +234,18 @@ impl SftConfig {
         }
         crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
         self.quantization()?;
+        if let Some(r) = self.eval_split_ratio {
+            if !(r > 0.0 && r < 1.0) {
+                return Err(Error::Config(format!(
+                    "--eval-split-ratio {r}: expected a fraction between 0 and 1"
+                )));
+            }
+            if self.eval_dataset.is_some() {
+                return Err(Error::Config(
+                    "--eval-split-ratio holds out training rows for evaluation; it cannot be combined with --eval-dataset".into(),
+                ));
+            }
+        }
         if self.mode != Mode::Full {
             self.lora_config().validate()?;
         }
@@ -234,6 +268,18 @@ impl SftConfig {
             )?)),
             (Mode::Lora, true) => Ok(Some(QuantScheme::Int8)),
             _ => Ok(None),
+        }
+    }
+
+    /// The column mapping the dataset flags describe.
+    pub fn field_mapping(&self) -> FieldMapping {
+        FieldMapping {
+            text_field: (self.dataset_text_field != "text")
+                .then(|| self.dataset_text_field.clone()),
+            prompt_field: self.prompt_field.clone(),
+            completion_field: self.completion_field.clone(),
+            completion_template: self.completion_template.clone(),
+            system_prompt: self.system_prompt.clone(),
         }
     }
 

@@ -89,6 +89,7 @@ fn compare(file: &Path) -> Vec<String> {
         max_length: expected.sft_config.max_length,
         completion_only_loss: expected.sft_config.completion_only_loss,
         assistant_only_loss: false,
+        ..TokenizeOptions::default()
     };
     let dataset = fixtures().join("trl").join(format!("{format}.jsonl"));
     let mut failures = Vec::new();

@@ -57,6 +57,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         max_length: m.get_one::<usize>("max_length").copied(),
         completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
         assistant_only_loss: m.get_flag("assistant_only_loss"),
+        ..TokenizeOptions::default()
     };
     let data = prepare_dataset(Path::new(text(m, "dataset")), &loaded.tokenizer, &opts)?;
     let pad = loaded

@@ -35,6 +35,33 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "Training data: .jsonl/.json file (also --dataset)",
     ),
     ("eval_dataset", Kind::Text, "Evaluation data"),
+    (
+        "eval_split_ratio",
+        Kind::Float,
+        "Hold out this fraction of the training rows for evaluation",
+    ),
+    (
+        "dataset_text_field",
+        Kind::Text,
+        "Column with plain text [text]",
+    ),
+    ("prompt_field", Kind::Text, "Column with the prompt"),
+    ("completion_field", Kind::Text, "Column with the completion"),
+    (
+        "completion_template",
+        Kind::Text,
+        "Completion built from columns, e.g. \"<think>{Complex_CoT}</think>{Response}\"",
+    ),
+    (
+        "system_prompt",
+        Kind::Text,
+        "System message put first in each conversation",
+    ),
+    (
+        "chat_template_path",
+        Kind::Text,
+        "Jinja chat template file to use instead of the tokenizer's (also --chat-template)",
+    ),
     ("output_dir", Kind::Text, "Output folder"),
     ("learning_rate", Kind::Float, "Peak learning rate [2e-5]"),
     (
@@ -189,6 +216,7 @@ pub fn command() -> Command {
             "model_name_or_path" => arg.visible_alias("model"),
             "dataset_name" => arg.visible_alias("dataset"),
             "tokenizer_name_or_path" => arg.visible_alias("tokenizer"),
+            "chat_template_path" => arg.visible_alias("chat-template"),
             _ => arg,
         };
         if let Kind::Bool = kind {

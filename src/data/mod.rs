@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod format;
 pub mod load;
+pub mod mapping;
 pub mod pack;
 mod python_format;
 mod strftime;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 pub use batch::{collate, Batch};
 pub use format::{parse_sample, Sample};
 pub use load::{load_rows, Row};
+pub use mapping::FieldMapping;
 pub use pack::{pack_bfd, pack_dataset};
 pub use template::ChatTemplate;
 pub use tokenize::{prepare_dataset, tokenize_sample, Example, PreparedDataset, TokenizeOptions};

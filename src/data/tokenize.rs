@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{parse_sample, Sample};
 use super::load::load_rows;
+use super::mapping::FieldMapping;
 use super::template::ChatTemplate;
 use super::tokenizer::ChatTokenizer;
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ pub struct TokenizeOptions {
     /// chat template renders inside `{% generation %}` blocks, or, for templates without them, each
     /// assistant message's rendering found by rendering the conversation's prefixes.
     pub assistant_only_loss: bool,
+    /// Dataset columns mapped onto TRL's formats before tokenizing.
+    pub fields: FieldMapping,
 }
 
 impl Default for TokenizeOptions {
@@ -30,6 +33,7 @@ impl Default for TokenizeOptions {
             max_length: Some(1024),
             completion_only_loss: None,
             assistant_only_loss: false,
+            fields: FieldMapping::default(),
         }
     }
 }
@@ -171,7 +175,8 @@ pub fn prepare_dataset(
     let mut skipped_no_loss_tokens = 0;
     let mut truncated = 0;
     for row in &rows {
-        let sample = parse_sample(row, path)?;
+        let row = opts.fields.apply(row, path)?;
+        let sample = parse_sample(&row, path)?;
         let mut example = tokenizer.tokenize(&sample).map_err(|e| match e {
             Error::BadRow { .. } => e,
             other => Error::BadRow {
@@ -523,6 +528,7 @@ mod tests {
             max_length: Some(3),
             completion_only_loss: None,
             assistant_only_loss: false,
+            fields: FieldMapping::default(),
         };
         let example =
             tokenize_sample(&Sample::Text("abcdef".into()), &tok, &opts).expect("tokenize");
@@ -558,6 +564,7 @@ mod tests {
             max_length: Some(4),
             completion_only_loss: None,
             assistant_only_loss: false,
+            fields: FieldMapping::default(),
         };
         let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
         assert_eq!(prepared.examples.len(), 1);

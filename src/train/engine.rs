@@ -18,7 +18,7 @@ use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained_with, select_device, CausalLm, LoadOptions, Pretrained};
 use crate::ops::checkpoint::backward;
-use crate::rng::key;
+use crate::rng::{hash_str, key, Rng};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
@@ -58,6 +58,7 @@ fn load_data(
         max_length: (!config.packing).then_some(config.max_length),
         completion_only_loss: config.completion_only_loss,
         assistant_only_loss: config.assistant_only_loss,
+        fields: config.field_mapping(),
     };
     let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
     if data.examples.is_empty() {
@@ -67,6 +68,28 @@ fn load_data(
         )));
     }
     Ok(data)
+}
+
+/// Holds out `ratio` of `examples` (at least one, chosen by `seed`) for evaluation; both parts keep
+/// file order. Returns (train, eval).
+fn split_eval(examples: &[Example], ratio: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let n = examples.len();
+    let held = ((n as f64 * ratio).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+    let mut order = Rng::new(key(&[seed, hash_str("eval-split")])).permutation(n);
+    order.truncate(held);
+    let mut is_eval = vec![false; n];
+    for i in order {
+        is_eval[i] = true;
+    }
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (e, held_out) in examples.iter().zip(is_eval) {
+        if held_out {
+            eval.push(e.clone());
+        } else {
+            train.push(e.clone());
+        }
+    }
+    (train, eval)
 }
 
 /// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
@@ -101,7 +124,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     };
     let Pretrained {
         mut model,
-        tokenizer,
+        mut tokenizer,
         dir: base_dir,
         ..
     } = load_pretrained_with(
@@ -114,12 +137,24 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         &device,
     )?;
     model.gradient_checkpointing = config.gradient_checkpointing;
+    if let Some(path) = &config.chat_template_path {
+        let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        tokenizer = tokenizer.with_chat_template(template);
+    }
     let mut train_set = load_data(&config.dataset_name, &tokenizer, config)?;
     let mut eval_set = config
         .eval_dataset
         .as_deref()
         .map(|p| load_data(p, &tokenizer, config))
         .transpose()?;
+    if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
+        let (train, held_out) = split_eval(&train_set.examples, ratio, config.seed);
+        eval_set = Some(PreparedDataset {
+            examples: held_out,
+            ..train_set.clone()
+        });
+        train_set.examples = train;
+    }
     if config.packing {
         // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
         for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
@@ -339,4 +374,22 @@ fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn eval_split_holds_out_the_ratio_deterministically() {
+        let examples: Vec<super::Example> = (0..20)
+            .map(|i| super::Example::new(vec![i], vec![1]))
+            .collect();
+        let (train, eval) = super::split_eval(&examples, 0.25, 7);
+        assert_eq!((train.len(), eval.len()), (15, 5));
+        let (train2, eval2) = super::split_eval(&examples, 0.25, 7);
+        assert_eq!((train, eval.clone()), (train2, eval2));
+        assert!(
+            eval.windows(2).all(|w| w[0].input_ids < w[1].input_ids),
+            "file order"
+        );
+    }
 }

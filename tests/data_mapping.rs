@@ -1,0 +1,87 @@
+//! Datasets outside TRL's formats: columns mapped with --prompt-field / --completion-template /
+//! --system-prompt, a held-out split with --eval-split-ratio, and a chat template from a file.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn medical_style_columns_train_with_a_held_out_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("medical.jsonl");
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({
+                "Question": format!("What helps with symptom {i}?"),
+                "Complex_CoT": format!("Symptom {i} usually responds to rest."),
+                "Response": format!("Rest, number {i}."),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let template = tmp.path().join("template.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endfor %}\
+         {% if add_generation_prompt %}<assistant>{% endif %}",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let (ok, _, err) = run_cli(&[
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--prompt-field",
+        "Question",
+        "--completion-template",
+        "<think>{Complex_CoT}</think>{Response}",
+        "--system-prompt",
+        "You are a careful doctor.",
+        "--chat-template",
+        template.to_str().unwrap(),
+        "--eval-split-ratio",
+        "0.25",
+        "--eval-steps",
+        "2",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"eval_loss\""), "{log}");
+
+    // A column that is not there names the file, the line and the columns that are.
+    let (ok, _, err) = run_cli(&[
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--prompt-field",
+        "Query",
+        "--completion-field",
+        "Response",
+        "--output-dir",
+        tmp.path().join("bad").to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "medical.jsonl:1: no column `Query`; the row has `Question`, `Complex_CoT`, `Response`"
+        ),
+        "{err}"
+    );
+}
