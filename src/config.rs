@@ -48,6 +48,9 @@ pub struct SftConfig {
     pub system_prompt: Option<String>,
     /// A Jinja chat template file to use instead of the tokenizer's (TRL's `chat_template_path`).
     pub chat_template_path: Option<String>,
+    /// What an unusable dataset row does: `error` (stop, naming file and line) or `skip` (count
+    /// and report it at the end).
+    pub on_bad_row: String,
     /// Where checkpoints, metrics and the final adapter/model go.
     pub output_dir: String,
     /// Which weights train.
@@ -138,6 +141,7 @@ impl Default for SftConfig {
             completion_template: None,
             system_prompt: None,
             chat_template_path: None,
+            on_bad_row: "error".into(),
             output_dir: String::new(),
             mode: Mode::Lora,
             learning_rate: 2e-5,
@@ -234,6 +238,12 @@ impl SftConfig {
         }
         crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
         self.quantization()?;
+        if !matches!(self.on_bad_row.as_str(), "error" | "skip") {
+            return Err(Error::Config(format!(
+                "--on-bad-row `{}`: expected error or skip",
+                self.on_bad_row
+            )));
+        }
         if let Some(r) = self.eval_split_ratio {
             if !(r > 0.0 && r < 1.0) {
                 return Err(Error::Config(format!(

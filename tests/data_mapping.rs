@@ -85,3 +85,57 @@ fn medical_style_columns_train_with_a_held_out_split() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_rows_stop_the_run_or_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mixed.jsonl");
+    let good = |i: usize| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": format!("q{i}")},
+            {"role": "assistant", "content": format!("a{i}")}
+        ]})
+        .to_string()
+    };
+    let lines = [
+        good(0),
+        r#"{"messages": [{"role": "user", "content": ["part"]}]}"#.to_string(),
+        good(1),
+        r#"{"prompt": "no completion"}"#.to_string(),
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}"#
+            .to_string(),
+        r#"{"messages": [{"role": "wizard", "content": "q"}]}"#.to_string(),
+        good(2),
+    ];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = |extra: &[&str]| {
+        let out = tmp.path().join(format!("out{}", extra.len()));
+        let mut args = vec![
+            "train",
+            "--model",
+            "tests/fixtures/models/qwen2",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        run_cli(&args)
+    };
+    let (ok, _, err) = run(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("mixed.jsonl:2:") && err.contains("only string content is supported"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["--on-bad-row", "skip"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("skipped 4 unusable rows") && err.contains("first at line 2"),
+        "{err}"
+    );
+}

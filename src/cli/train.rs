@@ -58,6 +58,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "System message put first in each conversation",
     ),
     (
+        "on_bad_row",
+        Kind::Text,
+        "error | skip: stop at an unusable row or skip and count it [error]",
+    ),
+    (
         "chat_template_path",
         Kind::Text,
         "Jinja chat template file to use instead of the tokenizer's (also --chat-template)",
@@ -270,6 +275,13 @@ pub fn config_from(matches: &ArgMatches) -> anyhow::Result<SftConfig> {
 pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
     let config = config_from(matches)?;
     let outcome = train(&config, Reporting { progress: true })?;
+    if let Some((line, reason)) = outcome.bad_rows.first() {
+        eprintln!(
+            "skipped {} unusable rows of {} (--on-bad-row skip); first at line {line}: {reason}",
+            outcome.bad_rows.len(),
+            config.dataset_name
+        );
+    }
     if outcome.skipped_rows > 0 {
         eprintln!(
             "skipped {} training rows with no loss token after truncation to --max-length {}",

@@ -187,6 +187,12 @@ fn parse_messages(messages: &[Value], key: &str) -> std::result::Result<Vec<Valu
                     ))
                 }
             }
+            let empty = matches!(fields.get("content"), Some(Value::String(c)) if c.trim().is_empty());
+            if empty && !has_tool_calls && fields.get("role").and_then(Value::as_str) == Some("assistant") {
+                return Err(format!(
+                    "`{key}[{index}]` is an empty assistant turn: there is nothing to learn from it"
+                ));
+            }
             Ok(Value::Object(fields))
         })
         .collect()

@@ -25,6 +25,8 @@ pub struct TokenizeOptions {
     pub assistant_only_loss: bool,
     /// Dataset columns mapped onto TRL's formats before tokenizing.
     pub fields: FieldMapping,
+    /// Skip rows that cannot be used (and count them) instead of stopping at the first.
+    pub skip_bad_rows: bool,
 }
 
 impl Default for TokenizeOptions {
@@ -34,6 +36,7 @@ impl Default for TokenizeOptions {
             completion_only_loss: None,
             assistant_only_loss: false,
             fields: FieldMapping::default(),
+            skip_bad_rows: false,
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct PreparedDataset {
     pub skipped_no_loss_tokens: usize,
     /// Rows longer than `max_length` that were truncated (including skipped ones).
     pub truncated: usize,
+    /// Rows skipped as unusable with `skip_bad_rows`: (line, reason).
+    pub bad_rows: Vec<(usize, String)>,
     /// The dataset file.
     pub path: PathBuf,
 }
@@ -174,17 +179,29 @@ pub fn prepare_dataset(
     let mut examples = Vec::with_capacity(rows.len());
     let mut skipped_no_loss_tokens = 0;
     let mut truncated = 0;
+    let mut bad_rows = Vec::new();
     for row in &rows {
-        let row = opts.fields.apply(row, path)?;
-        let sample = parse_sample(&row, path)?;
-        let mut example = tokenizer.tokenize(&sample).map_err(|e| match e {
-            Error::BadRow { .. } => e,
-            other => Error::BadRow {
-                path: path.to_path_buf(),
-                line: row.line,
-                message: other.to_string(),
-            },
-        })?;
+        let example = opts
+            .fields
+            .apply(row, path)
+            .and_then(|row| parse_sample(&row, path))
+            .and_then(|sample| tokenizer.tokenize(&sample))
+            .map_err(|e| match e {
+                Error::BadRow { .. } => e,
+                other => Error::BadRow {
+                    path: path.to_path_buf(),
+                    line: row.line,
+                    message: other.to_string(),
+                },
+            });
+        let mut example = match example {
+            Ok(example) => example,
+            Err(Error::BadRow { line, message, .. }) if opts.skip_bad_rows => {
+                bad_rows.push((line, message));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(max_length) = opts.max_length {
             if example.truncate(max_length) {
                 truncated += 1;
@@ -200,6 +217,7 @@ pub fn prepare_dataset(
         examples,
         skipped_no_loss_tokens,
         truncated,
+        bad_rows,
         path: path.to_path_buf(),
     })
 }
@@ -529,6 +547,7 @@ mod tests {
             completion_only_loss: None,
             assistant_only_loss: false,
             fields: FieldMapping::default(),
+            skip_bad_rows: false,
         };
         let example =
             tokenize_sample(&Sample::Text("abcdef".into()), &tok, &opts).expect("tokenize");
@@ -565,6 +584,7 @@ mod tests {
             completion_only_loss: None,
             assistant_only_loss: false,
             fields: FieldMapping::default(),
+            skip_bad_rows: false,
         };
         let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
         assert_eq!(prepared.examples.len(), 1);

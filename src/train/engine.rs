@@ -35,6 +35,8 @@ pub struct TrainOutcome {
     pub output_dir: PathBuf,
     /// Training rows skipped because no loss token survived truncation.
     pub skipped_rows: usize,
+    /// Training rows skipped as unusable (`--on-bad-row skip`): (line, reason).
+    pub bad_rows: Vec<(usize, String)>,
 }
 
 /// Options that affect only how a run reports, not what it computes.
@@ -59,6 +61,7 @@ fn load_data(
         completion_only_loss: config.completion_only_loss,
         assistant_only_loss: config.assistant_only_loss,
         fields: config.field_mapping(),
+        skip_bad_rows: config.on_bad_row == "skip",
     };
     let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
     if data.examples.is_empty() {
@@ -362,6 +365,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         log_history: state.log_history,
         output_dir,
         skipped_rows: train_set.skipped_no_loss_tokens,
+        bad_rows: train_set.bad_rows.clone(),
     })
 }
 
