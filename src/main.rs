@@ -15,12 +15,14 @@ fn main() {
         .subcommand(cli::merge::command())
         .subcommand(cli::eval::command())
         .subcommand(cli::generate::command())
+        .subcommand(cli::data::command())
         .get_matches();
     let result = match matches.subcommand() {
         Some(("train", m)) => cli::train::run(m),
         Some(("merge", m)) => cli::merge::run(m),
         Some(("eval", m)) => cli::eval::run(m),
         Some(("generate", m)) => cli::generate::run(m),
+        Some(("data", m)) => cli::data::run(m),
         _ => Ok(()),
     };
     if let Err(e) = result {

@@ -139,3 +139,40 @@ fn bad_rows_stop_the_run_or_are_skipped_and_counted() {
         "{err}"
     );
 }
+
+#[test]
+fn data_inspect_marks_loss_tokens_and_prints_json_masks() {
+    let (ok, out, err) = run_cli(&[
+        "data",
+        "inspect",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_prompt_completion.jsonl",
+        "--n",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("20 examples"), "{out}");
+    assert!(out.contains("Answer:[[ Paris.<|im_end|>]]"), "{out}");
+    assert!(out.contains("length histogram"), "{out}");
+    let (ok, out, err) = run_cli(&[
+        "data",
+        "inspect",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_prompt_completion.jsonl",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    let ids = lines[0]["input_ids"].as_array().unwrap().len();
+    let mask = lines[0]["loss_mask"].as_array().unwrap();
+    assert_eq!(ids, mask.len());
+    assert_eq!(mask.iter().filter(|b| b.as_u64() == Some(1)).count(), 5);
+}

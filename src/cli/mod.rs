@@ -1,5 +1,6 @@
 //! The command-line interface: one file per command, each a thin layer over the library.
 
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod merge;

@@ -1,0 +1,187 @@
+//! `peft-sft data inspect`: what training will see — decoded examples with the loss tokens marked,
+//! a histogram of lengths, and the counts of truncated, skipped and unusable rows.
+
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+use peft_sft::data::{prepare_dataset, ChatTokenizer, Example, PreparedDataset, TokenizeOptions};
+use peft_sft::hub::resolve_model;
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// The `data` subcommand's definition.
+pub fn command() -> Command {
+    Command::new("data")
+        .about("Inspect how a dataset is tokenized and masked for training")
+        .subcommand_required(true)
+        .subcommand(
+            Command::new("inspect")
+                .about("Decoded examples with loss tokens marked, length histogram, row counts")
+                .arg(
+                    Arg::new("model")
+                        .long("model")
+                        .required(true)
+                        .help("Model folder or Hub id (its tokenizer and chat template)"),
+                )
+                .arg(
+                    Arg::new("dataset")
+                        .long("dataset")
+                        .required(true)
+                        .help("Dataset file"),
+                )
+                .arg(
+                    Arg::new("n")
+                        .long("n")
+                        .default_value("3")
+                        .value_parser(value_parser!(usize))
+                        .help("Examples to show"),
+                )
+                .arg(
+                    Arg::new("max_length")
+                        .long("max-length")
+                        .default_value("1024")
+                        .value_parser(value_parser!(usize)),
+                )
+                .arg(
+                    Arg::new("completion_only_loss")
+                        .long("completion-only-loss")
+                        .value_parser(value_parser!(bool))
+                        .num_args(0..=1)
+                        .default_missing_value("true"),
+                )
+                .arg(
+                    Arg::new("assistant_only_loss")
+                        .long("assistant-only-loss")
+                        .action(ArgAction::SetTrue),
+                )
+                .arg(
+                    Arg::new("chat_template")
+                        .long("chat-template")
+                        .help("Jinja chat template file to use instead of the tokenizer's"),
+                )
+                .arg(
+                    Arg::new("skip_bad_rows")
+                        .long("on-bad-row")
+                        .value_parser(["error", "skip"])
+                        .default_value("error"),
+                )
+                .arg(
+                    Arg::new("json")
+                        .long("json")
+                        .action(ArgAction::SetTrue)
+                        .help("One JSON object per example: input_ids and loss_mask"),
+                ),
+        )
+}
+
+/// Runs `peft-sft data ...`.
+pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
+    match m.subcommand() {
+        Some(("inspect", m)) => inspect(m),
+        _ => Ok(()),
+    }
+}
+
+fn inspect(m: &ArgMatches) -> anyhow::Result<()> {
+    let dir = resolve_model(super::text(m, "model"), None)?;
+    let mut tok = ChatTokenizer::from_dir(&dir)?;
+    if let Some(path) = m.get_one::<String>("chat_template") {
+        tok = tok.with_chat_template(
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?,
+        );
+    }
+    let opts = TokenizeOptions {
+        max_length: m.get_one::<usize>("max_length").copied(),
+        completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
+        assistant_only_loss: m.get_flag("assistant_only_loss"),
+        skip_bad_rows: super::text(m, "skip_bad_rows") == "skip",
+        ..TokenizeOptions::default()
+    };
+    let data = prepare_dataset(Path::new(super::text(m, "dataset")), &tok, &opts)?;
+    if m.get_flag("json") {
+        for (i, e) in data.examples.iter().enumerate() {
+            let v = serde_json::json!({"example": i, "input_ids": e.input_ids, "loss_mask": e.loss_mask});
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    print_summary(&data);
+    let color = std::io::stdout().is_terminal();
+    let n = m.get_one::<usize>("n").copied().unwrap_or(3);
+    for (i, e) in data.examples.iter().take(n).enumerate() {
+        println!(
+            "\n--- example {i}: {} tokens, {} loss tokens {}",
+            e.len(),
+            e.num_loss_tokens(),
+            if color {
+                "(loss tokens in green)"
+            } else {
+                "(loss tokens in [[ ]])"
+            }
+        );
+        println!("{}", marked(&tok, e, color)?);
+    }
+    Ok(())
+}
+
+/// Counts, token totals and a length histogram.
+fn print_summary(data: &PreparedDataset) {
+    let tokens: usize = data.examples.iter().map(Example::len).sum();
+    let loss: usize = data.examples.iter().map(Example::num_loss_tokens).sum();
+    println!(
+        "{}: {} examples; {} truncated to --max-length, {} skipped with no loss token left, {} unusable rows skipped",
+        data.path.display(),
+        data.examples.len(),
+        data.truncated,
+        data.skipped_no_loss_tokens,
+        data.bad_rows.len()
+    );
+    for (line, reason) in data.bad_rows.iter().take(5) {
+        println!("  unusable line {line}: {reason}");
+    }
+    println!(
+        "tokens: {tokens} in all, {loss} carry loss ({:.1}%)",
+        100.0 * loss as f64 / tokens.max(1) as f64
+    );
+    let longest = data.examples.iter().map(Example::len).max().unwrap_or(0);
+    let width = longest.div_ceil(10).max(1);
+    let mut bins = vec![0usize; 10];
+    for e in &data.examples {
+        bins[(e.len().saturating_sub(1) / width).min(9)] += 1;
+    }
+    let most = bins.iter().copied().max().unwrap_or(1).max(1);
+    println!("length histogram (tokens):");
+    for (b, count) in bins.iter().enumerate() {
+        let bar = "#".repeat((count * 40).div_ceil(most));
+        println!(
+            "  {:>6}-{:<6} {bar} {count}",
+            b * width + 1,
+            (b + 1) * width
+        );
+    }
+}
+
+/// The example's text with each run of loss tokens marked (green on a terminal, `[[ ]]` otherwise).
+fn marked(tok: &ChatTokenizer, e: &Example, color: bool) -> anyhow::Result<String> {
+    let (open, close) = if color {
+        ("\x1b[32m", "\x1b[0m")
+    } else {
+        ("[[", "]]")
+    };
+    let mut out = String::new();
+    let mut start = 0;
+    while start < e.len() {
+        let bit = e.loss_mask[start];
+        let end = (start..e.len())
+            .find(|&i| e.loss_mask[i] != bit)
+            .unwrap_or(e.len());
+        let text = tok.decode(&e.input_ids[start..end], false)?;
+        if bit == 1 {
+            out.push_str(open);
+            out.push_str(&text);
+            out.push_str(close);
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    Ok(out)
+}
