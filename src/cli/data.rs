@@ -143,7 +143,7 @@ fn print_summary(data: &PreparedDataset) {
     );
     let longest = data.examples.iter().map(Example::len).max().unwrap_or(0);
     let width = longest.div_ceil(10).max(1);
-    let mut bins = vec![0usize; 10];
+    let mut bins = [0usize; 10];
     for e in &data.examples {
         bins[(e.len().saturating_sub(1) / width).min(9)] += 1;
     }
