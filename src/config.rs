@@ -2,7 +2,7 @@
 //! defaults, plus PEFT's LoRA fields as TRL's `ModelConfig` names them (`lora_r`, `lora_alpha`, ...).
 //! A TOML recipe uses the same keys; command-line flags (kebab-case) override the recipe.
 
-use crate::data::FieldMapping;
+use crate::data::{FieldMapping, TokenizeOptions};
 use crate::lora::{LoraConfig, TargetModules};
 use crate::quant::{FourBitType, QuantScheme};
 use crate::{Error, Result};
@@ -48,6 +48,8 @@ pub struct SftConfig {
     pub system_prompt: Option<String>,
     /// A Jinja chat template file to use instead of the tokenizer's (TRL's `chat_template_path`).
     pub chat_template_path: Option<String>,
+    /// Train on at most this many (tokenized) training rows.
+    pub max_train_samples: Option<usize>,
     /// What an unusable dataset row does: `error` (stop, naming file and line) or `skip` (count
     /// and report it at the end).
     pub on_bad_row: String,
@@ -142,6 +144,7 @@ impl Default for SftConfig {
             system_prompt: None,
             chat_template_path: None,
             on_bad_row: "error".into(),
+            max_train_samples: None,
             output_dir: String::new(),
             mode: Mode::Lora,
             learning_rate: 2e-5,
@@ -278,6 +281,18 @@ impl SftConfig {
             )?)),
             (Mode::Lora, true) => Ok(Some(QuantScheme::Int8)),
             _ => Ok(None),
+        }
+    }
+
+    /// How the datasets are tokenized. TRL neither truncates nor drops rows before packing: packing
+    /// cuts each row to `max_length` itself.
+    pub fn tokenize_options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: (!self.packing).then_some(self.max_length),
+            completion_only_loss: self.completion_only_loss,
+            assistant_only_loss: self.assistant_only_loss,
+            fields: self.field_mapping(),
+            skip_bad_rows: self.on_bad_row == "skip",
         }
     }
 

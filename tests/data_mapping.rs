@@ -176,3 +176,38 @@ fn data_inspect_marks_loss_tokens_and_prints_json_masks() {
     assert_eq!(ids, mask.len());
     assert_eq!(mask.iter().filter(|b| b.as_u64() == Some(1)).count(), 5);
 }
+
+#[test]
+fn sanity_check_reports_the_loss_an_example_and_a_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, out, err) = run_cli(&[
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        tmp.path().to_str().unwrap(),
+        "--learning-rate",
+        "5e-3",
+        "--per-device-train-batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--sanity-check",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("the loss fell from") && out.contains("over 15 steps"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[[") && out.contains("What is the capital of France?"),
+        "{out}"
+    );
+    assert!(out.contains("generation after 15 steps"), "{out}");
+    assert!(tmp
+        .path()
+        .join("sanity-check/adapter_model.safetensors")
+        .exists());
+}

@@ -160,7 +160,7 @@ fn print_summary(data: &PreparedDataset) {
 }
 
 /// The example's text with each run of loss tokens marked (green on a terminal, `[[ ]]` otherwise).
-fn marked(tok: &ChatTokenizer, e: &Example, color: bool) -> anyhow::Result<String> {
+pub fn marked(tok: &ChatTokenizer, e: &Example, color: bool) -> anyhow::Result<String> {
     let (open, close) = if color {
         ("\x1b[32m", "\x1b[0m")
     } else {

@@ -58,6 +58,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "System message put first in each conversation",
     ),
     (
+        "max_train_samples",
+        Kind::Int,
+        "Train on at most N rows of the dataset",
+    ),
+    (
         "on_bad_row",
         Kind::Text,
         "error | skip: stop at an unusable row or skip and count it [error]",
@@ -207,6 +212,12 @@ pub fn command() -> Command {
         )
         .group(clap::ArgGroup::new("mode").args(["lora", "qlora", "full"]))
         .arg(
+            Arg::new("sanity_check")
+                .long("sanity-check")
+                .action(ArgAction::SetTrue)
+                .help("Run 15 steps on at most 100 rows, report whether the loss fell, show a decoded example and a generation, and exit"),
+        )
+        .arg(
             Arg::new("config")
                 .long("config")
                 .value_name("TOML")
@@ -274,6 +285,9 @@ pub fn config_from(matches: &ArgMatches) -> anyhow::Result<SftConfig> {
 /// Runs `peft-sft train`.
 pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
     let config = config_from(matches)?;
+    if matches.get_flag("sanity_check") {
+        return sanity_check(config);
+    }
     let outcome = train(&config, Reporting { progress: true })?;
     if let Some((line, reason)) = outcome.bad_rows.first() {
         eprintln!(
@@ -294,6 +308,124 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         outcome.output_dir.display()
     );
     Ok(())
+}
+
+/// `--sanity-check`: a short run on a few rows, then what a user should look at before a long run
+/// (seed 003's checklist): did the loss fall, what the model is trained on, what it now says.
+fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
+    config.max_steps = 15;
+    config.logging_steps = 1;
+    config.save_steps = usize::MAX;
+    config.eval_dataset = None;
+    config.eval_split_ratio = None;
+    config.max_train_samples = Some(config.max_train_samples.unwrap_or(100).min(100));
+    config.output_dir = Path::new(&config.output_dir)
+        .join("sanity-check")
+        .to_string_lossy()
+        .into_owned();
+    let outcome = train(&config, Reporting { progress: false })?;
+    let losses: Vec<f64> = std::fs::read_to_string(outcome.output_dir.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(Value::as_f64))
+        .collect();
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let k = (losses.len() / 3).max(1);
+    let (first, last) = (
+        mean(&losses[..k.min(losses.len())]),
+        mean(&losses[losses.len().saturating_sub(k)..]),
+    );
+    if last < 0.95 * first {
+        println!("sanity check: the loss fell from {first:.4} to {last:.4} over {} steps: training works", losses.len());
+    } else {
+        println!(
+            "sanity check: WARNING the loss did not fall ({first:.4} -> {last:.4} over {} steps): check --learning-rate and the loss masks (peft-sft data inspect)",
+            losses.len()
+        );
+    }
+    let device = peft_sft::model::select_device(&config.device)?;
+    let options = peft_sft::model::LoadOptions {
+        trainable: false,
+        quantize: config.quantization()?,
+        tokenizer: config.tokenizer_name_or_path.as_ref().map(Into::into),
+    };
+    let mut loaded =
+        peft_sft::model::load_pretrained_with(&config.model_name_or_path, options, &device)?;
+    if let Some(path) = &config.chat_template_path {
+        loaded.tokenizer = loaded
+            .tokenizer
+            .with_chat_template(std::fs::read_to_string(path)?);
+    }
+    if config.mode != peft_sft::config::Mode::Full {
+        peft_sft::lora::load_adapter(&mut loaded.model, &outcome.output_dir)?;
+    }
+    let data = peft_sft::data::prepare_dataset(
+        Path::new(&config.dataset_name),
+        &loaded.tokenizer,
+        &config.tokenize_options(),
+    )?;
+    let Some(example) = data.examples.first() else {
+        return Ok(());
+    };
+    println!("\nfirst training example (loss tokens in [[ ]]):");
+    println!(
+        "{}",
+        super::data::marked(&loaded.tokenizer, example, false)?
+    );
+    let prompt = first_prompt(&config, &loaded.tokenizer, example)?;
+    let opts = peft_sft::generate::GenerateOptions {
+        max_new_tokens: 32,
+        stop_ids: loaded.stop_ids(),
+        ..Default::default()
+    };
+    let new = peft_sft::generate::generate(&loaded.model, &prompt, &opts)?;
+    println!(
+        "\ngeneration after {} steps, from the first row's prompt (new text in [[ ]]):",
+        losses.len()
+    );
+    println!(
+        "{}[[{}]]",
+        loaded.tokenizer.decode(&prompt, false)?,
+        loaded.tokenizer.decode(&new, false)?
+    );
+    Ok(())
+}
+
+/// The first dataset row's prompt as the model would see it at inference: a conversation up to its
+/// last assistant turn with the generation prompt, a prompt column, or (plain text) the tokens
+/// before the example's first loss token.
+fn first_prompt(
+    config: &SftConfig,
+    tok: &peft_sft::data::ChatTokenizer,
+    example: &peft_sft::data::Example,
+) -> anyhow::Result<Vec<u32>> {
+    use peft_sft::data::{load_rows, parse_sample, Sample};
+    let path = Path::new(&config.dataset_name);
+    let rows = load_rows(path)?;
+    let row = config.field_mapping().apply(&rows[0], path)?;
+    Ok(match parse_sample(&row, path)? {
+        Sample::Messages(messages) => {
+            let last_assistant = messages
+                .iter()
+                .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+                .unwrap_or(messages.len());
+            let context = &messages[..last_assistant.max(1)];
+            tok.encode(&tok.apply_chat_template(context, true)?, false)?
+        }
+        Sample::ConversationalPromptCompletion { prompt, .. } => {
+            tok.encode(&tok.apply_chat_template(&prompt, true)?, false)?
+        }
+        Sample::PromptCompletion { prompt, .. } => tok.encode(&prompt, true)?,
+        Sample::Text(_) => {
+            let n = example
+                .loss_mask
+                .iter()
+                .position(|&b| b == 1)
+                .unwrap_or(0)
+                .max(1);
+            example.input_ids[..n.clamp(1, 8)].to_vec()
+        }
+    })
 }
 
 #[cfg(test)]

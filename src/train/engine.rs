@@ -10,9 +10,7 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
-use crate::data::{
-    collate, pack_dataset, prepare_dataset, Example, PreparedDataset, TokenizeOptions,
-};
+use crate::data::{collate, pack_dataset, prepare_dataset, Example, PreparedDataset};
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
@@ -55,14 +53,7 @@ fn load_data(
     tokenizer: &crate::data::ChatTokenizer,
     config: &SftConfig,
 ) -> Result<PreparedDataset> {
-    // TRL neither truncates nor drops rows before packing: packing cuts each row to --max-length.
-    let opts = TokenizeOptions {
-        max_length: (!config.packing).then_some(config.max_length),
-        completion_only_loss: config.completion_only_loss,
-        assistant_only_loss: config.assistant_only_loss,
-        fields: config.field_mapping(),
-        skip_bad_rows: config.on_bad_row == "skip",
-    };
+    let opts = config.tokenize_options();
     let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
     if data.examples.is_empty() {
         return Err(Error::Config(format!(
@@ -150,6 +141,9 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         .as_deref()
         .map(|p| load_data(p, &tokenizer, config))
         .transpose()?;
+    if let Some(n) = config.max_train_samples {
+        train_set.examples.truncate(n);
+    }
     if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
         let (train, held_out) = split_eval(&train_set.examples, ratio, config.seed);
         eval_set = Some(PreparedDataset {
