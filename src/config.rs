@@ -32,6 +32,14 @@ pub struct SftConfig {
     pub tokenizer_name_or_path: Option<String>,
     /// Training data: a local file or Hub id.
     pub dataset_name: String,
+    /// The dataset's config (subset) for a folder or Hub dataset with several, e.g.
+    /// `everyday-conversations`.
+    pub dataset_config: Option<String>,
+    /// The split to train on, for folders and Hub datasets (TRL's `dataset_train_split`).
+    pub dataset_train_split: String,
+    /// The split `eval_dataset` is read from when it is a folder or Hub dataset
+    /// (TRL's `dataset_test_split`).
+    pub dataset_test_split: String,
     /// Evaluation data.
     pub eval_dataset: Option<String>,
     /// Hold out this fraction of the training rows for evaluation (when no `eval_dataset`).
@@ -135,6 +143,9 @@ impl Default for SftConfig {
             model_name_or_path: String::new(),
             tokenizer_name_or_path: None,
             dataset_name: String::new(),
+            dataset_config: None,
+            dataset_train_split: "train".into(),
+            dataset_test_split: "test".into(),
             eval_dataset: None,
             eval_split_ratio: None,
             dataset_text_field: "text".into(),

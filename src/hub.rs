@@ -63,6 +63,41 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
         })
 }
 
+/// Data files of a dataset repo (the `refs/convert/parquet` branch holds parquet only).
+const DATASET_FILES: &[&str] = &["*.parquet", "*.jsonl", "*.json", "*.csv", "*.ndjson"];
+
+/// A local file or folder as is, or the snapshot folder of a Hub dataset repo (downloaded if
+/// needed). With `parquet_branch`, the Hub's automatic parquet conversion (`refs/convert/parquet`)
+/// is fetched instead of the repo's own files.
+pub fn resolve_dataset(spec: &str, parquet_branch: bool) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let Some((owner, name)) = hub_id(spec) else {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "give a local .jsonl/.json/.csv/.parquet file, a folder of them, or a Hugging Face Hub dataset id like HuggingFaceTB/smoltalk".into(),
+        });
+    };
+    let offline = offline();
+    let client = hf_hub::HFClientSync::new()
+        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+    client
+        .dataset(owner, name)
+        .snapshot_download()
+        .maybe_revision(parquet_branch.then(|| "refs/convert/parquet".to_string()))
+        .allow_patterns(DATASET_FILES.iter().map(|s| s.to_string()).collect())
+        .local_files_only(offline)
+        .send()
+        .map_err(|e| {
+            Error::Hub(format!(
+                "cannot get dataset `{spec}` from the Hugging Face Hub{} ({e}); check the id, your network and HF_TOKEN, or pass a local file",
+                if offline { " cache (HF_HUB_OFFLINE is set)" } else { "" }
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

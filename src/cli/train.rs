@@ -32,9 +32,24 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     (
         "dataset_name",
         Kind::Text,
-        "Training data: .jsonl/.json file (also --dataset)",
+        "Training data: .jsonl/.json/.csv/.parquet file, folder, or Hub dataset id (also --dataset)",
     ),
-    ("eval_dataset", Kind::Text, "Evaluation data"),
+    (
+        "dataset_config",
+        Kind::Text,
+        "Config (subset) of a folder or Hub dataset (also --dataset-config-name)",
+    ),
+    (
+        "dataset_train_split",
+        Kind::Text,
+        "Split to train on (also --dataset-split) [train]",
+    ),
+    (
+        "dataset_test_split",
+        Kind::Text,
+        "Split of --eval-dataset when it is a folder or Hub dataset [test]",
+    ),
+    ("eval_dataset", Kind::Text, "Evaluation data: file, folder or Hub dataset id"),
     (
         "eval_split_ratio",
         Kind::Float,
@@ -232,6 +247,8 @@ pub fn command() -> Command {
             "model_name_or_path" => arg.visible_alias("model"),
             "dataset_name" => arg.visible_alias("dataset"),
             "tokenizer_name_or_path" => arg.visible_alias("tokenizer"),
+            "dataset_config" => arg.visible_alias("dataset-config-name"),
+            "dataset_train_split" => arg.visible_alias("dataset-split"),
             "chat_template_path" => arg.visible_alias("chat-template"),
             _ => arg,
         };

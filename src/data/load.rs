@@ -17,7 +17,8 @@ pub struct Row {
     pub value: Value,
 }
 
-/// Reads a local `.jsonl` / `.ndjson` or `.json` dataset file into rows.
+/// Reads a local dataset file into rows: `.jsonl` / `.ndjson`, `.json`, `.csv` (a header row, every
+/// value a string, rows keep their line) or `.parquet` (rows keep their 1-based index).
 ///
 /// JSON Lines: one object a line, blank lines ignored, rows keep their 1-based line number.
 /// JSON: an array of objects, or an object of equally long columns (`{"text": ["a", "b"]}`); rows keep
@@ -27,25 +28,94 @@ pub fn load_rows(path: &Path) -> Result<Vec<Row>> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
-            hint: "Pass the path of a local .jsonl or .json dataset file.".to_string(),
+            hint: "Pass a local .jsonl, .json, .csv or .parquet file, a folder of them, or a Hub dataset id.".to_string(),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
+    match extension.as_deref() {
+        Some("csv") => return parse_csv(path),
+        Some("parquet") => return parse_parquet(path),
+        _ => {}
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     match extension.as_deref() {
         Some("jsonl") | Some("ndjson") => parse_json_lines(text, path),
         Some("json") => parse_json(text, path),
         _ => Err(Error::Parse {
             path: path.to_path_buf(),
             line: None,
-            message: "unsupported dataset file type; use .jsonl (one JSON object a line) or .json"
+            message: "unsupported dataset file type; use .jsonl (one JSON object a line), .json, .csv or .parquet"
                 .to_string(),
         }),
     }
+}
+
+/// Reads a CSV file with a header row: each record becomes an object of strings, keeping its line.
+fn parse_csv(path: &Path) -> Result<Vec<Row>> {
+    let mut reader = csv::Reader::from_path(path).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read CSV: {e}"),
+    })?;
+    let headers = reader
+        .headers()
+        .map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            line: Some(1),
+            message: format!("cannot read the CSV header row: {e}"),
+        })?
+        .clone();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| Error::BadRow {
+            path: path.to_path_buf(),
+            line: e.position().map_or(0, |p| p.line() as usize),
+            message: format!("invalid CSV record: {e}"),
+        })?;
+        let line = record
+            .position()
+            .map_or(rows.len() + 2, |p| p.line() as usize);
+        let value: serde_json::Map<String, Value> = headers
+            .iter()
+            .zip(record.iter())
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        rows.push(Row {
+            line,
+            value: Value::Object(value),
+        });
+    }
+    Ok(rows)
+}
+
+/// Reads a parquet file (as `datasets` and the Hub write them) row by row into JSON objects; nested
+/// lists and structs (e.g. `messages`) become arrays and objects.
+fn parse_parquet(path: &Path) -> Result<Vec<Row>> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |e: parquet::errors::ParquetError| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read parquet: {e}"),
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let mut rows = Vec::new();
+    for (index, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| Error::BadRow {
+            path: path.to_path_buf(),
+            line: index + 1,
+            message: format!("cannot decode parquet row: {e}"),
+        })?;
+        rows.push(Row {
+            line: index + 1,
+            value: row.to_json_value(),
+        });
+    }
+    Ok(rows)
 }
 
 /// Parses JSON Lines text: one object a line, blank lines skipped.
@@ -311,13 +381,14 @@ mod tests {
     fn missing_file_gives_a_hint() {
         let err = load_rows(Path::new("/nonexistent/data.jsonl")).expect_err("must fail");
         assert!(matches!(err, Error::MissingFile { .. }));
-        assert!(err.to_string().contains(".jsonl or .json"));
+        assert!(err.to_string().contains(".jsonl, .json, .csv or .parquet"));
     }
 
     #[test]
     fn unknown_extension_is_rejected() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(&dir, "d.csv", "text\na\n");
-        assert!(load_rows(&path).is_err());
+        let path = write(&dir, "d.tsv", "text\na\n");
+        let err = load_rows(&path).expect_err("must fail").to_string();
+        assert!(err.contains("unsupported dataset file type"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //! ([`tokenize`]) and padded into batches ([`batch`]).
 
 pub mod batch;
+pub mod files;
 pub mod format;
 pub mod load;
 pub mod mapping;
@@ -21,5 +22,8 @@ pub use load::{load_rows, Row};
 pub use mapping::FieldMapping;
 pub use pack::{pack_bfd, pack_dataset};
 pub use template::ChatTemplate;
-pub use tokenize::{prepare_dataset, tokenize_sample, Example, PreparedDataset, TokenizeOptions};
+pub use tokenize::{
+    prepare_dataset, prepare_dataset_split, tokenize_sample, Example, PreparedDataset,
+    TokenizeOptions,
+};
 pub use tokenizer::ChatTokenizer;

@@ -167,6 +167,44 @@ pub fn prepare_dataset(
     tok: &ChatTokenizer,
     opts: &TokenizeOptions,
 ) -> Result<PreparedDataset> {
+    prepare_dataset_split(path, None, "train", tok, opts)
+}
+
+/// [`prepare_dataset`] of a file, or of the files of one `config` and `split` of a folder laid
+/// out like a Hub dataset repo (see [`super::files::dataset_files`]), in file order.
+pub fn prepare_dataset_split(
+    path: &Path,
+    config: Option<&str>,
+    split: &str,
+    tok: &ChatTokenizer,
+    opts: &TokenizeOptions,
+) -> Result<PreparedDataset> {
+    if !path.is_dir() {
+        return prepare_file(path, tok, opts);
+    }
+    let mut all = PreparedDataset {
+        examples: Vec::new(),
+        skipped_no_loss_tokens: 0,
+        truncated: 0,
+        bad_rows: Vec::new(),
+        path: path.to_path_buf(),
+    };
+    for file in super::files::dataset_files(path, config, split)? {
+        let part = prepare_file(&file, tok, opts)?;
+        all.examples.extend(part.examples);
+        all.skipped_no_loss_tokens += part.skipped_no_loss_tokens;
+        all.truncated += part.truncated;
+        all.bad_rows.extend(part.bad_rows);
+    }
+    Ok(all)
+}
+
+/// [`prepare_dataset`] of one file.
+fn prepare_file(
+    path: &Path,
+    tok: &ChatTokenizer,
+    opts: &TokenizeOptions,
+) -> Result<PreparedDataset> {
     let rows = load_rows(path)?;
     if rows.is_empty() {
         return Err(Error::Parse {

@@ -10,7 +10,8 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
-use crate::data::{collate, pack_dataset, prepare_dataset, Example, PreparedDataset};
+use crate::data::{collate, pack_dataset, prepare_dataset_split, Example, PreparedDataset};
+use crate::hub::resolve_dataset;
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
@@ -48,13 +49,25 @@ fn loss_tokens(example: &Example) -> f64 {
     example.loss_targets() as f64
 }
 
+/// Tokenizes `spec` (a file, a folder, or a Hub dataset id) for `split`. A Hub repo whose own
+/// files hold no readable data for the config and split is read from the Hub's parquet
+/// conversion (`refs/convert/parquet`).
 fn load_data(
     path: &str,
+    split: &str,
     tokenizer: &crate::data::ChatTokenizer,
     config: &SftConfig,
 ) -> Result<PreparedDataset> {
     let opts = config.tokenize_options();
-    let data = prepare_dataset(Path::new(path), tokenizer, &opts)?;
+    let subset = config.dataset_config.as_deref();
+    let local = resolve_dataset(path, false)?;
+    let data = match prepare_dataset_split(&local, subset, split, tokenizer, &opts) {
+        Err(Error::MissingFile { .. }) if !Path::new(path).exists() => {
+            let converted = resolve_dataset(path, true)?;
+            prepare_dataset_split(&converted, subset, split, tokenizer, &opts)?
+        }
+        other => other?,
+    };
     if data.examples.is_empty() {
         return Err(Error::Config(format!(
             "{path}: no example has a loss token after truncation to --max-length {} ({} rows skipped)",
@@ -135,11 +148,16 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         tokenizer = tokenizer.with_chat_template(template);
     }
-    let mut train_set = load_data(&config.dataset_name, &tokenizer, config)?;
+    let mut train_set = load_data(
+        &config.dataset_name,
+        &config.dataset_train_split,
+        &tokenizer,
+        config,
+    )?;
     let mut eval_set = config
         .eval_dataset
         .as_deref()
-        .map(|p| load_data(p, &tokenizer, config))
+        .map(|p| load_data(p, &config.dataset_test_split, &tokenizer, config))
         .transpose()?;
     if let Some(n) = config.max_train_samples {
         train_set.examples.truncate(n);
