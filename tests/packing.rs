@@ -124,16 +124,8 @@ fn packing_trains_end_to_end() {
         "cpu",
     ]);
     assert!(ok, "{err}");
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("loss").is_some())
-        .collect();
-    let (first, last) = (
-        log[0]["loss"].as_f64().unwrap(),
-        log.last().unwrap()["loss"].as_f64().unwrap(),
-    );
+    let losses = logged(&out, "loss");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
     assert!(last < 0.8 * first, "loss {first} -> {last}");
 }
 

@@ -182,14 +182,8 @@ fn qlora_training_lowers_the_loss_and_merges_verified() {
     let out = tmp.path().join("qlora");
     let (ok, err) = train_qlora(out.to_str().unwrap(), &[]);
     assert!(ok, "{err}");
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("loss").is_some())
-        .collect();
-    let first = log[0]["loss"].as_f64().unwrap();
-    let last = log.last().unwrap()["loss"].as_f64().unwrap();
+    let losses = logged(&out, "loss");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
     assert!(last < 0.7 * first, "loss {first} -> {last}");
     let adapter = out.to_str().unwrap();
 

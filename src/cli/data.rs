@@ -2,7 +2,7 @@
 //! a histogram of lengths, and the counts of truncated, skipped and unusable rows.
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
-use peft_sft::data::{prepare_dataset, ChatTokenizer, Example, PreparedDataset, TokenizeOptions};
+use peft_sft::data::{prepare_dataset, ChatTokenizer, Example, PreparedDataset};
 use peft_sft::hub::resolve_model;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -21,47 +21,13 @@ pub fn command() -> Command {
                         .required(true)
                         .help("Model folder or Hub id (its tokenizer and chat template)"),
                 )
-                .arg(
-                    Arg::new("dataset")
-                        .long("dataset")
-                        .required(true)
-                        .help("Dataset file"),
-                )
+                .args(super::dataset_args())
                 .arg(
                     Arg::new("n")
                         .long("n")
                         .default_value("3")
                         .value_parser(value_parser!(usize))
                         .help("Examples to show"),
-                )
-                .arg(
-                    Arg::new("max_length")
-                        .long("max-length")
-                        .default_value("1024")
-                        .value_parser(value_parser!(usize)),
-                )
-                .arg(
-                    Arg::new("completion_only_loss")
-                        .long("completion-only-loss")
-                        .value_parser(value_parser!(bool))
-                        .num_args(0..=1)
-                        .default_missing_value("true"),
-                )
-                .arg(
-                    Arg::new("assistant_only_loss")
-                        .long("assistant-only-loss")
-                        .action(ArgAction::SetTrue),
-                )
-                .arg(
-                    Arg::new("chat_template")
-                        .long("chat-template")
-                        .help("Jinja chat template file to use instead of the tokenizer's"),
-                )
-                .arg(
-                    Arg::new("skip_bad_rows")
-                        .long("on-bad-row")
-                        .value_parser(["error", "skip"])
-                        .default_value("error"),
                 )
                 .arg(
                     Arg::new("json")
@@ -82,19 +48,8 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
 
 fn inspect(m: &ArgMatches) -> anyhow::Result<()> {
     let dir = resolve_model(super::text(m, "model"), None)?;
-    let mut tok = ChatTokenizer::from_dir(&dir)?;
-    if let Some(path) = m.get_one::<String>("chat_template") {
-        tok = tok.with_chat_template(
-            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?,
-        );
-    }
-    let opts = TokenizeOptions {
-        max_length: m.get_one::<usize>("max_length").copied(),
-        completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
-        assistant_only_loss: m.get_flag("assistant_only_loss"),
-        skip_bad_rows: super::text(m, "skip_bad_rows") == "skip",
-        ..TokenizeOptions::default()
-    };
+    let tok = super::with_chat_template(ChatTokenizer::from_dir(&dir)?, m)?;
+    let opts = super::tokenize_options(m);
     let data = prepare_dataset(Path::new(super::text(m, "dataset")), &tok, &opts)?;
     if m.get_flag("json") {
         for (i, e) in data.examples.iter().enumerate() {

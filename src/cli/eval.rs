@@ -1,8 +1,8 @@
 //! `peft-sft eval`: loss, token accuracy and entropy of a model (optionally with an adapter).
 
-use super::{load_model, model_args, text};
+use super::{dataset_args, load_model, model_args, text, tokenize_options, with_chat_template};
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
-use peft_sft::data::{prepare_dataset, TokenizeOptions};
+use peft_sft::data::prepare_dataset;
 use peft_sft::train::eval::evaluate;
 use std::path::Path;
 
@@ -11,36 +11,12 @@ pub fn command() -> Command {
     Command::new("eval")
         .about("Evaluate eval_loss, eval_mean_token_accuracy, eval_entropy on a dataset")
         .args(model_args(false))
-        .arg(
-            Arg::new("dataset")
-                .long("dataset")
-                .required(true)
-                .help("Dataset file"),
-        )
-        .arg(
-            Arg::new("max_length")
-                .long("max-length")
-                .default_value("1024")
-                .value_parser(value_parser!(usize)),
-        )
+        .args(dataset_args())
         .arg(
             Arg::new("batch_size")
                 .long("per-device-eval-batch-size")
                 .default_value("8")
                 .value_parser(value_parser!(usize)),
-        )
-        .arg(
-            Arg::new("completion_only_loss")
-                .long("completion-only-loss")
-                .value_parser(value_parser!(bool))
-                .num_args(0..=1)
-                .default_missing_value("true"),
-        )
-        .arg(
-            Arg::new("assistant_only_loss")
-                .long("assistant-only-loss")
-                .action(ArgAction::SetTrue)
-                .help("Score assistant turns only"),
         )
         .arg(
             Arg::new("json")
@@ -52,13 +28,9 @@ pub fn command() -> Command {
 
 /// Runs `peft-sft eval`.
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
-    let loaded = load_model(m)?;
-    let opts = TokenizeOptions {
-        max_length: m.get_one::<usize>("max_length").copied(),
-        completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
-        assistant_only_loss: m.get_flag("assistant_only_loss"),
-        ..TokenizeOptions::default()
-    };
+    let mut loaded = load_model(m)?;
+    loaded.tokenizer = with_chat_template(loaded.tokenizer, m)?;
+    let opts = tokenize_options(m);
     let data = prepare_dataset(Path::new(text(m, "dataset")), &loaded.tokenizer, &opts)?;
     let pad = loaded
         .tokenizer

@@ -6,8 +6,9 @@ pub mod generate;
 pub mod merge;
 pub mod train;
 
-use clap::{Arg, ArgAction, ArgMatches};
+use clap::{value_parser, Arg, ArgAction, ArgMatches};
 use peft_sft::config::four_bit_scheme;
+use peft_sft::data::{ChatTokenizer, TokenizeOptions};
 use peft_sft::lora::load_adapter;
 use peft_sft::model::{load_pretrained_with, select_device, LoadOptions, Pretrained};
 use peft_sft::quant::QuantScheme;
@@ -47,6 +48,59 @@ pub fn model_args(adapter_required: bool) -> [Arg; 7] {
             .conflicts_with("qlora")
             .help("Load the base's linear layers as row-wise int8"),
     ]
+}
+
+/// The dataset and tokenization flags shared by `eval` and `data inspect`: `--dataset`,
+/// `--max-length`, `--completion-only-loss`, `--assistant-only-loss`, `--chat-template`,
+/// `--on-bad-row`.
+pub fn dataset_args() -> [Arg; 6] {
+    [
+        Arg::new("dataset")
+            .long("dataset")
+            .required(true)
+            .help("Dataset file or folder"),
+        Arg::new("max_length")
+            .long("max-length")
+            .default_value("1024")
+            .value_parser(value_parser!(usize)),
+        Arg::new("completion_only_loss")
+            .long("completion-only-loss")
+            .value_parser(value_parser!(bool))
+            .num_args(0..=1)
+            .default_missing_value("true"),
+        Arg::new("assistant_only_loss")
+            .long("assistant-only-loss")
+            .action(ArgAction::SetTrue)
+            .help("Assistant turns only"),
+        Arg::new("chat_template")
+            .long("chat-template")
+            .help("Jinja chat template file to use instead of the tokenizer's"),
+        Arg::new("on_bad_row")
+            .long("on-bad-row")
+            .value_parser(["error", "skip"])
+            .default_value("error"),
+    ]
+}
+
+/// The tokenization the shared dataset flags ask for.
+pub fn tokenize_options(m: &ArgMatches) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: m.get_one::<usize>("max_length").copied(),
+        completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
+        assistant_only_loss: m.get_flag("assistant_only_loss"),
+        skip_bad_rows: text(m, "on_bad_row") == "skip",
+        ..TokenizeOptions::default()
+    }
+}
+
+/// `tok` with the `--chat-template` file, when given.
+pub fn with_chat_template(tok: ChatTokenizer, m: &ArgMatches) -> anyhow::Result<ChatTokenizer> {
+    Ok(match m.get_one::<String>("chat_template") {
+        Some(path) => tok.with_chat_template(
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?,
+        ),
+        None => tok,
+    })
 }
 
 /// The base quantization the shared flags ask for.

@@ -93,3 +93,13 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The values of `key` (e.g. `loss`) in the records of `dir/metrics.jsonl` that have it.
+pub fn logged(dir: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .filter_map(|v| v.get(key).and_then(serde_json::Value::as_f64))
+        .collect()
+}
