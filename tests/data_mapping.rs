@@ -58,6 +58,11 @@ fn medical_style_columns_train_with_a_held_out_split() {
     assert!(ok, "{err}");
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(log.contains("\"eval_loss\""), "{log}");
+    // The template trained with travels with the adapter.
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        std::fs::read_to_string(&template).unwrap()
+    );
 
     // A column that is not there names the file, the line and the columns that are.
     let (ok, _, err) = run_cli(&[

@@ -100,16 +100,23 @@ fn split_eval(examples: &[Example], ratio: f64, seed: u64) -> (Vec<Example>, Vec
 }
 
 /// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
+/// With `--chat-template`, the template trained with is written next to the weights as
+/// `chat_template.jinja` (which `generate`/`eval` with `--adapter` and transformers then use).
 fn save_weights(
     model: &CausalLm,
     lora: Option<&LoraConfig>,
     base_dir: &Path,
     dir: &Path,
+    chat_template: Option<&str>,
 ) -> Result<()> {
     match lora {
-        Some(config) => lora::save_adapter(model, config, dir),
-        None => save_pretrained(model, base_dir, dir, MAX_SHARD_BYTES),
+        Some(config) => lora::save_adapter(model, config, dir)?,
+        None => save_pretrained(model, base_dir, dir, MAX_SHARD_BYTES)?,
     }
+    if let Some(template) = chat_template {
+        crate::io::write_bytes(&dir.join("chat_template.jinja"), template.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Runs supervised fine-tuning as `config` describes.
@@ -144,9 +151,13 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         &device,
     )?;
     model.gradient_checkpointing = config.gradient_checkpointing;
-    if let Some(path) = &config.chat_template_path {
-        let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        tokenizer = tokenizer.with_chat_template(template);
+    let custom_template = config
+        .chat_template_path
+        .as_ref()
+        .map(|path| std::fs::read_to_string(path).map_err(|e| Error::io(path, e)))
+        .transpose()?;
+    if let Some(template) = &custom_template {
+        tokenizer = tokenizer.with_chat_template(template.clone());
     }
     let mut train_set = load_data(
         &config.dataset_name,
@@ -339,7 +350,13 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         }
         if done % config.save_steps == 0 {
             checkpoint::save(&output_dir, done, |dir| {
-                save_weights(&model, lora_config.as_ref(), &base_dir, dir)?;
+                save_weights(
+                    &model,
+                    lora_config.as_ref(),
+                    &base_dir,
+                    dir,
+                    custom_template.as_deref(),
+                )?;
                 optimizer.save(dir)?;
                 write_json(
                     &dir.join("scheduler.json"),
@@ -370,7 +387,13 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    save_weights(&model, lora_config.as_ref(), &base_dir, &output_dir)?;
+    save_weights(
+        &model,
+        lora_config.as_ref(),
+        &base_dir,
+        &output_dir,
+        custom_template.as_deref(),
+    )?;
     checkpoint::write_state(&output_dir, &state)?;
     Ok(TrainOutcome {
         global_step: state.global_step,
