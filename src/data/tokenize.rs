@@ -199,6 +199,52 @@ pub fn prepare_dataset_split(
     Ok(all)
 }
 
+/// Maps, parses and tokenizes `rows` in parallel (contiguous chunks, one tokenizer and compiled
+/// template per thread), keeping row order; errors name the file and the row's line.
+fn tokenize_rows(
+    rows: &[super::load::Row],
+    path: &Path,
+    tok: &ChatTokenizer,
+    opts: &TokenizeOptions,
+) -> Vec<Result<Example>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = rows.len().div_ceil(threads).max(256);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut tokenizer = SampleTokenizer::new(tok, opts);
+                    part.iter()
+                        .map(|row| {
+                            opts.fields
+                                .apply(row, path)
+                                .and_then(|row| parse_sample(&row, path))
+                                .and_then(|sample| tokenizer.tokenize(&sample))
+                                .map_err(|e| match e {
+                                    Error::BadRow { .. } => e,
+                                    other => Error::BadRow {
+                                        path: path.to_path_buf(),
+                                        line: row.line,
+                                        message: other.to_string(),
+                                    },
+                                })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(Error::Tokenizer("a tokenizing thread panicked".into()))]
+                })
+            })
+            .collect()
+    })
+}
+
 /// [`prepare_dataset`] of one file.
 fn prepare_file(
     path: &Path,
@@ -213,25 +259,12 @@ fn prepare_file(
             message: "the dataset has no rows".to_string(),
         });
     }
-    let mut tokenizer = SampleTokenizer::new(tok, opts);
+    let tokenized = tokenize_rows(&rows, path, tok, opts);
     let mut examples = Vec::with_capacity(rows.len());
     let mut skipped_no_loss_tokens = 0;
     let mut truncated = 0;
     let mut bad_rows = Vec::new();
-    for row in &rows {
-        let example = opts
-            .fields
-            .apply(row, path)
-            .and_then(|row| parse_sample(&row, path))
-            .and_then(|sample| tokenizer.tokenize(&sample))
-            .map_err(|e| match e {
-                Error::BadRow { .. } => e,
-                other => Error::BadRow {
-                    path: path.to_path_buf(),
-                    line: row.line,
-                    message: other.to_string(),
-                },
-            });
+    for example in tokenized {
         let mut example = match example {
             Ok(example) => example,
             Err(Error::BadRow { line, message, .. }) if opts.skip_bad_rows => {
