@@ -4,6 +4,7 @@
 
 use crate::data::{FieldMapping, TokenizeOptions};
 use crate::lora::{LoraConfig, TargetModules};
+use crate::model::LoadOptions;
 use crate::quant::{FourBitType, QuantScheme};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -293,6 +294,24 @@ impl SftConfig {
             (Mode::Lora, true) => Ok(Some(QuantScheme::Int8)),
             _ => Ok(None),
         }
+    }
+
+    /// How the base model loads: trainable weights for `--full`, the quantization of `--qlora` /
+    /// `--load-in-8bit`, and the tokenizer folder.
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            trainable: self.mode == Mode::Full,
+            quantize: self.quantization()?,
+            tokenizer: self.tokenizer_name_or_path.as_ref().map(Into::into),
+        })
+    }
+
+    /// The `--chat-template` file's text, when given.
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        self.chat_template_path
+            .as_ref()
+            .map(|path| std::fs::read_to_string(path).map_err(|e| Error::io(path, e)))
+            .transpose()
     }
 
     /// How the datasets are tokenized. TRL neither truncates nor drops rows before packing: packing

@@ -95,11 +95,10 @@ fn best_fit_decreasing_rows_equal_trl() {
     assert_eq!(checked, 6);
 }
 
-#[test]
-fn assistant_masks_equal_trl_for_generation_blocks() {
+/// Our assistant-only masks with `template` equal TRL's `assistant_masks` for the generation
+/// template (ids too, every kept row compared).
+fn assert_trl_assistant_masks(template: String) {
     let expected = read("expected_messages_chatml_generation_assistant_only.json");
-    let template = std::fs::read_to_string(fixtures().join("trl_packing/chatml_generation.jinja"))
-        .expect("template");
     let tok = chatml().with_chat_template(template);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(expected["dataset"].as_str().unwrap());
     let opts = TokenizeOptions {
@@ -125,33 +124,23 @@ fn assistant_masks_equal_trl_for_generation_blocks() {
     }
 }
 
+fn generation_template() -> String {
+    std::fs::read_to_string(fixtures().join("trl_packing/chatml_generation.jinja"))
+        .expect("template")
+}
+
+#[test]
+fn assistant_masks_equal_trl_for_generation_blocks() {
+    assert_trl_assistant_masks(generation_template());
+}
+
 #[test]
 fn templates_without_generation_blocks_mask_each_assistant_turn() {
     // The fixture template without its generation tags renders the same text; the fallback
     // (rendering prefixes) must find the same assistant spans, up to the end-of-turn newline.
-    let expected = read("expected_messages_chatml_generation_assistant_only.json");
-    let template = std::fs::read_to_string(fixtures().join("trl_packing/chatml_generation.jinja"))
-        .expect("template")
-        .replace("{% generation %}", "")
-        .replace("{% endgeneration %}", "");
-    let tok = chatml().with_chat_template(template);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(expected["dataset"].as_str().unwrap());
-    let opts = TokenizeOptions {
-        assistant_only_loss: true,
-        ..TokenizeOptions::default()
-    };
-    let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
-    let rows: Vec<&Value> = expected["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| !e["dropped"].as_bool().unwrap_or(false))
-        .collect();
-    for (ours, theirs) in prepared.examples.iter().zip(rows) {
-        let mask: Vec<u8> = u32s(&theirs["assistant_masks"])
-            .into_iter()
-            .map(|x| x as u8)
-            .collect();
-        assert_eq!(ours.loss_mask, mask, "row {}", theirs["row"]);
-    }
+    assert_trl_assistant_masks(
+        generation_template()
+            .replace("{% generation %}", "")
+            .replace("{% endgeneration %}", ""),
+    );
 }

@@ -363,17 +363,21 @@ fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
     let device = peft_sft::model::select_device(&config.device)?;
     let options = peft_sft::model::LoadOptions {
         trainable: false,
-        quantize: config.quantization()?,
-        tokenizer: config.tokenizer_name_or_path.as_ref().map(Into::into),
+        ..config.load_options()?
     };
-    let mut loaded =
-        peft_sft::model::load_pretrained_with(&config.model_name_or_path, options, &device)?;
-    if let Some(path) = &config.chat_template_path {
-        loaded.tokenizer = loaded
-            .tokenizer
-            .with_chat_template(std::fs::read_to_string(path)?);
+    // A full fine-tune wrote a model folder; LoRA/QLoRA an adapter over the base.
+    let full = config.mode == peft_sft::config::Mode::Full;
+    let trained = outcome.output_dir.to_string_lossy().into_owned();
+    let spec = if full {
+        &trained
+    } else {
+        &config.model_name_or_path
+    };
+    let mut loaded = peft_sft::model::load_pretrained_with(spec, options, &device)?;
+    if let Some(template) = config.chat_template()? {
+        loaded.tokenizer = loaded.tokenizer.with_chat_template(template);
     }
-    if config.mode != peft_sft::config::Mode::Full {
+    if !full {
         peft_sft::lora::load_adapter(&mut loaded.model, &outcome.output_dir)?;
     }
     let data = peft_sft::data::prepare_dataset(

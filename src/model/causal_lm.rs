@@ -86,16 +86,9 @@ impl Loader<'_> {
         }
         match self.quantize {
             Some(scheme) => {
-                let full = self.weights.get_raw(name, &Device::Cpu)?;
-                if full.dims() != [out_f, in_f] {
-                    return Err(crate::Error::Tensor {
-                        name: name.into(),
-                        message: format!(
-                            "has shape {:?}, the config implies [{out_f}, {in_f}]",
-                            full.dims()
-                        ),
-                    });
-                }
+                let full = self
+                    .weights
+                    .get_stored(name, &[out_f, in_f], &Device::Cpu)?;
                 let q = QuantizedWeight::quantize(&full, scheme, self.dtype, self.device)?;
                 Ok(LinearWeight::Quantized(Arc::new(q)))
             }

@@ -221,6 +221,18 @@ impl Weights {
         )?)
     }
 
+    /// Loads `name` in its stored dtype on `device` and checks its shape.
+    pub fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self.get_raw(name, device)?;
+        if t.dims() != shape {
+            return Err(Error::Tensor {
+                name: name.into(),
+                message: format!("has shape {:?}, the config implies {:?}", t.dims(), shape),
+            });
+        }
+        Ok(t)
+    }
+
     /// Loads `name`, checks its shape, and converts it to `dtype` on `device`.
     pub fn get(
         &self,
@@ -229,13 +241,6 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let t = self.get_raw(name, device)?;
-        if t.dims() != shape {
-            return Err(Error::Tensor {
-                name: name.into(),
-                message: format!("has shape {:?}, the config implies {:?}", t.dims(), shape),
-            });
-        }
-        Ok(t.to_dtype(dtype)?)
+        Ok(self.get_stored(name, shape, device)?.to_dtype(dtype)?)
     }
 }

@@ -15,7 +15,7 @@ use crate::hub::resolve_dataset;
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
-use crate::model::{load_pretrained_with, select_device, CausalLm, LoadOptions, Pretrained};
+use crate::model::{load_pretrained_with, select_device, CausalLm, Pretrained};
 use crate::ops::checkpoint::backward;
 use crate::rng::{hash_str, key, Rng};
 use crate::{Error, Result};
@@ -79,7 +79,7 @@ fn load_data(
 
 /// Holds out `ratio` of `examples` (at least one, chosen by `seed`) for evaluation; both parts keep
 /// file order. Returns (train, eval).
-fn split_eval(examples: &[Example], ratio: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+fn split_eval(examples: Vec<Example>, ratio: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
     let n = examples.len();
     let held = ((n as f64 * ratio).round() as usize).clamp(1, n.saturating_sub(1).max(1));
     let mut order = Rng::new(key(&[seed, hash_str("eval-split")])).permutation(n);
@@ -89,11 +89,11 @@ fn split_eval(examples: &[Example], ratio: f64, seed: u64) -> (Vec<Example>, Vec
         is_eval[i] = true;
     }
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (e, held_out) in examples.iter().zip(is_eval) {
+    for (e, held_out) in examples.into_iter().zip(is_eval) {
         if held_out {
-            eval.push(e.clone());
+            eval.push(e);
         } else {
-            train.push(e.clone());
+            train.push(e);
         }
     }
     (train, eval)
@@ -141,21 +141,9 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         mut tokenizer,
         dir: base_dir,
         ..
-    } = load_pretrained_with(
-        &model_spec,
-        LoadOptions {
-            trainable: full,
-            quantize: config.quantization()?,
-            tokenizer: config.tokenizer_name_or_path.as_ref().map(Into::into),
-        },
-        &device,
-    )?;
+    } = load_pretrained_with(&model_spec, config.load_options()?, &device)?;
     model.gradient_checkpointing = config.gradient_checkpointing;
-    let custom_template = config
-        .chat_template_path
-        .as_ref()
-        .map(|path| std::fs::read_to_string(path).map_err(|e| Error::io(path, e)))
-        .transpose()?;
+    let custom_template = config.chat_template()?;
     if let Some(template) = &custom_template {
         tokenizer = tokenizer.with_chat_template(template.clone());
     }
@@ -174,10 +162,14 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         train_set.examples.truncate(n);
     }
     if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
-        let (train, held_out) = split_eval(&train_set.examples, ratio, config.seed);
+        let all = std::mem::take(&mut train_set.examples);
+        let (train, held_out) = split_eval(all, ratio, config.seed);
         eval_set = Some(PreparedDataset {
             examples: held_out,
-            ..train_set.clone()
+            skipped_no_loss_tokens: 0,
+            truncated: 0,
+            bad_rows: Vec::new(),
+            path: train_set.path.clone(),
         });
         train_set.examples = train;
     }
@@ -422,9 +414,9 @@ mod tests {
         let examples: Vec<super::Example> = (0..20)
             .map(|i| super::Example::new(vec![i], vec![1]))
             .collect();
-        let (train, eval) = super::split_eval(&examples, 0.25, 7);
+        let (train, eval) = super::split_eval(examples.clone(), 0.25, 7);
         assert_eq!((train.len(), eval.len()), (15, 5));
-        let (train2, eval2) = super::split_eval(&examples, 0.25, 7);
+        let (train2, eval2) = super::split_eval(examples, 0.25, 7);
         assert_eq!((train, eval.clone()), (train2, eval2));
         assert!(
             eval.windows(2).all(|w| w[0].input_ids < w[1].input_ids),
