@@ -62,6 +62,10 @@ pub struct SftConfig {
     /// What an unusable dataset row does: `error` (stop, naming file and line) or `skip` (count
     /// and report it at the end).
     pub on_bad_row: String,
+    /// Cache tokenized datasets on disk and map them on later runs.
+    pub dataset_cache: bool,
+    /// Where tokenized datasets are cached; `None` is [`crate::data::default_cache_dir`].
+    pub dataset_cache_dir: Option<String>,
     /// Where checkpoints, metrics and the final adapter/model go.
     pub output_dir: String,
     /// Which weights train.
@@ -156,6 +160,8 @@ impl Default for SftConfig {
             system_prompt: None,
             chat_template_path: None,
             on_bad_row: "error".into(),
+            dataset_cache: true,
+            dataset_cache_dir: None,
             max_train_samples: None,
             output_dir: String::new(),
             mode: Mode::Lora,
@@ -323,6 +329,14 @@ impl SftConfig {
             assistant_only_loss: self.assistant_only_loss,
             fields: self.field_mapping(),
             skip_bad_rows: self.on_bad_row == "skip",
+            cache_dir: if self.dataset_cache {
+                self.dataset_cache_dir
+                    .as_ref()
+                    .map(Into::into)
+                    .or_else(crate::data::default_cache_dir)
+            } else {
+                None
+            },
         }
     }
 

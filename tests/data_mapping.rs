@@ -140,7 +140,9 @@ fn bad_rows_stop_the_run_or_are_skipped_and_counted() {
     let (ok, _, err) = run(&["--on-bad-row", "skip"]);
     assert!(ok, "{err}");
     assert!(
-        err.contains("skipped 4 unusable rows") && err.contains("first at line 2"),
+        err.contains("skipped 4 unusable rows")
+            && err.contains("first at ")
+            && err.contains("mixed.jsonl:2: "),
         "{err}"
     );
 }

@@ -32,7 +32,8 @@ fn chat_dataset_to_batches_with_pad_equal_to_eos() {
     assert_eq!(prepared.skipped_no_loss_tokens, 0);
     assert_eq!(prepared.truncated, 0);
 
-    let batch_examples: Vec<&Example> = prepared.examples.iter().take(4).collect();
+    let owned = prepared.examples.to_vec();
+    let batch_examples: Vec<&Example> = owned.iter().take(4).collect();
     let batch = collate(&batch_examples, pad, &Device::Cpu).expect("collate");
     let longest = batch_examples
         .iter()
@@ -72,7 +73,7 @@ fn prompt_completion_trains_on_the_completion_only() {
         &TokenizeOptions::default(),
     )
     .expect("prepare");
-    for example in &prepared.examples {
+    for example in prepared.examples.iter() {
         let first_target = example
             .loss_mask
             .iter()

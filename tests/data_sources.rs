@@ -16,7 +16,7 @@ fn examples(path: &Path) -> Vec<(Vec<u32>, Vec<u8>)> {
     prepare_dataset(path, &tok(), &TokenizeOptions::default())
         .unwrap()
         .examples
-        .into_iter()
+        .iter()
         .map(|e| (e.input_ids, e.loss_mask))
         .collect()
 }

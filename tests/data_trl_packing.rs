@@ -51,7 +51,9 @@ fn best_fit_decreasing_rows_equal_trl() {
                 ..TokenizeOptions::default()
             };
             let prepared = prepare_dataset(&path, &chatml(), &opts).expect("prepare");
-            let rows = pack_bfd(&prepared.examples, max_length);
+            // The store view packs as the in-memory packer does (both are checked against TRL).
+            let rows = prepared.examples.pack(max_length).to_vec();
+            assert_eq!(rows, pack_bfd(&prepared.examples.to_vec(), max_length));
             let packed = expected["packed"].as_array().unwrap();
             assert_eq!(
                 rows.len(),

@@ -131,13 +131,13 @@ fn compare(file: &Path) -> Vec<String> {
 
     // The whole file: prepare_dataset keeps exactly TRL's rows, in order, and counts the dropped ones.
     let prepared = prepare_dataset(&dataset, &tok, &opts).expect("prepare dataset");
-    let kept: Vec<&Vec<u32>> = expected
+    let kept: Vec<Vec<u32>> = expected
         .examples
         .iter()
         .filter(|e| !e.dropped)
-        .filter_map(|e| e.input_ids.as_ref())
+        .filter_map(|e| e.input_ids.clone())
         .collect();
-    let ours: Vec<&Vec<u32>> = prepared.examples.iter().map(|e| &e.input_ids).collect();
+    let ours: Vec<Vec<u32>> = prepared.examples.iter().map(|e| e.input_ids).collect();
     if ours != kept {
         failures.push(format!(
             "{stem}: prepare_dataset kept {} examples, TRL {}",

@@ -72,15 +72,18 @@ fn inspect(m: &ArgMatches) -> anyhow::Result<()> {
                 "(loss tokens in [[ ]])"
             }
         );
-        println!("{}", marked(&tok, e, color)?);
+        println!("{}", marked(&tok, &e, color)?);
     }
     Ok(())
 }
 
 /// Counts, token totals and a length histogram.
 fn print_summary(data: &PreparedDataset) {
-    let tokens: usize = data.examples.iter().map(Example::len).sum();
-    let loss: usize = data.examples.iter().map(Example::num_loss_tokens).sum();
+    let lengths: Vec<usize> = (0..data.examples.len())
+        .map(|i| data.examples.example_len(i))
+        .collect();
+    let tokens: usize = lengths.iter().sum();
+    let loss: usize = data.examples.iter().map(|e| e.num_loss_tokens()).sum();
     println!(
         "{}: {} examples; {} truncated to --max-length, {} skipped with no loss token left, {} unusable rows skipped",
         data.path.display(),
@@ -89,18 +92,18 @@ fn print_summary(data: &PreparedDataset) {
         data.skipped_no_loss_tokens,
         data.bad_rows.len()
     );
-    for (line, reason) in data.bad_rows.iter().take(5) {
-        println!("  unusable line {line}: {reason}");
+    for (file, line, reason) in data.bad_rows.iter().take(5) {
+        println!("  unusable {}:{line}: {reason}", file.display());
     }
     println!(
         "tokens: {tokens} in all, {loss} carry loss ({:.1}%)",
         100.0 * loss as f64 / tokens.max(1) as f64
     );
-    let longest = data.examples.iter().map(Example::len).max().unwrap_or(0);
+    let longest = lengths.iter().copied().max().unwrap_or(0);
     let width = longest.div_ceil(10).max(1);
     let mut bins = [0usize; 10];
-    for e in &data.examples {
-        bins[(e.len().saturating_sub(1) / width).min(9)] += 1;
+    for len in &lengths {
+        bins[(len.saturating_sub(1) / width).min(9)] += 1;
     }
     let most = bins.iter().copied().max().unwrap_or(1).max(1);
     println!("length histogram (tokens):");

@@ -89,6 +89,7 @@ pub fn tokenize_options(m: &ArgMatches) -> TokenizeOptions {
         completion_only_loss: m.get_one::<bool>("completion_only_loss").copied(),
         assistant_only_loss: m.get_flag("assistant_only_loss"),
         skip_bad_rows: text(m, "on_bad_row") == "skip",
+        cache_dir: peft_sft::data::default_cache_dir(),
         ..TokenizeOptions::default()
     }
 }

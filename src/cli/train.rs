@@ -83,6 +83,16 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "error | skip: stop at an unusable row or skip and count it [error]",
     ),
     (
+        "dataset_cache",
+        Kind::Bool,
+        "Cache tokenized datasets on disk and map them on later runs [true]",
+    ),
+    (
+        "dataset_cache_dir",
+        Kind::Text,
+        "Folder of the tokenized-dataset cache [$PEFT_SFT_CACHE/datasets or ~/.cache/peft-sft/datasets]",
+    ),
+    (
         "chat_template_path",
         Kind::Text,
         "Jinja chat template file to use instead of the tokenizer's (also --chat-template)",
@@ -306,11 +316,12 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         return sanity_check(config);
     }
     let outcome = train(&config, Reporting { progress: true })?;
-    if let Some((line, reason)) = outcome.bad_rows.first() {
+    if let Some((file, line, reason)) = outcome.bad_rows.first() {
         eprintln!(
-            "skipped {} unusable rows of {} (--on-bad-row skip); first at line {line}: {reason}",
+            "skipped {} unusable rows of {} (--on-bad-row skip); first at {}:{line}: {reason}",
             outcome.bad_rows.len(),
-            config.dataset_name
+            config.dataset_name,
+            file.display()
         );
     }
     if outcome.skipped_rows > 0 {
@@ -385,15 +396,15 @@ fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
         &loaded.tokenizer,
         &config.tokenize_options(),
     )?;
-    let Some(example) = data.examples.first() else {
+    let Some(example) = (!data.examples.is_empty()).then(|| data.examples.get(0)) else {
         return Ok(());
     };
     println!("\nfirst training example (loss tokens in [[ ]]):");
     println!(
         "{}",
-        super::data::marked(&loaded.tokenizer, example, false)?
+        super::data::marked(&loaded.tokenizer, &example, false)?
     );
-    let prompt = first_prompt(&config, &loaded.tokenizer, example)?;
+    let prompt = first_prompt(&config, &loaded.tokenizer, &example)?;
     let opts = peft_sft::generate::GenerateOptions {
         max_new_tokens: 32,
         stop_ids: loaded.stop_ids(),

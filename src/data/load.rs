@@ -25,6 +25,22 @@ pub struct Row {
 /// their 1-based record index. A `.json` file that is really JSON Lines (as the Hub's `datasets` loader
 /// accepts) is read as JSON Lines.
 pub fn load_rows(path: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for_each_row_chunk(path, usize::MAX, |chunk| {
+        rows.extend(chunk);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// [`load_rows`] a chunk of at most `chunk` rows at a time, in file order: `f` sees each chunk
+/// once. JSON Lines, CSV and parquet files are streamed, so memory stays bounded by the chunk;
+/// a whole-file `.json` is parsed at once.
+pub fn for_each_row_chunk(
+    path: &Path,
+    chunk: usize,
+    mut f: impl FnMut(Vec<Row>) -> Result<()>,
+) -> Result<()> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
@@ -35,27 +51,62 @@ pub fn load_rows(path: &Path) -> Result<Vec<Row>> {
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
+    let chunk = chunk.max(1);
+    let mut pending = Vec::new();
+    let mut sink = |row: Row| -> Result<()> {
+        pending.push(row);
+        if pending.len() >= chunk {
+            f(std::mem::take(&mut pending))?;
+        }
+        Ok(())
+    };
     match extension.as_deref() {
-        Some("csv") => return parse_csv(path),
-        Some("parquet") => return parse_parquet(path),
-        _ => {}
+        Some("csv") => read_csv(path, &mut sink)?,
+        Some("parquet") => read_parquet(path, &mut sink)?,
+        Some("jsonl") | Some("ndjson") => read_json_lines(path, &mut sink)?,
+        Some("json") => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+            for row in parse_json(text, path)? {
+                sink(row)?;
+            }
+        }
+        _ => {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                message: "unsupported dataset file type; use .jsonl (one JSON object a line), .json, .csv or .parquet"
+                    .to_string(),
+            })
+        }
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    match extension.as_deref() {
-        Some("jsonl") | Some("ndjson") => parse_json_lines(text, path),
-        Some("json") => parse_json(text, path),
-        _ => Err(Error::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            message: "unsupported dataset file type; use .jsonl (one JSON object a line), .json, .csv or .parquet"
-                .to_string(),
-        }),
+    if !pending.is_empty() {
+        f(pending)?;
     }
+    Ok(())
+}
+
+/// Streams a JSON Lines file line by line (a leading byte-order mark is ignored).
+fn read_json_lines(path: &Path, sink: &mut impl FnMut(Row) -> Result<()>) -> Result<()> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        let line = if index == 0 {
+            line.strip_prefix('\u{feff}').unwrap_or(&line)
+        } else {
+            &line
+        };
+        if let Some(row) = json_line_row(line, index + 1, path)? {
+            sink(row)?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads a CSV file with a header row: each record becomes an object of strings, keeping its line.
-fn parse_csv(path: &Path) -> Result<Vec<Row>> {
+fn read_csv(path: &Path, sink: &mut impl FnMut(Row) -> Result<()>) -> Result<()> {
     let mut reader = csv::Reader::from_path(path).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
         line: None,
@@ -69,32 +120,29 @@ fn parse_csv(path: &Path) -> Result<Vec<Row>> {
             message: format!("cannot read the CSV header row: {e}"),
         })?
         .clone();
-    let mut rows = Vec::new();
-    for record in reader.records() {
+    for (index, record) in reader.records().enumerate() {
         let record = record.map_err(|e| Error::BadRow {
             path: path.to_path_buf(),
             line: e.position().map_or(0, |p| p.line() as usize),
             message: format!("invalid CSV record: {e}"),
         })?;
-        let line = record
-            .position()
-            .map_or(rows.len() + 2, |p| p.line() as usize);
+        let line = record.position().map_or(index + 2, |p| p.line() as usize);
         let value: serde_json::Map<String, Value> = headers
             .iter()
             .zip(record.iter())
             .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
             .collect();
-        rows.push(Row {
+        sink(Row {
             line,
             value: Value::Object(value),
-        });
+        })?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Reads a parquet file (as `datasets` and the Hub write them) row by row into JSON objects; nested
 /// lists and structs (e.g. `messages`) become arrays and objects.
-fn parse_parquet(path: &Path) -> Result<Vec<Row>> {
+fn read_parquet(path: &Path, sink: &mut impl FnMut(Row) -> Result<()>) -> Result<()> {
     use parquet::file::reader::SerializedFileReader;
     let bad = |e: parquet::errors::ParquetError| Error::Parse {
         path: path.to_path_buf(),
@@ -103,53 +151,57 @@ fn parse_parquet(path: &Path) -> Result<Vec<Row>> {
     };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
-    let mut rows = Vec::new();
     for (index, row) in reader.into_iter().enumerate() {
         let row = row.map_err(|e| Error::BadRow {
             path: path.to_path_buf(),
             line: index + 1,
             message: format!("cannot decode parquet row: {e}"),
         })?;
-        rows.push(Row {
+        sink(Row {
             line: index + 1,
             value: row.to_json_value(),
-        });
+        })?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Parses JSON Lines text: one object a line, blank lines skipped.
 fn parse_json_lines(text: &str, path: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (index, line) in text.lines().enumerate() {
-        let line_number = index + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(line).map_err(|e| Error::BadRow {
+        rows.extend(json_line_row(line, index + 1, path)?);
+    }
+    Ok(rows)
+}
+
+/// One JSON Lines line as a row (`None` for a blank line); anything but an object is an error
+/// naming the line.
+fn json_line_row(line: &str, line_number: usize, path: &Path) -> Result<Option<Row>> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_str(line).map_err(|e| Error::BadRow {
+        path: path.to_path_buf(),
+        line: line_number,
+        message: format!(
+            "invalid JSON at column {}: {e}; each line must hold one complete JSON object",
+            e.column()
+        ),
+    })?;
+    if !value.is_object() {
+        return Err(Error::BadRow {
             path: path.to_path_buf(),
             line: line_number,
             message: format!(
-                "invalid JSON at column {}: {e}; each line must hold one complete JSON object",
-                e.column()
+                "expected a JSON object, found {}; each line must hold one record like {{\"text\": \"...\"}}",
+                json_kind(&value)
             ),
-        })?;
-        if !value.is_object() {
-            return Err(Error::BadRow {
-                path: path.to_path_buf(),
-                line: line_number,
-                message: format!(
-                    "expected a JSON object, found {}; each line must hold one record like {{\"text\": \"...\"}}",
-                    json_kind(&value)
-                ),
-            });
-        }
-        rows.push(Row {
-            line: line_number,
-            value,
         });
     }
-    Ok(rows)
+    Ok(Some(Row {
+        line: line_number,
+        value,
+    }))
 }
 
 /// Parses a whole-file JSON dataset: an array of records or records-by-column.

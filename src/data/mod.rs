@@ -2,7 +2,8 @@
 //!
 //! The path follows TRL's `SFTTrainer`: rows are read ([`load`]), their format detected ([`format`]),
 //! conversations rendered with the model's chat template ([`template`]), tokenized with TRL's loss masks
-//! ([`tokenize`]) and padded into batches ([`batch`]).
+//! ([`tokenize`]), stored column-wise and cached ([`prepare`], [`store`]), packed ([`pack`]) and
+//! padded into batches ([`batch`]).
 
 pub mod batch;
 pub mod files;
@@ -10,7 +11,9 @@ pub mod format;
 pub mod load;
 pub mod mapping;
 pub mod pack;
+pub mod prepare;
 mod python_format;
+pub mod store;
 mod strftime;
 pub mod template;
 pub mod tokenize;
@@ -20,10 +23,9 @@ pub use batch::{collate, Batch};
 pub use format::{parse_sample, Sample};
 pub use load::{load_rows, Row};
 pub use mapping::FieldMapping;
-pub use pack::{pack_bfd, pack_dataset};
+pub use pack::{bfd_bins, pack_bfd, pack_dataset};
+pub use prepare::{default_cache_dir, prepare_dataset, prepare_dataset_split, PreparedDataset};
+pub use store::{Examples, TokenStore};
 pub use template::ChatTemplate;
-pub use tokenize::{
-    prepare_dataset, prepare_dataset_split, tokenize_sample, Example, PreparedDataset,
-    TokenizeOptions,
-};
+pub use tokenize::{tokenize_sample, Example, TokenizeOptions};
 pub use tokenizer::ChatTokenizer;

@@ -16,36 +16,15 @@ pub fn pack_dataset(examples: &[Example], max_length: usize) -> Vec<Example> {
         .collect()
 }
 
-/// Packs `examples` into rows of at most `max_length` tokens (best fit decreasing). Examples
-/// longer than `max_length` are truncated to it first (the rest is dropped, as TRL's `bfd`). Each
-/// example goes to the row with the least space left that still fits it, the earliest such row on
-/// ties; rows come out in the order they were opened, documents in the order they were placed.
+/// Packs `examples` into rows of at most `max_length` tokens (best fit decreasing, see
+/// [`bfd_bins`]). Examples longer than `max_length` are truncated to it first (the rest is dropped,
+/// as TRL's `bfd`).
 pub fn pack_bfd(examples: &[Example], max_length: usize) -> Vec<Example> {
     let max_length = max_length.max(1);
     let lengths: Vec<usize> = examples.iter().map(|e| e.len().min(max_length)).collect();
-    let mut order: Vec<usize> = (0..examples.len()).filter(|&i| lengths[i] > 0).collect();
-    // Longest first; equal lengths keep dataset order.
-    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
-    // (space left, members) per row.
-    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
-    for i in order {
-        let len = lengths[i];
-        let best = rows
-            .iter()
-            .enumerate()
-            .filter(|(_, (left, _))| *left >= len)
-            .min_by_key(|(r, (left, _))| (*left, *r))
-            .map(|(r, _)| r);
-        match best {
-            Some(r) => {
-                rows[r].0 -= len;
-                rows[r].1.push(i);
-            }
-            None => rows.push((max_length - len, vec![i])),
-        }
-    }
-    rows.into_iter()
-        .map(|(_, members)| {
+    bfd_bins(&lengths, max_length)
+        .into_iter()
+        .map(|members| {
             let mut row = Example::new(Vec::new(), Vec::new());
             for i in members {
                 let e = &examples[i];
@@ -57,6 +36,34 @@ pub fn pack_bfd(examples: &[Example], max_length: usize) -> Vec<Example> {
             row
         })
         .collect()
+}
+
+/// Best-fit-decreasing bins of capacity `max_length` for items of the given `lengths` (each at
+/// most `max_length`; empty items are left out): longest first, equal lengths in order, each item
+/// into the bin with the least space left that still fits it, the earliest such bin on ties. Bins
+/// come out in the order they were opened, members in the order they were placed.
+pub fn bfd_bins(lengths: &[usize], max_length: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).filter(|&i| lengths[i] > 0).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    // (space left, members) per bin.
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let len = lengths[i];
+        let best = bins
+            .iter()
+            .enumerate()
+            .filter(|(_, (left, _))| *left >= len)
+            .min_by_key(|(r, (left, _))| (*left, *r))
+            .map(|(r, _)| r);
+        match best {
+            Some(r) => {
+                bins[r].0 -= len;
+                bins[r].1.push(i);
+            }
+            None => bins.push((max_length - len, vec![i])),
+        }
+    }
+    bins.into_iter().map(|(_, members)| members).collect()
 }
 
 #[cfg(test)]

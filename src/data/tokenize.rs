@@ -1,10 +1,9 @@
 //! Samples to token ids and loss masks, reproducing TRL's `SFTTrainer._prepare_dataset`
 //! (`add_eos`, `tokenize_fn`, `build_labels`, `truncate` and the filter of fully masked examples).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::format::{parse_sample, Sample};
-use super::load::load_rows;
+use super::format::Sample;
 use super::mapping::FieldMapping;
 use super::template::ChatTemplate;
 use super::tokenizer::ChatTokenizer;
@@ -27,6 +26,9 @@ pub struct TokenizeOptions {
     pub fields: FieldMapping,
     /// Skip rows that cannot be used (and count them) instead of stopping at the first.
     pub skip_bad_rows: bool,
+    /// Where tokenized datasets are cached (see [`super::prepare::prepare_dataset_split`]);
+    /// `None` tokenizes into memory every time.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for TokenizeOptions {
@@ -37,6 +39,7 @@ impl Default for TokenizeOptions {
             assistant_only_loss: false,
             fields: FieldMapping::default(),
             skip_bad_rows: false,
+            cache_dir: None,
         }
     }
 }
@@ -115,21 +118,6 @@ impl Example {
     }
 }
 
-/// A tokenized dataset file.
-#[derive(Debug, Clone)]
-pub struct PreparedDataset {
-    /// The examples kept, in file order.
-    pub examples: Vec<Example>,
-    /// Rows dropped because truncation left them without loss tokens (TRL drops them too).
-    pub skipped_no_loss_tokens: usize,
-    /// Rows longer than `max_length` that were truncated (including skipped ones).
-    pub truncated: usize,
-    /// Rows skipped as unusable with `skip_bad_rows`: (line, reason).
-    pub bad_rows: Vec<(usize, String)>,
-    /// The dataset file.
-    pub path: PathBuf,
-}
-
 /// Tokenizes one sample the way TRL prepares it, then truncates it to `opts.max_length`.
 ///
 /// - Text: the EOS token is appended unless the text already ends with it (`add_eos`), and the text is
@@ -157,144 +145,8 @@ pub fn tokenize_sample(
     Ok(example)
 }
 
-/// load_rows + parse_sample + tokenize_sample; rows with no loss tokens after truncation are skipped and counted.
-///
-/// As in TRL, the filter of fully masked rows runs only when `max_length` is set (it is part of
-/// TRL's truncation step), and may leave no example at all; the caller decides whether that is an
-/// error. Errors while tokenizing a row name the file and line.
-pub fn prepare_dataset(
-    path: &Path,
-    tok: &ChatTokenizer,
-    opts: &TokenizeOptions,
-) -> Result<PreparedDataset> {
-    prepare_dataset_split(path, None, "train", tok, opts)
-}
-
-/// [`prepare_dataset`] of a file, or of the files of one `config` and `split` of a folder laid
-/// out like a Hub dataset repo (see [`super::files::dataset_files`]), in file order.
-pub fn prepare_dataset_split(
-    path: &Path,
-    config: Option<&str>,
-    split: &str,
-    tok: &ChatTokenizer,
-    opts: &TokenizeOptions,
-) -> Result<PreparedDataset> {
-    if !path.is_dir() {
-        return prepare_file(path, tok, opts);
-    }
-    let mut all = PreparedDataset {
-        examples: Vec::new(),
-        skipped_no_loss_tokens: 0,
-        truncated: 0,
-        bad_rows: Vec::new(),
-        path: path.to_path_buf(),
-    };
-    for file in super::files::dataset_files(path, config, split)? {
-        let part = prepare_file(&file, tok, opts)?;
-        all.examples.extend(part.examples);
-        all.skipped_no_loss_tokens += part.skipped_no_loss_tokens;
-        all.truncated += part.truncated;
-        all.bad_rows.extend(part.bad_rows);
-    }
-    Ok(all)
-}
-
-/// Maps, parses and tokenizes `rows` in parallel (contiguous chunks, one tokenizer and compiled
-/// template per thread), keeping row order; errors name the file and the row's line.
-fn tokenize_rows(
-    rows: &[super::load::Row],
-    path: &Path,
-    tok: &ChatTokenizer,
-    opts: &TokenizeOptions,
-) -> Vec<Result<Example>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = rows.len().div_ceil(threads).max(256);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = rows
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    let mut tokenizer = SampleTokenizer::new(tok, opts);
-                    part.iter()
-                        .map(|row| {
-                            opts.fields
-                                .apply(row, path)
-                                .and_then(|row| parse_sample(&row, path))
-                                .and_then(|sample| tokenizer.tokenize(&sample))
-                                .map_err(|e| match e {
-                                    Error::BadRow { .. } => e,
-                                    other => Error::BadRow {
-                                        path: path.to_path_buf(),
-                                        line: row.line,
-                                        message: other.to_string(),
-                                    },
-                                })
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(Error::Tokenizer("a tokenizing thread panicked".into()))]
-                })
-            })
-            .collect()
-    })
-}
-
-/// [`prepare_dataset`] of one file.
-fn prepare_file(
-    path: &Path,
-    tok: &ChatTokenizer,
-    opts: &TokenizeOptions,
-) -> Result<PreparedDataset> {
-    let rows = load_rows(path)?;
-    if rows.is_empty() {
-        return Err(Error::Parse {
-            path: path.to_path_buf(),
-            line: None,
-            message: "the dataset has no rows".to_string(),
-        });
-    }
-    let tokenized = tokenize_rows(&rows, path, tok, opts);
-    let mut examples = Vec::with_capacity(rows.len());
-    let mut skipped_no_loss_tokens = 0;
-    let mut truncated = 0;
-    let mut bad_rows = Vec::new();
-    for example in tokenized {
-        let mut example = match example {
-            Ok(example) => example,
-            Err(Error::BadRow { line, message, .. }) if opts.skip_bad_rows => {
-                bad_rows.push((line, message));
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if let Some(max_length) = opts.max_length {
-            if example.truncate(max_length) {
-                truncated += 1;
-            }
-            if example.num_loss_tokens() == 0 {
-                skipped_no_loss_tokens += 1;
-                continue;
-            }
-        }
-        examples.push(example);
-    }
-    Ok(PreparedDataset {
-        examples,
-        skipped_no_loss_tokens,
-        truncated,
-        bad_rows,
-        path: path.to_path_buf(),
-    })
-}
-
 /// Tokenizes samples with one tokenizer, compiling its chat template once, on first use.
-struct SampleTokenizer<'a> {
+pub(crate) struct SampleTokenizer<'a> {
     tok: &'a ChatTokenizer,
     completion_only_loss: Option<bool>,
     assistant_only_loss: bool,
@@ -302,7 +154,7 @@ struct SampleTokenizer<'a> {
 }
 
 impl<'a> SampleTokenizer<'a> {
-    fn new(tok: &'a ChatTokenizer, opts: &TokenizeOptions) -> Self {
+    pub(crate) fn new(tok: &'a ChatTokenizer, opts: &TokenizeOptions) -> Self {
         SampleTokenizer {
             tok,
             completion_only_loss: opts.completion_only_loss,
@@ -312,7 +164,7 @@ impl<'a> SampleTokenizer<'a> {
     }
 
     /// TRL's `tokenize_fn` followed by `build_labels`, before truncation.
-    fn tokenize(&mut self, sample: &Sample) -> Result<Example> {
+    pub(crate) fn tokenize(&mut self, sample: &Sample) -> Result<Example> {
         // SFTTrainer.__init__: `completion_only_loss = "prompt" in sample and "completion" in sample` when unset.
         let completion_only_loss = self
             .completion_only_loss
@@ -617,8 +469,7 @@ mod tests {
             max_length: Some(3),
             completion_only_loss: None,
             assistant_only_loss: false,
-            fields: FieldMapping::default(),
-            skip_bad_rows: false,
+            ..TokenizeOptions::default()
         };
         let example =
             tokenize_sample(&Sample::Text("abcdef".into()), &tok, &opts).expect("tokenize");
@@ -633,58 +484,5 @@ mod tests {
         let err = tokenize_sample(&Sample::Text("a".into()), &tok, &TokenizeOptions::default())
             .expect_err("must fail");
         assert!(err.to_string().contains("no eos_token"), "{err}");
-    }
-
-    fn write_dataset(lines: &[serde_json::Value]) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("train.jsonl");
-        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-        std::fs::write(&path, text.join("\n")).expect("write");
-        (dir, path)
-    }
-
-    #[test]
-    fn prepare_dataset_skips_rows_left_without_loss_tokens() {
-        let tok = chatml_tokenizer();
-        let (_dir, path) = write_dataset(&[
-            json!({"prompt": "a long prompt", "completion": "x"}),
-            json!({"prompt": "p", "completion": "x"}),
-        ]);
-        let opts = TokenizeOptions {
-            max_length: Some(4),
-            completion_only_loss: None,
-            assistant_only_loss: false,
-            fields: FieldMapping::default(),
-            skip_bad_rows: false,
-        };
-        let prepared = prepare_dataset(&path, &tok, &opts).expect("prepare");
-        assert_eq!(prepared.examples.len(), 1);
-        assert_eq!(prepared.skipped_no_loss_tokens, 1);
-        assert_eq!(prepared.truncated, 1);
-        assert_eq!(
-            prepared.examples[0].input_ids,
-            vec!['p' as u32, 'x' as u32, 257]
-        );
-    }
-
-    #[test]
-    fn prepare_dataset_names_the_row_of_a_template_error() {
-        let mut tok = chatml_tokenizer();
-        tok.chat_template = Some("{{ raise_exception('only user messages') }}".into());
-        let (_dir, path) = write_dataset(&[
-            json!({"text": "ok"}),
-            json!({"messages": [{"role": "user", "content": "x"}]}),
-        ]);
-        let err = prepare_dataset(&path, &tok, &TokenizeOptions::default()).expect_err("must fail");
-        let message = err.to_string();
-        assert!(message.contains("train.jsonl:2:"), "{message}");
-        assert!(message.contains("only user messages"), "{message}");
-    }
-
-    #[test]
-    fn prepare_dataset_rejects_empty_files() {
-        let tok = chatml_tokenizer();
-        let (_dir, path) = write_dataset(&[]);
-        assert!(prepare_dataset(&path, &tok, &TokenizeOptions::default()).is_err());
     }
 }

@@ -10,7 +10,7 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
-use crate::data::{collate, pack_dataset, prepare_dataset_split, Example, PreparedDataset};
+use crate::data::{collate, prepare_dataset_split, Example, PreparedDataset};
 use crate::hub::resolve_dataset;
 use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
@@ -34,8 +34,8 @@ pub struct TrainOutcome {
     pub output_dir: PathBuf,
     /// Training rows skipped because no loss token survived truncation.
     pub skipped_rows: usize,
-    /// Training rows skipped as unusable (`--on-bad-row skip`): (line, reason).
-    pub bad_rows: Vec<(usize, String)>,
+    /// Training rows skipped as unusable (`--on-bad-row skip`): (file, line, reason).
+    pub bad_rows: Vec<(PathBuf, usize, String)>,
 }
 
 /// Options that affect only how a run reports, not what it computes.
@@ -77,10 +77,9 @@ fn load_data(
     Ok(data)
 }
 
-/// Holds out `ratio` of `examples` (at least one, chosen by `seed`) for evaluation; both parts keep
-/// file order. Returns (train, eval).
-fn split_eval(examples: Vec<Example>, ratio: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
-    let n = examples.len();
+/// Holds out `ratio` of `n` examples (at least one, chosen by `seed`) for evaluation; both parts
+/// keep file order. Returns the indices of (train, eval).
+fn split_eval(n: usize, ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let held = ((n as f64 * ratio).round() as usize).clamp(1, n.saturating_sub(1).max(1));
     let mut order = Rng::new(key(&[seed, hash_str("eval-split")])).permutation(n);
     order.truncate(held);
@@ -88,15 +87,7 @@ fn split_eval(examples: Vec<Example>, ratio: f64, seed: u64) -> (Vec<Example>, V
     for i in order {
         is_eval[i] = true;
     }
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (e, held_out) in examples.into_iter().zip(is_eval) {
-        if held_out {
-            eval.push(e);
-        } else {
-            train.push(e);
-        }
-    }
-    (train, eval)
+    (0..n).partition(|&i| !is_eval[i])
 }
 
 /// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
@@ -162,21 +153,20 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         train_set.examples.truncate(n);
     }
     if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
-        let all = std::mem::take(&mut train_set.examples);
-        let (train, held_out) = split_eval(all, ratio, config.seed);
+        let (train, held_out) = split_eval(train_set.examples.len(), ratio, config.seed);
         eval_set = Some(PreparedDataset {
-            examples: held_out,
+            examples: train_set.examples.select(&held_out),
             skipped_no_loss_tokens: 0,
             truncated: 0,
             bad_rows: Vec::new(),
-            path: train_set.path.clone(),
+            ..train_set.clone()
         });
-        train_set.examples = train;
+        train_set.examples = train_set.examples.select(&train);
     }
     if config.packing {
         // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
         for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
-            set.examples = pack_dataset(&set.examples, config.max_length);
+            set.examples = set.examples.pack(config.max_length);
         }
     }
     let pad_id = tokenizer.pad_token_id().ok_or_else(|| {
@@ -255,18 +245,18 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
 
     let mut window = Window::default();
     for step in state.global_step..total {
-        let micro_batches: Vec<Vec<&Example>> = plan
+        let micro_batches: Vec<Vec<Example>> = plan
             .step(step)
             .iter()
-            .map(|ids| ids.iter().map(|&i| &train_set.examples[i]).collect())
+            .map(|ids| ids.iter().map(|&i| train_set.examples.get(i)).collect())
             .collect();
         // transformers normalises by the loss tokens of all micro-batches of the step.
-        let step_loss_tokens: f64 = micro_batches.iter().flatten().map(|e| loss_tokens(e)).sum();
+        let step_loss_tokens: f64 = micro_batches.iter().flatten().map(loss_tokens).sum();
         let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params().len()];
         let mut totals = LossTotals::default();
         let mut tokens = 0;
         for (micro, examples) in micro_batches.iter().enumerate() {
-            let batch = collate(examples, pad_id, &device)?;
+            let batch = collate(&examples.iter().collect::<Vec<_>>(), pad_id, &device)?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
             let out = model.batch_loss(&batch, Some(dropout_key))?;
             let store = backward(&(&out.loss_sum / step_loss_tokens.max(1.0))?)?;
@@ -411,16 +401,13 @@ fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
 mod tests {
     #[test]
     fn eval_split_holds_out_the_ratio_deterministically() {
-        let examples: Vec<super::Example> = (0..20)
-            .map(|i| super::Example::new(vec![i], vec![1]))
-            .collect();
-        let (train, eval) = super::split_eval(examples.clone(), 0.25, 7);
+        let (train, eval) = super::split_eval(20, 0.25, 7);
         assert_eq!((train.len(), eval.len()), (15, 5));
-        let (train2, eval2) = super::split_eval(examples, 0.25, 7);
-        assert_eq!((train, eval.clone()), (train2, eval2));
-        assert!(
-            eval.windows(2).all(|w| w[0].input_ids < w[1].input_ids),
-            "file order"
-        );
+        let (train2, eval2) = super::split_eval(20, 0.25, 7);
+        assert_eq!((&train, &eval), (&train2, &eval2));
+        assert!(eval.windows(2).all(|w| w[0] < w[1]), "file order");
+        let mut all = [train, eval].concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
     }
 }

@@ -1,7 +1,7 @@
 //! Evaluation over a tokenized dataset: token-weighted `eval_loss`, `eval_mean_token_accuracy`,
 //! `eval_entropy`, `eval_num_tokens`.
 
-use crate::data::{collate, Example};
+use crate::data::{collate, Example, Examples};
 use crate::model::CausalLm;
 use crate::Result;
 use serde_json::{Map, Value};
@@ -60,13 +60,15 @@ impl LossTotals {
 /// Runs the model over `examples` in order, `batch_size` at a time, without dropout.
 pub fn evaluate(
     model: &CausalLm,
-    examples: &[Example],
+    examples: &Examples,
     batch_size: usize,
     pad_id: u32,
 ) -> Result<LossTotals> {
     let mut totals = LossTotals::default();
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+    let all: Vec<usize> = (0..examples.len()).collect();
+    for chunk in all.chunks(batch_size.max(1)) {
+        let owned: Vec<Example> = chunk.iter().map(|&i| examples.get(i)).collect();
+        let refs: Vec<&Example> = owned.iter().collect();
         let batch = collate(&refs, pad_id, &model.device)?;
         let out = model.batch_loss(&batch, None)?;
         totals.add(&LossTotals {

@@ -85,6 +85,10 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(bin())
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .env(
+            "PEFT_SFT_CACHE",
+            std::env::temp_dir().join("peft-sft-test-cache"),
+        )
         .output()
         .expect("run peft-sft");
     (
