@@ -22,9 +22,21 @@ fn main() -> anyhow::Result<()> {
     };
     let mut loaded = load_pretrained_with(base, options, &Device::Cpu)?;
     load_adapter(&mut loaded.model, std::path::Path::new(adapter))?;
-    let ids = loaded
-        .tokenizer
-        .encode("What is the capital of France? Paris.", true)?;
+    let adapter_dir = std::path::Path::new(adapter);
+    let ids = if adapter_dir.join("tokenizer.json").exists() {
+        // The adapter brought its own tokenizer (new tokens): a conversation uses them.
+        let tok = peft_sft::data::ChatTokenizer::from_dir(adapter_dir)?;
+        let chat = serde_json::json!([
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."}
+        ]);
+        let text = tok.apply_chat_template(chat.as_array().unwrap(), false)?;
+        tok.encode(&text, false)?
+    } else {
+        loaded
+            .tokenizer
+            .encode("What is the capital of France? Paris.", true)?
+    };
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let logits = loaded.model.forward(&ids)?;
     peft_sft::io::write_safetensors(

@@ -314,10 +314,19 @@ impl SftConfig {
 
     /// The `--chat-template` file's text, when given.
     pub fn chat_template(&self) -> Result<Option<String>> {
+        if self.sets_up_chatml() {
+            return Ok(None);
+        }
         self.chat_template_path
             .as_ref()
             .map(|path| std::fs::read_to_string(path).map_err(|e| Error::io(path, e)))
             .transpose()
+    }
+
+    /// Whether `--chat-template chatml` asks for TRL's chat-format setup (new ChatML tokens, their
+    /// rows trained) rather than a template file.
+    pub fn sets_up_chatml(&self) -> bool {
+        self.chat_template_path.as_deref() == Some(crate::data::chat_format::CHATML)
     }
 
     /// How the datasets are tokenized. TRL neither truncates nor drops rows before packing: packing

@@ -183,7 +183,16 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     )?;
     let probe = Probe::new(&mut loaded.model, ids)?;
     let limit = m.get_one::<f64>("max_merge_error").copied().unwrap_or(0.1);
+    let adapter = Path::new(text(m, "adapter"));
+    let new_tokens = peft_sft::lora::LoraConfig::from_dir(adapter)?
+        .trainable_token_indices
+        .is_some();
     if text(m, "output").ends_with(".gguf") {
+        anyhow::ensure!(
+            !new_tokens,
+            "{}: the adapter trains vocabulary rows (new tokens); merging those into a GGUF file is not supported yet: merge into a folder instead",
+            adapter.display()
+        );
         return merge_to_gguf(m, loaded, &probe, limit);
     }
     let quantized = loaded.model.quantized_modules().len();
@@ -211,7 +220,21 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let report = format!("{how}: {merged} LoRA modules; {check}");
     check_probe(m, &report, within, limit)?;
     let out = Path::new(text(m, "output"));
+    // A tokenizer saved with the adapter has the tokens its rows belong to, and their ids.
+    let adapter_tokenizer = adapter
+        .join("tokenizer.json")
+        .exists()
+        .then(|| peft_sft::data::ChatTokenizer::from_dir(adapter))
+        .transpose()?;
+    if let Some(tok) = &adapter_tokenizer {
+        model
+            .config
+            .set_special_ids(tok.bos_token_id(), tok.eos_token_id(), tok.pad_token_id());
+    }
     save_pretrained(&model, &source_dir, out, MAX_SHARD_BYTES)?;
+    if let Some(tok) = &adapter_tokenizer {
+        peft_sft::data::chat_format::save_tokenizer(tok, out)?;
+    }
     eprintln!("{report}; wrote {}", out.display());
     Ok(())
 }

@@ -131,9 +131,12 @@ pub fn load_model(m: &ArgMatches) -> anyhow::Result<Pretrained> {
     let mut loaded = load_pretrained_with(text(m, "model"), options, &device)?;
     if let Some(adapter) = m.get_one::<String>("adapter") {
         load_adapter(&mut loaded.model, Path::new(adapter))?;
-        // A template trained with --chat-template travels with the adapter.
+        // A tokenizer saved with the adapter (`--chat-template chatml` added tokens) replaces the
+        // base's; a template trained with --chat-template FILE travels with the adapter.
         let template = Path::new(adapter).join("chat_template.jinja");
-        if template.exists() {
+        if Path::new(adapter).join("tokenizer.json").exists() {
+            loaded.tokenizer = ChatTokenizer::from_dir(Path::new(adapter))?;
+        } else if template.exists() {
             loaded.tokenizer = loaded
                 .tokenizer
                 .with_chat_template(std::fs::read_to_string(&template)?);

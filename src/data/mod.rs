@@ -6,6 +6,7 @@
 //! padded into batches ([`batch`]).
 
 pub mod batch;
+pub mod chat_format;
 pub mod files;
 pub mod format;
 pub mod load;

@@ -2,10 +2,11 @@
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, A `[r, in]`, B `[out, r]`) and
 //! `adapter_config.json`.
 
-use super::config::{LoraConfig, TargetModules};
+use super::config::{LoraConfig, TargetModules, TokenIndices};
 use super::layer::LoraLayer;
 use super::target::{rank_and_scale, short_name};
 use crate::io::{read_safetensors, write_safetensors};
+use crate::model::tokens::{rows_name, EMBED_MODULE, HEAD_MODULE};
 use crate::model::CausalLm;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -22,7 +23,8 @@ pub fn peft_key(module: &str, half: &str) -> String {
     format!("{PREFIX}{module}.{half}.weight")
 }
 
-/// The adapter tensors of `model` under PEFT's key names.
+/// The adapter tensors of `model` under PEFT's key names, including trainable vocabulary rows
+/// (`...embed_tokens.token_adapter.trainable_tokens_delta`).
 pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for lin in model.linears() {
@@ -30,6 +32,9 @@ pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
             out.push((peft_key(&lin.name, "lora_A"), l.a.as_tensor().clone()));
             out.push((peft_key(&lin.name, "lora_B"), l.b.as_tensor().clone()));
         }
+    }
+    for (name, var) in model.trainable_token_tensors() {
+        out.push((format!("{PREFIX}{name}"), var.as_tensor().clone()));
     }
     out
 }
@@ -47,6 +52,14 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result
             .collect();
         config.target_modules = TargetModules::List(names.into_iter().collect());
     }
+    if let Some(tt) = &model.trainable_tokens {
+        // PEFT keys the rows by the modules' short names; a tied head follows the embedding.
+        let mut map = BTreeMap::from([("embed_tokens".to_string(), tt.indices.clone())]);
+        if tt.head.is_some() {
+            map.insert("lm_head".to_string(), tt.indices.clone());
+        }
+        config.trainable_token_indices = Some(TokenIndices::PerModule(map));
+    }
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model))?;
     config.save(dir)
 }
@@ -60,14 +73,27 @@ fn parse_key(key: &str) -> Option<(&str, &str)> {
     matches!(half, "lora_A" | "lora_B").then_some((module, half))
 }
 
-/// A PEFT adapter read from disk and checked against a base model: its config and one LoRA layer
-/// per adapted module (by module path).
+/// A PEFT adapter read from disk and checked against a base model: its config, one LoRA layer
+/// per adapted module (by module path) and any trained vocabulary rows.
 #[derive(Debug, Clone)]
 pub struct Adapter {
     /// The adapter's `adapter_config.json`.
     pub config: LoraConfig,
     /// The LoRA layer of each adapted module.
     pub layers: BTreeMap<String, LoraLayer>,
+    /// Trained vocabulary rows (PEFT's `trainable_token_indices`).
+    pub token_rows: Option<TokenRows>,
+}
+
+/// Vocabulary rows an adapter replaces: ids and their embedding (and untied LM-head) rows.
+#[derive(Debug, Clone)]
+pub struct TokenRows {
+    /// Vocabulary ids, ascending.
+    pub indices: Vec<u32>,
+    /// Embedding rows `[n, hidden]`.
+    pub embed: Tensor,
+    /// LM-head rows `[n, hidden]` (absent for tied models, or when PEFT saved only the embedding).
+    pub head: Option<Tensor>,
 }
 
 impl Adapter {
@@ -79,7 +105,15 @@ impl Adapter {
         let path = dir.join(ADAPTER_WEIGHTS);
         let tensors = read_safetensors(&path, &model.device)?;
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut rows: BTreeMap<String, Tensor> = BTreeMap::new();
         for (key, t) in tensors {
+            if let Some(module) = key
+                .strip_prefix(PREFIX)
+                .and_then(|k| k.strip_suffix(".token_adapter.trainable_tokens_delta"))
+            {
+                rows.insert(module.to_string(), t.to_dtype(model.dtype)?);
+                continue;
+            }
             let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
                 name: key.clone(),
                 message: format!(
@@ -134,14 +168,24 @@ impl Adapter {
                 ),
             });
         }
-        Ok(Adapter { config, layers })
+        let token_rows = token_rows(&config, rows, &path, model)?;
+        Ok(Adapter {
+            config,
+            layers,
+            token_rows,
+        })
     }
 
-    /// Puts this adapter on `model`, replacing whatever adapter it had.
-    pub fn apply(&self, model: &mut CausalLm) {
+    /// Puts this adapter on `model`, replacing whatever adapter it had; trained vocabulary rows
+    /// are written into the (grown if needed) embedding and LM head.
+    pub fn apply(&self, model: &mut CausalLm) -> Result<()> {
+        if let Some(rows) = &self.token_rows {
+            model.set_token_rows(&rows.indices, &rows.embed, rows.head.as_ref())?;
+        }
         for lin in model.linears_mut() {
             lin.lora = self.layers.get(&lin.name).cloned();
         }
+        Ok(())
     }
 }
 
@@ -156,6 +200,73 @@ pub fn remove_adapters(model: &mut CausalLm) {
 /// when the adapter does not fit (see [`Adapter::read`]).
 pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
     let adapter = Adapter::read(dir, model)?;
-    adapter.apply(model);
+    adapter.apply(model)?;
     Ok(adapter.config)
+}
+
+/// The trained vocabulary rows of an adapter: `trainable_tokens_delta` tensors of the embedding
+/// and LM head, with their ids from the config; each must be `[ids, hidden]`.
+fn token_rows(
+    config: &LoraConfig,
+    mut rows: BTreeMap<String, Tensor>,
+    path: &Path,
+    model: &CausalLm,
+) -> Result<Option<TokenRows>> {
+    let embed = rows.remove(EMBED_MODULE);
+    let head = rows.remove(HEAD_MODULE);
+    if let Some(module) = rows.keys().next() {
+        return Err(Error::Tensor {
+            name: format!("{PREFIX}{}", rows_name(module)),
+            message: format!(
+                "in {}: trainable tokens of `{module}` are not supported (only the embedding and the LM head)",
+                path.display()
+            ),
+        });
+    }
+    let Some(embed) = embed else {
+        return match head {
+            None => Ok(None),
+            Some(_) => Err(Error::Tensor {
+                name: format!("{PREFIX}{}", rows_name(HEAD_MODULE)),
+                message: format!(
+                    "in {}: LM-head rows without embedding rows are not supported",
+                    path.display()
+                ),
+            }),
+        };
+    };
+    let listed = config
+        .trainable_token_indices
+        .as_ref()
+        .and_then(TokenIndices::embedding)
+        .ok_or_else(|| Error::Config(format!(
+            "{}: the adapter has trainable token rows but adapter_config.json names no trainable_token_indices",
+            path.display()
+        )))?;
+    for (module, t) in [(EMBED_MODULE, Some(&embed)), (HEAD_MODULE, head.as_ref())] {
+        let Some(t) = t else { continue };
+        if t.dims() != [listed.len(), model.config.hidden_size] {
+            return Err(Error::Tensor {
+                name: format!("{PREFIX}{}", rows_name(module)),
+                message: format!(
+                    "in {}: shape {:?}, expected [{}, {}] ({} token ids, the base's hidden size)",
+                    path.display(),
+                    t.dims(),
+                    listed.len(),
+                    model.config.hidden_size,
+                    listed.len()
+                ),
+            });
+        }
+    }
+    // Rows follow the config's order; keep them ascending by id.
+    let mut order: Vec<u32> = (0..listed.len() as u32).collect();
+    order.sort_by_key(|&i| listed[i as usize]);
+    let order_t = Tensor::new(order.as_slice(), &model.device)?;
+    let sort = |t: Tensor| t.index_select(&order_t, 0);
+    Ok(Some(TokenRows {
+        indices: order.iter().map(|&i| listed[i as usize]).collect(),
+        embed: sort(embed)?,
+        head: head.map(sort).transpose()?,
+    }))
 }

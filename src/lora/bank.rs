@@ -57,7 +57,7 @@ impl AdapterBank {
                         known.join(", ")
                     ))
                 })?;
-                adapter.apply(model);
+                adapter.apply(model)?;
             }
         }
         self.active = name.map(String::from);

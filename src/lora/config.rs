@@ -23,6 +23,30 @@ impl Default for TargetModules {
     }
 }
 
+/// PEFT's `trainable_token_indices`: ids for the embedding, or ids per module name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    /// Rows of the input embedding.
+    List(Vec<u32>),
+    /// Rows per module (`embed_tokens`, `lm_head`).
+    PerModule(BTreeMap<String, Vec<u32>>),
+}
+
+impl TokenIndices {
+    /// The embedding's ids (`embed_tokens`, or the plain list), in the order of the saved rows.
+    pub fn embedding(&self) -> Option<Vec<u32>> {
+        let ids = match self {
+            TokenIndices::List(ids) => ids.clone(),
+            TokenIndices::PerModule(map) => map
+                .iter()
+                .find(|(k, _)| k.ends_with("embed_tokens"))
+                .map(|(_, v)| v.clone())?,
+        };
+        Some(ids)
+    }
+}
+
 /// The LoRA hyper-parameters, as PEFT's `LoraConfig` names them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -59,6 +83,9 @@ pub struct LoraConfig {
     pub init_lora_weights: serde_json::Value,
     /// Modules trained in full and saved beside the adapter (not supported yet).
     pub modules_to_save: Option<Vec<String>>,
+    /// Vocabulary rows trained on their own (PEFT's `trainable_token_indices`): a list of ids
+    /// for the embedding, or ids per module (`embed_tokens`, `lm_head`).
+    pub trainable_token_indices: Option<TokenIndices>,
     /// Layer indices to adapt (not supported yet).
     pub layers_to_transform: Option<serde_json::Value>,
     /// Modules excluded from targeting.
@@ -86,6 +113,7 @@ impl Default for LoraConfig {
             inference_mode: true,
             init_lora_weights: serde_json::Value::Bool(true),
             modules_to_save: None,
+            trainable_token_indices: None,
             layers_to_transform: None,
             exclude_modules: None,
             revision: None,

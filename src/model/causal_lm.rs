@@ -5,6 +5,7 @@ use super::layers::{
     Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
 };
 use super::param::Param;
+use super::tokens::TrainableTokens;
 use super::weights::Weights;
 use crate::data::Batch;
 use crate::ops::attention::AttentionMask;
@@ -31,6 +32,8 @@ pub struct CausalLm {
     pub norm: Norm,
     /// LM head `[vocab, hidden]`; None when tied to the embedding.
     pub lm_head: Option<Param>,
+    /// Vocabulary rows that train on their own (new tokens of a chat-format setup).
+    pub trainable_tokens: Option<TrainableTokens>,
     rope: RotaryEmbedding,
     /// Compute dtype.
     pub dtype: DType,
@@ -233,16 +236,12 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
+            trainable_tokens: None,
             rope,
             dtype,
             device: device.clone(),
             gradient_checkpointing: false,
         })
-    }
-
-    /// The LM head's weight (the embedding when tied).
-    pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor()
     }
 
     /// Runs the decoder. `positions` has one row (shared) or one row per batch element; `documents`
@@ -277,11 +276,7 @@ impl CausalLm {
         }
         let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
         let ids = input_ids.flatten_all()?;
-        let mut x =
-            self.embed_tokens
-                .tensor()
-                .embedding(&ids)?
-                .reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed(&ids)?.reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             let mask = masks.iter().find(|(w, _)| *w == windows[i]).map(|(_, m)| m);
@@ -312,7 +307,7 @@ impl CausalLm {
 
     /// Logits of hidden states, outside autograd. hidden: [.., h] -> [.., vocab]
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(dense(&hidden.detach(), self.head_weight(), None)?.to_dtype(DType::F32)?)
+        Ok(dense(&hidden.detach(), &self.head_weight()?.detach(), None)?.to_dtype(DType::F32)?)
     }
 
     /// Logits for a batch of unpadded sequences, positions 0..t (evaluation, parity checks).
@@ -396,7 +391,7 @@ impl CausalLm {
         }
         let hidden = self.forward_hidden(input_ids, positions, documents, dropout_key, None)?;
         let hidden = hidden.reshape((b * t, self.config.hidden_size))?;
-        Ok(lm_head_loss(&hidden, self.head_weight(), &targets)?)
+        Ok(lm_head_loss(&hidden, &self.head_weight()?, &targets)?)
     }
 
     /// Every linear module (decoder layers only; the LM head is not a LoRA target).
@@ -470,6 +465,7 @@ impl CausalLm {
                 out.push((format!("{}.lora_B.weight", lin.name), l.b.clone()));
             }
         }
+        out.extend(self.trainable_token_tensors());
         out
     }
 }

@@ -105,6 +105,13 @@ pub struct ModelConfig {
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
     pub eos_token_id: Option<serde_json::Value>,
+    /// Padding id.
+    #[serde(default)]
+    pub pad_token_id: Option<serde_json::Value>,
+    /// Whether [`ModelConfig::set_special_ids`] changed the ids (then saving also updates
+    /// `generation_config.json`).
+    #[serde(skip)]
+    pub special_ids_changed: bool,
     /// The dtype the weights were saved in (transformers 4).
     torch_dtype: Option<String>,
     /// The dtype the weights were saved in (transformers 5).
@@ -292,6 +299,20 @@ impl ModelConfig {
     /// End-of-sequence ids named by the config (a number or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         ids_of(self.eos_token_id.as_ref())
+    }
+
+    /// Sets the special token ids (after a chat-format setup changed them); `None` leaves one as is.
+    pub fn set_special_ids(&mut self, bos: Option<u32>, eos: Option<u32>, pad: Option<u32>) {
+        for (slot, id) in [
+            (&mut self.bos_token_id, bos),
+            (&mut self.eos_token_id, eos),
+            (&mut self.pad_token_id, pad),
+        ] {
+            if let Some(id) = id {
+                *slot = Some(id.into());
+                self.special_ids_changed = true;
+            }
+        }
     }
 }
 

@@ -110,6 +110,17 @@ pub fn save_pretrained(
             "torch_dtype"
         };
         obj.insert(key.into(), name.into());
+        // A chat-format setup may have grown the vocabulary and changed the special tokens.
+        obj.insert("vocab_size".into(), model.config.vocab_size.into());
+        for (key, id) in [
+            ("bos_token_id", &model.config.bos_token_id),
+            ("eos_token_id", &model.config.eos_token_id),
+            ("pad_token_id", &model.config.pad_token_id),
+        ] {
+            if let Some(id) = id {
+                obj.insert(key.into(), id.clone());
+            }
+        }
         // The saved weights are full precision: a bitsandbytes checkpoint's quantization config
         // no longer applies.
         obj.remove("quantization_config");
@@ -121,6 +132,22 @@ pub fn save_pretrained(
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
             write_bytes(&out_dir.join(file), &bytes)?;
         }
+    }
+    let generation = out_dir.join("generation_config.json");
+    if model.config.special_ids_changed && generation.exists() {
+        let mut config: serde_json::Value = crate::io::read_json(&generation)?;
+        if let Some(obj) = config.as_object_mut() {
+            for (key, id) in [
+                ("bos_token_id", &model.config.bos_token_id),
+                ("eos_token_id", &model.config.eos_token_id),
+                ("pad_token_id", &model.config.pad_token_id),
+            ] {
+                if let Some(id) = id {
+                    obj.insert(key.into(), id.clone());
+                }
+            }
+        }
+        write_json(&generation, &config)?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::config::{Mode, SftConfig};
+use crate::data::chat_format::{save_tokenizer, setup_chatml};
 use crate::data::{collate, prepare_dataset_split, Example, PreparedDataset};
 use crate::hub::resolve_dataset;
 use crate::io::write_json;
@@ -90,22 +91,38 @@ fn split_eval(n: usize, ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     (0..n).partition(|&i| !is_eval[i])
 }
 
-/// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder.
-/// With `--chat-template`, the template trained with is written next to the weights as
-/// `chat_template.jinja` (which `generate`/`eval` with `--adapter` and transformers then use).
+/// What of the tokenizer is saved with the weights.
+#[derive(Clone, Copy)]
+enum TokenizerFiles<'a> {
+    /// Nothing: the base's tokenizer applies.
+    None,
+    /// The chat template trained with (`--chat-template FILE`), as `chat_template.jinja`, which
+    /// `generate`/`eval` with `--adapter` and transformers then use.
+    Template(&'a str),
+    /// The whole tokenizer (`--chat-template chatml` added tokens to it), as transformers'
+    /// `Trainer.save_model` writes it; PEFT's `AutoPeftModelForCausalLM` resizes the base from it.
+    All(&'a crate::data::ChatTokenizer),
+}
+
+/// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder, with the
+/// tokenizer files `tokenizer` asks for.
 fn save_weights(
     model: &CausalLm,
     lora: Option<&LoraConfig>,
     base_dir: &Path,
     dir: &Path,
-    chat_template: Option<&str>,
+    tokenizer: TokenizerFiles,
 ) -> Result<()> {
     match lora {
         Some(config) => lora::save_adapter(model, config, dir)?,
         None => save_pretrained(model, base_dir, dir, MAX_SHARD_BYTES)?,
     }
-    if let Some(template) = chat_template {
-        crate::io::write_bytes(&dir.join("chat_template.jinja"), template.as_bytes())?;
+    match tokenizer {
+        TokenizerFiles::None => {}
+        TokenizerFiles::Template(template) => {
+            crate::io::write_bytes(&dir.join("chat_template.jinja"), template.as_bytes())?
+        }
+        TokenizerFiles::All(tok) => save_tokenizer(tok, dir)?,
     }
     Ok(())
 }
@@ -138,6 +155,25 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     if let Some(template) = &custom_template {
         tokenizer = tokenizer.with_chat_template(template.clone());
     }
+    // `--chat-template chatml` on a base model: new special tokens get new rows, which train.
+    let chat_setup = if config.sets_up_chatml() {
+        let setup = setup_chatml(&mut tokenizer)?;
+        let vocab = setup.vocab_size.max(model.config.vocab_size);
+        model.resize_token_embeddings(vocab)?;
+        model.config.set_special_ids(
+            tokenizer.bos_token_id(),
+            tokenizer.eos_token_id(),
+            tokenizer.pad_token_id(),
+        );
+        Some(setup)
+    } else {
+        None
+    };
+    let tokenizer_files = match (&chat_setup, &custom_template) {
+        (Some(_), _) => TokenizerFiles::All(&tokenizer),
+        (None, Some(template)) => TokenizerFiles::Template(template),
+        (None, None) => TokenizerFiles::None,
+    };
     let mut train_set = load_data(
         &config.dataset_name,
         &config.dataset_train_split,
@@ -184,6 +220,10 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             None => {
                 lora::inject(&mut model, lc, config.seed)?;
             }
+        }
+        // PEFT's `trainable_token_indices`: the new tokens' rows train beside the LoRA weights.
+        if let Some(setup) = chat_setup.as_ref().filter(|s| !s.new_token_ids.is_empty()) {
+            model.train_token_rows(setup.new_token_ids.clone())?;
         }
     }
 
@@ -337,7 +377,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                     lora_config.as_ref(),
                     &base_dir,
                     dir,
-                    custom_template.as_deref(),
+                    tokenizer_files,
                 )?;
                 optimizer.save(dir)?;
                 write_json(
@@ -374,7 +414,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         lora_config.as_ref(),
         &base_dir,
         &output_dir,
-        custom_template.as_deref(),
+        tokenizer_files,
     )?;
     checkpoint::write_state(&output_dir, &state)?;
     Ok(TrainOutcome {
