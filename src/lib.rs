@@ -59,6 +59,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};
