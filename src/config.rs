@@ -10,6 +10,9 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The names `report_to` accepts.
+pub const REPORT_TO: &[&str] = &["jsonl", "tensorboard", "all", "none"];
+
 /// Which weights train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +109,13 @@ pub struct SftConfig {
     pub save_steps: usize,
     /// Keep at most N checkpoints.
     pub save_total_limit: Option<usize>,
+    /// At the end, copy the checkpoint with the lowest eval loss to the output folder (needs an
+    /// evaluation set and `save_steps` a multiple of `eval_steps`).
+    pub load_best_model_at_end: bool,
+    /// Where metrics go (TRL's `report_to`): `jsonl` (`metrics.jsonl` and `loss_curve.png`),
+    /// `tensorboard` (event files in `OUTPUT/runs/`), `all`, or `none`. `metrics.jsonl` is
+    /// written unless `none`: resuming, `peft-sft plot` and the end-of-run summary read it.
+    pub report_to: Vec<String>,
     /// Resume from a checkpoint folder, or `latest`.
     pub resume_from_checkpoint: Option<String>,
     /// Seed of initialisation, shuffling and dropout.
@@ -183,6 +193,8 @@ impl Default for SftConfig {
             eval_steps: None,
             save_steps: 500,
             save_total_limit: None,
+            load_best_model_at_end: false,
+            report_to: vec!["jsonl".into(), "tensorboard".into()],
             resume_from_checkpoint: None,
             seed: 42,
             max_length: 1024,
@@ -280,7 +292,54 @@ impl SftConfig {
         if self.mode != Mode::Full {
             self.lora_config().validate()?;
         }
+        self.validate_reporting()
+    }
+
+    /// Checks `report_to` and what `load_best_model_at_end` needs.
+    fn validate_reporting(&self) -> Result<()> {
+        for name in &self.report_to {
+            if !REPORT_TO.contains(&name.as_str()) {
+                return Err(Error::Config(format!(
+                    "--report-to `{name}`: expected {} (comma-separated); peft-sft writes \
+                     TensorBoard event files and metrics.jsonl, not wandb/mlflow/comet logs",
+                    REPORT_TO.join(", ")
+                )));
+            }
+        }
+        if self.report_to.len() > 1 && self.report_to.iter().any(|n| n == "none") {
+            return Err(Error::Config(
+                "--report-to none turns every tracker off; it cannot be combined with others"
+                    .into(),
+            ));
+        }
+        if self.load_best_model_at_end {
+            if self.eval_dataset.is_none() && self.eval_split_ratio.is_none() {
+                return Err(Error::Config(
+                    "--load-best-model-at-end picks the checkpoint with the lowest eval loss: \
+                     pass --eval-dataset or --eval-split-ratio"
+                        .into(),
+                ));
+            }
+            let eval_steps = self.eval_steps.unwrap_or(self.logging_steps);
+            if !self.save_steps.is_multiple_of(eval_steps) {
+                return Err(Error::Config(format!(
+                    "--load-best-model-at-end needs --save-steps ({}) to be a multiple of \
+                     --eval-steps ({eval_steps}), so every checkpoint has an eval loss",
+                    self.save_steps
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `tracker` (`jsonl` or `tensorboard`) is on: named in `report_to`, or `all`.
+    /// `jsonl` is on unless `report_to` is `none` (or empty).
+    pub fn reports_to(&self, tracker: &str) -> bool {
+        let none = self.report_to.is_empty() || self.report_to.iter().any(|n| n == "none");
+        match tracker {
+            "jsonl" => !none,
+            _ => self.report_to.iter().any(|n| n == tracker || n == "all"),
+        }
     }
 
     /// How the base's linear weights are quantized while loading: 4-bit for `--qlora`, int8 for

@@ -58,6 +58,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod report;
 pub mod rng;
 pub mod serve;
 pub mod train;

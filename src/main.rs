@@ -16,6 +16,7 @@ fn main() {
         .subcommand(cli::eval::command())
         .subcommand(cli::generate::command())
         .subcommand(cli::data::command())
+        .subcommand(cli::plot::command())
         .get_matches();
     let result = match matches.subcommand() {
         Some(("train", m)) => cli::train::run(m),
@@ -23,6 +24,7 @@ fn main() {
         Some(("eval", m)) => cli::eval::run(m),
         Some(("generate", m)) => cli::generate::run(m),
         Some(("data", m)) => cli::data::run(m),
+        Some(("plot", m)) => cli::plot::run(m),
         _ => Ok(()),
     };
     if let Err(e) = result {

@@ -4,6 +4,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod merge;
+pub mod plot;
 pub mod train;
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches};

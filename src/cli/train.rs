@@ -3,6 +3,7 @@
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use peft_sft::config::SftConfig;
+use peft_sft::report::summary::summarize;
 use peft_sft::train::{train, Reporting};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -144,6 +145,16 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ),
     ("save_steps", Kind::Int, "Checkpoint every N steps [500]"),
     ("save_total_limit", Kind::Int, "Keep at most N checkpoints"),
+    (
+        "load_best_model_at_end",
+        Kind::Bool,
+        "Copy the checkpoint with the lowest eval loss to the output folder at the end [false]",
+    ),
+    (
+        "report_to",
+        Kind::List,
+        "jsonl, tensorboard (OUTPUT/runs/), all or none (comma-separated) [jsonl,tensorboard]",
+    ),
     (
         "resume_from_checkpoint",
         Kind::Text,
@@ -331,11 +342,43 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "trained {} steps; wrote {} and metrics.jsonl",
+        "trained {} steps; wrote {}{}",
         outcome.global_step,
-        outcome.output_dir.display()
+        outcome.output_dir.display(),
+        tracked_files(&config)
     );
+    let state = peft_sft::train::checkpoint::read_state(&outcome.output_dir)?;
+    let summary = summarize(
+        &outcome.log_history,
+        state.best_model_checkpoint.as_deref(),
+        state.best_metric,
+    );
+    eprint!("{summary}");
+    if let (true, Some(best)) = (config.load_best_model_at_end, &summary.best_checkpoint) {
+        eprintln!(
+            "--load-best-model-at-end: {} holds the weights of {}",
+            outcome.output_dir.display(),
+            best.path
+        );
+    }
     Ok(())
+}
+
+/// What `--report-to` wrote beside the weights, for the closing line.
+fn tracked_files(config: &SftConfig) -> String {
+    let mut files = Vec::new();
+    if config.reports_to("jsonl") {
+        files.push("metrics.jsonl, loss_curve.png".to_string());
+    }
+    if config.reports_to("tensorboard") {
+        files.push(format!(
+            "TensorBoard events (tensorboard --logdir {})",
+            Path::new(&config.output_dir)
+                .join(peft_sft::report::RUNS_DIR)
+                .display()
+        ));
+    }
+    files.iter().map(|f| format!(", {f}")).collect()
 }
 
 /// `--sanity-check`: a short run on a few rows, then what a user should look at before a long run
@@ -346,6 +389,8 @@ fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
     config.save_steps = usize::MAX;
     config.eval_dataset = None;
     config.eval_split_ratio = None;
+    config.load_best_model_at_end = false;
+    config.report_to = vec!["jsonl".into()];
     config.max_train_samples = Some(config.max_train_samples.unwrap_or(100).min(100));
     config.output_dir = Path::new(&config.output_dir)
         .join("sanity-check")

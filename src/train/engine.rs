@@ -5,7 +5,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::{evaluate, LossTotals};
-use super::metrics::{MetricsFile, StepMetrics, Window};
+use super::metrics::{StepMetrics, Window};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
@@ -18,6 +18,7 @@ use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained_with, select_device, CausalLm, Pretrained};
 use crate::ops::checkpoint::backward;
+use crate::report::Tracking;
 use crate::rng::{hash_str, key, Rng};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -267,13 +268,14 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         state.best_model_checkpoint = saved.best_model_checkpoint;
     }
     write_json(&output_dir.join("training_config.json"), config)?;
-    let metrics = MetricsFile::create(&output_dir, &state.log_history)?;
+    let resumed_at = resume_dir.is_some().then_some(state.global_step);
+    let tracking = Tracking::open(config, &output_dir, &state.log_history, resumed_at)?;
     let bar = reporting
         .progress
         .then(|| progress_bar(total, state.global_step));
     let log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
         let entry = Value::Object(entry);
-        metrics.append(&entry)?;
+        tracking.log(&entry)?;
         match &bar {
             Some(bar) if !bar.is_hidden() => bar.println(entry.to_string()),
             Some(_) => eprintln!("{entry}"),
@@ -360,14 +362,16 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                 let mut entry = totals.eval_metrics();
                 entry.insert("epoch".into(), state.epoch.into());
                 entry.insert("step".into(), done.into());
-                if state.best_metric.is_none_or(|b| totals.loss() < b) {
+                // As transformers: the best is the checkpoint with the lowest eval loss, so only
+                // evaluations at a save step compete (an unsaved step cannot be loaded back).
+                let saving = done % config.save_steps == 0;
+                if saving && state.best_metric.is_none_or(|b| totals.loss() < b) {
                     state.best_metric = Some(totals.loss());
-                    if done % config.save_steps == 0 {
-                        let dir = checkpoint::checkpoint_dir(&output_dir, done);
-                        state.best_model_checkpoint = Some(dir.to_string_lossy().into_owned());
-                    }
+                    let dir = checkpoint::checkpoint_dir(&output_dir, done);
+                    state.best_model_checkpoint = Some(dir.to_string_lossy().into_owned());
                 }
                 log(entry, &mut state)?;
+                tracking.draw(&state.log_history)?;
             }
         }
         if done % config.save_steps == 0 {
@@ -416,6 +420,10 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         &output_dir,
         tokenizer_files,
     )?;
+    if let (true, Some(best)) = (config.load_best_model_at_end, &state.best_model_checkpoint) {
+        crate::report::summary::load_best_model(Path::new(best), &output_dir)?;
+    }
+    tracking.draw(&state.log_history)?;
     checkpoint::write_state(&output_dir, &state)?;
     Ok(TrainOutcome {
         global_step: state.global_step,
