@@ -144,6 +144,16 @@ pub struct SftConfig {
     pub use_dora: bool,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// Push the result to the Hugging Face Hub (TRL's `push_to_hub`).
+    pub push_to_hub: bool,
+    /// The Hub repository to push to, `owner/name` (TRL's `hub_model_id`).
+    pub hub_model_id: Option<String>,
+    /// When to push: `end` (the final adapter/model) or `every_save` (also each checkpoint).
+    pub hub_strategy: String,
+    /// Create the Hub repository as private.
+    pub hub_private_repo: bool,
+    /// The branch to push to (default `main`).
+    pub hub_revision: Option<String>,
     /// 4-bit code of `--qlora`: `nf4` or `fp4` (transformers' `bnb_4bit_quant_type`).
     pub bnb_4bit_quant_type: String,
     /// Double-quantize the 4-bit absmax values (`bnb_4bit_use_double_quant`; the QLoRA recipe).
@@ -209,6 +219,11 @@ impl Default for SftConfig {
             use_rslora: false,
             use_dora: false,
             device: "auto".into(),
+            push_to_hub: false,
+            hub_model_id: None,
+            hub_strategy: "end".into(),
+            hub_private_repo: false,
+            hub_revision: None,
             bnb_4bit_quant_type: "nf4".into(),
             bnb_4bit_use_double_quant: true,
             load_in_8bit: false,
@@ -288,6 +303,22 @@ impl SftConfig {
                     "--eval-split-ratio holds out training rows for evaluation; it cannot be combined with --eval-dataset".into(),
                 ));
             }
+        }
+        if !matches!(self.hub_strategy.as_str(), "end" | "every_save") {
+            return Err(Error::Config(format!(
+                "--hub-strategy `{}`: expected end or every_save",
+                self.hub_strategy
+            )));
+        }
+        if self.push_to_hub
+            && !self
+                .hub_model_id
+                .as_deref()
+                .is_some_and(|id| id.contains('/'))
+        {
+            return Err(Error::Config(
+                "--push-to-hub needs --hub-model-id owner/name".into(),
+            ));
         }
         if self.mode != Mode::Full {
             self.lora_config().validate()?;

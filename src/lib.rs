@@ -48,6 +48,7 @@
 //! ```
 
 pub mod alloc;
+pub mod card;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -57,6 +58,7 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod push;
 pub mod quant;
 pub mod report;
 pub mod rng;

@@ -17,6 +17,8 @@ fn main() {
         .subcommand(cli::generate::command())
         .subcommand(cli::data::command())
         .subcommand(cli::plot::command())
+        .subcommand(cli::push::command())
+        .subcommand(cli::export::command())
         .get_matches();
     let result = match matches.subcommand() {
         Some(("train", m)) => cli::train::run(m),
@@ -25,6 +27,8 @@ fn main() {
         Some(("generate", m)) => cli::generate::run(m),
         Some(("data", m)) => cli::data::run(m),
         Some(("plot", m)) => cli::plot::run(m),
+        Some(("push", m)) => cli::push::run(m),
+        Some(("export-adapter", m)) => cli::export::run(m),
         _ => Ok(()),
     };
     if let Err(e) = result {

@@ -83,7 +83,9 @@ fn print_summary(data: &PreparedDataset) {
         .map(|i| data.examples.example_len(i))
         .collect();
     let tokens: usize = lengths.iter().sum();
-    let loss: usize = data.examples.iter().map(|e| e.num_loss_tokens()).sum();
+    let loss: usize = (0..data.examples.len())
+        .map(|i| data.examples.example_loss_tokens(i))
+        .sum();
     println!(
         "{}: {} examples; {} truncated to --max-length, {} skipped with no loss token left, {} unusable rows skipped",
         data.path.display(),

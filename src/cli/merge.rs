@@ -7,6 +7,7 @@ use peft_sft::lora::{load_adapter, merge_and_unload};
 use peft_sft::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use peft_sft::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, Pretrained};
 use peft_sft::quant::gguf::GgufFile;
+use peft_sft::quant::gguf_export::{export_model, ExportType};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -33,6 +34,12 @@ pub fn command() -> Command {
                 .default_value("0.1")
                 .value_parser(value_parser!(f64))
                 .help("Refuse to write when, on the probe, the merged model strays from the adapter by more than this fraction of what the adapter changes in the base's logits"),
+        )
+        .arg(
+            Arg::new("quantize")
+                .long("quantize")
+                .default_value("f16")
+                .help("Weight type of a GGUF --output from a safetensors base: f32 | f16 | q8_0 | q4_0 | q4_k_m"),
         )
         .arg(
             Arg::new("force")
@@ -116,12 +123,6 @@ fn merge_to_gguf(
     limit: f64,
 ) -> anyhow::Result<()> {
     let base = text(m, "model");
-    if !base.ends_with(".gguf") {
-        anyhow::bail!(
-            "--output {}: merging into a GGUF file needs a GGUF --model (this base is a safetensors model: merge to a folder)",
-            text(m, "output")
-        );
-    }
     let gguf = GgufFile::open(Path::new(base))?;
     let adapted: Vec<String> = loaded
         .model
@@ -137,9 +138,31 @@ fn merge_to_gguf(
             replaced.insert(format!("{}.weight", lin.name), lin.weight.dense()?);
         }
     }
+    let report = format!(
+        "merged {merged} LoRA modules into {base} and re-quantized them to their GGUF types"
+    );
+    publish_gguf(m, &loaded, probe, limit, &report, |partial| {
+        Ok(gguf.write_replacing(&replaced, partial)?)
+    })
+}
+
+/// Writes a GGUF through `write` to a partial file, reloads it with peft-sft's GGUF loader and
+/// runs the probe: the file replaces `--output` only when it answers like the adapter did
+/// (within `--max-merge-error`, or `--force`); otherwise it is removed and nothing changes.
+fn publish_gguf(
+    m: &ArgMatches,
+    loaded: &Pretrained,
+    probe: &Probe,
+    limit: f64,
+    what: &str,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let out = Path::new(text(m, "output"));
     let partial = out.with_extension("partial.gguf");
-    gguf.write_replacing(&replaced, &partial)?;
+    if let Err(e) = write(&partial) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
     let options = LoadOptions {
         tokenizer: Some(loaded.dir.clone()),
         ..LoadOptions::default()
@@ -161,15 +184,50 @@ fn merge_to_gguf(
         }
     };
     let (check, within) = probe.check(&after, limit)?;
-    let report = format!(
-        "merged {merged} LoRA modules into {base} and re-quantized them to their GGUF types; {check}"
-    );
+    let report = format!("{what}; {check}");
     if let Err(e) = check_probe(m, &report, within, limit) {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
     std::fs::rename(&partial, out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     eprintln!("{report}; wrote {}", out.display());
+    Ok(())
+}
+
+/// Merges into a safetensors base and writes the result as a llama.cpp GGUF (`--quantize`),
+/// verified like every merge.
+fn export_gguf(
+    m: &ArgMatches,
+    mut loaded: Pretrained,
+    probe: &Probe,
+    limit: f64,
+) -> anyhow::Result<()> {
+    let ty: ExportType = text(m, "quantize").parse()?;
+    if !loaded.model.quantized_modules().is_empty() {
+        loaded.model.dequantize()?;
+    }
+    let merged = merge_and_unload(&mut loaded.model)?;
+    let name = Path::new(text(m, "output"))
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut pre = String::new();
+    publish_gguf(
+        m,
+        &loaded,
+        probe,
+        limit,
+        &format!(
+            "merged {merged} LoRA modules and exported to GGUF ({})",
+            text(m, "quantize")
+        ),
+        |partial| {
+            let report = export_model(&loaded.model, &loaded.tokenizer, &name, ty, partial)?;
+            pre = report.pre_tokenizer;
+            Ok(())
+        },
+    )?;
+    eprintln!("tokenizer.ggml.pre = {pre}");
     Ok(())
 }
 
@@ -187,13 +245,17 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let new_tokens = peft_sft::lora::LoraConfig::from_dir(adapter)?
         .trainable_token_indices
         .is_some();
-    if text(m, "output").ends_with(".gguf") {
+    let gguf_base = text(m, "model").ends_with(".gguf");
+    if text(m, "output").ends_with(".gguf") && gguf_base {
         anyhow::ensure!(
             !new_tokens,
-            "{}: the adapter trains vocabulary rows (new tokens); merging those into a GGUF file is not supported yet: merge into a folder instead",
+            "{}: the adapter trains vocabulary rows (new tokens); merging those into an existing GGUF file is not supported: merge into a folder or export from the safetensors base",
             adapter.display()
         );
         return merge_to_gguf(m, loaded, &probe, limit);
+    }
+    if text(m, "output").ends_with(".gguf") {
+        return export_gguf(m, loaded, &probe, limit);
     }
     let quantized = loaded.model.quantized_modules().len();
     let (mut model, source_dir, how) = match (quantized, m.get_one::<String>("base_full_precision"))
@@ -235,6 +297,17 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     if let Some(tok) = &adapter_tokenizer {
         peft_sft::data::chat_format::save_tokenizer(tok, out)?;
     }
+    peft_sft::card::write(
+        out,
+        &peft_sft::card::CardInfo {
+            base_model: text(m, "model"),
+            repo_id: None,
+            kind: peft_sft::card::CardKind::Model { merged: true },
+            config: None,
+            log_history: &[],
+            loss_curve: false,
+        },
+    )?;
     eprintln!("{report}; wrote {}", out.display());
     Ok(())
 }

@@ -2,9 +2,11 @@
 
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod plot;
+pub mod push;
 pub mod train;
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches};

@@ -202,6 +202,23 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ("use_dora", Kind::Bool, "DoRA [false]"),
     ("device", Kind::Text, "cpu | cuda | cuda:N | auto [auto]"),
     (
+        "push_to_hub",
+        Kind::Bool,
+        "Push the adapter/model to the Hugging Face Hub (HF_TOKEN, HF_ENDPOINT) [false]",
+    ),
+    ("hub_model_id", Kind::Text, "Hub repository to push to, owner/name"),
+    (
+        "hub_strategy",
+        Kind::Text,
+        "end | every_save: push at the end, or also every checkpoint [end]",
+    ),
+    (
+        "hub_private_repo",
+        Kind::Bool,
+        "Create the Hub repository as private [false]",
+    ),
+    ("hub_revision", Kind::Text, "Branch to push to [main]"),
+    (
         "bnb_4bit_quant_type",
         Kind::Text,
         "4-bit code of --qlora: nf4 | fp4 [nf4]",

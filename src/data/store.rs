@@ -338,6 +338,20 @@ impl Examples {
             .sum()
     }
 
+    /// Example `i`'s number of loss tokens (reads only the mask column).
+    pub fn example_loss_tokens(&self, i: usize) -> usize {
+        self.rows_of(i)
+            .iter()
+            .map(|&r| {
+                let (_, mask) = self.store.row(r as usize);
+                mask[..mask.len().min(self.cut)]
+                    .iter()
+                    .map(|&m| m as usize)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Example `i`, copied out of the store.
     pub fn get(&self, i: usize) -> Example {
         let mut example = Example::new(Vec::new(), Vec::new());
@@ -453,6 +467,10 @@ mod tests {
         first.truncate(0);
         assert!(first.is_empty());
 
+        for (i, e) in examples.iter().enumerate() {
+            assert_eq!(view.example_loss_tokens(i), e.num_loss_tokens());
+            assert_eq!(view.example_len(i), e.len());
+        }
         let packed = view.pack(4);
         let vec_packed = super::super::pack::pack_dataset(&examples, 4);
         assert_eq!(packed.to_vec(), vec_packed);

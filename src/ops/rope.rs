@@ -73,6 +73,11 @@ impl RotaryEmbedding {
         RotaryEmbedding { inv_freq }
     }
 
+    /// The inverse frequencies, one per rotation pair.
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
     /// cos and sin tables for the given positions: `[t, head_dim / 2]` each, or `[b, t, head_dim / 2]`
     /// when `positions` has one row per batch element (packed sequences restart at each document).
     pub fn tables(

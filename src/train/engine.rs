@@ -9,6 +9,7 @@ use super::metrics::{StepMetrics, Window};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
+use crate::card::{CardInfo, CardKind};
 use crate::config::{Mode, SftConfig};
 use crate::data::chat_format::{save_tokenizer, setup_chatml};
 use crate::data::{collate, prepare_dataset_split, Example, PreparedDataset};
@@ -126,6 +127,54 @@ fn save_weights(
         TokenizerFiles::All(tok) => save_tokenizer(tok, dir)?,
     }
     Ok(())
+}
+
+/// Pushes `dir` to `--hub-model-id`; on failure the error says the local files are intact.
+fn push(config: &SftConfig, dir: &Path, message: String) -> Result<()> {
+    let options = crate::push::PushOptions {
+        repo_id: config.hub_model_id.clone().unwrap_or_default(),
+        private: config.hub_private_repo,
+        revision: config.hub_revision.clone(),
+        commit_message: Some(message),
+        ..Default::default()
+    };
+    let pushed = crate::push::push_folder(dir, &options).map_err(|e| {
+        Error::Hub(format!(
+            "{e} (nothing local was changed: the run's files in {} are intact; push them later with `peft-sft push --path {} --repo-id {}`)",
+            dir.display(),
+            dir.display(),
+            options.repo_id
+        ))
+    })?;
+    eprintln!("pushed {} files to {}", pushed.files.len(), pushed.url);
+    Ok(())
+}
+
+/// Writes the model card (`README.md`) of a finished run into `dir`.
+fn write_card(
+    config: &SftConfig,
+    lora: Option<&LoraConfig>,
+    dir: &Path,
+    log_history: &[Value],
+) -> Result<()> {
+    let kind = match lora {
+        Some(lora) => CardKind::Adapter {
+            lora,
+            qlora: config.mode == Mode::Qlora,
+        },
+        None => CardKind::Model { merged: false },
+    };
+    crate::card::write(
+        dir,
+        &CardInfo {
+            base_model: &config.model_name_or_path,
+            repo_id: config.hub_model_id.as_deref(),
+            kind,
+            config: Some(config),
+            log_history,
+            loss_curve: dir.join("loss_curve.png").exists(),
+        },
+    )
 }
 
 /// Runs supervised fine-tuning as `config` describes.
@@ -375,7 +424,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             }
         }
         if done % config.save_steps == 0 {
-            checkpoint::save(&output_dir, done, |dir| {
+            let saved = checkpoint::save(&output_dir, done, |dir| {
                 save_weights(
                     &model,
                     lora_config.as_ref(),
@@ -405,6 +454,9 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
                 write_json(&dir.join("training_config.json"), config)?;
                 checkpoint::write_state(dir, &state)
             })?;
+            if config.push_to_hub && config.hub_strategy == "every_save" {
+                push(config, &saved, format!("Training in progress, step {done}"))?;
+            }
             if let Some(limit) = config.save_total_limit {
                 checkpoint::rotate(&output_dir, limit, state.best_model_checkpoint.as_deref())?;
             }
@@ -424,7 +476,16 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         crate::report::summary::load_best_model(Path::new(best), &output_dir)?;
     }
     tracking.draw(&state.log_history)?;
+    write_card(
+        config,
+        lora_config.as_ref(),
+        &output_dir,
+        &state.log_history,
+    )?;
     checkpoint::write_state(&output_dir, &state)?;
+    if config.push_to_hub {
+        push(config, &output_dir, "End of training".to_string())?;
+    }
     Ok(TrainOutcome {
         global_step: state.global_step,
         log_history: state.log_history,

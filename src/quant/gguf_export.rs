@@ -1,0 +1,583 @@
+//! Writing llama.cpp GGUF files from Hugging Face weights, following llama.cpp's converters
+//! (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`): a whole model with its architecture
+//! metadata and byte-level BPE tokenizer (`tokenizer.ggml.*`, the pre-tokenizer named as llama.cpp
+//! names it, the chat template), quantized through `candle_core::quantized`; and a LoRA adapter in
+//! llama.cpp's adapter format for `llama-cli --lora`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use super::gguf::gguf_name;
+use crate::data::ChatTokenizer;
+use crate::model::{CausalLm, Family, ModelConfig};
+use crate::ops::rope::{RopeScaling, RotaryEmbedding};
+use crate::{Error, Result};
+
+/// The text llama.cpp's converter encodes to recognise a tokenizer's pre-tokenization
+/// (`get_vocab_base_pre`'s `chktxt`).
+const PRE_TOKENIZER_CHECK: &str = include_str!("../../assets/gguf_pretokenizer_check.txt");
+
+/// SHA-256 of the check text's ids (Python's `str(list)`) → llama.cpp's pre-tokenizer name, for
+/// the families peft-sft supports.
+const KNOWN_PRE_TOKENIZERS: &[(&str, &str)] = &[
+    (
+        "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5",
+        "llama-bpe",
+    ),
+    (
+        "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",
+        "qwen2",
+    ),
+    (
+        "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c",
+        "qwen2",
+    ),
+    (
+        "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249",
+        "smollm",
+    ),
+    (
+        "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454",
+        "gpt-2",
+    ),
+];
+
+/// The weight types `--quantize` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportType {
+    /// Everything in f32.
+    F32,
+    /// 2-D weights in f16 (norms and biases f32), as `convert_hf_to_gguf --outtype f16`.
+    F16,
+    /// 2-D weights in Q8_0.
+    Q8_0,
+    /// 2-D weights in Q4_0.
+    Q4_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for `attn_v`/`ffn_down` of some layers and for the
+    /// output matrix.
+    Q4KM,
+}
+
+impl std::str::FromStr for ExportType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => ExportType::F32,
+            "f16" => ExportType::F16,
+            "q8_0" => ExportType::Q8_0,
+            "q4_0" => ExportType::Q4_0,
+            "q4_k_m" => ExportType::Q4KM,
+            other => {
+                return Err(Error::Config(format!(
+                    "--quantize `{other}`: expected f32, f16, q8_0, q4_0 or q4_k_m"
+                )))
+            }
+        })
+    }
+}
+
+impl ExportType {
+    /// llama.cpp's `general.file_type` (`LlamaFileType`).
+    fn file_type(self) -> u32 {
+        match self {
+            ExportType::F32 => 0,
+            ExportType::F16 => 1,
+            ExportType::Q4_0 => 2,
+            ExportType::Q8_0 => 7,
+            ExportType::Q4KM => 15,
+        }
+    }
+}
+
+/// llama.cpp's `general.architecture` for a family, and whether its query/key rows are permuted.
+fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
+    match config.family()? {
+        Family::Llama | Family::Mistral => Ok(("llama", true)),
+        Family::Qwen2 => Ok(("qwen2", false)),
+        Family::Qwen3 => Ok(("qwen3", false)),
+        Family::SmolLm3 => Err(Error::UnsupportedArchitecture {
+            name: "SmolLM3ForCausalLM (GGUF export)".into(),
+            supported: "Llama, Mistral, Qwen2, Qwen3".into(),
+        }),
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers Q4_K_M gives more bits.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+}
+
+/// The GGML type a tensor gets: f32 for vectors; else the export type, llama.cpp's Q4_K_M mix,
+/// and llama.cpp's fallbacks when the row length is not a multiple of the block size.
+fn tensor_type(name: &str, dims: &[usize], ty: ExportType, layers: usize, tied: bool) -> GgmlDType {
+    if dims.len() < 2 {
+        return GgmlDType::F32;
+    }
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    let wanted = match ty {
+        ExportType::F32 => GgmlDType::F32,
+        ExportType::F16 => GgmlDType::F16,
+        ExportType::Q8_0 => GgmlDType::Q8_0,
+        ExportType::Q4_0 => GgmlDType::Q4_0,
+        ExportType::Q4KM => {
+            let output = name == "output.weight" || (tied && name == "token_embd.weight");
+            let more = layer.is_some_and(|l| use_more_bits(l, layers))
+                && (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"));
+            if output || more {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            }
+        }
+    };
+    let row = dims[dims.len() - 1];
+    let fits = |t: GgmlDType| row.is_multiple_of(t.block_size());
+    let fallback = match wanted {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        other => other,
+    };
+    [wanted, fallback, GgmlDType::F16]
+        .into_iter()
+        .find(|&t| fits(t))
+        .unwrap_or(GgmlDType::F32)
+}
+
+/// Llama.cpp's query/key row permutation (Hugging Face row `h*d + t*d/2 + j` → `h*d + 2j + t`).
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let d = dims[0] / heads;
+    let cols = t.elem_count() / dims[0];
+    Ok(t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// Heads whose rows llama.cpp permutes in Hugging Face tensor `hf` (q and k of llama), if any.
+fn permuted_heads(hf: &str, config: &ModelConfig, permutes: bool) -> Option<usize> {
+    if !permutes {
+        return None;
+    }
+    if hf.contains("self_attn.q_proj.") {
+        Some(config.num_attention_heads)
+    } else if hf.contains("self_attn.k_proj.") {
+        Some(config.kv_heads())
+    } else {
+        None
+    }
+}
+
+/// llama.cpp's name for the tokenizer's pre-tokenization: by the hash of the check text's ids, as
+/// its converter does; for tokenizers it does not list (fine-tunes with their own vocabulary), by
+/// the `tokenizer.json` pre-tokenizer itself when that is GPT-2's byte-level split. Anything else
+/// has no llama.cpp equivalent and is an error that says so.
+pub fn pre_tokenizer(tok: &ChatTokenizer) -> Result<String> {
+    let ids = tok.encode(PRE_TOKENIZER_CHECK, true)?;
+    let listed = format!(
+        "[{}]",
+        ids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let hash: String = Sha256::digest(listed.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if let Some((_, name)) = KNOWN_PRE_TOKENIZERS.iter().find(|(h, _)| *h == hash) {
+        return Ok(name.to_string());
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &tok.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?,
+    )
+    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let pre = &json["pre_tokenizer"];
+    let gpt2 = pre["type"] == "ByteLevel" && pre["use_regex"] != false;
+    if gpt2 {
+        return Ok("gpt-2".into());
+    }
+    Err(Error::Config(format!(
+        "the tokenizer's pre-tokenization (check hash {hash}, pre_tokenizer {}) has no llama.cpp equivalent; llama.cpp would tokenize text differently",
+        pre
+    )))
+}
+
+/// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer, for `vocab` embedding rows.
+fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, Value)>> {
+    let json: serde_json::Value = serde_json::from_str(
+        &tok.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?,
+    )
+    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    if json["model"]["type"] != "BPE" || json["model"]["byte_fallback"] == true {
+        return Err(Error::Config(
+            "GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style); this tokenizer is not one".into(),
+        ));
+    }
+    let by_id: HashMap<u32, String> = tok
+        .inner
+        .get_vocab(true)
+        .into_iter()
+        .map(|(t, i)| (i, t))
+        .collect();
+    let added: HashMap<u32, bool> = json["added_tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| Some((t["id"].as_u64()? as u32, t["special"].as_bool()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tokens = Vec::with_capacity(vocab);
+    let mut types = Vec::with_capacity(vocab);
+    for id in 0..vocab as u32 {
+        let (token, kind) = match (by_id.get(&id), added.get(&id)) {
+            (None, _) => (format!("[PAD{id}]"), 5),
+            (Some(t), Some(&special)) => {
+                let looks_special = t.starts_with("<|") && t.ends_with("|>");
+                (t.clone(), if special || looks_special { 3 } else { 4 })
+            }
+            (Some(t), None) => (t.clone(), 1),
+        };
+        tokens.push(Value::String(token));
+        types.push(Value::I32(kind));
+    }
+    let merges: Vec<Value> = json["model"]["merges"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|merge| match merge {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Array(pair) => {
+                        let part =
+                            |i: usize| pair.get(i)?.as_str().map(|s| s.replace(' ', "\u{120}"));
+                        Some(format!("{} {}", part(0)?, part(1)?))
+                    }
+                    _ => None,
+                })
+                .map(Value::String)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String(pre_tokenizer(tok)?),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+    ];
+    for (key, id) in [
+        ("bos_token_id", tok.bos_token_id()),
+        ("eos_token_id", tok.eos_token_id()),
+        ("padding_token_id", tok.pad_token_id()),
+    ] {
+        if let Some(id) = id {
+            meta.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
+        }
+    }
+    // What the tokenizer itself does with special tokens decides llama.cpp's add_bos/add_eos.
+    let with = tok.encode("a", true)?;
+    let without = tok.encode("a", false)?;
+    let add_bos = with.len() > without.len() && with.first() != without.first();
+    let add_eos = with.len() > without.len() && with.last() != without.last();
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
+    meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(add_eos)));
+    if let Some(template) = &tok.chat_template {
+        meta.push((
+            "tokenizer.chat_template".into(),
+            Value::String(template.clone()),
+        ));
+    }
+    Ok(meta)
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// GGUF tensor name → type, in file order.
+    pub tensors: Vec<(String, GgmlDType)>,
+    /// The pre-tokenizer name written.
+    pub pre_tokenizer: String,
+}
+
+fn write_gguf(out: &Path, meta: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    crate::io::write_atomic(out, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        candle_core::quantized::gguf_file::write(&mut w, &meta, &refs)?;
+        std::io::Write::flush(&mut w).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes `model` (full precision: merged, or dequantized) with `tok` as a llama.cpp GGUF model.
+pub fn export_model(
+    model: &CausalLm,
+    tok: &ChatTokenizer,
+    name: &str,
+    ty: ExportType,
+    out: &Path,
+) -> Result<ExportReport> {
+    let config = &model.config;
+    let (arch, permutes) = architecture(config)?;
+    let quantized = model.quantized_modules();
+    if let Some(first) = quantized.first() {
+        return Err(Error::Config(format!(
+            "cannot export quantized linear weights ({first}, ...): dequantize the model first"
+        )));
+    }
+    let layers = config.num_hidden_layers;
+    let tied = model.lm_head.is_none();
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.type".to_string(), Value::String("model".into())),
+        ("general.name".to_string(), Value::String(name.into())),
+        (key("block_count"), Value::U32(layers as u32)),
+        (
+            key("context_length"),
+            Value::U32(config.max_position_embeddings as u32),
+        ),
+        (
+            key("embedding_length"),
+            Value::U32(config.hidden_size as u32),
+        ),
+        (
+            key("feed_forward_length"),
+            Value::U32(config.intermediate_size as u32),
+        ),
+        (
+            key("attention.head_count"),
+            Value::U32(config.num_attention_heads as u32),
+        ),
+        (
+            key("attention.head_count_kv"),
+            Value::U32(config.kv_heads() as u32),
+        ),
+        (
+            key("rope.freq_base"),
+            Value::F32(config.rope_theta() as f32),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        ("general.file_type".to_string(), Value::U32(ty.file_type())),
+    ];
+    if config.head_dim.is_some() {
+        meta.push((
+            key("attention.key_length"),
+            Value::U32(config.head_dim() as u32),
+        ));
+        meta.push((
+            key("attention.value_length"),
+            Value::U32(config.head_dim() as u32),
+        ));
+    }
+    if arch == "llama" {
+        meta.push((key("vocab_size"), Value::U32(config.vocab_size as u32)));
+        meta.push((
+            key("rope.dimension_count"),
+            Value::U32(config.head_dim() as u32),
+        ));
+    }
+    let mut extra: Vec<(String, Tensor)> = Vec::new();
+    match config.rope_scaling()? {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => {
+            meta.push((key("rope.scaling.type"), Value::String("linear".into())));
+            meta.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
+        }
+        scaling => {
+            // Llama 3.1: llama.cpp divides each frequency by a stored factor (`rope_freqs`).
+            let theta = config.rope_theta();
+            let base = RotaryEmbedding::new(config.head_dim(), theta, &RopeScaling::Default);
+            let scaled = RotaryEmbedding::new(config.head_dim(), theta, &scaling);
+            let factors: Vec<f32> = base
+                .inv_freq()
+                .iter()
+                .zip(scaled.inv_freq())
+                .map(|(b, s)| (b / s) as f32)
+                .collect();
+            let n = factors.len();
+            extra.push((
+                "rope_freqs.weight".into(),
+                Tensor::from_vec(factors, n, &Device::Cpu)?,
+            ));
+        }
+    }
+    meta.push(("general.quantization_version".into(), Value::U32(2)));
+    meta.extend(tokenizer_metadata(tok, config.vocab_size)?);
+
+    let mut tensors = Vec::new();
+    let mut report = Vec::new();
+    let mut add = |name: String, value: Tensor| -> Result<()> {
+        let value = value.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let dtype = tensor_type(&name, value.dims(), ty, layers, tied);
+        report.push((name.clone(), dtype));
+        tensors.push((name, QTensor::quantize(&value, dtype)?));
+        Ok(())
+    };
+    for (hf, param) in model.named_weights() {
+        let gguf = gguf_name(&hf).ok_or_else(|| Error::Tensor {
+            name: hf.clone(),
+            message: "has no llama.cpp name".into(),
+        })?;
+        let value = param.tensor().clone();
+        let value = match permuted_heads(&hf, config, permutes) {
+            Some(heads) => permute_rows(&value, heads)?,
+            None => value,
+        };
+        add(gguf, value)?;
+    }
+    for (name, value) in extra {
+        add(name, value)?;
+    }
+    write_gguf(out, &meta, &tensors)?;
+    let pre = meta
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.pre")
+        .and_then(|(_, v)| v.to_string().ok().cloned())
+        .unwrap_or_default();
+    Ok(ExportReport {
+        tensors: report,
+        pre_tokenizer: pre,
+    })
+}
+
+/// Writes a PEFT LoRA adapter (read from `adapter_dir`, trained on a base with `config`) in
+/// llama.cpp's adapter format: `general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`,
+/// tensors `blk.N.<module>.weight.lora_a` (PEFT's A, `[r, in]`) and `.lora_b` (B, `[out, r]`,
+/// with llama's query/key row permutation), f32. llama.cpp scales by alpha / r, so rsLoRA's
+/// alpha / sqrt(r) is written as alpha * sqrt(r); per-module rank or alpha overrides, which the
+/// format cannot express, are refused.
+pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> Result<usize> {
+    let (arch, permutes) = architecture(config)?;
+    let lora = crate::lora::LoraConfig::from_dir(adapter_dir)?;
+    if !lora.rank_pattern.is_empty() || !lora.alpha_pattern.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: rank_pattern/alpha_pattern give modules their own scale, which llama.cpp's adapter format (one alpha) cannot express",
+            adapter_dir.display()
+        )));
+    }
+    if lora.trainable_token_indices.is_some() {
+        return Err(Error::Config(format!(
+            "{}: the adapter trains vocabulary rows (new tokens), which llama.cpp adapters cannot carry; merge it into the model instead",
+            adapter_dir.display()
+        )));
+    }
+    let path = adapter_dir.join(crate::lora::adapter::ADAPTER_WEIGHTS);
+    let tensors = crate::io::read_safetensors(&path, &Device::Cpu)?;
+    let mut pairs: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (key, t) in tensors {
+        let rest = key
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".weight"))
+            .ok_or_else(|| Error::Tensor {
+                name: key.clone(),
+                message: format!("in {}: not a PEFT LoRA weight", path.display()),
+            })?;
+        let (module, half) = rest.rsplit_once('.').ok_or_else(|| Error::Tensor {
+            name: key.clone(),
+            message: "not a PEFT LoRA weight".into(),
+        })?;
+        let suffix = match half {
+            "lora_A" => "lora_a",
+            "lora_B" => "lora_b",
+            _ => {
+                return Err(Error::Tensor {
+                    name: key.clone(),
+                    message: format!(
+                        "in {}: only lora_A/lora_B weights can be exported",
+                        path.display()
+                    ),
+                })
+            }
+        };
+        let hf = format!("{module}.weight");
+        let gguf = gguf_name(&hf).ok_or_else(|| Error::Tensor {
+            name: key.clone(),
+            message: "the module has no llama.cpp name".into(),
+        })?;
+        let t = t.to_dtype(DType::F32)?;
+        let t = match (suffix, permuted_heads(&hf, config, permutes)) {
+            ("lora_b", Some(heads)) => permute_rows(&t, heads)?,
+            _ => t,
+        };
+        pairs.insert(format!("{gguf}.{suffix}"), t);
+    }
+    let alpha = if lora.use_rslora {
+        lora.lora_alpha * (lora.r as f64).sqrt()
+    } else {
+        lora.lora_alpha
+    };
+    let meta = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.type".to_string(), Value::String("adapter".into())),
+        ("adapter.type".to_string(), Value::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
+        ("general.quantization_version".to_string(), Value::U32(2)),
+    ];
+    let tensors = pairs
+        .into_iter()
+        .map(|(n, t)| Ok((n, QTensor::quantize(&t, GgmlDType::F32)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_gguf(out, &meta, &tensors)?;
+    Ok(tensors.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_k_m_mixes_types_like_llama_cpp_and_falls_back_on_short_rows() {
+        let t = |n: &str, dims: &[usize]| tensor_type(n, dims, ExportType::Q4KM, 16, false);
+        assert_eq!(t("blk.0.attn_v.weight", &[256, 512]), GgmlDType::Q6K);
+        assert_eq!(t("blk.3.attn_v.weight", &[256, 512]), GgmlDType::Q4K);
+        assert_eq!(t("blk.4.ffn_down.weight", &[256, 512]), GgmlDType::Q6K);
+        assert_eq!(t("output.weight", &[256, 512]), GgmlDType::Q6K);
+        assert_eq!(t("blk.3.attn_q.weight", &[256, 576]), GgmlDType::Q5_0);
+        assert_eq!(t("output.weight", &[256, 576]), GgmlDType::Q8_0);
+        assert_eq!(t("blk.3.attn_norm.weight", &[512]), GgmlDType::F32);
+        assert_eq!(t("blk.3.attn_q.weight", &[64, 63]), GgmlDType::F16);
+        let q8 = tensor_type("blk.0.attn_q.weight", &[64, 64], ExportType::Q8_0, 2, false);
+        assert_eq!(q8, GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn fixture_tokenizers_are_named_by_their_pre_tokenizer() {
+        for dir in [
+            "tests/fixtures/tokenizers/llama3",
+            "tests/fixtures/tokenizers/chatml",
+        ] {
+            let tok = ChatTokenizer::from_dir(Path::new(dir)).unwrap();
+            assert_eq!(pre_tokenizer(&tok).unwrap(), "gpt-2", "{dir}");
+        }
+    }
+}
