@@ -64,7 +64,15 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
 }
 
 /// Data files of a dataset repo (the `refs/convert/parquet` branch holds parquet only).
-const DATASET_FILES: &[&str] = &["*.parquet", "*.jsonl", "*.json", "*.csv", "*.ndjson"];
+/// The dataset card comes too: its `configs:` say which files make each config and split.
+const DATASET_FILES: &[&str] = &[
+    "*.parquet",
+    "*.jsonl",
+    "*.json",
+    "*.csv",
+    "*.ndjson",
+    "README.md",
+];
 
 /// A local file or folder as is, or the snapshot folder of a Hub dataset repo (downloaded if
 /// needed). With `parquet_branch`, the Hub's automatic parquet conversion (`refs/convert/parquet`)

@@ -58,10 +58,163 @@ fn in_split(rel: &Path, split: &str) -> bool {
             .any(|p| stem.contains(p.as_str()))
 }
 
-/// The files of `config` (default: the `data/` folder when there is one, else everything) and
-/// `split` below `dir`. When no file names a split at all and `split` is `train`, every file is
-/// training data (a folder of plain files).
+/// One entry of a dataset card's `configs:` list (the Hub's manual configuration).
+#[derive(Debug, serde::Deserialize)]
+struct CardConfig {
+    config_name: String,
+    #[serde(default)]
+    default: bool,
+    data_files: serde_yaml::Value,
+}
+
+/// The `configs:` of the dataset card (`README.md` YAML front matter), if it has any.
+fn card_configs(dir: &Path) -> Result<Option<Vec<CardConfig>>> {
+    let path = dir.join("README.md");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let Some(rest) = text.strip_prefix("---") else {
+        return Ok(None);
+    };
+    let Some(end) = rest.find("\n---") else {
+        return Ok(None);
+    };
+    #[derive(serde::Deserialize)]
+    struct Card {
+        configs: Option<Vec<CardConfig>>,
+    }
+    let card: Card = serde_yaml::from_str(&rest[..end]).map_err(|e| Error::Parse {
+        path: path.clone(),
+        line: e.location().map(|l| l.line() + 1),
+        message: format!("invalid dataset card front matter: {e}"),
+    })?;
+    Ok(card.configs)
+}
+
+/// A config's `data_files` as (split, path patterns): a pattern or list of patterns is the train
+/// split; a list of `{split, path}` or a map split → pattern(s) names splits.
+fn card_splits(data_files: &serde_yaml::Value) -> Vec<(String, Vec<String>)> {
+    use serde_yaml::Value as Y;
+    let patterns = |v: &Y| -> Vec<String> {
+        match v {
+            Y::String(s) => vec![s.clone()],
+            Y::Sequence(items) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    match data_files {
+        Y::String(_) => vec![("train".into(), patterns(data_files))],
+        Y::Sequence(items) if items.iter().all(Y::is_string) => {
+            vec![("train".into(), patterns(data_files))]
+        }
+        Y::Sequence(items) => items
+            .iter()
+            .filter_map(|i| {
+                let split = i.get("split").and_then(Y::as_str).unwrap_or("train");
+                Some((split.to_string(), patterns(i.get("path")?)))
+            })
+            .collect(),
+        Y::Mapping(map) => map
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), patterns(v))))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The files the dataset card's `configs:` give `config` (its `default: true` one, `default`, or
+/// the only one when unnamed) and `split`, matched as the Hub matches `data_files` globs.
+fn card_files(
+    dir: &Path,
+    configs: &[CardConfig],
+    config: Option<&str>,
+    split: &str,
+) -> Result<Vec<PathBuf>> {
+    let names = || {
+        configs
+            .iter()
+            .map(|c| c.config_name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let chosen = match config {
+        Some(name) => configs.iter().find(|c| c.config_name == name),
+        None => configs
+            .iter()
+            .find(|c| c.default)
+            .or_else(|| configs.iter().find(|c| c.config_name == "default"))
+            .or_else(|| configs.first().filter(|_| configs.len() == 1)),
+    }
+    .ok_or_else(|| Error::MissingFile {
+        path: dir.join("README.md"),
+        hint: format!(
+            "the dataset card has no config `{}`; its configs: {} (pass --dataset-config)",
+            config.unwrap_or("default"),
+            names()
+        ),
+    })?;
+    let splits = card_splits(&chosen.data_files);
+    let Some((_, patterns)) = splits.iter().find(|(s, _)| s == split) else {
+        return Err(Error::MissingFile {
+            path: dir.join("README.md"),
+            hint: format!(
+                "config `{}` of the dataset card has no split `{split}`; its splits: {}",
+                chosen.config_name,
+                splits
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    };
+    let mut builder = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let glob = globset::GlobBuilder::new(p.trim_start_matches("./"))
+            .literal_separator(true)
+            .build()
+            .map_err(|e| Error::Parse {
+                path: dir.join("README.md"),
+                line: None,
+                message: format!("data_files pattern `{p}`: {e}"),
+            })?;
+        builder.add(glob);
+    }
+    let set = builder.build().map_err(|e| Error::Parse {
+        path: dir.join("README.md"),
+        line: None,
+        message: e.to_string(),
+    })?;
+    let files: Vec<PathBuf> = data_files(dir)?
+        .into_iter()
+        .filter(|p| {
+            p.strip_prefix(dir)
+                .is_ok_and(|r| set.is_match(r.to_string_lossy().replace('\\', "/")))
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            hint: format!(
+                "no file matches {patterns:?} (config `{}`, split `{split}` of the dataset card)",
+                chosen.config_name
+            ),
+        });
+    }
+    Ok(files)
+}
+
+/// The files of `config` and `split` below `dir`. A dataset card (`README.md`) with `configs:`
+/// decides, as on the Hub; otherwise the layout does: `config` is a top folder (default: `data/`
+/// when there is one, else everything), and when no file names a split at all and `split` is
+/// `train`, every file is training data (a folder of plain files).
 pub fn dataset_files(dir: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    if let Some(configs) = card_configs(dir)?.filter(|c| !c.is_empty()) {
+        return card_files(dir, &configs, config, split);
+    }
     let all = data_files(dir)?;
     let rel = |p: &PathBuf| {
         p.strip_prefix(dir)
@@ -213,6 +366,56 @@ mod tests {
                 dataset_files(splits.path(), None, "validation").unwrap()
             ),
             ["validation.jsonl"]
+        );
+    }
+
+    #[test]
+    fn a_dataset_card_with_configs_decides_the_files() {
+        let d = layout(&[
+            "chats/part-0.jsonl",
+            "chats/part-1.jsonl",
+            "chats/heldout.jsonl",
+            "extra/notes.csv",
+            "math/all.parquet",
+        ]);
+        let p = d.path();
+        std::fs::write(
+            p.join("README.md"),
+            "---\nlicense: mit\nconfigs:\n- config_name: chats\n  default: true\n  data_files:\n  - split: train\n    path: chats/part-*.jsonl\n  - split: test\n    path: [chats/heldout.jsonl]\n- config_name: math\n  data_files: math/*.parquet\n- config_name: notes\n  data_files:\n    validation: extra/*.csv\n---\n# A dataset\n",
+        )
+        .unwrap();
+        assert_eq!(
+            names(p, dataset_files(p, None, "train").unwrap()),
+            ["chats/part-0.jsonl", "chats/part-1.jsonl"]
+        );
+        assert_eq!(
+            names(p, dataset_files(p, Some("chats"), "test").unwrap()),
+            ["chats/heldout.jsonl"]
+        );
+        assert_eq!(
+            names(p, dataset_files(p, Some("math"), "train").unwrap()),
+            ["math/all.parquet"]
+        );
+        assert_eq!(
+            names(p, dataset_files(p, Some("notes"), "validation").unwrap()),
+            ["extra/notes.csv"]
+        );
+        let err = dataset_files(p, Some("poems"), "train")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("configs: chats, math, notes"), "{err}");
+        let err = dataset_files(p, Some("math"), "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no split `test`") && err.contains("splits: train"),
+            "{err}"
+        );
+        std::fs::write(p.join("README.md"), "---\nconfigs: [\n---\n").unwrap();
+        let err = dataset_files(p, None, "train").unwrap_err().to_string();
+        assert!(
+            err.contains("README.md") && err.contains("front matter"),
+            "{err}"
         );
     }
 }
