@@ -177,6 +177,35 @@ fn tied_qwen2_exports_q8_0_and_q4_k_m_falls_back_like_llama_cpp() {
 }
 
 #[test]
+fn merge_without_an_adapter_converts_a_model_and_refuses_other_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("base.gguf");
+    let base = fixture("models/qwen2");
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("converted to GGUF (f16)"), "{err}");
+    let ids = Tensor::new(&[[5u32, 50, 120, 7]], &Device::Cpu).unwrap();
+    let expected = load_model(&base, false).forward(&ids).unwrap();
+    let err = rel_err(&gguf_logits(&out, &base, &ids), &expected);
+    assert!(err < 5e-3, "converted logits differ by {err}");
+    let folder = tmp.path().join("folder");
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--output",
+        folder.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--adapter is required"), "{err}");
+    assert!(!folder.exists());
+}
+
+#[test]
 fn export_adapter_writes_llama_cpp_lora_tensors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("adapter.gguf");

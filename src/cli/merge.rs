@@ -15,7 +15,7 @@ use std::path::Path;
 pub fn command() -> Command {
     Command::new("merge")
         .about("Merge a PEFT LoRA adapter into its base: a transformers model folder, or a GGUF file for a GGUF base (--output x.gguf)")
-        .args(model_args(true))
+        .args(model_args(false))
         .arg(
             Arg::new("output")
                 .long("output")
@@ -59,8 +59,11 @@ fn probe_logits(model: &CausalLm, ids: &[u32]) -> anyhow::Result<Tensor> {
 struct Probe {
     ids: Vec<u32>,
     adapted: Tensor,
-    /// Largest change the adapter makes to the base's logits.
+    /// Largest change the adapter makes to the base's logits (the largest logit when there is
+    /// no adapter: a plain conversion).
     effect: f64,
+    /// Whether there is no adapter (a plain conversion).
+    conversion: bool,
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
@@ -80,11 +83,20 @@ impl Probe {
         for (lin, lora) in model.linears_mut().into_iter().zip(loras) {
             lin.lora = lora;
         }
+        // Without an adapter (a plain conversion), the written model is measured against the
+        // logits' own scale instead.
         let effect = max_abs_diff(&adapted, &base?)?;
+        let conversion = effect == 0.0;
+        let effect = if conversion {
+            adapted.abs()?.max_all()?.to_scalar::<f32>()? as f64
+        } else {
+            effect
+        };
         Ok(Probe {
             ids,
             adapted,
             effect,
+            conversion,
         })
     }
 
@@ -94,11 +106,19 @@ impl Probe {
         let diff = max_abs_diff(&self.adapted, merged)?;
         let scale = self.adapted.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let fraction = diff / self.effect.max(f64::MIN_POSITIVE);
-        let report = format!(
-            "largest logit difference on a probe between the adapter on its base and the merged model: {diff:.2e}, {:.1}% of the largest change the adapter makes ({:.2e})",
-            100.0 * fraction,
-            self.effect
-        );
+        let report = if self.conversion {
+            format!(
+                "largest logit difference on a probe between the model and the written file: {diff:.2e}, {:.1}% of the largest logit ({:.2e})",
+                100.0 * fraction,
+                self.effect
+            )
+        } else {
+            format!(
+                "largest logit difference on a probe between the adapter on its base and the merged model: {diff:.2e}, {:.1}% of the largest change the adapter makes ({:.2e})",
+                100.0 * fraction,
+                self.effect
+            )
+        };
         Ok((report, diff <= 1e-5 * scale.max(1.0) || fraction <= limit))
     }
 }
@@ -217,10 +237,14 @@ fn export_gguf(
         &loaded,
         probe,
         limit,
-        &format!(
-            "merged {merged} LoRA modules and exported to GGUF ({})",
-            text(m, "quantize")
-        ),
+        &if merged == 0 {
+            format!("converted to GGUF ({})", text(m, "quantize"))
+        } else {
+            format!(
+                "merged {merged} LoRA modules and exported to GGUF ({})",
+                text(m, "quantize")
+            )
+        },
         |partial| {
             let report = export_model(&loaded.model, &loaded.tokenizer, &name, ty, partial)?;
             pre = report.pre_tokenizer;
@@ -242,10 +266,18 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let probe = Probe::new(&mut loaded.model, ids)?;
     let limit = m.get_one::<f64>("max_merge_error").copied().unwrap_or(0.1);
     let adapter = Path::new(text(m, "adapter"));
+    let gguf_base = text(m, "model").ends_with(".gguf");
+    if m.get_one::<String>("adapter").is_none() {
+        // No adapter: a conversion (a full fine-tune, or any base) to llama.cpp's format.
+        anyhow::ensure!(
+            text(m, "output").ends_with(".gguf") && !gguf_base,
+            "--adapter is required, except to convert a safetensors model to GGUF (--output x.gguf)"
+        );
+        return export_gguf(m, loaded, &probe, limit);
+    }
     let new_tokens = peft_sft::lora::LoraConfig::from_dir(adapter)?
         .trainable_token_indices
         .is_some();
-    let gguf_base = text(m, "model").ends_with(".gguf");
     if text(m, "output").ends_with(".gguf") && gguf_base {
         anyhow::ensure!(
             !new_tokens,
