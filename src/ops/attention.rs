@@ -9,13 +9,20 @@
 
 use super::graft::graft3;
 use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::Arc;
 
-/// Which keys each query may attend to, as an additive bias `[b or 1, 1, t_q, t_k]` of 0 and -inf.
+/// Which keys each query may attend to: causal, an optional sliding window and optional document
+/// boundaries (packed rows), kept as those rules — never as a dense `[t, t]` matrix. The kernels
+/// ask for the additive bias (0 or -inf) of the query × key blocks they compute.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
-    bias: Tensor,
+    t_q: usize,
     offset: usize,
     window: Option<usize>,
+    /// Document id of every key position, one row per batch element (packed rows only).
+    documents: Option<Arc<Vec<Vec<u32>>>>,
+    dtype: DType,
+    device: Device,
 }
 
 impl AttentionMask {
@@ -31,29 +38,54 @@ impl AttentionMask {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let t_k = offset + t_q;
-        let rows: Vec<Option<&Vec<u32>>> = match documents {
-            Some(docs) => docs.iter().map(Some).collect(),
-            None => vec![None],
-        };
-        let mut bias = Vec::with_capacity(rows.len() * t_q * t_k);
-        for docs in &rows {
-            for qi in 0..t_q {
-                let i = qi + offset;
-                for j in 0..t_k {
-                    let visible = j <= i
-                        && window.is_none_or(|w| i - j < w)
-                        && docs.is_none_or(|d| d[i] == d[j]);
-                    bias.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        if let Some(docs) = documents {
+            if docs.iter().any(|d| d.len() < offset + t_q) {
+                candle_core::bail!("attention mask: a document row is shorter than the keys");
+            }
+        }
+        Ok(AttentionMask {
+            t_q,
+            offset,
+            window,
+            documents: documents.map(|d| Arc::new(d.to_vec())),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Whether query `i` (absolute position) may see key `j` in batch row `row`.
+    fn visible(&self, row: usize, i: usize, j: usize) -> bool {
+        j <= i
+            && self.window.is_none_or(|w| i - j < w)
+            && self
+                .documents
+                .as_ref()
+                .is_none_or(|d| d[row][i] == d[row][j])
+    }
+
+    /// The bias for queries `q0..q1` (indices into this call's queries) and keys `k0..k1`:
+    /// `[b or 1, 1, q1 - q0, k1 - k0]` of 0 (visible) and -inf.
+    fn block(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> Result<Tensor> {
+        let rows = self.documents.as_ref().map_or(1, |d| d.len());
+        let mut bias = Vec::with_capacity(rows * (q1 - q0) * (k1 - k0));
+        for row in 0..rows {
+            for qi in q0..q1 {
+                let i = qi + self.offset;
+                for j in k0..k1 {
+                    bias.push(if self.visible(row, i, j) {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    });
                 }
             }
         }
-        let bias = Tensor::from_vec(bias, (rows.len(), 1, t_q, t_k), device)?.to_dtype(dtype)?;
-        Ok(AttentionMask {
-            bias,
-            offset,
-            window,
-        })
+        Tensor::from_vec(bias, (rows, 1, q1 - q0, k1 - k0), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// The number of keys.
+    fn t_k(&self) -> usize {
+        self.offset + self.t_q
     }
 
     /// Keys `[start, end)` that queries `q_start..q_end` (indices into this call's queries) may see.
@@ -72,11 +104,6 @@ impl AttentionMask {
             None => t_q,
         };
         (start, end.max(start))
-    }
-
-    /// The bias for queries `q0..q1` and keys `k0..k1`: `[b or 1, 1, q1 - q0, k1 - k0]`.
-    fn block(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> Result<Tensor> {
-        self.bias.narrow(2, q0, q1 - q0)?.narrow(3, k0, k1 - k0)
     }
 }
 
@@ -160,7 +187,8 @@ pub fn attention_keeping_probabilities(
     scale: f64,
 ) -> Result<Tensor> {
     let (n_rep, qd, kd, vd) = detached_heads(q, k, v)?;
-    let scores = block_scores(&qd, &kd, &mask.bias, scale)?;
+    let bias = mask.block((0, qd.dim(2)?), (0, mask.t_k()))?;
+    let scores = block_scores(&qd, &kd, &bias, scale)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     drop(scores);
     let out = probs.matmul(&vd)?;
