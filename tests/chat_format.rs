@@ -51,17 +51,7 @@ fn a_peft_adapter_with_new_token_rows_gives_peft_logits_loss_and_gradients() {
             .iter()
             .collect::<Vec<_>>()
     );
-    for (param, var) in &trainable {
-        let key = format!("grad.base_model.model.{param}");
-        let expected = reference
-            .get(&key)
-            .unwrap_or_else(|| panic!("fixture lacks {key}"));
-        let err = rel_err(grads.get(var).unwrap(), expected);
-        assert!(
-            err < 1e-4,
-            "gradient of {param} differs from PEFT's by {err}"
-        );
-    }
+    assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
     assert_eq!(trainable.len(), 30);
 }
 

@@ -35,18 +35,7 @@ fn check(name: &str) {
     assert!(err < 1e-5, "{name}: loss differs from PEFT's by {err}");
     let grads = loss.backward().unwrap();
     let trainable = model.trainable();
-    assert!(!trainable.is_empty());
-    for (param, var) in &trainable {
-        let key = format!("grad.base_model.model.{param}");
-        let expected = reference
-            .get(&key)
-            .unwrap_or_else(|| panic!("fixture lacks {key}"));
-        let err = rel_err(grads.get(var).unwrap(), expected);
-        assert!(
-            err < 1e-4,
-            "{name}: gradient of {param} differs from PEFT's by {err}"
-        );
-    }
+    assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
 
     let merged = merge_and_unload(&mut model).unwrap();
     assert_eq!(merged, trainable.len() / 2);

@@ -97,14 +97,7 @@ fn a_qlora_step_matches_peft_over_bitsandbytes() {
     let grads = loss.backward().unwrap();
     let trainable = model.trainable();
     assert_eq!(trainable.len(), 28);
-    for (param, var) in &trainable {
-        let key = format!("grad.base_model.model.{param}");
-        let err = rel_err(grads.get(var).unwrap(), &step[&key]);
-        assert!(
-            err < 1e-4,
-            "gradient of {param} differs from PEFT's by {err}"
-        );
-    }
+    assert_peft_gradients(&step, &grads, &trainable, 1e-4);
 }
 
 /// `tests/fixtures/qlora/gguf/model-<file>.gguf` with the tiny llama's tokenizer.

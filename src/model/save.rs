@@ -3,7 +3,7 @@
 //! copied from the base.
 
 use super::param::Param;
-use super::CausalLm;
+use super::{CausalLm, ModelConfig};
 use crate::io::{write_bytes, write_json, write_safetensors};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -31,6 +31,20 @@ fn dtype_of(name: Option<&str>) -> Option<DType> {
         "bfloat16" => Some(DType::BF16),
         "float16" => Some(DType::F16),
         _ => None,
+    }
+}
+
+/// Writes the config's bos/eos/pad ids (those it has) into a `config.json` or
+/// `generation_config.json` object.
+fn put_special_ids(obj: &mut serde_json::Map<String, serde_json::Value>, config: &ModelConfig) {
+    for (key, id) in [
+        ("bos_token_id", &config.bos_token_id),
+        ("eos_token_id", &config.eos_token_id),
+        ("pad_token_id", &config.pad_token_id),
+    ] {
+        if let Some(id) = id {
+            obj.insert(key.into(), id.clone());
+        }
     }
 }
 
@@ -112,15 +126,7 @@ pub fn save_pretrained(
         obj.insert(key.into(), name.into());
         // A chat-format setup may have grown the vocabulary and changed the special tokens.
         obj.insert("vocab_size".into(), model.config.vocab_size.into());
-        for (key, id) in [
-            ("bos_token_id", &model.config.bos_token_id),
-            ("eos_token_id", &model.config.eos_token_id),
-            ("pad_token_id", &model.config.pad_token_id),
-        ] {
-            if let Some(id) = id {
-                obj.insert(key.into(), id.clone());
-            }
-        }
+        put_special_ids(obj, &model.config);
         // The saved weights are full precision: a bitsandbytes checkpoint's quantization config
         // no longer applies.
         obj.remove("quantization_config");
@@ -137,15 +143,7 @@ pub fn save_pretrained(
     if model.config.special_ids_changed && generation.exists() {
         let mut config: serde_json::Value = crate::io::read_json(&generation)?;
         if let Some(obj) = config.as_object_mut() {
-            for (key, id) in [
-                ("bos_token_id", &model.config.bos_token_id),
-                ("eos_token_id", &model.config.eos_token_id),
-                ("pad_token_id", &model.config.pad_token_id),
-            ] {
-                if let Some(id) = id {
-                    obj.insert(key.into(), id.clone());
-                }
-            }
+            put_special_ids(obj, &model.config);
         }
         write_json(&generation, &config)?;
     }

@@ -317,7 +317,7 @@ pub fn is_float(dtype: GgmlDType) -> bool {
 
 /// Llama.cpp's query/key permutation of a dense `[rows, in]` weight (or `[rows]` bias): Hugging
 /// Face row `h*d + t*d/2 + j` becomes row `h*d + 2j + t`.
-fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let d = dims[0] / heads;
     let cols = t.elem_count() / dims[0];

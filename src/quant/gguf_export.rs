@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::gguf::gguf_name;
+use super::gguf::{gguf_name, permute_rows};
 use crate::data::ChatTokenizer;
 use crate::model::{CausalLm, Family, ModelConfig};
 use crate::ops::rope::{RopeScaling, RotaryEmbedding};
@@ -151,17 +151,6 @@ fn tensor_type(name: &str, dims: &[usize], ty: ExportType, layers: usize, tied: 
         .unwrap_or(GgmlDType::F32)
 }
 
-/// Llama.cpp's query/key row permutation (Hugging Face row `h*d + t*d/2 + j` → `h*d + 2j + t`).
-fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let d = dims[0] / heads;
-    let cols = t.elem_count() / dims[0];
-    Ok(t.reshape((heads, 2, d / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
-}
-
 /// Heads whose rows llama.cpp permutes in Hugging Face tensor `hf` (q and k of llama), if any.
 fn permuted_heads(hf: &str, config: &ModelConfig, permutes: bool) -> Option<usize> {
     if !permutes {
@@ -174,6 +163,15 @@ fn permuted_heads(hf: &str, config: &ModelConfig, permutes: bool) -> Option<usiz
     } else {
         None
     }
+}
+
+/// The tokenizer's `tokenizer.json` as a JSON value.
+fn tokenizer_json(tok: &ChatTokenizer) -> Result<serde_json::Value> {
+    let text = tok
+        .inner
+        .to_string(false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// llama.cpp's name for the tokenizer's pre-tokenization: by the hash of the check text's ids, as
@@ -196,12 +194,7 @@ pub fn pre_tokenizer(tok: &ChatTokenizer) -> Result<String> {
     if let Some((_, name)) = KNOWN_PRE_TOKENIZERS.iter().find(|(h, _)| *h == hash) {
         return Ok(name.to_string());
     }
-    let json: serde_json::Value = serde_json::from_str(
-        &tok.inner
-            .to_string(false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?,
-    )
-    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let json = tokenizer_json(tok)?;
     let pre = &json["pre_tokenizer"];
     let gpt2 = pre["type"] == "ByteLevel" && pre["use_regex"] != false;
     if gpt2 {
@@ -215,12 +208,7 @@ pub fn pre_tokenizer(tok: &ChatTokenizer) -> Result<String> {
 
 /// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer, for `vocab` embedding rows.
 fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, Value)>> {
-    let json: serde_json::Value = serde_json::from_str(
-        &tok.inner
-            .to_string(false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?,
-    )
-    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let json = tokenizer_json(tok)?;
     if json["model"]["type"] != "BPE" || json["model"]["byte_fallback"] == true {
         return Err(Error::Config(
             "GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style); this tokenizer is not one".into(),

@@ -7,6 +7,31 @@ use peft_sft::model::{CausalLm, ModelConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Asserts that the gradient of every trainable variable equals PEFT's, stored in `reference` as
+/// `grad.base_model.model.<name>`, within `tol` relative to the reference's largest magnitude.
+pub fn assert_peft_gradients(
+    reference: &HashMap<String, Tensor>,
+    grads: &candle_core::backprop::GradStore,
+    trainable: &[(String, candle_core::Var)],
+    tol: f32,
+) {
+    assert!(!trainable.is_empty(), "nothing trains");
+    for (param, var) in trainable {
+        let key = format!("grad.base_model.model.{param}");
+        let expected = reference
+            .get(&key)
+            .unwrap_or_else(|| panic!("fixture lacks {key}"));
+        let grad = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {param}"));
+        let err = rel_err(grad, expected);
+        assert!(
+            err < tol,
+            "gradient of {param} differs from PEFT's by {err}"
+        );
+    }
+}
+
 /// `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
