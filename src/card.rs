@@ -68,8 +68,8 @@ fn last(log: &[Value], key: &str) -> Option<f64> {
     log.iter().rev().find_map(|r| r.get(key)?.as_f64())
 }
 
-/// Renders the card.
-pub fn render(info: &CardInfo) -> String {
+/// Renders the card, titled by the repository's name (or `fallback_name`, e.g. the folder's).
+pub fn render(info: &CardInfo, fallback_name: &str) -> String {
     let mut s = String::new();
     let adapter = matches!(info.kind, CardKind::Adapter { .. });
     let qlora = matches!(info.kind, CardKind::Adapter { qlora: true, .. });
@@ -110,7 +110,10 @@ pub fn render(info: &CardInfo) -> String {
     }
     s.push_str("---\n\n");
 
-    let name = repo.rsplit('/').next().unwrap_or(repo);
+    let name = info
+        .repo_id
+        .and_then(|r| r.rsplit('/').next())
+        .unwrap_or(fallback_name);
     let _ = writeln!(s, "# {name}\n");
     let what = match info.kind {
         CardKind::Adapter { qlora: true, .. } => {
@@ -245,9 +248,14 @@ pub fn render(info: &CardInfo) -> String {
     s
 }
 
-/// Writes the card into `dir` (atomically).
+/// Writes the card into `dir` (atomically), titled by the repository or the folder's name.
 pub fn write(dir: &Path, info: &CardInfo) -> Result<()> {
-    crate::io::write_bytes(&dir.join(CARD_FILE), render(info).as_bytes())
+    let folder = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    crate::io::write_bytes(&dir.join(CARD_FILE), render(info, &folder).as_bytes())
 }
 
 #[cfg(test)]
@@ -276,17 +284,20 @@ mod tests {
             serde_json::json!({"loss": 2.5, "step": 10, "num_tokens": 1000.0}),
             serde_json::json!({"eval_loss": 2.25, "step": 10}),
         ];
-        let card = render(&CardInfo {
-            base_model: "HuggingFaceTB/SmolLM2-135M",
-            repo_id: Some("me/smol-sft"),
-            kind: CardKind::Adapter {
-                lora: &lora,
-                qlora: true,
+        let card = render(
+            &CardInfo {
+                base_model: "HuggingFaceTB/SmolLM2-135M",
+                repo_id: Some("me/smol-sft"),
+                kind: CardKind::Adapter {
+                    lora: &lora,
+                    qlora: true,
+                },
+                config: Some(&config),
+                log_history: &log,
+                loss_curve: true,
             },
-            config: Some(&config),
-            log_history: &log,
-            loss_curve: true,
-        });
+            "unused",
+        );
         let yaml = front_matter(&card);
         for line in [
             "base_model: \"HuggingFaceTB/SmolLM2-135M\"",
@@ -318,14 +329,17 @@ mod tests {
             dataset_name: "Cargo.toml".into(),
             ..SftConfig::default()
         };
-        let card = render(&CardInfo {
-            base_model: "org/base",
-            repo_id: None,
-            kind: CardKind::Model { merged: true },
-            config: Some(&config),
-            log_history: &[],
-            loss_curve: false,
-        });
+        let card = render(
+            &CardInfo {
+                base_model: "org/base",
+                repo_id: None,
+                kind: CardKind::Model { merged: true },
+                config: Some(&config),
+                log_history: &[],
+                loss_curve: false,
+            },
+            "out-dir",
+        );
         let yaml = front_matter(&card);
         assert!(yaml.contains(&"library_name: transformers"));
         assert!(!yaml.iter().any(|l| l.starts_with("datasets")));
@@ -333,5 +347,6 @@ mod tests {
         assert!(!card.contains("## Results"));
         assert!(!card.contains("loss_curve.png"));
         assert!(card.contains("pipeline(\"text-generation\", model=\"<your-repo-id>\")"));
+        assert!(card.contains("# out-dir\n"));
     }
 }
