@@ -19,6 +19,7 @@ fn main() {
         .subcommand(cli::plot::command())
         .subcommand(cli::push::command())
         .subcommand(cli::export::command())
+        .subcommand(cli::plan::command())
         .get_matches();
     let result = match matches.subcommand() {
         Some(("train", m)) => cli::train::run(m),
@@ -29,6 +30,7 @@ fn main() {
         Some(("plot", m)) => cli::plot::run(m),
         Some(("push", m)) => cli::push::run(m),
         Some(("export-adapter", m)) => cli::export::run(m),
+        Some(("plan", m)) => cli::plan::run(m),
         _ => Ok(()),
     };
     if let Err(e) = result {

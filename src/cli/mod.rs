@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod merge;
+pub mod plan;
 pub mod plot;
 pub mod push;
 pub mod train;

@@ -1,8 +1,10 @@
-//! Training: the loop, optimizer, schedules, step planning, metrics, evaluation and checkpoints.
+//! Training: the loop, optimizer, schedules, step planning, metrics, evaluation, checkpoints and
+//! the memory planner.
 
 pub mod checkpoint;
 pub mod engine;
 pub mod eval;
+pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod plan;

@@ -1,0 +1,1081 @@
+//! Memory planner: predicts the peak memory of a training step (CPU RSS, or one accelerator's
+//! memory: the same model runs per device) from `config.json` and the training options, by counting
+//! what this implementation holds — base weights, trainable state, the tensors each decoder layer
+//! keeps for the backward pass, the largest transient buffers, and a fixed process baseline.
+//!
+//! The counts follow the code: `model/layers.rs` for the layer's dataflow and `ops/*.rs` for what
+//! each op's backward captures. Everything is in the compute dtype except AdamW's moments (f32) and
+//! the loss chunks (f32 logits).
+
+use crate::lora::target::select;
+use crate::lora::TargetModules;
+use crate::model::{Family, ModelConfig};
+use crate::ops::attention::KEEP_PROBABILITIES_BYTES;
+use crate::{Error, Result};
+use candle_core::DType;
+use std::collections::HashSet;
+
+const MIB: u64 = 1 << 20;
+
+/// The `peft-sft train` process on CPU without its model: binary, allocator arenas, threads,
+/// dataset and a tiny tokenizer — the peak RSS of a LoRA run on the 400-token fixture model (release
+/// build, benches/README.md "Memory planner").
+pub const CPU_PROCESS_BYTES: u64 = 26 * MIB;
+
+/// Resident bytes of a loaded `tokenizer.json` per vocabulary entry (vocabulary, merges and their
+/// maps): 56 MiB measured for a 49,152-entry byte-level BPE.
+pub const TOKENIZER_BYTES_PER_ENTRY: u64 = 1200;
+
+/// The CPU baseline of a training run of `c`: the process plus its tokenizer.
+pub fn cpu_baseline_bytes(c: &ModelConfig) -> u64 {
+    CPU_PROCESS_BYTES + TOKENIZER_BYTES_PER_ENTRY * c.vocab_size as u64
+}
+
+/// The process baseline on a CUDA device: context, module images and cuBLAS workspace. An
+/// assumption (not measured on candle): CUDA contexts of recent drivers take 300–600 MiB.
+pub const CUDA_BASELINE_BYTES: u64 = 512 * MIB;
+
+/// Rows per chunk of the chunked LM head + cross-entropy (`ops/cross_entropy.rs`): one chunk's
+/// logits stay near 16M values.
+fn loss_chunk_rows(vocab: usize) -> usize {
+    (16 * 1024 * 1024 / vocab.max(1)).max(1)
+}
+
+/// Query rows (and key columns) per block of the blocked attention kernel (`ops/attention.rs`).
+const ATTENTION_BLOCK: usize = 256;
+
+/// How the model trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LoRA over a full-precision frozen base.
+    Lora,
+    /// LoRA over a base whose decoder linears are NF4 with double quantization.
+    Qlora,
+    /// Every base weight trains (no adapters).
+    Full,
+}
+
+impl Method {
+    /// The name used in tables (`LoRA`, `QLoRA`, `full`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "LoRA",
+            Method::Qlora => "QLoRA",
+            Method::Full => "full",
+        }
+    }
+}
+
+/// Where the step runs. Decides the baseline and how quantized weights dequantize (one host loop
+/// on CPU; composed tensor ops, with f32 intermediates, on CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanDevice {
+    /// Host memory (RSS).
+    Cpu,
+    /// One CUDA device's memory.
+    Cuda,
+}
+
+/// What is trained and how, for one device.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// LoRA, QLoRA or full fine-tuning.
+    pub method: Method,
+    /// Tokens per row (`--max-length`; rows are padded to the longest in the batch, so the worst
+    /// case is a full row).
+    pub max_length: usize,
+    /// Rows per micro-batch (`--per-device-train-batch-size`).
+    pub batch_size: usize,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// Which linear modules get adapters.
+    pub target_modules: TargetModules,
+    /// LoRA dropout: when positive each adapted linear keeps a mask and the masked input.
+    pub lora_dropout: f64,
+    /// Recompute each decoder layer in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// Compute dtype of weights and activations.
+    pub dtype: DType,
+    /// CPU or CUDA.
+    pub device: PlanDevice,
+    /// Fixed process memory (binary, allocator, tokenizer; or the CUDA context).
+    pub baseline_bytes: u64,
+}
+
+impl PlanOptions {
+    /// LoRA r=16 on all linear layers, batch 1, no dropout, f32 on CPU with the process baseline
+    /// (no tokenizer: see [`cpu_baseline_bytes`]).
+    pub fn new(method: Method, max_length: usize) -> Self {
+        PlanOptions {
+            method,
+            max_length,
+            batch_size: 1,
+            lora_r: 16,
+            target_modules: TargetModules::default(),
+            lora_dropout: 0.0,
+            gradient_checkpointing: false,
+            dtype: DType::F32,
+            device: PlanDevice::Cpu,
+            baseline_bytes: CPU_PROCESS_BYTES,
+        }
+    }
+}
+
+/// One moment of the step and what is alive then, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Breakdown {
+    /// Base model weights (dense, or NF4 + double quantization for QLoRA's linears).
+    pub weights: u64,
+    /// Trainable parameters (LoRA's A and B, or the whole model's gradients when fully
+    /// fine-tuning), their gradients and AdamW's two f32 moments, as far as they exist then.
+    pub trainable: u64,
+    /// Tensors kept for the backward pass.
+    pub activations: u64,
+    /// Transient buffers of the moment (loss chunks, backward temporaries, a dequantized weight).
+    pub workspace: u64,
+    /// Fixed process memory.
+    pub baseline: u64,
+}
+
+impl Breakdown {
+    /// The sum of the parts.
+    pub fn total(&self) -> u64 {
+        self.weights + self.trainable + self.activations + self.workspace + self.baseline
+    }
+}
+
+/// The moments of a step whose memory the planner compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Loading the weights (each tensor is read, converted or quantized, then kept).
+    Load,
+    /// The end of the forward pass: every saved activation plus the LM head's loss chunks.
+    Loss,
+    /// The backward pass: saved activations, gradients and one layer's backward temporaries.
+    Backward,
+    /// Gradient clipping and the AdamW update (activations are freed by then).
+    Optimizer,
+}
+
+impl Phase {
+    /// Lower-case name for tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Load => "load",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+            Phase::Optimizer => "optimizer",
+        }
+    }
+}
+
+/// Parameter counts of a model under a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParamCounts {
+    /// Every base parameter (embedding, decoder, final norm, untied LM head).
+    pub total: u64,
+    /// Weights of the decoder's linear layers (what QLoRA quantizes).
+    pub linear: u64,
+    /// Trainable LoRA parameters (0 when fully fine-tuning).
+    pub lora: u64,
+    /// Elements of the largest decoder linear weight.
+    pub largest_linear: u64,
+    /// Elements of the largest base tensor.
+    pub largest_tensor: u64,
+}
+
+/// The planner's prediction.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    /// The phase with the highest total.
+    pub peak_phase: Phase,
+    /// What is alive at the peak.
+    pub peak: Breakdown,
+    /// Every phase, in step order.
+    pub phases: Vec<(Phase, Breakdown)>,
+    /// Parameter counts.
+    pub params: ParamCounts,
+    /// Saved activations of one decoder layer (the first; layers differ only with SmolLM3's
+    /// no-RoPE layers or mixed sliding windows).
+    pub layer_activation_bytes: u64,
+    /// Whether attention keeps its `[t, t]` probabilities (small) or recomputes them (blocked).
+    pub attention_keeps_probabilities: bool,
+}
+
+impl MemoryPlan {
+    /// Peak bytes.
+    pub fn total(&self) -> u64 {
+        self.peak.total()
+    }
+}
+
+/// Bytes of one NF4 weight of `n` values with double quantization, as `FourBit::bytes` counts
+/// them: two codes per byte, one 8-bit absmax code per 64 values, one f32 absmax per 256 codes,
+/// the 256-entry f32 code map and the offset. ≈ 0.516 bytes per value.
+pub fn nf4_double_quant_bytes(n: u64) -> u64 {
+    let blocks = n.div_ceil(64);
+    n.div_ceil(2) + blocks + blocks.div_ceil(256) * 4 + 256 * 4 + 4
+}
+
+/// The decoder layer's linear modules as `(name, in_features, out_features)`, in the order of
+/// `DecoderLayer::linears`.
+fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (qd, kvd) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+    );
+    [
+        ("self_attn.q_proj", h, qd),
+        ("self_attn.k_proj", h, kvd),
+        ("self_attn.v_proj", h, kvd),
+        ("self_attn.o_proj", qd, h),
+        ("mlp.gate_proj", h, i),
+        ("mlp.up_proj", h, i),
+        ("mlp.down_proj", i, h),
+    ]
+}
+
+/// Which of each layer's seven linears carry an adapter (none when fully fine-tuning).
+fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<[bool; 7]>> {
+    let shapes = linear_shapes(c);
+    if options.method == Method::Full {
+        return Ok(vec![[false; 7]; c.num_hidden_layers]);
+    }
+    let names: Vec<String> = (0..c.num_hidden_layers)
+        .flat_map(|l| {
+            shapes
+                .iter()
+                .map(move |(n, _, _)| format!("model.layers.{l}.{n}"))
+        })
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let chosen: HashSet<&str> = select(&options.target_modules, &refs)?
+        .into_iter()
+        .collect();
+    Ok((0..c.num_hidden_layers)
+        .map(|l| std::array::from_fn(|k| chosen.contains(&refs[l * 7 + k])))
+        .collect())
+}
+
+/// Parameter counts of the base model: its tensors as `CausalLm::load` creates them.
+fn base_counts(c: &ModelConfig) -> ParamCounts {
+    let shapes = linear_shapes(c);
+    let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    let layers = c.num_hidden_layers as u64;
+    let linear_per_layer: u64 = shapes.iter().map(|(_, i, o)| (i * o) as u64).sum();
+    let mut bias_per_layer = 0u64;
+    if c.qkv_bias() {
+        bias_per_layer += shapes[..3].iter().map(|(_, _, o)| *o as u64).sum::<u64>();
+    }
+    if c.o_bias() {
+        bias_per_layer += h;
+    }
+    if c.mlp_bias {
+        bias_per_layer += shapes[4..].iter().map(|(_, _, o)| *o as u64).sum::<u64>();
+    }
+    let mut norms_per_layer = 2 * h;
+    if matches!(c.family(), Ok(Family::Qwen3)) {
+        norms_per_layer += 2 * c.head_dim() as u64;
+    }
+    let embed = v * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    let largest_linear = shapes
+        .iter()
+        .map(|(_, i, o)| (i * o) as u64)
+        .max()
+        .unwrap_or(0);
+    ParamCounts {
+        total: embed + layers * (linear_per_layer + bias_per_layer + norms_per_layer) + h + head,
+        linear: layers * linear_per_layer,
+        lora: 0,
+        largest_linear,
+        largest_tensor: largest_linear.max(embed),
+    }
+}
+
+/// Parameter counts: the base model's tensors and the LoRA pairs (`r * (in + out)` per adapted
+/// linear; none when fully fine-tuning).
+pub fn param_counts(c: &ModelConfig, options: &PlanOptions) -> Result<ParamCounts> {
+    let shapes = linear_shapes(c);
+    let r = options.lora_r as u64;
+    let lora = adapted_linears(c, options)?
+        .iter()
+        .flat_map(|adapted| {
+            shapes
+                .iter()
+                .zip(adapted)
+                .filter(|(_, &a)| a)
+                .map(|((_, i, o), _)| r * (i + o) as u64)
+        })
+        .sum();
+    Ok(ParamCounts {
+        lora,
+        ..base_counts(c)
+    })
+}
+
+/// Base weight bytes: every tensor in the compute dtype, except QLoRA's decoder linears in NF4
+/// with double quantization (embeddings, norms, biases and the LM head stay full precision).
+pub fn weight_bytes(c: &ModelConfig, method: Method, dtype: DType) -> u64 {
+    let dt = dtype.size_in_bytes() as u64;
+    let p = base_counts(c);
+    match method {
+        Method::Lora | Method::Full => p.total * dt,
+        Method::Qlora => {
+            let per_layer: u64 = linear_shapes(c)
+                .iter()
+                .map(|(_, i, o)| nf4_double_quant_bytes((i * o) as u64))
+                .sum();
+            (p.total - p.linear) * dt + c.num_hidden_layers as u64 * per_layer
+        }
+    }
+}
+
+/// Sizes of the step, shared by the counting functions.
+struct Step<'a> {
+    c: &'a ModelConfig,
+    o: &'a PlanOptions,
+    /// Rows: batch × tokens.
+    n: u64,
+    /// Compute dtype bytes.
+    dt: u64,
+}
+
+impl Step<'_> {
+    fn heads(&self) -> u64 {
+        self.c.num_attention_heads as u64
+    }
+    fn qd(&self) -> u64 {
+        (self.c.num_attention_heads * self.c.head_dim()) as u64
+    }
+    fn kvd(&self) -> u64 {
+        (self.c.kv_heads() * self.c.head_dim()) as u64
+    }
+    /// Keys one query block of the blocked kernel meets in `layer` (all of them, or the sliding
+    /// window plus the block).
+    fn block_keys(&self, layer: usize) -> u64 {
+        let t = self.o.max_length;
+        self.c
+            .layer_window(layer)
+            .map_or(t, |w| (w + ATTENTION_BLOCK).min(t)) as u64
+    }
+    /// Bytes of the `[b, heads, t, t]` probabilities the reference kernel would keep.
+    fn probability_bytes(&self) -> u64 {
+        self.o.batch_size as u64 * self.heads() * (self.o.max_length as u64).pow(2) * self.dt
+    }
+    fn keeps_probabilities(&self) -> bool {
+        self.probability_bytes() <= KEEP_PROBABILITIES_BYTES as u64
+    }
+
+    /// Elements (per row) a decoder layer keeps for the backward pass, beyond its probabilities.
+    ///
+    /// Per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
+    /// and the mid-layer residual (6 × hidden); gate, up and their SwiGLU product (3 ×
+    /// intermediate); q as projected, made heads-first (a copy) and rotated (3 × q width, plus one
+    /// for Qwen3's q-norm), k likewise, v as projected and heads-first; k and v repeated to the
+    /// query heads when grouped (2 × q width); the attention output as returned and as reshaped
+    /// for o_proj (2 × q width, plus the blocked kernel's own copy and per-head log-sum-exp);
+    /// r per adapted linear (its `x A^T`), and with dropout the mask and masked input (2 × in).
+    fn layer_row_elements(&self, layer: usize, adapted: &[bool; 7]) -> u64 {
+        let c = self.c;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (qd, kvd) = (self.qd(), self.kvd());
+        let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        let rope = u64::from(c.layer_uses_rope(layer));
+        let mut e = 6 * h + 3 * i;
+        e += qd * (2 + norm + rope) + kvd * (2 + norm + rope) + 2 * kvd;
+        if c.kv_heads() != c.num_attention_heads {
+            e += 2 * qd;
+        }
+        e += 2 * qd;
+        if !self.keeps_probabilities() {
+            e += qd + self.heads();
+        }
+        let r = self.o.lora_r as u64;
+        for ((_, fan_in, _), &a) in linear_shapes(c).iter().zip(adapted) {
+            if a {
+                e += r;
+                if self.o.lora_dropout > 0.0 {
+                    e += 2 * *fan_in as u64;
+                }
+            }
+        }
+        if self.o.method == Method::Full {
+            // A trained linear with a bias keeps its matmul output for the bias add.
+            let shapes = linear_shapes(c);
+            let biased = |k: usize| match k {
+                0..=2 => c.qkv_bias(),
+                3 => c.o_bias(),
+                _ => c.mlp_bias,
+            };
+            e += (0..7)
+                .filter(|&k| biased(k))
+                .map(|k| shapes[k].2 as u64)
+                .sum::<u64>();
+        }
+        e
+    }
+
+    /// Bytes a decoder layer keeps for the backward pass.
+    fn layer_saved_bytes(&self, layer: usize, adapted: &[bool; 7]) -> u64 {
+        let probs = if self.keeps_probabilities() {
+            self.probability_bytes()
+        } else {
+            0
+        };
+        self.n * self.layer_row_elements(layer, adapted) * self.dt + probs
+    }
+
+    /// Bytes alive outside the layers: the last layer's output, the final norm's output and the
+    /// LM head's input gradient (computed in the forward pass), and the RoPE tables. The attention
+    /// mask is kept as rules; kernels build the bias of each block they compute.
+    fn top_level_bytes(&self) -> u64 {
+        let t = self.o.max_length as u64;
+        3 * self.n * self.c.hidden_size as u64 * self.dt + t * self.c.head_dim() as u64 * self.dt
+    }
+
+    /// The loss chunks: each chunk of rows holds f32 logits, their exponentials, probabilities
+    /// and the weighted gradient with its scatter copy (5 × rows × vocab; one more in the compute
+    /// dtype when it is not f32).
+    fn loss_workspace_bytes(&self) -> u64 {
+        let v = self.c.vocab_size as u64;
+        let rows = (loss_chunk_rows(self.c.vocab_size) as u64).min(self.n);
+        let extra = if self.dt == 4 { 0 } else { self.dt };
+        rows * v * (5 * 4 + extra)
+    }
+
+    /// A dequantized frozen weight (QLoRA dequantizes each linear for its forward and again for
+    /// its backward): on CPU a host loop writes f32 values (cast when computing in another dtype);
+    /// on CUDA composed ops hold f32 code values, f32 per-value scales and their f32 product.
+    fn dequantized_bytes(&self, params: &ParamCounts) -> u64 {
+        if self.o.method != Method::Qlora {
+            return 0;
+        }
+        let cast = if self.dt == 4 { 0 } else { self.dt };
+        let f32_copies = match self.o.device {
+            PlanDevice::Cpu => 1,
+            PlanDevice::Cuda => 3,
+        };
+        params.largest_linear * (4 * f32_copies + cast)
+    }
+
+    /// Bytes of the blocked kernel's probability-sized blocks (256 query rows × the keys they
+    /// meet, all heads), `count` of them.
+    fn attention_blocks(&self, count: u64) -> u64 {
+        let keys = (0..self.c.num_hidden_layers)
+            .map(|l| self.block_keys(l))
+            .max()
+            .unwrap_or(0);
+        let rows = (ATTENTION_BLOCK as u64).min(self.o.max_length as u64);
+        count * self.o.batch_size as u64 * self.heads() * rows * keys * self.dt
+    }
+
+    /// Temporaries of one layer's forward pass beyond what it keeps. Freed memory stays with the
+    /// process (glibc keeps it for reuse, `alloc.rs`), so the last layer's temporaries are still
+    /// resident when the loss chunks are allocated.
+    ///
+    /// With the graph kept: the larger of a LoRA projection to the MLP width (base output, LoRA
+    /// output and their sum: 3 × intermediate per row) and attention (the reference kernel's
+    /// scores, scaled and masked, and the mask: 3 probability-sized tensors plus `[t, t]`; the
+    /// blocked kernel's per-block outputs and 3 score blocks). With gradient checkpointing the
+    /// layer runs without a graph and everything it computes is transient: its live set peaks in
+    /// attention (norm output, q/k/v heads-first and rotated, repeated k/v, the output and its
+    /// blocks) or in the MLP (residual, norm output, gate, up and the up projection's three
+    /// temporaries).
+    fn forward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
+        let c = self.c;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (n, qd, kvd, dt) = (self.n, self.qd(), self.kvd(), self.dt);
+        let t = self.o.max_length as u64;
+        let kernel = if self.keeps_probabilities() {
+            3 * self.probability_bytes() + t * t * dt
+        } else {
+            n * qd * dt + self.attention_blocks(3)
+        };
+        let ws = if self.o.gradient_checkpointing {
+            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+            let grouped = u64::from(c.kv_heads() != c.num_attention_heads);
+            let heads = h + qd * (2 + norm) + kvd * (3 + norm) + 2 * grouped * qd + qd;
+            let kept = if self.keeps_probabilities() {
+                self.probability_bytes()
+            } else {
+                n * qd * dt
+            };
+            let attention = n * heads * dt + kept + kernel;
+            let mlp = n * (2 * h + 5 * i) * dt;
+            attention.max(mlp)
+        } else {
+            (3 * n * i * dt).max(kernel)
+        };
+        ws + self.dequantized_bytes(params)
+    }
+
+    /// Temporaries of one layer's backward pass: the larger of the SwiGLU backward (sigmoid,
+    /// its complement, the silu derivative, both gradients and products: 7 × intermediate per
+    /// row) and the attention backward (the output gradient made contiguous, dQ/dK/dV and their
+    /// concatenations: ≈ 6 × q width per row; plus 4 probability blocks of 256 query rows, or 3
+    /// full probability-sized tensors when they are kept), plus the residual stream's gradient,
+    /// and a dequantized weight when the base is quantized.
+    fn backward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
+        let c = self.c;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let mlp = 7 * self.n * i * self.dt;
+        let attention = if self.keeps_probabilities() {
+            5 * self.n * self.qd() * self.dt + 3 * self.probability_bytes()
+        } else {
+            6 * self.n * self.qd() * self.dt + self.attention_blocks(4)
+        };
+        let mut ws = mlp.max(attention) + 2 * self.n * h * self.dt;
+        ws += self.dequantized_bytes(params);
+        if self.o.method == Method::Full {
+            // candle's matmul gradient of a trained weight before it is added to the store.
+            ws += 2 * params.largest_linear * self.dt;
+        }
+        if self.o.gradient_checkpointing {
+            // The recomputation's input variable (a copy) and `y * grad` seeding its backward.
+            ws += 2 * self.n * h * self.dt;
+        }
+        ws
+    }
+}
+
+/// Predicts the peak memory of one training step (see the module docs).
+///
+/// Phases compared: loading (weights plus the tensor being read and converted), the end of
+/// the forward pass (all saved activations plus the loss chunks), the backward pass (saved
+/// activations, gradients, one layer's temporaries; with gradient checkpointing, the layer inputs
+/// plus one recomputed layer) and the optimizer step (a clipped copy of the gradients and AdamW's
+/// temporaries, activations freed).
+pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
+    if options.max_length == 0 || options.batch_size == 0 {
+        return Err(Error::Config(
+            "--max-length and --per-device-train-batch-size must be positive".into(),
+        ));
+    }
+    if options.method != Method::Full && options.lora_r == 0 {
+        return Err(Error::Config("--lora-r must be positive".into()));
+    }
+    let params = param_counts(c, options)?;
+    let adapted = adapted_linears(c, options)?;
+    let dt = options.dtype.size_in_bytes() as u64;
+    let step = Step {
+        c,
+        o: options,
+        n: (options.batch_size * options.max_length) as u64,
+        dt,
+    };
+    let weights = weight_bytes(c, options.method, options.dtype);
+    // Parameters (compute dtype) + AdamW's two f32 moments; the gradient (compute dtype) exists
+    // from the backward pass to the update, twice while clipping makes its scaled copy.
+    let (trainable_params, param_bytes) = match options.method {
+        Method::Full => (params.total, 0),
+        _ => (params.lora, params.lora * dt),
+    };
+    let state = param_bytes + trainable_params * 8;
+    let grads = trainable_params * dt;
+    let largest_trainable = match options.method {
+        Method::Full => params.largest_tensor,
+        _ => {
+            let r = options.lora_r as u64;
+            let widest = linear_shapes(c)
+                .iter()
+                .map(|(_, i, o)| *i.max(o) as u64)
+                .max()
+                .unwrap_or(0);
+            r * widest
+        }
+    };
+
+    let layer_bytes: Vec<u64> = adapted
+        .iter()
+        .enumerate()
+        .map(|(l, a)| step.layer_saved_bytes(l, a))
+        .collect();
+    let top = step.top_level_bytes();
+    let hidden_bytes = step.n * c.hidden_size as u64 * dt;
+    let saved = if options.gradient_checkpointing {
+        // Each layer keeps only its input; one layer is recomputed (with all it saves) at a time.
+        c.num_hidden_layers as u64 * hidden_bytes + top
+    } else {
+        layer_bytes.iter().sum::<u64>() + top
+    };
+    let recomputed = if options.gradient_checkpointing {
+        layer_bytes.iter().copied().max().unwrap_or(0)
+    } else {
+        0
+    };
+    let baseline = options.baseline_bytes;
+    let forward_workspace = step.forward_workspace_bytes(&params);
+    // Loading reads each tensor's file bytes and converts them (two copies of the tensor); the
+    // embedding comes first, when little else is resident, the LM head (untied) or the last
+    // decoder linear last, when everything else is. Quantizing also holds the f32 values.
+    let first_read = 2 * params.largest_tensor * 4;
+    let last_read = match (options.method, c.tie_word_embeddings) {
+        (_, false) => 2 * c.vocab_size as u64 * c.hidden_size as u64 * 4,
+        (Method::Qlora, true) => 3 * params.largest_linear * 4,
+        (_, true) => 2 * params.largest_linear * 4,
+    };
+    let load_workspace = match options.device {
+        PlanDevice::Cpu => first_read.saturating_sub(weights).max(last_read),
+        // Files are read and quantized on the host; the device holds the upload and, when the
+        // file's dtype differs, its cast.
+        PlanDevice::Cuda => params.largest_tensor * dt,
+    };
+    let phases = vec![
+        (
+            Phase::Load,
+            Breakdown {
+                weights,
+                trainable: 0,
+                activations: 0,
+                workspace: load_workspace,
+                baseline,
+            },
+        ),
+        (
+            Phase::Loss,
+            Breakdown {
+                weights,
+                trainable: state,
+                activations: saved,
+                workspace: forward_workspace + step.loss_workspace_bytes(),
+                baseline,
+            },
+        ),
+        (
+            Phase::Backward,
+            Breakdown {
+                weights,
+                trainable: state + grads,
+                activations: saved + recomputed,
+                workspace: step
+                    .backward_workspace_bytes(&params)
+                    .max(forward_workspace),
+                baseline,
+            },
+        ),
+        (
+            Phase::Optimizer,
+            Breakdown {
+                weights,
+                trainable: state + 2 * grads,
+                activations: 0,
+                workspace: 7 * largest_trainable * 4,
+                baseline,
+            },
+        ),
+    ];
+    let (peak_phase, peak) = phases
+        .iter()
+        .copied()
+        .max_by_key(|(_, b)| b.total())
+        .unwrap_or((Phase::Load, Breakdown::default()));
+    Ok(MemoryPlan {
+        peak_phase,
+        peak,
+        phases,
+        params,
+        layer_activation_bytes: layer_bytes.first().copied().unwrap_or(0),
+        attention_keeps_probabilities: step.keeps_probabilities(),
+    })
+}
+
+/// The longest `max_length` at which attention still keeps its probabilities (0 when none does):
+/// up to it the step's memory grows with the length; just past it, it drops, as the blocked kernel
+/// keeps no `[t, t]` matrix.
+pub fn kept_probabilities_limit(c: &ModelConfig, options: &PlanOptions) -> usize {
+    let per_t2 =
+        (options.batch_size * c.num_attention_heads * options.dtype.size_in_bytes()).max(1);
+    (KEEP_PROBABILITIES_BYTES / per_t2).isqrt()
+}
+
+/// The largest `max_length` whose planned peak fits in `budget_bytes` (None when not even one
+/// token fits). The plan grows with the length on each side of [`kept_probabilities_limit`], so
+/// the longer side is searched first, by bisection.
+pub fn largest_max_length(
+    c: &ModelConfig,
+    options: &PlanOptions,
+    budget_bytes: u64,
+) -> Result<Option<usize>> {
+    let fits = |t: usize| -> Result<bool> {
+        let o = PlanOptions {
+            max_length: t,
+            ..options.clone()
+        };
+        Ok(plan(c, &o)?.total() <= budget_bytes)
+    };
+    // The largest fitting length in [lo, hi) given that lo fits and the plan grows on it.
+    let bisect = |mut lo: usize, mut hi: usize| -> Result<usize> {
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid)? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    };
+    let switch = kept_probabilities_limit(c, options);
+    let first_blocked = switch + 1;
+    if fits(first_blocked)? {
+        let (mut lo, mut hi) = (first_blocked, 2 * first_blocked);
+        while fits(hi)? {
+            lo = hi;
+            hi *= 2;
+            if hi > 1 << 24 {
+                return Ok(Some(lo));
+            }
+        }
+        return Ok(Some(bisect(lo, hi)?));
+    }
+    if switch == 0 || !fits(1)? {
+        return Ok(None);
+    }
+    Ok(Some(bisect(1, switch + 1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{inject, LoraConfig};
+    use crate::model::layers::LinearWeight;
+    use crate::model::weights::Weights;
+    use crate::model::CausalLm;
+    use crate::quant::QuantScheme;
+    use candle_core::Device;
+    use std::path::Path;
+
+    const FIXTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "smollm3"];
+
+    fn fixture(name: &str) -> (ModelConfig, Weights) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(name);
+        let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        (config, Weights::from_dir(&dir).unwrap())
+    }
+
+    /// A SmolLM2-shaped config.json (`scripts/bench_peft.py` SHAPES): hidden, intermediate,
+    /// layers, heads, key/value heads; vocabulary 49,152, tied embeddings.
+    fn smollm2(shape: (usize, usize, usize, usize, usize)) -> ModelConfig {
+        let (hidden, inter, layers, heads, kv) = shape;
+        ModelConfig::from_value(
+            serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+                "intermediate_size": inter, "num_hidden_layers": layers,
+                "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 49152,
+                "tie_word_embeddings": true, "rms_norm_eps": 1e-5, "rope_theta": 100000.0
+            }),
+            Path::new("smollm2"),
+        )
+        .unwrap()
+    }
+
+    const SMOLLM2_135M: (usize, usize, usize, usize, usize) = (576, 1536, 30, 9, 3);
+    const SMOLLM2_360M: (usize, usize, usize, usize, usize) = (960, 2560, 32, 15, 5);
+    const SMOLLM2_1_7B: (usize, usize, usize, usize, usize) = (2048, 8192, 24, 32, 32);
+
+    /// SmolLM2-135M's config.json (the shape benches/README.md measures).
+    fn smollm2_135m() -> ModelConfig {
+        smollm2(SMOLLM2_135M)
+    }
+
+    /// Bytes the loaded model holds: dense tensors plus quantized linears' codes and statistics.
+    fn loaded_bytes(model: &CausalLm) -> u64 {
+        let dense: usize = model
+            .named_weights()
+            .iter()
+            .map(|(_, p)| p.tensor().elem_count() * p.tensor().dtype().size_in_bytes())
+            .sum();
+        let quantized: usize = model
+            .linears()
+            .iter()
+            .filter_map(|l| match &l.weight {
+                LinearWeight::Quantized(q) => Some(q.bytes()),
+                LinearWeight::Dense(_) => None,
+            })
+            .sum();
+        (dense + quantized) as u64
+    }
+
+    #[test]
+    fn plan_weight_bytes_equal_the_loaded_fixtures() {
+        for name in FIXTURES {
+            let (config, weights) = fixture(name);
+            for (method, quant) in [
+                (Method::Lora, None),
+                (Method::Qlora, Some(QuantScheme::qlora())),
+            ] {
+                let model = CausalLm::load_quantized(
+                    config.clone(),
+                    &weights,
+                    false,
+                    quant,
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                assert_eq!(
+                    weight_bytes(&config, method, DType::F32),
+                    loaded_bytes(&model),
+                    "{name} {method:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plan_param_counts_equal_the_fixture_files() {
+        for name in FIXTURES {
+            let (config, weights) = fixture(name);
+            // Tied checkpoints may store lm_head.weight too; the model does not load it.
+            let stored: usize = weights
+                .names()
+                .filter(|n| !(config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+                .map(|n| weights.get_raw(n, &Device::Cpu).unwrap().elem_count())
+                .sum();
+            let counts = param_counts(&config, &PlanOptions::new(Method::Full, 1)).unwrap();
+            assert_eq!(counts.total, stored as u64, "{name}");
+        }
+    }
+
+    #[test]
+    fn plan_lora_params_equal_the_injected_adapters() {
+        let (config, weights) = fixture("qwen3");
+        for targets in [
+            TargetModules::default(),
+            TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
+            TargetModules::Pattern(r"model\.layers\.1\..*_proj".into()),
+        ] {
+            let mut model =
+                CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu).unwrap();
+            let lora = LoraConfig {
+                r: 4,
+                target_modules: targets.clone(),
+                ..LoraConfig::default()
+            };
+            inject(&mut model, &lora, 0).unwrap();
+            let injected: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+            let options = PlanOptions {
+                lora_r: 4,
+                target_modules: targets.clone(),
+                ..PlanOptions::new(Method::Lora, 8)
+            };
+            let planned = param_counts(&config, &options).unwrap().lora;
+            assert_eq!(planned, injected as u64, "{targets:?}");
+        }
+    }
+
+    #[test]
+    fn plan_nf4_costs_bitsandbytes_bits_per_parameter() {
+        // 4 bits + 8 bits per 64 values + 32 bits per 256 × 64 values = 4.127 bits.
+        let n = 2048 * 8192;
+        let bytes_per_param = nf4_double_quant_bytes(n) as f64 / n as f64;
+        assert!((bytes_per_param - 0.5159).abs() < 1e-3, "{bytes_per_param}");
+    }
+
+    /// The larger of the loss and backward phases: what the step itself needs.
+    fn step_bytes(c: &ModelConfig, o: &PlanOptions) -> u64 {
+        let p = plan(c, o).unwrap();
+        p.phases
+            .iter()
+            .filter(|(ph, _)| matches!(ph, Phase::Loss | Phase::Backward))
+            .map(|(_, b)| b.total())
+            .max()
+            .unwrap()
+    }
+
+    #[test]
+    fn plan_grows_with_length_batch_and_rank() {
+        let c = smollm2_135m();
+        for method in [Method::Lora, Method::Qlora, Method::Full] {
+            for gc in [false, true] {
+                let base = PlanOptions {
+                    gradient_checkpointing: gc,
+                    ..PlanOptions::new(method, 256)
+                };
+                // (step bytes, peak) must grow: the step strictly, the peak (which may be the
+                // load or the optimizer update) never shrinking.
+                let check = |what: &str, options: Vec<PlanOptions>| {
+                    let mut last = (0, 0);
+                    for o in options {
+                        let now = (step_bytes(&c, &o), plan(&c, &o).unwrap().total());
+                        assert!(
+                            now.0 > last.0 && now.1 >= last.1,
+                            "{method:?} gc={gc} {what}: {now:?} after {last:?}"
+                        );
+                        last = now;
+                    }
+                };
+                // On each side of the attention kernels' switch (T = 682 here).
+                let switch = kept_probabilities_limit(&c, &base);
+                assert_eq!(switch, 682);
+                for lengths in [[16, 64, 256, 512, 682], [683, 1024, 2048, 4096, 8192]] {
+                    check(
+                        "max_length",
+                        lengths
+                            .iter()
+                            .map(|&t| PlanOptions {
+                                max_length: t,
+                                ..base.clone()
+                            })
+                            .collect(),
+                    );
+                }
+                check(
+                    "batch",
+                    [1, 2, 4, 8]
+                        .iter()
+                        .map(|&b| PlanOptions {
+                            batch_size: b,
+                            ..base.clone()
+                        })
+                        .collect(),
+                );
+                if method != Method::Full {
+                    check(
+                        "rank",
+                        [4, 8, 16, 64, 256]
+                            .iter()
+                            .map(|&r| PlanOptions {
+                                lora_r: r,
+                                ..base.clone()
+                            })
+                            .collect(),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plan_orders_qlora_lora_full_and_checkpointing() {
+        let c = smollm2_135m();
+        for t in [128, 512, 2048] {
+            let total = |method, gc| {
+                let o = PlanOptions {
+                    gradient_checkpointing: gc,
+                    ..PlanOptions::new(method, t)
+                };
+                (step_bytes(&c, &o), plan(&c, &o).unwrap().total())
+            };
+            assert!(
+                total(Method::Qlora, false).1 < total(Method::Lora, false).1,
+                "T={t}"
+            );
+            assert!(
+                total(Method::Lora, false).1 < total(Method::Full, false).1,
+                "T={t}"
+            );
+            for method in [Method::Lora, Method::Qlora, Method::Full] {
+                let (with, without) = (total(method, true), total(method, false));
+                assert!(
+                    with.0 < without.0 && with.1 <= without.1,
+                    "{method:?} T={t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plan_counts_dropout_masks_and_attention_probabilities() {
+        let c = smollm2_135m();
+        let at = |t, dropout| {
+            let o = PlanOptions {
+                lora_dropout: dropout,
+                ..PlanOptions::new(Method::Lora, t)
+            };
+            plan(&c, &o).unwrap()
+        };
+        // Dropout keeps a mask and the masked input per adapted linear: 2 × Σ in_features per row.
+        let extra = at(512, 0.05).layer_activation_bytes - at(512, 0.0).layer_activation_bytes;
+        assert_eq!(extra, 512 * 2 * (3 * 576 + 576 + 2 * 576 + 1536) * 4);
+        // 9 heads × 512² × 4 bytes = 9 MiB of probabilities are kept; at 2048 they are recomputed.
+        assert!(at(512, 0.0).attention_keeps_probabilities);
+        assert!(!at(2048, 0.0).attention_keeps_probabilities);
+        // Past the switch a layer keeps its output twice and the log-sum-exp instead of the
+        // probabilities (the implementation's own drop, which the plan shows).
+        // Per row: 6 × 576 + 3 × 1536 (residual stream, norms, MLP) + 3 × 576 (q) + 3 × 192 (k)
+        // + 2 × 192 (v) + 2 × 576 (k, v repeated) + 2 × 576 (attention output) + 7 × 16 (LoRA).
+        let row = 6 * 576 + 3 * 1536 + 3 * 576 + 3 * 192 + 2 * 192 + 2 * 576 + 2 * 576 + 7 * 16;
+        let (kept, blocked) = (at(682, 0.0), at(683, 0.0));
+        assert_eq!(kept.layer_activation_bytes, (682 * row + 9 * 682 * 682) * 4);
+        assert_eq!(blocked.layer_activation_bytes, 683 * (row + 576 + 9) * 4);
+        assert!(blocked.total() < kept.total());
+    }
+
+    #[test]
+    fn plan_largest_max_length_is_the_boundary() {
+        let c = smollm2_135m();
+        let o = PlanOptions::new(Method::Qlora, 1);
+        let at = |t| {
+            plan(
+                &c,
+                &PlanOptions {
+                    max_length: t,
+                    ..o.clone()
+                },
+            )
+            .unwrap()
+            .total()
+        };
+        let longest = |budget| largest_max_length(&c, &o, budget).unwrap();
+        // Budgets answered past the kernel switch, before it, and in the gap where T = 682 does
+        // not fit but T = 683 does (the blocked kernel needs less).
+        assert!(at(683) < at(682));
+        for budget in [2u64 << 30, at(300), (at(683) + at(682)) / 2] {
+            let t = longest(budget).unwrap();
+            assert!(at(t) <= budget && at(t + 1) > budget, "T={t}");
+            if budget < at(682) && budget >= at(683) {
+                assert!(t >= 683, "T={t}");
+            }
+        }
+        assert_eq!(longest(1 << 20), None);
+    }
+
+    /// Peak RSS (VmHWM) measured on the 2-core CPU machine at commit 59c3e68 with `cargo run
+    /// --release --example bench_lora_step -- DIR T STEPS R MODE` on random f32 models written by
+    /// `scripts/bench_peft.py --make-model DIR --shape 135m|360m|1.7b`: batch 1, LoRA all-linear,
+    /// no dropout, 2 steps (1 for 1.7B); the example's baseline (no tokenizer) is 9 MiB.
+    /// benches/README.md, "Memory planner", has the table and the commands.
+    #[test]
+    fn plan_matches_measured_peaks_within_ten_percent() {
+        let measured = [
+            (SMOLLM2_135M, 512, 16, Method::Lora, false, 1997.0),
+            (SMOLLM2_135M, 512, 16, Method::Qlora, false, 1630.0),
+            (SMOLLM2_135M, 682, 16, Method::Lora, false, 2453.0),
+            (SMOLLM2_135M, 683, 16, Method::Lora, false, 2054.0),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, false, 4197.0),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 3869.0),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 1119.0),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 812.0),
+            (SMOLLM2_360M, 512, 16, Method::Lora, false, 3751.0),
+            (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2706.0),
+            (SMOLLM2_360M, 2048, 16, Method::Lora, false, 7682.0),
+            (SMOLLM2_360M, 2048, 16, Method::Qlora, false, 6647.0),
+            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2208.0),
+            (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 4074.0),
+            (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 8581.0),
+            (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 3234.0),
+            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, false, 7374.0),
+            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 2218.0),
+            (SMOLLM2_1_7B, 1024, 16, Method::Lora, false, 12720.0),
+        ];
+        for (shape, t, r, method, gc, mib) in measured {
+            let o = PlanOptions {
+                lora_r: r,
+                gradient_checkpointing: gc,
+                baseline_bytes: 9 * MIB,
+                ..PlanOptions::new(method, t)
+            };
+            let predicted = plan(&smollm2(shape), &o).unwrap().total() as f64 / MIB as f64;
+            let error = (predicted - mib) / mib;
+            assert!(
+                error.abs() < 0.10,
+                "{shape:?} T={t} r={r} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
+            );
+        }
+    }
+}
