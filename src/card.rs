@@ -51,11 +51,7 @@ pub struct CardInfo<'a> {
 
 /// Whether `spec` names a Hub repository rather than a local path.
 fn is_hub_id(spec: &str) -> bool {
-    !Path::new(spec).exists()
-        && spec.split('/').count() <= 2
-        && !spec.starts_with('.')
-        && !spec.starts_with('/')
-        && !spec.is_empty()
+    !Path::new(spec).exists() && crate::hub::hub_id(spec).is_some()
 }
 
 /// YAML's double-quoted form of `s` (JSON strings are valid YAML).

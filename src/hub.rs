@@ -16,7 +16,7 @@ pub fn offline() -> bool {
 }
 
 /// Splits `owner/name` (a Hub id); None for anything else.
-fn hub_id(spec: &str) -> Option<(&str, &str)> {
+pub(crate) fn hub_id(spec: &str) -> Option<(&str, &str)> {
     let (owner, name) = spec.split_once('/')?;
     let valid = |s: &str| {
         !s.is_empty()

@@ -150,13 +150,15 @@ pub fn push_folder(dir: &Path, options: &PushOptions) -> Result<Pushed> {
         .commit_message
         .clone()
         .unwrap_or_else(|| "Upload with peft-sft".to_string());
-    // Only the listed files go: patterns are literal paths, so nothing else is picked up.
+    // Only the listed files go: each is an escaped (literal) pattern, so a name with glob
+    // characters matches itself and nothing else is picked up.
+    let patterns = files.iter().map(|f| globset::escape(f)).collect();
     let info = repo
         .upload_folder()
         .folder_path(PathBuf::from(dir))
         .maybe_revision(options.revision.clone())
         .commit_message(message)
-        .allow_patterns(files.clone())
+        .allow_patterns(patterns)
         .send()
         .map_err(|e| explain("cannot upload to", &options.repo_id, e))?;
     Ok(Pushed {

@@ -183,6 +183,7 @@ fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         ),
         ("README.md", b"---\nlibrary_name: peft\n---\n".to_vec()),
         ("runs/events.out.tfevents.1", vec![0, 1, 2, 3]),
+        ("notes [draft]*.txt", b"glob characters in a name".to_vec()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

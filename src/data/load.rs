@@ -17,6 +17,14 @@ pub struct Row {
     pub value: Value,
 }
 
+/// The error for a dataset file that is not there.
+pub(crate) fn missing_data(path: &Path) -> Error {
+    Error::MissingFile {
+        path: path.to_path_buf(),
+        hint: "Pass a local .jsonl, .json, .csv or .parquet file, a folder of them, or a Hub dataset id.".to_string(),
+    }
+}
+
 /// Reads a local dataset file into rows: `.jsonl` / `.ndjson`, `.json`, `.csv` (a header row, every
 /// value a string, rows keep their line) or `.parquet` (rows keep their 1-based index).
 ///
@@ -42,10 +50,7 @@ pub fn for_each_row_chunk(
     mut f: impl FnMut(Vec<Row>) -> Result<()>,
 ) -> Result<()> {
     if !path.exists() {
-        return Err(Error::MissingFile {
-            path: path.to_path_buf(),
-            hint: "Pass a local .jsonl, .json, .csv or .parquet file, a folder of them, or a Hub dataset id.".to_string(),
-        });
+        return Err(missing_data(path));
     }
     let extension = path
         .extension()

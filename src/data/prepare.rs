@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::format::parse_sample;
-use super::load::{for_each_row_chunk, Row};
+use super::load::{for_each_row_chunk, missing_data, Row};
 use super::store::{Examples, StoreWriter, TokenStore};
 use super::tokenize::{Example, SampleTokenizer, TokenizeOptions};
 use super::tokenizer::ChatTokenizer;
@@ -96,10 +96,7 @@ pub fn prepare_dataset_split(
         return Ok(prepared(path, info, writer.finish()?, None, false));
     };
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        return Err(Error::MissingFile {
-            path: missing.clone(),
-            hint: "Pass a local .jsonl, .json, .csv or .parquet file, a folder of them, or a Hub dataset id.".to_string(),
-        });
+        return Err(missing_data(missing));
     }
     let entry = cache_root.join(cache_key(&files, tok, opts)?);
     if let Some(info) = read_info(&entry) {
