@@ -8,6 +8,7 @@ use peft_sft::ops::attention::{
     attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
 };
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
+use peft_sft::ops::flash::attention_flash_cpu;
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::residual::residual_add;
@@ -257,6 +258,143 @@ fn attention_matches_composed_across_several_blocks() -> Result<()> {
         let kept = attention_keeping_probabilities(&q, &k, &v, &mask, 0.35)?;
         check("reference attention", &[&q, &k, &v], &kept, &reference)?;
     }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_matches_composed_on_several_shapes_and_masks() -> Result<()> {
+    // Lengths around the kernel's 64-row tiles (one partial tile, several tiles, tails), GQA and
+    // plain heads, head widths 8 and 64, batches of one and two; causal, windows that end inside
+    // and on tile edges, packed documents whose boundaries fall inside tiles, and both together.
+    let packed = |t: usize, cuts: &[usize]| -> Vec<u32> {
+        (0..t)
+            .map(|i| cuts.iter().filter(|&&c| i >= c).count() as u32)
+            .collect()
+    };
+    struct Case {
+        b: usize,
+        heads: usize,
+        kv: usize,
+        t: usize,
+        d: usize,
+        window: Option<usize>,
+        docs: Option<Vec<Vec<u32>>>,
+    }
+    let cases = [
+        Case {
+            b: 1,
+            heads: 3,
+            kv: 1,
+            t: 40,
+            d: 8,
+            window: None,
+            docs: None,
+        },
+        Case {
+            b: 2,
+            heads: 4,
+            kv: 2,
+            t: 150,
+            d: 8,
+            window: None,
+            docs: None,
+        },
+        Case {
+            b: 1,
+            heads: 2,
+            kv: 2,
+            t: 200,
+            d: 64,
+            window: None,
+            docs: None,
+        },
+        Case {
+            b: 1,
+            heads: 4,
+            kv: 2,
+            t: 190,
+            d: 8,
+            window: Some(64),
+            docs: None,
+        },
+        Case {
+            b: 2,
+            heads: 2,
+            kv: 1,
+            t: 130,
+            d: 8,
+            window: Some(17),
+            docs: None,
+        },
+        Case {
+            b: 2,
+            heads: 4,
+            kv: 2,
+            t: 170,
+            d: 8,
+            window: None,
+            docs: Some(vec![packed(170, &[30, 100, 101]), packed(170, &[64, 128])]),
+        },
+        Case {
+            b: 1,
+            heads: 2,
+            kv: 1,
+            t: 160,
+            d: 16,
+            window: Some(40),
+            docs: Some(vec![packed(160, &[70])]),
+        },
+    ];
+    for c in cases {
+        let (q, k, v) = (
+            var(&[c.b, c.heads, c.t, c.d])?,
+            var(&[c.b, c.kv, c.t, c.d])?,
+            var(&[c.b, c.kv, c.t, c.d])?,
+        );
+        let docs = c.docs.as_deref();
+        let mask = AttentionMask::new(c.t, 0, c.window, docs, DType::F32, &Device::Cpu)?;
+        let scale = 1.0 / (c.d as f64).sqrt();
+        let reference = composed_attention(&q, &k, &v, &mask_bias(c.t, c.window, docs), scale)?;
+        let ours = attention_flash_cpu(&q, &k, &v, &mask, scale)?;
+        let name = format!(
+            "flash attention b={} h={}/{} t={} d={} window={:?} docs={}",
+            c.b,
+            c.heads,
+            c.kv,
+            c.t,
+            c.d,
+            c.window,
+            docs.is_some()
+        );
+        check(&name, &[&q, &k, &v], &ours, &reference)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_with_a_cache_offset_matches_the_full_computation() -> Result<()> {
+    // 70 new queries at positions 90..160 over 160 keys: tiles start mid-sequence.
+    let (q, k, v) = (
+        randn(&[1, 4, 160, 8])?,
+        randn(&[1, 2, 160, 8])?,
+        randn(&[1, 2, 160, 8])?,
+    );
+    for window in [None, Some(50)] {
+        let full_mask = AttentionMask::new(160, 0, window, None, DType::F32, &Device::Cpu)?;
+        let full = attention_keeping_probabilities(&q, &k, &v, &full_mask, 0.5)?;
+        let tail_mask = AttentionMask::new(70, 90, window, None, DType::F32, &Device::Cpu)?;
+        let tail = attention_flash_cpu(&q.narrow(2, 90, 70)?, &k, &v, &tail_mask, 0.5)?;
+        assert_close("cached flash attention", &tail, &full.narrow(2, 90, 70)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_refuses_a_mask_of_another_length() -> Result<()> {
+    let (q, k) = (randn(&[1, 2, 10, 8])?, randn(&[1, 2, 10, 8])?);
+    let mask = AttentionMask::new(12, 0, None, None, DType::F32, &Device::Cpu)?;
+    let err = attention_flash_cpu(&q, &k, &k, &mask, 0.5).unwrap_err();
+    assert!(err.to_string().contains("mask is for 12 queries"), "{err}");
     Ok(())
 }
 

@@ -19,8 +19,8 @@ pub struct AttentionMask {
     t_q: usize,
     offset: usize,
     window: Option<usize>,
-    /// Document id of every key position, one row per batch element (packed rows only).
-    documents: Option<Arc<Vec<Vec<u32>>>>,
+    /// Document ids of every key position, one row per batch element (packed rows only).
+    documents: Option<Arc<Documents>>,
     dtype: DType,
     device: Device,
 }
@@ -47,26 +47,51 @@ impl AttentionMask {
             t_q,
             offset,
             window,
-            documents: documents.map(|d| Arc::new(d.to_vec())),
+            documents: documents.map(|d| Arc::new(Documents::new(d))),
             dtype,
             device: device.clone(),
         })
     }
 
     /// Whether query `i` (absolute position) may see key `j` in batch row `row`.
-    fn visible(&self, row: usize, i: usize, j: usize) -> bool {
+    pub(super) fn visible(&self, row: usize, i: usize, j: usize) -> bool {
         j <= i
             && self.window.is_none_or(|w| i - j < w)
             && self
                 .documents
                 .as_ref()
-                .is_none_or(|d| d[row][i] == d[row][j])
+                .is_none_or(|d| d.ids[row][i] == d.ids[row][j])
+    }
+
+    /// Position of the first query of this call (keys before it are cached ones).
+    pub(super) fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The sliding window, if any.
+    pub(super) fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// Batch rows the document ids cover (None: no documents).
+    pub(super) fn document_rows(&self) -> Option<usize> {
+        self.documents.as_ref().map(|d| d.ids.len())
+    }
+
+    /// Per position of batch row `row`: the first position with the same document id.
+    pub(super) fn document_firsts(&self, row: usize) -> Option<&[u32]> {
+        self.documents.as_ref().map(|d| d.first[row].as_slice())
+    }
+
+    /// Per position of batch row `row`: where its run of equal document ids starts.
+    pub(super) fn document_runs(&self, row: usize) -> Option<&[u32]> {
+        self.documents.as_ref().map(|d| d.run_start[row].as_slice())
     }
 
     /// The bias for queries `q0..q1` (indices into this call's queries) and keys `k0..k1`:
     /// `[b or 1, 1, q1 - q0, k1 - k0]` of 0 (visible) and -inf.
     fn block(&self, (q0, q1): (usize, usize), (k0, k1): (usize, usize)) -> Result<Tensor> {
-        let rows = self.documents.as_ref().map_or(1, |d| d.len());
+        let rows = self.document_rows().unwrap_or(1);
         let mut bias = Vec::with_capacity(rows * (q1 - q0) * (k1 - k0));
         for row in 0..rows {
             for qi in q0..q1 {
@@ -84,8 +109,13 @@ impl AttentionMask {
     }
 
     /// The number of keys.
-    fn t_k(&self) -> usize {
+    pub(super) fn t_k(&self) -> usize {
         self.offset + self.t_q
+    }
+
+    /// The number of queries.
+    pub(super) fn t_q(&self) -> usize {
+        self.t_q
     }
 
     /// Keys `[start, end)` that queries `q_start..q_end` (indices into this call's queries) may see.
@@ -104,6 +134,50 @@ impl AttentionMask {
             None => t_q,
         };
         (start, end.max(start))
+    }
+}
+
+/// Document ids of packed rows with the two indexes the flash kernel bounds its tiles by.
+#[derive(Debug)]
+struct Documents {
+    /// The id of every position, one row per batch element.
+    ids: Vec<Vec<u32>>,
+    /// Per position, the first position with the same id.
+    first: Vec<Vec<u32>>,
+    /// Per position, the start of its run of equal ids.
+    run_start: Vec<Vec<u32>>,
+}
+
+impl Documents {
+    fn new(ids: &[Vec<u32>]) -> Self {
+        let first = ids
+            .iter()
+            .map(|row| {
+                let mut seen = std::collections::HashMap::new();
+                (0..row.len() as u32)
+                    .map(|i| *seen.entry(row[i as usize]).or_insert(i))
+                    .collect()
+            })
+            .collect();
+        let run_start = ids
+            .iter()
+            .map(|row| {
+                let mut start = 0u32;
+                (0..row.len())
+                    .map(|i| {
+                        if i > 0 && row[i] != row[i - 1] {
+                            start = i as u32;
+                        }
+                        start
+                    })
+                    .collect()
+            })
+            .collect();
+        Documents {
+            ids: ids.to_vec(),
+            first,
+            run_start,
+        }
     }
 }
 
@@ -165,6 +239,10 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, t_q, _) = q.dims4()?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 && mask.document_rows().is_none_or(|r| r == b)
+    {
+        return super::flash::attention_flash_cpu(q, k, v, mask, scale);
+    }
     let bytes = b * h * t_q * k.dim(2)? * q.dtype().size_in_bytes();
     if bytes <= KEEP_PROBABILITIES_BYTES {
         attention_keeping_probabilities(q, k, v, mask, scale)

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod cross_entropy;
+pub mod flash;
 pub mod graft;
 pub mod linear;
 pub mod norm;
