@@ -2,8 +2,11 @@
 //! never held; each chunk of rows is projected, reduced, and recomputed in the backward.
 //! The same pass yields TRL's `mean_token_accuracy` and `entropy`.
 
+use super::cpu::{is_cpu_f32, matmul, tensor, Held, Threads};
 use super::graft::{grad_enabled, graft2};
+use super::simd;
 use candle_core::{DType, Result, Tensor, D};
+use rayon::prelude::*;
 
 /// Per-row targets of a flattened batch.
 #[derive(Debug, Clone)]
@@ -57,7 +60,67 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
     let (hd, wd) = (hidden.detach(), head.detach());
     let grad = grad_enabled();
     let (want_grad_h, want_grad_w) = (grad && hidden.track_op(), grad && head.track_op());
-    let chunk = chunk_rows(wd.dim(0)?);
+    let wanted = (want_grad_h, want_grad_w);
+    let sums = if is_cpu_f32(&hd) && is_cpu_f32(&wd) {
+        chunks_cpu(&hd, &wd, targets, wanted, chunk_rows(wd.dim(0)?))?
+    } else {
+        chunks_candle(&hd, &wd, targets, wanted, chunk_rows(wd.dim(0)?))?
+    };
+    let ChunkSums {
+        loss_sum,
+        correct,
+        entropy_sum,
+        grad_h,
+        grad_w,
+    } = sums;
+    let loss_tokens: f64 = targets.loss_weight.iter().map(|&w| w as f64).sum();
+    let entropy_tokens: f64 = targets.entropy_weight.iter().map(|&w| w as f64).sum();
+    let out = Tensor::new(loss_sum as f32, &device)?.to_dtype(hidden.dtype())?;
+    let loss_sum = graft2(
+        "lm-head-loss",
+        hidden,
+        head,
+        out,
+        Box::new(move |_, _, g, needs| {
+            let scale = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let scaled = |t: &Option<Tensor>, needed: bool| -> Result<Option<Tensor>> {
+                match t {
+                    Some(t) if needed => Ok(Some(t.affine(scale, 0.0)?)),
+                    _ => Ok(None),
+                }
+            };
+            Ok((scaled(&grad_h, needs[0])?, scaled(&grad_w, needs[1])?))
+        }),
+    )?;
+    Ok(LossOutput {
+        loss_sum,
+        loss_tokens,
+        correct_tokens: correct,
+        entropy_sum,
+        entropy_tokens,
+    })
+}
+
+/// What the chunks add up to: loss, correct and entropy sums, and the gradients when wanted.
+struct ChunkSums {
+    loss_sum: f64,
+    correct: f64,
+    entropy_sum: f64,
+    grad_h: Option<Tensor>,
+    grad_w: Option<Tensor>,
+}
+
+/// The chunk loop with candle ops (every device).
+fn chunks_candle(
+    hd: &Tensor,
+    wd: &Tensor,
+    targets: &LossTargets,
+    wanted: (bool, bool),
+    chunk: usize,
+) -> Result<ChunkSums> {
+    let (want_grad_h, want_grad_w) = wanted;
+    let device = hd.device().clone();
+    let n = hd.dim(0)?;
     let mut loss_sum = 0f64;
     let mut correct = 0f64;
     let mut entropy_sum = 0f64;
@@ -96,7 +159,7 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
                 .broadcast_mul(&loss_w)?
                 .to_dtype(hd.dtype())?;
             if want_grad_h {
-                grad_h.push(grad_logits.matmul(&wd)?);
+                grad_h.push(grad_logits.matmul(wd)?);
             }
             if want_grad_w {
                 let gw = grad_logits.t()?.matmul(&h_chunk)?;
@@ -107,31 +170,139 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
             }
         }
     }
-    let loss_tokens: f64 = targets.loss_weight.iter().map(|&w| w as f64).sum();
-    let entropy_tokens: f64 = targets.entropy_weight.iter().map(|&w| w as f64).sum();
-    let out = Tensor::new(loss_sum as f32, &device)?.to_dtype(hidden.dtype())?;
-    let grad_h = want_grad_h.then(|| Tensor::cat(&grad_h, 0)).transpose()?;
-    let loss_sum = graft2(
-        "lm-head-loss",
-        hidden,
-        head,
-        out,
-        Box::new(move |_, _, g, needs| {
-            let scale = g.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let scaled = |t: &Option<Tensor>, needed: bool| -> Result<Option<Tensor>> {
-                match t {
-                    Some(t) if needed => Ok(Some(t.affine(scale, 0.0)?)),
-                    _ => Ok(None),
-                }
-            };
-            Ok((scaled(&grad_h, needs[0])?, scaled(&grad_w, needs[1])?))
-        }),
-    )?;
-    Ok(LossOutput {
+    Ok(ChunkSums {
         loss_sum,
-        loss_tokens,
-        correct_tokens: correct,
+        correct,
         entropy_sum,
-        entropy_tokens,
+        grad_h: want_grad_h.then(|| Tensor::cat(&grad_h, 0)).transpose()?,
+        grad_w,
     })
+}
+
+/// The chunk loop on the CPU in f32: each chunk's logits in one buffer, reduced row by row in one
+/// vectorized pass that also turns them into the weighted `softmax - onehot` gradient in place;
+/// `d hidden` rows are written straight into the whole output.
+fn chunks_cpu(
+    hd: &Tensor,
+    wd: &Tensor,
+    targets: &LossTargets,
+    (want_grad_h, want_grad_w): (bool, bool),
+    chunk: usize,
+) -> Result<ChunkSums> {
+    let (n, h) = hd.dims2()?;
+    let vocab = wd.dim(0)?;
+    let (hd, wd) = (hd.contiguous()?, wd.contiguous()?);
+    let (hh, wh) = (Held::new(&hd)?, Held::new(&wd)?);
+    let (hs, ws) = (hh.slice()?, wh.slice()?);
+    if let Some(&bad) = targets.target_ids.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("lm_head_loss: target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let mut sums = [0f64; 3];
+    let mut grad_h = want_grad_h.then(|| vec![0f32; n * h]);
+    let mut grad_w = want_grad_w.then(|| vec![0f32; vocab * h]);
+    let mut logits = vec![0f32; chunk.min(n) * vocab];
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let logits = &mut logits[..len * vocab];
+        let h_chunk = &hs[start * h..(start + len) * h];
+        matmul(
+            (len, vocab, h),
+            (logits, vocab),
+            false,
+            (h_chunk, h, 1),
+            (ws, 1, h),
+            1.0,
+            Threads::All,
+        );
+        let grad = want_grad_h || want_grad_w;
+        let rows: Vec<[f64; 3]> = logits
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(r, row)| {
+                let i = start + r;
+                let target = targets.target_ids[i] as usize;
+                let (loss_w, ent_w) = (targets.loss_weight[i], targets.entropy_weight[i]);
+                let stats = simd::softmax_row_stats(row, target, grad.then_some(loss_w));
+                [
+                    stats.cross_entropy as f64 * loss_w as f64,
+                    if stats.argmax == target {
+                        loss_w as f64
+                    } else {
+                        0.0
+                    },
+                    stats.entropy as f64 * ent_w as f64,
+                ]
+            })
+            .collect();
+        for row in rows {
+            sums.iter_mut().zip(row).for_each(|(s, r)| *s += r);
+        }
+        if let Some(gh) = grad_h.as_mut() {
+            let out = &mut gh[start * h..(start + len) * h];
+            matmul(
+                (len, h, vocab),
+                (out, h),
+                false,
+                (logits, vocab, 1),
+                (ws, h, 1),
+                1.0,
+                Threads::All,
+            );
+        }
+        if let Some(gw) = grad_w.as_mut() {
+            // d head += logits_grad^T @ h_chunk
+            let accumulate = start > 0;
+            matmul(
+                (vocab, h, len),
+                (gw, h),
+                accumulate,
+                (logits, 1, vocab),
+                (h_chunk, h, 1),
+                1.0,
+                Threads::All,
+            );
+        }
+    }
+    Ok(ChunkSums {
+        loss_sum: sums[0],
+        correct: sums[1],
+        entropy_sum: sums[2],
+        grad_h: grad_h.map(|g| tensor(g, &[n, h])).transpose()?,
+        grad_w: grad_w.map(|g| tensor(g, &[vocab, h])).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_chunks_equal_the_candle_chunks_across_chunk_edges() -> Result<()> {
+        let (n, h, vocab) = (37, 8, 50);
+        let hd = Tensor::randn(0f32, 1.0, (n, h), &Device::Cpu)?;
+        let wd = Tensor::randn(0f32, 1.0, (vocab, h), &Device::Cpu)?;
+        let targets = LossTargets {
+            target_ids: (0..n as u32).map(|i| (i * 7) % vocab as u32).collect(),
+            loss_weight: (0..n).map(|i| (i % 3) as f32 * 0.5).collect(),
+            entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
+        };
+        let want = (true, true);
+        let ours = chunks_cpu(&hd, &wd, &targets, want, 10)?;
+        let reference = chunks_candle(&hd, &wd, &targets, want, 10)?;
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+        assert!(close(ours.loss_sum, reference.loss_sum));
+        assert!(close(ours.entropy_sum, reference.entropy_sum));
+        assert_eq!(ours.correct, reference.correct);
+        for (a, b) in [
+            (ours.grad_h, reference.grad_h),
+            (ours.grad_w, reference.grad_w),
+        ] {
+            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+            let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let size = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-5 * size, "gradient differs by {diff} of {size}");
+        }
+        Ok(())
+    }
 }

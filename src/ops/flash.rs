@@ -10,8 +10,10 @@
 //! of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::attention::AttentionMask;
+use super::cpu::{matmul, Held, Threads};
 use super::graft::graft3;
-use candle_core::{Device, Layout, Result, Storage, Tensor};
+use super::simd;
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Queries per tile.
@@ -145,30 +147,6 @@ pub fn attention_flash_cpu(
     )
 }
 
-/// A contiguous f32 CPU tensor's storage, held for reading.
-struct Held<'a> {
-    storage: candle_core::StorageRef<'a>,
-    layout: &'a Layout,
-}
-
-impl<'a> Held<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
-        let (storage, layout) = t.storage_and_layout();
-        Ok(Held { storage, layout })
-    }
-
-    fn slice(&self) -> Result<&[f32]> {
-        let Storage::Cpu(cpu) = &*self.storage else {
-            candle_core::bail!("flash attention: the CPU kernel got a tensor on another device")
-        };
-        let data = cpu.as_slice::<f32>()?;
-        match self.layout.contiguous_offsets() {
-            Some((start, end)) => Ok(&data[start..end]),
-            None => candle_core::bail!("flash attention: a non-contiguous input"),
-        }
-    }
-}
-
 /// The forward pass: returns the output `[b, heads, t_q, d]` and each query's log-sum-exp
 /// `[b, heads, t_q]` (of the scaled, masked scores).
 pub fn forward(
@@ -229,12 +207,12 @@ fn forward_tile(
         // s = scale · q k^T
         matmul(
             (m, n, d),
-            s,
-            n,
+            (s, n),
             false,
             (q, d, 1),
             (&k[k0 * d..k1 * d], 1, d),
             scale,
+            Threads::One,
         );
         if mask.tile_kind(row, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
             mask.hide(row, (q0, q0 + m), (k0, k1), s);
@@ -243,12 +221,12 @@ fn forward_tile(
         // out += p v
         matmul(
             (m, d, n),
-            out,
-            d,
+            (out, d),
             true,
             (s, n, 1),
             (&v[k0 * d..k1 * d], d, 1),
             1.0,
+            Threads::One,
         );
         k0 = k1;
     }
@@ -412,103 +390,59 @@ impl HeadTask<'_> {
                 // p = exp(scale · q k^T - lse)
                 matmul(
                     (m, n, d),
-                    p,
-                    n,
+                    (p, n),
                     false,
                     (q_tile, d, 1),
                     (k_tile, 1, d),
                     self.scale,
+                    Threads::One,
                 );
                 if self.mask.tile_kind(row, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
                     self.mask.hide(row, (q0, q0 + m), (k0, k1), p);
                 }
                 simd::probabilities(p, n, &lse[q0..q0 + m]);
                 // dp = dO v^T, then dS = p ∘ (dp - D) in place
-                matmul((m, n, d), dp, n, false, (g_tile, d, 1), (v_tile, 1, d), 1.0);
+                matmul(
+                    (m, n, d),
+                    (dp, n),
+                    false,
+                    (g_tile, d, 1),
+                    (v_tile, 1, d),
+                    1.0,
+                    Threads::One,
+                );
                 simd::score_gradient(dp, p, n, &row_dot[q0..q0 + m]);
                 // dV += p^T dO; dK += scale · dS^T q; dQ += scale · dS k
-                matmul((n, d, m), dv_tile, d, true, (p, 1, n), (g_tile, d, 1), 1.0);
                 matmul(
                     (n, d, m),
-                    dk_tile,
-                    d,
+                    (dv_tile, d),
+                    true,
+                    (p, 1, n),
+                    (g_tile, d, 1),
+                    1.0,
+                    Threads::One,
+                );
+                matmul(
+                    (n, d, m),
+                    (dk_tile, d),
                     true,
                     (dp, 1, n),
                     (q_tile, d, 1),
                     self.scale,
+                    Threads::One,
                 );
                 matmul(
                     (m, d, n),
-                    &mut dq[q0 * d..(q0 + m) * d],
-                    d,
+                    (&mut dq[q0 * d..(q0 + m) * d], d),
                     true,
                     (dp, n, 1),
                     (k_tile, d, 1),
                     self.scale,
+                    Threads::One,
                 );
             }
             k0 = k1;
         }
-    }
-}
-
-/// `dst[m × n] (row stride dst_rs) = (dst if accumulate, else 0) + beta · A · B` where
-/// `A[i][p] = a[i·a_rs + p·a_cs]` (`m × k`) and `B[p][j] = b[p·b_rs + j·b_cs]` (`k × n`).
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    (a, a_rs, a_cs): (&[f32], usize, usize),
-    (b, b_rs, b_cs): (&[f32], usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        dst.len() > last(m, dst_rs, n, 1),
-        "flash attention: dst too short"
-    );
-    if k == 0 {
-        if !accumulate {
-            (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
-        }
-        return;
-    }
-    assert!(
-        a.len() > last(m, a_rs, k, a_cs),
-        "flash attention: lhs too short"
-    );
-    assert!(
-        b.len() > last(k, b_rs, n, b_cs),
-        "flash attention: rhs too short"
-    );
-    // SAFETY: the assertions above keep every index the product touches inside the slices; dst
-    // is borrowed mutably and cannot alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 
@@ -560,180 +494,5 @@ impl AttentionMask {
                 }
             }
         }
-    }
-}
-
-/// The elementwise tile work, vectorized: written as plain loops over 8 lanes that the compiler
-/// turns into AVX2/FMA code where the CPU has it (checked once per call), else SSE2.
-mod simd {
-    /// Lanes the loops are written for.
-    const LANES: usize = 8;
-
-    macro_rules! dispatch {
-        ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-            $(#[$doc])*
-            pub fn $name($($arg: $ty),*) $(-> $ret)? {
-                #[inline(always)]
-                fn body($($arg: $ty),*) $(-> $ret)? $body
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                        body($($arg),*)
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: the CPU has the features the function was compiled for.
-                        return unsafe { avx2($($arg),*) };
-                    }
-                }
-                body($($arg),*)
-            }
-        };
-    }
-
-    /// `e^x` to a few ulp for `x ≤ 88`, 0 below -87 (and for -inf): `2^n · e^r` with
-    /// `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and `e^r` from its Taylor series to `r^7`
-    /// (truncation error below 6e-9 relative).
-    #[inline(always)]
-    pub fn exp(x: f32) -> f32 {
-        const LOG2_E: f32 = std::f32::consts::LOG2_E;
-        // ln 2 split in a part exact in few bits and the rest, so n · LN2_HI is exact.
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        // Adding 1.5 · 2^23 rounds to an integer (ties to even) in the float unit.
-        const ROUND: f32 = 12_582_912.0;
-        let hidden = x < -87.0;
-        let x = if x > 88.0 { 88.0 } else { x };
-        let x = if hidden { 0.0 } else { x };
-        let n = (x * LOG2_E + ROUND) - ROUND;
-        let r = (x - n * LN2_HI) - n * LN2_LO;
-        let mut p = 1.0 / 5040.0;
-        p = p * r + 1.0 / 720.0;
-        p = p * r + 1.0 / 120.0;
-        p = p * r + 1.0 / 24.0;
-        p = p * r + 1.0 / 6.0;
-        p = p * r + 0.5;
-        p = p * r + 1.0;
-        p = p * r + 1.0;
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        if hidden {
-            0.0
-        } else {
-            p * two_n
-        }
-    }
-
-    #[inline(always)]
-    fn max_of(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..LANES {
-                acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-            }
-        }
-        rest.iter()
-            .chain(acc.iter())
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-    }
-
-    #[inline(always)]
-    fn sum_of(x: &[f32]) -> f32 {
-        let mut acc = [0f32; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..LANES {
-                acc[l] += c[l];
-            }
-        }
-        acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
-    }
-
-    dispatch! {
-        /// `Σ a_i b_i`.
-        fn dot(a: &[f32], b: &[f32]) -> f32 {
-            let mut acc = [0f32; LANES];
-            let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-            let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-            for (x, y) in ca.zip(cb) {
-                for l in 0..LANES {
-                    acc[l] += x[l] * y[l];
-                }
-            }
-            acc.iter().sum::<f32>() + rest
-        }
-    }
-
-    dispatch! {
-        /// One key tile of the online softmax, row by row (`s`: `[m, n]` scores, -inf where
-        /// hidden): updates each row's running max and sum, rescales its output row (`out`:
-        /// `[m, d]`) and turns the scores into `exp(s - max)`.
-        fn online_softmax_rows(
-            s: &mut [f32],
-            n: usize,
-            max: &mut [f32],
-            sum: &mut [f32],
-            out: &mut [f32],
-            d: usize
-        ) {
-            for (r, row) in s.chunks_exact_mut(n).enumerate() {
-                let new_max = max_of(row).max(max[r]);
-                if new_max == f32::NEG_INFINITY {
-                    // Nothing visible yet in this row.
-                    row.fill(0.0);
-                    continue;
-                }
-                let alpha = exp(max[r] - new_max);
-                row.iter_mut().for_each(|x| *x = exp(*x - new_max));
-                sum[r] = sum[r] * alpha + sum_of(row);
-                if alpha != 1.0 {
-                    out[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
-                }
-                max[r] = new_max;
-            }
-        }
-    }
-
-    dispatch! {
-        /// Scores to probabilities with each row's log-sum-exp: `p = exp(s - lse)`.
-        fn probabilities(s: &mut [f32], n: usize, lse: &[f32]) {
-            for (row, &l) in s.chunks_exact_mut(n).zip(lse) {
-                row.iter_mut().for_each(|x| *x = exp(*x - l));
-            }
-        }
-    }
-
-    dispatch! {
-        /// The softmax backward in place: `dp = p ∘ (dp - D_row)`.
-        fn score_gradient(dp: &mut [f32], p: &[f32], n: usize, row_dot: &[f32]) {
-            for ((g, p), &dot) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)).zip(row_dot) {
-                g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::simd;
-
-    #[test]
-    fn fast_exp_is_accurate_over_the_softmax_range() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 20.0 {
-            let want = (x as f64).exp();
-            let got = simd::exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.001;
-        }
-        assert!(worst < 1e-6, "relative error {worst}");
-        assert_eq!(simd::exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(simd::exp(-100.0), 0.0);
-        assert_eq!(simd::exp(0.0), 1.0);
     }
 }

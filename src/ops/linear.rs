@@ -1,5 +1,6 @@
 //! Linear layers over frozen weights, with and without a LoRA branch.
 
+use super::cpu::{is_cpu_f32, matmul, tensor, Held, Threads};
 use super::graft::{graft1, graft3};
 use super::rows;
 use crate::quant::QuantizedWeight;
@@ -27,15 +28,107 @@ impl FrozenWeight {
         }
     }
 
-    /// `x @ W^T` for x: [n, in] -> [n, out].
-    fn xwt(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.dense()?.t()?)
-    }
-
     /// `g @ W` for g: [n, out] -> [n, in] (the input gradient).
     fn gw(&self, g: &Tensor) -> Result<Tensor> {
         g.matmul(&self.dense()?)
     }
+}
+
+/// One term `lhs @ rhs` (or `lhs @ rhs^T`) of a [`sum_of_products`].
+struct Product<'a> {
+    lhs: &'a Tensor,
+    rhs: &'a Tensor,
+    transposed: bool,
+}
+
+impl<'a> Product<'a> {
+    /// `lhs @ rhs^T` (rhs: [out, k]).
+    fn t(lhs: &'a Tensor, rhs: &'a Tensor) -> Self {
+        Product {
+            lhs,
+            rhs,
+            transposed: true,
+        }
+    }
+
+    /// `lhs @ rhs` (rhs: [k, out]).
+    fn n(lhs: &'a Tensor, rhs: &'a Tensor) -> Self {
+        Product {
+            lhs,
+            rhs,
+            transposed: false,
+        }
+    }
+
+    fn out_width(&self) -> Result<usize> {
+        self.rhs.dim(if self.transposed { 0 } else { 1 })
+    }
+}
+
+/// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`. On the CPU in f32 every product
+/// accumulates into one buffer (no intermediate sums); elsewhere candle's matmul and add.
+fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Tensor> {
+    let native =
+        terms.iter().all(|p| is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs)) && bias.is_none_or(is_cpu_f32);
+    if !native {
+        let mut acc: Option<Tensor> = None;
+        for p in terms {
+            let rhs = if p.transposed {
+                p.rhs.t()?
+            } else {
+                p.rhs.clone()
+            };
+            let y = p.lhs.matmul(&rhs)?;
+            acc = Some(match acc {
+                Some(a) => (a + y)?,
+                None => y,
+            });
+        }
+        let acc = acc.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
+        return match bias {
+            Some(b) => acc.broadcast_add(b),
+            None => Ok(acc),
+        };
+    }
+    let n = terms[0].lhs.dim(0)?;
+    let width = terms[0].out_width()?;
+    let mut out = vec![0f32; n * width];
+    if let Some(b) = bias {
+        let b = b.contiguous()?;
+        let held = Held::new(&b)?;
+        let b = held.slice()?;
+        out.chunks_exact_mut(width)
+            .for_each(|row| row.copy_from_slice(b));
+    }
+    let mut accumulate = bias.is_some();
+    for p in terms {
+        let (lhs, rhs) = (p.lhs.contiguous()?, p.rhs.contiguous()?);
+        let k = lhs.dim(1)?;
+        if lhs.dim(0)? != n || p.out_width()? != width || p.rhs.elem_count() != k * width {
+            candle_core::bail!(
+                "sum of products: shapes {:?} and {:?} do not fit",
+                lhs.dims(),
+                rhs.dims()
+            );
+        }
+        let (lh, rh) = (Held::new(&lhs)?, Held::new(&rhs)?);
+        let b = if p.transposed {
+            (rh.slice()?, 1, k)
+        } else {
+            (rh.slice()?, width, 1)
+        };
+        matmul(
+            (n, width, k),
+            (&mut out, width),
+            accumulate,
+            (lh.slice()?, k, 1),
+            b,
+            1.0,
+            Threads::All,
+        );
+        accumulate = true;
+    }
+    tensor(out, &[n, width])
 }
 
 /// `x @ w^T + bias` for a frozen `w: [out, in]`; backward returns only the input gradient `g @ w`.
@@ -48,18 +141,17 @@ pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, bias: Option<&Tensor>) -> Res
         "frozen-linear",
         x,
         out,
-        Box::new(move |x, g| Ok(Some(w.gw(&rows(g)?)?.reshape(x.shape())?))),
+        Box::new(move |x, g| {
+            let grad = sum_of_products(None, &[Product::n(&rows(g)?, &w.dense()?)])?;
+            Ok(Some(grad.reshape(x.shape())?))
+        }),
     )
 }
 
 /// `x @ w^T + bias` computed on untracked tensors. x: [.., in] -> [.., out]
 pub(crate) fn dense(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
-    let y = rows(x)?.matmul(&w.t()?)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
+    let y = sum_of_products(bias, &[Product::t(&rows(x)?, w)])?;
     if let Some(last) = dims.last_mut() {
         *last = w.dim(0)?;
     }
@@ -89,19 +181,20 @@ pub fn lora_linear(
     scale: f64,
 ) -> Result<Tensor> {
     let x_rows = rows(&x.detach())?;
-    let base_out = base.weight.xwt(&x_rows)?;
-    let base_out = match base.bias {
-        Some(bias) => base_out.broadcast_add(bias)?,
-        None => base_out,
-    };
     let lora_in = match &base.dropout_mask {
         Some(mask) => x_rows.mul(mask)?,
-        None => x_rows,
+        None => x_rows.clone(),
     };
     let hidden = lora_in.matmul(&a.detach().t()?)?;
     // Folding the scale into the tiny B saves two passes over the [n, out] output.
     let b_scaled = b.detach().affine(scale, 0.0)?;
-    let out = (base_out + hidden.matmul(&b_scaled.t()?)?)?;
+    let out = sum_of_products(
+        base.bias,
+        &[
+            Product::t(&x_rows, &base.weight.dense()?),
+            Product::t(&hidden, &b_scaled),
+        ],
+    )?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out.dim(D::Minus1)?;
@@ -125,12 +218,18 @@ pub fn lora_linear(
                 .then(|| grad_hidden.t()?.matmul(&lora_in))
                 .transpose()?;
             let grad_x = if needs[0] {
-                let through_lora = grad_hidden.matmul(a)?;
-                let through_lora = match &mask {
-                    Some(mask) => through_lora.mul(mask)?,
-                    None => through_lora,
+                let grad = match &mask {
+                    // Dropout applies to the LoRA branch only: its term is masked first.
+                    Some(mask) => (weight.gw(&g)? + grad_hidden.matmul(a)?.mul(mask)?)?,
+                    None => sum_of_products(
+                        None,
+                        &[
+                            Product::n(&g, &weight.dense()?),
+                            Product::n(&grad_hidden, a),
+                        ],
+                    )?,
                 };
-                Some((weight.gw(&g)? + through_lora)?.reshape(x.shape())?)
+                Some(grad.reshape(x.shape())?)
             } else {
                 None
             };

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub(crate) mod cpu;
 pub mod cross_entropy;
 pub mod flash;
 pub mod graft;
@@ -11,6 +12,7 @@ pub mod linear;
 pub mod norm;
 pub mod residual;
 pub mod rope;
+pub(crate) mod simd;
 pub mod swiglu;
 
 use candle_core::{Result, Tensor};

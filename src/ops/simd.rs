@@ -1,0 +1,320 @@
+//! Vectorized elementwise kernels on f32 slices: plain loops over 8 lanes that the compiler
+//! turns into AVX2/FMA code where the CPU has it (checked once per call), else SSE2, and a fast
+//! `exp` those loops can inline.
+
+/// Lanes the loops are written for.
+const LANES: usize = 8;
+
+macro_rules! dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `e^x` to a few ulp for `x ≤ 88`, 0 below -87 (and for -inf): `2^n · e^r` with
+/// `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and `e^r` from its Taylor series to `r^7`
+/// (truncation error below 6e-9 relative).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in few bits and the rest, so n · LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2^23 rounds to an integer (ties to even) in the float unit.
+    const ROUND: f32 = 12_582_912.0;
+    let hidden = x < -87.0;
+    let x = if x > 88.0 { 88.0 } else { x };
+    let x = if hidden { 0.0 } else { x };
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if hidden {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    rest.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+#[inline(always)]
+fn sum_of(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn dot_of(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+#[inline(always)]
+fn dot3_of(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len() / LANES * LANES;
+    for i in (0..n).step_by(LANES) {
+        let (x, y, z) = (&a[i..i + LANES], &b[i..i + LANES], &c[i..i + LANES]);
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l] * z[l];
+        }
+    }
+    let rest: f32 = (n..a.len()).map(|i| a[i] * b[i] * c[i]).sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+dispatch! {
+    /// `Σ a_i b_i`.
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot_of(a, b)
+    }
+}
+
+/// `1 / (1 + e^-x)`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+dispatch! {
+    /// SwiGLU: `out = silu(gate) · up`.
+    fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+dispatch! {
+    /// SwiGLU's gradients for the output gradient `grad`: `d up = grad · silu(gate)`,
+    /// `d gate = grad · up · s · (1 + gate · (1 - s))` with `s = sigmoid(gate)`.
+    fn swiglu_backward(
+        gate: &[f32],
+        up: &[f32],
+        grad: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32]
+    ) {
+        let n = gate.len();
+        let (up, grad, d_gate, d_up) = (&up[..n], &grad[..n], &mut d_gate[..n], &mut d_up[..n]);
+        for i in 0..n {
+            let (g, s) = (gate[i], sigmoid(gate[i]));
+            d_up[i] = grad[i] * g * s;
+            d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+dispatch! {
+    /// RMSNorm of each `w.len()`-wide row of `x`: `out = w · x / sqrt(mean(x²) + eps)`.
+    fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let inv = 1.0 / (dot_of(x, x) / d as f32 + eps).sqrt();
+            for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+                *o = x * inv * w;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// RMSNorm's input gradient, row by row: with `x̂ = x · inv`, `inv = 1 / rms(x)`,
+    /// `dx = (g · w - x̂ · mean(g · w · x̂)) · inv`.
+    fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) {
+        let d = w.len();
+        let rows = x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+        for ((x, g), dx) in rows {
+            let inv = 1.0 / (dot_of(x, x) / d as f32 + eps).sqrt();
+            let mean = dot3_of(g, w, x) * inv / d as f32;
+            for (((o, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                *o = (g * w - x * inv * mean) * inv;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// One key tile of the online softmax, row by row (`s`: `[m, n]` scores, -inf where
+    /// hidden): updates each row's running max and sum, rescales its output row (`out`:
+    /// `[m, d]`) and turns the scores into `exp(s - max)`.
+    fn online_softmax_rows(
+        s: &mut [f32],
+        n: usize,
+        max: &mut [f32],
+        sum: &mut [f32],
+        out: &mut [f32],
+        d: usize
+    ) {
+        for (r, row) in s.chunks_exact_mut(n).enumerate() {
+            let new_max = max_of(row).max(max[r]);
+            if new_max == f32::NEG_INFINITY {
+                // Nothing visible yet in this row.
+                row.fill(0.0);
+                continue;
+            }
+            let alpha = exp(max[r] - new_max);
+            row.iter_mut().for_each(|x| *x = exp(*x - new_max));
+            sum[r] = sum[r] * alpha + sum_of(row);
+            if alpha != 1.0 {
+                out[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+            }
+            max[r] = new_max;
+        }
+    }
+}
+
+dispatch! {
+    /// Scores to probabilities with each row's log-sum-exp: `p = exp(s - lse)`.
+    fn probabilities(s: &mut [f32], n: usize, lse: &[f32]) {
+        for (row, &l) in s.chunks_exact_mut(n).zip(lse) {
+            row.iter_mut().for_each(|x| *x = exp(*x - l));
+        }
+    }
+}
+
+dispatch! {
+    /// The softmax backward in place: `dp = p ∘ (dp - D_row)`.
+    fn score_gradient(dp: &mut [f32], p: &[f32], n: usize, row_dot: &[f32]) {
+        for ((g, p), &dot) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)).zip(row_dot) {
+            g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+        }
+    }
+}
+
+/// One row's softmax statistics (see [`softmax_row_stats`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RowStats {
+    /// `lse - logit[target]`.
+    pub cross_entropy: f32,
+    /// `lse - Σ p · logit`.
+    pub entropy: f32,
+    /// The first index of the largest logit.
+    pub argmax: usize,
+}
+
+dispatch! {
+    /// Cross-entropy, entropy and argmax of one row of logits; with `grad_weight` the row is
+    /// replaced by `(softmax - onehot(target)) · grad_weight`, the weighted gradient of the
+    /// cross-entropy with respect to the logits (else it holds `exp(logit - max)`).
+    fn softmax_row_stats(row: &mut [f32], target: usize, grad_weight: Option<f32>) -> RowStats {
+        let mut argmax = 0;
+        let mut max = f32::NEG_INFINITY;
+        for (i, &x) in row.iter().enumerate() {
+            if x > max {
+                max = x;
+                argmax = i;
+            }
+        }
+        let target_logit = row[target];
+        let (mut sum, mut weighted) = ([0f32; LANES], [0f32; LANES]);
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let e = exp(c[l] - max);
+                sum[l] += e;
+                weighted[l] += e * c[l];
+                c[l] = e;
+            }
+        }
+        let (mut sum_rest, mut weighted_rest) = (0f32, 0f32);
+        for x in chunks.into_remainder() {
+            let e = exp(*x - max);
+            sum_rest += e;
+            weighted_rest += e * *x;
+            *x = e;
+        }
+        let sum = sum.iter().sum::<f32>() + sum_rest;
+        let weighted = weighted.iter().sum::<f32>() + weighted_rest;
+        let lse = max + sum.ln();
+        if let Some(w) = grad_weight {
+            let scale = w / sum;
+            row.iter_mut().for_each(|x| *x *= scale);
+            row[target] -= w;
+        }
+        RowStats {
+            cross_entropy: lse - target_logit,
+            entropy: lse - weighted / sum,
+            argmax,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 20.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001;
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+}
