@@ -4,7 +4,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
-use peft_sft::ops::attention::{attention, AttentionMask};
+use peft_sft::ops::attention::{
+    attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
+};
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
@@ -48,8 +50,16 @@ fn bench_ops(c: &mut Criterion) {
 
     let (k, v) = (var(&[1, 3, T, 64]), var(&[1, 3, T, 64]));
     let mask = AttentionMask::new(T, 0, None, None, DType::F32, &Device::Cpu).unwrap();
+    // `attention` runs the flash kernel on the CPU in f32; the two kernels composed of candle ops
+    // (what other devices run) for comparison.
     g.bench_function("attention_gqa", |b| {
         b.iter(|| fwd_bwd(attention(&q, &k, &v, &mask, 0.125).unwrap()))
+    });
+    g.bench_function("attention_gqa_keeping_probabilities", |b| {
+        b.iter(|| fwd_bwd(attention_keeping_probabilities(&q, &k, &v, &mask, 0.125).unwrap()))
+    });
+    g.bench_function("attention_gqa_blocked", |b| {
+        b.iter(|| fwd_bwd(attention_blocked(&q, &k, &v, &mask, 0.125).unwrap()))
     });
 
     let (gate, up) = (var(&[1, T, 1536]), var(&[1, T, 1536]));

@@ -11,7 +11,7 @@
 
 use super::attention::AttentionMask;
 use super::cpu::{matmul, Held, Threads};
-use super::graft::graft3;
+use super::graft::{graft3_with_output, Output};
 use super::simd;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
@@ -103,22 +103,18 @@ pub fn attention_flash_cpu(
         let (qs, ks, vs) = (Held::new(&qd)?, Held::new(&kd)?, Held::new(&vd)?);
         forward(qs.slice()?, ks.slice()?, vs.slice()?, dims, mask, scale)
     };
-    let out = Tensor::from_vec(out, (b, heads, t_q, d), &Device::Cpu)?;
-    let saved_out = out.clone();
     let mask = mask.clone();
-    graft3(
+    graft3_with_output(
         "flash attention",
-        q,
-        k,
-        v,
-        out,
-        Box::new(move |_, _, _, g, needs| {
-            let g = g.contiguous()?;
+        (q, k, v),
+        Output::host(out, (b, heads, t_q, d)),
+        Box::new(move |_, _, _, out, g, needs| {
+            let (out, g) = (out.contiguous()?, g.contiguous()?);
             let held = [
                 Held::new(&qd)?,
                 Held::new(&kd)?,
                 Held::new(&vd)?,
-                Held::new(&saved_out)?,
+                Held::new(&out)?,
                 Held::new(&g)?,
             ];
             let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());

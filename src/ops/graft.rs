@@ -32,6 +32,21 @@ pub type Backward3 = Box<
         + Sync,
 >;
 
+/// Backward of a three-input op that reads its own output:
+/// `(a, b, c, out, grad_out, needs_grad) -> (grad_a, grad_b, grad_c)`.
+pub type Backward3Out = Box<
+    dyn Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            [bool; 3],
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync,
+>;
+
 thread_local! {
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -50,15 +65,60 @@ pub fn grad_enabled() -> bool {
     !NO_GRAD.with(|c| c.get())
 }
 
-/// The forward result waiting to be handed to candle, taken exactly once.
-struct Pending(Mutex<Option<Tensor>>);
+/// A forward result: a tensor, or f32 elements a CPU kernel computed (handed over without a copy).
+enum Ready {
+    Tensor(Tensor),
+    Host(Vec<f32>, Shape),
+}
 
-impl Pending {
-    fn new(out: Tensor) -> Self {
-        Pending(Mutex::new(Some(out)))
+/// A grafted op's forward result: a tensor, or the f32 elements a CPU kernel wrote, which become
+/// the op's output storage as they are (a tensor is copied into candle's graph).
+pub struct Output(Ready);
+
+impl From<Tensor> for Output {
+    fn from(t: Tensor) -> Self {
+        Output(Ready::Tensor(t))
+    }
+}
+
+impl Output {
+    /// f32 elements in `shape` (row-major), on the CPU.
+    pub fn host(data: Vec<f32>, shape: impl Into<Shape>) -> Self {
+        Output(Ready::Host(data, shape.into()))
     }
 
-    fn take(&self) -> Result<Tensor> {
+    /// The same elements in another shape.
+    pub fn reshape(self, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        Ok(match self.0 {
+            Ready::Tensor(t) => Output(Ready::Tensor(t.reshape(shape)?)),
+            Ready::Host(data, old) if old.elem_count() == shape.elem_count() => {
+                Output(Ready::Host(data, shape))
+            }
+            Ready::Host(_, old) => {
+                candle_core::bail!("cannot reshape {old:?} to {shape:?}")
+            }
+        })
+    }
+
+    /// The result as a tensor (outside any graph).
+    pub fn into_tensor(self) -> Result<Tensor> {
+        match self.0 {
+            Ready::Tensor(t) => Ok(t),
+            Ready::Host(data, shape) => Tensor::from_vec(data, shape, &candle_core::Device::Cpu),
+        }
+    }
+}
+
+/// The forward result waiting to be handed to candle, taken exactly once.
+struct Pending(Mutex<Option<Ready>>);
+
+impl Pending {
+    fn new(out: Output) -> Self {
+        Pending(Mutex::new(Some(out.0)))
+    }
+
+    fn take(&self) -> Result<Ready> {
         let mut slot = self
             .0
             .lock()
@@ -68,7 +128,10 @@ impl Pending {
     }
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
+        let out = match self.take()? {
+            Ready::Host(data, shape) => return Ok((CpuStorage::F32(data), shape)),
+            Ready::Tensor(out) => out,
+        };
         let shape = out.shape().clone();
         let flat = out.flatten_all()?;
         let storage = match out.dtype() {
@@ -85,7 +148,10 @@ impl Pending {
     fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         // A fresh affine result is contiguous, starts at offset 0 and owns exactly its elements.
-        let out = self.take()?.affine(1.0, 0.0)?;
+        let Ready::Tensor(out) = self.take()? else {
+            candle_core::bail!("grafted op: a CPU kernel's result reached a cuda op")
+        };
+        let out = out.affine(1.0, 0.0)?;
         let shape = out.shape().clone();
         let (storage, layout) = out.storage_and_layout();
         match &*storage {
@@ -163,10 +229,16 @@ impl CustomOp2 for Graft2 {
     }
 }
 
+/// A three-input op's backward: with or without the op's output.
+enum Backward3Kind {
+    Plain(Backward3),
+    WithOutput(Backward3Out),
+}
+
 struct Graft3 {
     name: &'static str,
     out: Pending,
-    backward: Backward3,
+    backward: Backward3Kind,
 }
 
 impl CustomOp3 for Graft3 {
@@ -201,11 +273,15 @@ impl CustomOp3 for Graft3 {
         a: &Tensor,
         b: &Tensor,
         c: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let needs = [a.track_op(), b.track_op(), c.track_op()];
-        let (ga, gb, gc) = (self.backward)(&a.detach(), &b.detach(), &c.detach(), grad, needs)?;
+        let (a, b, c) = (a.detach(), b.detach(), c.detach());
+        let (ga, gb, gc) = match &self.backward {
+            Backward3Kind::Plain(f) => f(&a, &b, &c, grad, needs)?,
+            Backward3Kind::WithOutput(f) => f(&a, &b, &c, &res.detach(), grad, needs)?,
+        };
         Ok((
             ga.filter(|_| needs[0]),
             gb.filter(|_| needs[1]),
@@ -216,9 +292,15 @@ impl CustomOp3 for Graft3 {
 
 /// Returns `out` (computed from `x` outside the graph) as a tracked result of `x` with `backward`.
 /// When `x` is not tracked, `out` is returned as is and no graph node is made.
-pub fn graft1(name: &'static str, x: &Tensor, out: Tensor, backward: Backward1) -> Result<Tensor> {
+pub fn graft1(
+    name: &'static str,
+    x: &Tensor,
+    out: impl Into<Output>,
+    backward: Backward1,
+) -> Result<Tensor> {
+    let out = out.into();
     if !x.track_op() || !grad_enabled() {
-        return Ok(out);
+        return out.into_tensor();
     }
     x.apply_op1(Graft1 {
         name,
@@ -232,11 +314,12 @@ pub fn graft2(
     name: &'static str,
     a: &Tensor,
     b: &Tensor,
-    out: Tensor,
+    out: impl Into<Output>,
     backward: Backward2,
 ) -> Result<Tensor> {
+    let out = out.into();
     if (!a.track_op() && !b.track_op()) || !grad_enabled() {
-        return Ok(out);
+        return out.into_tensor();
     }
     a.apply_op2(
         b,
@@ -254,11 +337,12 @@ pub fn graft3(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
-    out: Tensor,
+    out: impl Into<Output>,
     backward: Backward3,
 ) -> Result<Tensor> {
+    let out = out.into();
     if (!a.track_op() && !b.track_op() && !c.track_op()) || !grad_enabled() {
-        return Ok(out);
+        return out.into_tensor();
     }
     a.apply_op3(
         b,
@@ -266,7 +350,29 @@ pub fn graft3(
         Graft3 {
             name,
             out: Pending::new(out),
-            backward,
+            backward: Backward3Kind::Plain(backward),
+        },
+    )
+}
+
+/// [`graft3`] whose backward also receives the op's output, so the forward need not keep a copy
+/// of its own.
+pub fn graft3_with_output(
+    name: &'static str,
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    out: Output,
+    backward: Backward3Out,
+) -> Result<Tensor> {
+    if (!a.track_op() && !b.track_op() && !c.track_op()) || !grad_enabled() {
+        return out.into_tensor();
+    }
+    a.apply_op3(
+        b,
+        c,
+        Graft3 {
+            name,
+            out: Pending::new(out),
+            backward: Backward3Kind::WithOutput(backward),
         },
     )
 }

@@ -1,10 +1,10 @@
 //! Linear layers over frozen weights, with and without a LoRA branch.
 
-use super::cpu::{is_cpu_f32, matmul, tensor, Held, Threads};
-use super::graft::{graft1, graft3};
+use super::cpu::{is_cpu_f32, matmul, Held, Threads};
+use super::graft::{graft1, graft3, Output};
 use super::rows;
 use crate::quant::QuantizedWeight;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
 /// A frozen linear weight `[out, in]`: a plain tensor, or quantized codes that are dequantized for
@@ -67,7 +67,7 @@ impl<'a> Product<'a> {
 
 /// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`. On the CPU in f32 every product
 /// accumulates into one buffer (no intermediate sums); elsewhere candle's matmul and add.
-fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Tensor> {
+fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Output> {
     let native =
         terms.iter().all(|p| is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs)) && bias.is_none_or(is_cpu_f32);
     if !native {
@@ -85,10 +85,11 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Tenso
             });
         }
         let acc = acc.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
-        return match bias {
-            Some(b) => acc.broadcast_add(b),
-            None => Ok(acc),
-        };
+        return Ok(match bias {
+            Some(b) => acc.broadcast_add(b)?,
+            None => acc,
+        }
+        .into());
     }
     let n = terms[0].lhs.dim(0)?;
     let width = terms[0].out_width()?;
@@ -128,21 +129,22 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Tenso
         );
         accumulate = true;
     }
-    tensor(out, &[n, width])
+    Ok(Output::host(out, (n, width)))
 }
 
 /// `x @ w^T + bias` for a frozen `w: [out, in]`; backward returns only the input gradient `g @ w`.
 ///
 /// x: [.., in] -> [.., out]
 pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, bias: Option<&Tensor>) -> Result<Tensor> {
-    let out = dense(&x.detach(), &w.dense()?, bias)?;
+    let out = dense_output(&x.detach(), &w.dense()?, bias)?;
     let w = w.clone();
     graft1(
         "frozen-linear",
         x,
         out,
         Box::new(move |x, g| {
-            let grad = sum_of_products(None, &[Product::n(&rows(g)?, &w.dense()?)])?;
+            let grad =
+                sum_of_products(None, &[Product::n(&rows(g)?, &w.dense()?)])?.into_tensor()?;
             Ok(Some(grad.reshape(x.shape())?))
         }),
     )
@@ -150,6 +152,11 @@ pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, bias: Option<&Tensor>) -> Res
 
 /// `x @ w^T + bias` computed on untracked tensors. x: [.., in] -> [.., out]
 pub(crate) fn dense(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    dense_output(x, w, bias)?.into_tensor()
+}
+
+/// [`dense`] as a grafted op's result (no copy of a CPU kernel's buffer).
+fn dense_output(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Output> {
     let mut dims = x.dims().to_vec();
     let y = sum_of_products(bias, &[Product::t(&rows(x)?, w)])?;
     if let Some(last) = dims.last_mut() {
@@ -197,7 +204,7 @@ pub fn lora_linear(
     )?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
-        *last = out.dim(D::Minus1)?;
+        *last = b.dim(0)?;
     }
     let out = out.reshape(dims)?;
     let weight = base.weight.clone();
@@ -227,7 +234,8 @@ pub fn lora_linear(
                             Product::n(&g, &weight.dense()?),
                             Product::n(&grad_hidden, a),
                         ],
-                    )?,
+                    )?
+                    .into_tensor()?,
                 };
                 Some(grad.reshape(x.shape())?)
             } else {

@@ -1,7 +1,7 @@
 //! RMSNorm as Llama/Qwen/Mistral use it: `w * x / sqrt(mean(x^2) + eps)`, computed in f32.
 
 use super::cpu::{is_cpu_f32, tensor, Held, PIECE};
-use super::graft::graft2;
+use super::graft::{graft2, Output};
 use super::rows;
 use super::simd;
 use candle_core::{Result, Tensor};
@@ -14,9 +14,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let native = is_cpu_f32(x) && is_cpu_f32(w);
     let x_in = x.detach().contiguous()?;
     let out = if native {
-        rows_cpu(&x_in, &w.detach(), None, eps)?
+        Output::host(rows_cpu(&x_in, &w.detach(), None, eps)?, x_in.dims())
     } else {
-        candle_nn::ops::rms_norm(&x_in, &w.detach(), eps as f32)?
+        candle_nn::ops::rms_norm(&x_in, &w.detach(), eps as f32)?.into()
     };
     graft2(
         "rms-norm",
@@ -28,7 +28,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             let g2 = rows(g)?;
             let fused_grad_x = native && needs[0];
             let grad_x = if fused_grad_x {
-                Some(rows_cpu(x, w, Some(g), eps)?)
+                Some(tensor(rows_cpu(x, w, Some(g), eps)?, x.dims())?)
             } else {
                 None
             };
@@ -54,7 +54,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// The CPU kernel over all rows: the forward (`grad` None) or the input gradient for `grad`.
-fn rows_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+fn rows_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<Vec<f32>> {
     let (x_c, w_c) = (x.contiguous()?, w.contiguous()?);
     let grad_c = grad.map(Tensor::contiguous).transpose()?;
     let (xh, wh) = (Held::new(&x_c)?, Held::new(&w_c)?);
@@ -75,5 +75,5 @@ fn rows_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<T
             .zip(xs.par_chunks(piece).zip(gh.slice()?.par_chunks(piece)))
             .for_each(|(o, (x, g))| simd::rms_norm_backward(x, ws, g, eps, o)),
     }
-    tensor(out, x.dims())
+    Ok(out)
 }

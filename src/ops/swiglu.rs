@@ -1,7 +1,7 @@
 //! The gated MLP activation `silu(gate) * up`.
 
 use super::cpu::{is_cpu_f32, tensor, Held, PIECE};
-use super::graft::graft2;
+use super::graft::{graft2, Output};
 use super::simd;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -13,7 +13,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let out = if native {
         swiglu_forward_cpu(&gate.detach(), &up.detach())?
     } else {
-        (candle_nn::ops::silu(&gate.detach())? * up.detach())?
+        (candle_nn::ops::silu(&gate.detach())? * up.detach())?.into()
     };
     graft2(
         "swiglu",
@@ -40,7 +40,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     )
 }
 
-fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Output> {
     let (gate_c, up_c) = (gate.contiguous()?, up.contiguous()?);
     let (gh, uh) = (Held::new(&gate_c)?, Held::new(&up_c)?);
     let (gs, us) = (gh.slice()?, uh.slice()?);
@@ -48,7 +48,7 @@ fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     out.par_chunks_mut(PIECE)
         .zip(gs.par_chunks(PIECE).zip(us.par_chunks(PIECE)))
         .for_each(|(out, (g, u))| simd::swiglu_forward(g, u, out));
-    tensor(out, gate.dims())
+    Ok(Output::host(out, gate.dims()))
 }
 
 fn swiglu_backward_cpu(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
