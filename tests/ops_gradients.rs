@@ -5,14 +5,14 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::rel_err;
 use peft_sft::ops::attention::{
-    attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
+    attention, attention_blocked, attention_keeping_probabilities, attention_tokens, AttentionMask,
 };
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
 use peft_sft::ops::flash::attention_flash_cpu;
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::residual::residual_add;
-use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
+use peft_sft::ops::rope::{apply_rope, apply_rope_tokens, RopeScaling, RotaryEmbedding};
 use peft_sft::ops::swiglu::swiglu;
 
 fn randn(shape: &[usize]) -> Result<Tensor> {
@@ -71,6 +71,38 @@ fn rope_matches_composed() -> Result<()> {
     let ours = apply_rope(&x, &cos, &sin)?;
     let reference = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)?;
     check("rope", &[&x], &ours, &reference)
+}
+
+#[test]
+fn token_major_rope_and_attention_match_composed() -> Result<()> {
+    // The layout training uses on the CPU: [b, t, heads, d], no heads-first copies.
+    let (q, k, v) = (
+        var(&[2, 70, 4, 8])?,
+        var(&[2, 70, 2, 8])?,
+        var(&[2, 70, 2, 8])?,
+    );
+    let rope = RotaryEmbedding::new(8, 10000.0, &RopeScaling::Default);
+    let (cos, sin) = rope.tables(&[(0..70).collect()], DType::F32, &Device::Cpu)?;
+    let ours = apply_rope_tokens(&q, &cos, &sin)?;
+    let heads_first =
+        candle_nn::rotary_emb::rope_slow(&q.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
+    check("rope tokens", &[&q], &ours, &heads_first.transpose(1, 2)?)?;
+    let mask = AttentionMask::new(70, 0, Some(30), None, DType::F32, &Device::Cpu)?;
+    let ours = attention_tokens(&q, &k, &v, &mask, 0.35)?;
+    let hf = |x: &Var| x.transpose(1, 2).and_then(|x| x.contiguous());
+    let reference = composed_attention(
+        &hf(&q)?,
+        &hf(&k)?,
+        &hf(&v)?,
+        &mask_bias(70, Some(30), None),
+        0.35,
+    )?;
+    check(
+        "attention tokens",
+        &[&q, &k, &v],
+        &ours,
+        &reference.transpose(1, 2)?,
+    )
 }
 
 #[test]

@@ -3,11 +3,12 @@
 
 use super::param::Param;
 use crate::lora::layer::LoraLayer;
-use crate::ops::attention::{attention, AttentionMask};
+use crate::ops::attention::{attention, attention_tokens, AttentionMask};
+use crate::ops::cpu::is_cpu_f32;
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
-use crate::ops::rope::apply_rope;
+use crate::ops::rope::{apply_rope, apply_rope_tokens};
 use crate::ops::swiglu::swiglu;
 use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor, Var};
@@ -192,6 +193,9 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        if cache.is_none() && is_cpu_f32(x) {
+            return self.forward_tokens(x, ctx);
+        }
         let q = self.heads_first(
             &self.q_proj.forward(x, ctx.dropout_key)?,
             self.heads,
@@ -232,6 +236,39 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
         self.o_proj.forward(&out, ctx.dropout_key)
+    }
+
+    /// The forward without a cache in the token-major layout (CPU f32): q, k and v stay as the
+    /// projections produce them (`[b, t, heads, d]` views), RoPE and the flash kernel work on that
+    /// layout, and the output is o_proj's input as is — no heads-first copies.
+    fn forward_tokens(&self, x: &Tensor, ctx: &ForwardContext<'_>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |proj: &Linear, heads: usize, norm: Option<&Norm>| -> Result<Tensor> {
+            let y = proj
+                .forward(x, ctx.dropout_key)?
+                .reshape((b, t, heads, self.head_dim))?;
+            match norm {
+                Some(n) => n.forward(&y),
+                None => Ok(y),
+            }
+        };
+        let q = split(&self.q_proj, self.heads, self.q_norm.as_ref())?;
+        let k = split(&self.k_proj, self.kv_heads, self.k_norm.as_ref())?;
+        let v = split(&self.v_proj, self.kv_heads, None)?;
+        let (q, k) = if self.use_rope {
+            (
+                apply_rope_tokens(&q, ctx.cos, ctx.sin)?,
+                apply_rope_tokens(&k, ctx.cos, ctx.sin)?,
+            )
+        } else {
+            (q, k)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = attention_tokens(&q, &k, &v, ctx.mask, scale)?;
+        self.o_proj.forward(
+            &out.reshape((b, t, self.heads * self.head_dim))?,
+            ctx.dropout_key,
+        )
     }
 }
 

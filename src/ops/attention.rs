@@ -251,6 +251,33 @@ pub fn attention(
     }
 }
 
+/// [`attention`] in the token-major layout the projections produce: q `[b, t_q, heads, d]`, k, v
+/// `[b, t_k, kv_heads, d]` -> `[b, t_q, heads, d]`. On the CPU in f32 the flash kernel reads and
+/// writes this layout directly (no heads-first copies); elsewhere the inputs are transposed for
+/// [`attention`] and its output back.
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let b = q.dim(0)?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 && mask.document_rows().is_none_or(|r| r == b)
+    {
+        return super::flash::attention_flash_cpu_tokens(q, k, v, mask, scale);
+    }
+    let heads_first = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    attention(
+        &heads_first(q)?,
+        &heads_first(k)?,
+        &heads_first(v)?,
+        mask,
+        scale,
+    )?
+    .transpose(1, 2)
+}
+
 /// Largest probability matrix (bytes, all heads) that [`attention`] keeps for the backward:
 /// 9 heads at T=512 (9.4 MB) are kept, at T=2048 (151 MB) recomputed.
 pub const KEEP_PROBABILITIES_BYTES: usize = 16 * 1024 * 1024;

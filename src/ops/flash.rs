@@ -2,12 +2,14 @@
 //! online softmax, so no `[t, t]` matrix ever exists — the forward keeps only the output and each
 //! query's log-sum-exp, and the backward recomputes each tile's probabilities from them.
 //!
-//! Tiles the mask hides entirely (above the causal diagonal, outside a sliding window, before the
-//! first document a query tile can see) are never computed; tiles it shows entirely are not masked
-//! element by element. Grouped-query heads read their key/value head in place (no repetition).
-//! Tile products go through the `gemm` crate (single-threaded per tile); tiles run in parallel on
-//! rayon's pool. The backward follows FlashAttention-2: per query head and chunk of keys, dK and dV
-//! of those keys are owned by one task, dQ is summed over the key chunks afterwards.
+//! The kernel works on the token-major layout the projections produce (`[b, t, heads, d]`): a head's
+//! rows are read and written through strides, so no heads-first copy of q, k, v or the output is
+//! made. Tiles the mask hides entirely (above the causal diagonal, outside a sliding window, before
+//! the first document a query tile can see) are never computed; tiles it shows entirely are not
+//! masked element by element. Grouped-query heads read their key/value head in place (no
+//! repetition). Tile products go through the `gemm` crate (single-threaded per tile); tiles run in
+//! parallel on rayon's pool. The backward follows FlashAttention-2: per query head and chunk of
+//! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::attention::AttentionMask;
 use super::cpu::{matmul, Held, Threads};
@@ -21,7 +23,8 @@ const BQ: usize = 64;
 /// Keys per tile.
 const BK: usize = 64;
 
-/// Sizes of one attention call: q `[b, heads, t_q, d]`, k and v `[b, kv_heads, t_k, d]`.
+/// Sizes of one attention call: q `[b, t_q, heads, d]`, k and v `[b, t_k, kv_heads, d]`
+/// (token-major).
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
     /// Batch rows.
@@ -43,10 +46,24 @@ impl Dims {
         self.heads / self.kv_heads
     }
 
-    /// Offset of key/value head for query head `bh` (flat batch × head index).
-    fn kv_offset(&self, bh: usize) -> usize {
-        let (bi, h) = (bh / self.heads, bh % self.heads);
-        (bi * self.kv_heads + h / self.n_rep()) * self.t_k * self.d
+    /// Distance between consecutive queries (or output rows) of one head.
+    fn q_stride(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Distance between consecutive keys (or values) of one head.
+    fn kv_stride(&self) -> usize {
+        self.kv_heads * self.d
+    }
+
+    /// Where query head `h` of batch row `bi` starts in q (and the output).
+    fn q_base(&self, bi: usize, h: usize) -> usize {
+        bi * self.t_q * self.q_stride() + h * self.d
+    }
+
+    /// Where the key/value head that query head `h` reads starts in k and v.
+    fn kv_base(&self, bi: usize, h: usize) -> usize {
+        bi * self.t_k * self.kv_stride() + (h / self.n_rep()) * self.d
     }
 }
 
@@ -60,7 +77,8 @@ enum TileKind {
 }
 
 /// `softmax(q k^T * scale + mask) v` on the CPU in f32 with the flash kernel, differentiable in q,
-/// k and v. q: [b, heads, t_q, d], k, v: [b, kv_heads, t_k, d] -> [b, heads, t_q, d]
+/// k and v, in the heads-first layout of [`super::attention::attention`]: q `[b, heads, t_q, d]`,
+/// k, v `[b, kv_heads, t_k, d]` -> `[b, heads, t_q, d]` (transposed to and from the kernel's layout).
 pub fn attention_flash_cpu(
     q: &Tensor,
     k: &Tensor,
@@ -68,8 +86,21 @@ pub fn attention_flash_cpu(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, heads, t_q, d) = q.dims4()?;
-    let (kb, kv_heads, t_k, kd) = k.dims4()?;
+    let tokens = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    attention_flash_cpu_tokens(&tokens(q)?, &tokens(k)?, &tokens(v)?, mask, scale)?.transpose(1, 2)
+}
+
+/// The flash kernel in the token-major layout: q `[b, t_q, heads, d]`, k, v `[b, t_k, kv_heads, d]`
+/// -> `[b, t_q, heads, d]`; differentiable in q, k and v.
+pub fn attention_flash_cpu_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t_q, heads, d) = q.dims4()?;
+    let (kb, t_k, kv_heads, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims() != k.dims() || heads % kv_heads != 0 {
         candle_core::bail!(
             "flash attention: q {:?}, k {:?}, v {:?} do not fit together",
@@ -84,6 +115,9 @@ pub fn attention_flash_cpu(
             mask.t_q(),
             mask.t_k()
         );
+    }
+    if mask.document_rows().is_some_and(|r| r != b) {
+        candle_core::bail!("flash attention: document ids for another batch size");
     }
     let dims = Dims {
         b,
@@ -107,7 +141,7 @@ pub fn attention_flash_cpu(
     graft3_with_output(
         "flash attention",
         (q, k, v),
-        Output::host(out, (b, heads, t_q, d)),
+        Output::host(out, (b, t_q, heads, d)),
         Box::new(move |_, _, _, out, g, needs| {
             let (out, g) = (out.contiguous()?, g.contiguous()?);
             let held = [
@@ -118,7 +152,7 @@ pub fn attention_flash_cpu(
                 Held::new(&g)?,
             ];
             let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
-            let grads = backward(
+            let (dq, dk, dv) = backward(
                 Saved {
                     q: qs?,
                     k: ks?,
@@ -131,9 +165,8 @@ pub fn attention_flash_cpu(
                 &mask,
                 scale,
             );
-            let (dq, dk, dv) = grads;
             let tensor =
-                |x: Vec<f32>, t: usize, h: usize| Tensor::from_vec(x, (b, h, t, d), &Device::Cpu);
+                |x: Vec<f32>, t: usize, h: usize| Tensor::from_vec(x, (b, t, h, d), &Device::Cpu);
             Ok((
                 needs[0].then(|| tensor(dq, t_q, heads)).transpose()?,
                 needs[1].then(|| tensor(dk, t_k, kv_heads)).transpose()?,
@@ -143,8 +176,9 @@ pub fn attention_flash_cpu(
     )
 }
 
-/// The forward pass: returns the output `[b, heads, t_q, d]` and each query's log-sum-exp
-/// `[b, heads, t_q]` (of the scaled, masked scores).
+/// The forward pass: returns the output `[b, t_q, heads, d]` and each query's log-sum-exp
+/// `[b, heads, t_q]` (of the scaled, masked scores). Tiles of every head run in parallel into a
+/// heads-first buffer, which one pass then writes token-major.
 pub fn forward(
     q: &[f32],
     k: &[f32],
@@ -153,45 +187,69 @@ pub fn forward(
     mask: &AttentionMask,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let Dims { t_q, t_k, d, .. } = dims;
-    let mut out = vec![0f32; q.len()];
+    let Dims { heads, t_q, d, .. } = dims;
+    let mut out_heads = vec![0f32; q.len()];
     let mut lse = vec![0f32; q.len() / d];
-    out.par_chunks_mut(t_q * d)
+    out_heads
+        .par_chunks_mut(t_q * d)
         .zip(lse.par_chunks_mut(t_q))
         .enumerate()
         .for_each(|(bh, (out, lse))| {
-            let kv = dims.kv_offset(bh);
-            let (kh, vh) = (&k[kv..kv + t_k * d], &v[kv..kv + t_k * d]);
-            let qh = &q[bh * t_q * d..(bh + 1) * t_q * d];
-            let row = bh / dims.heads;
             out.par_chunks_mut(BQ * d)
                 .zip(lse.par_chunks_mut(BQ))
                 .enumerate()
                 .for_each(|(tile, (out, lse))| {
-                    let q0 = tile * BQ;
-                    let q_tile = &qh[q0 * d..(q0 + lse.len()) * d];
-                    forward_tile(q_tile, kh, vh, out, lse, mask, row, q0, scale, d);
+                    let at = TileAt {
+                        bi: bh / heads,
+                        h: bh % heads,
+                        q0: tile * BQ,
+                    };
+                    forward_tile(q, k, v, dims, at, (out, lse), mask, scale);
                 });
+        });
+    let mut out = vec![0f32; q.len()];
+    let row = dims.q_stride();
+    out.par_chunks_mut(t_q * row)
+        .enumerate()
+        .for_each(|(bi, out)| {
+            for (i, dst) in out.chunks_exact_mut(row).enumerate() {
+                for (h, dst) in dst.chunks_exact_mut(d).enumerate() {
+                    let src = ((bi * heads + h) * t_q + i) * d;
+                    dst.copy_from_slice(&out_heads[src..src + d]);
+                }
+            }
         });
     (out, lse)
 }
 
-/// One query tile of the forward: online softmax over the key tiles it can see.
+/// Which query tile of which head.
+#[derive(Debug, Clone, Copy)]
+struct TileAt {
+    bi: usize,
+    h: usize,
+    q0: usize,
+}
+
+/// One query tile of one head in the forward: online softmax over the key tiles it can see
+/// (`out`: the tile's `[m, d]` rows of the head, `lse`: `[m]`).
 #[allow(clippy::too_many_arguments)]
 fn forward_tile(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    out: &mut [f32],
-    lse: &mut [f32],
+    dims: Dims,
+    TileAt { bi, h, q0 }: TileAt,
+    (out, lse): (&mut [f32], &mut [f32]),
     mask: &AttentionMask,
-    row: usize,
-    q0: usize,
     scale: f32,
-    d: usize,
 ) {
+    let d = dims.d;
     let m = lse.len();
-    let (lo, hi) = mask.tile_keys(row, q0, q0 + m);
+    let (qs, ks) = (dims.q_stride(), dims.kv_stride());
+    let q_tile = &q[dims.q_base(bi, h) + q0 * qs..];
+    let kv = dims.kv_base(bi, h);
+    let (kh, vh) = (&k[kv..], &v[kv..]);
+    let (lo, hi) = mask.tile_keys(bi, q0, q0 + m);
     let mut s = vec![0f32; m * BK];
     let mut max = vec![f32::NEG_INFINITY; m];
     let mut sum = vec![0f32; m];
@@ -201,26 +259,28 @@ fn forward_tile(
         let n = k1 - k0;
         let s = &mut s[..m * n];
         // s = scale · q k^T
+        let k_tile = &kh[k0 * ks..];
         matmul(
             (m, n, d),
             (s, n),
             false,
-            (q, d, 1),
-            (&k[k0 * d..k1 * d], 1, d),
+            (q_tile, qs, 1),
+            (k_tile, 1, ks),
             scale,
             Threads::One,
         );
-        if mask.tile_kind(row, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
-            mask.hide(row, (q0, q0 + m), (k0, k1), s);
+        if mask.tile_kind(bi, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
+            mask.hide(bi, (q0, q0 + m), (k0, k1), s);
         }
         simd::online_softmax_rows(s, n, &mut max, &mut sum, out, d);
         // out += p v
+        let v_tile = &vh[k0 * ks..];
         matmul(
             (m, d, n),
             (out, d),
             true,
             (s, n, 1),
-            (&v[k0 * d..k1 * d], d, 1),
+            (v_tile, ks, 1),
             1.0,
             Threads::One,
         );
@@ -233,11 +293,12 @@ fn forward_tile(
     }
 }
 
-/// What the backward reads: the (contiguous) inputs, the output and each query's log-sum-exp.
+/// What the backward reads: the (contiguous, token-major) inputs, the output and each query's
+/// log-sum-exp.
 pub struct Saved<'a> {
-    /// Queries `[b, heads, t_q, d]`.
+    /// Queries `[b, t_q, heads, d]`.
     pub q: &'a [f32],
-    /// Keys `[b, kv_heads, t_k, d]`.
+    /// Keys `[b, t_k, kv_heads, d]`.
     pub k: &'a [f32],
     /// Values, like `k`.
     pub v: &'a [f32],
@@ -247,7 +308,8 @@ pub struct Saved<'a> {
     pub lse: &'a [f32],
 }
 
-/// The backward pass: `(dq, dk, dv)` for the gradient `g` of the output.
+/// The backward pass: `(dq, dk, dv)` (token-major, like the inputs) for the gradient `g` of the
+/// output.
 pub fn backward(
     saved: Saved<'_>,
     g: &[f32],
@@ -258,22 +320,29 @@ pub fn backward(
     let Dims {
         b,
         heads,
+        kv_heads,
         t_q,
         t_k,
         d,
-        ..
     } = dims;
-    // D_i = Σ_c dO_ic O_ic, the row term of the softmax backward.
-    let row_dot: Vec<f32> = g
-        .par_chunks(d)
-        .zip(saved.out.par_chunks(d))
-        .map(|(g, o)| simd::dot(g, o))
-        .collect();
+    // D_i = Σ_c dO_ic O_ic, the row term of the softmax backward, heads-first [b, heads, t_q].
+    let mut row_dot = vec![0f32; b * heads * t_q];
+    row_dot
+        .par_chunks_mut(t_q)
+        .enumerate()
+        .for_each(|(bh, dots)| {
+            let base = dims.q_base(bh / heads, bh % heads);
+            for (i, x) in dots.iter_mut().enumerate() {
+                let at = base + i * dims.q_stride();
+                *x = simd::dot(&g[at..at + d], &saved.out[at..at + d]);
+            }
+        });
     // Key chunks per head: enough tasks for the pool even with one row and few heads.
     let key_tiles = t_k.div_ceil(BK);
     let wanted = (4 * rayon::current_num_threads()).div_ceil(b * heads);
     let chunk_rows = BK * key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
     let chunks = t_k.div_ceil(chunk_rows).max(1);
+    // Per query head, heads-first: dQ's parts per key chunk, dK and dV.
     let mut dq_parts = vec![0f32; b * heads * chunks * t_q * d];
     let mut dk_heads = vec![0f32; b * heads * t_k * d];
     let mut dv_heads = vec![0f32; b * heads * t_k * d];
@@ -301,27 +370,42 @@ pub fn backward(
                     task.run(dq, dk, dv);
                 });
         });
-    // dQ: sum of the key chunks' parts.
-    let mut dq = vec![0f32; b * heads * t_q * d];
-    dq.par_chunks_mut(t_q * d)
-        .zip(dq_parts.par_chunks(chunks * t_q * d))
-        .for_each(|(dq, parts)| {
-            for part in parts.chunks(t_q * d) {
-                dq.iter_mut().zip(part).for_each(|(a, p)| *a += p);
+    // dQ: the key chunks' parts summed, written token-major.
+    let mut dq = vec![0f32; b * t_q * heads * d];
+    dq.par_chunks_mut(t_q * heads * d)
+        .enumerate()
+        .for_each(|(bi, dq)| {
+            for h in 0..heads {
+                let parts = &dq_parts[(bi * heads + h) * chunks * t_q * d..][..chunks * t_q * d];
+                for (i, dst) in dq.chunks_exact_mut(d).skip(h).step_by(heads).enumerate() {
+                    for part in parts.chunks_exact(t_q * d) {
+                        let src = &part[i * d..(i + 1) * d];
+                        dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
+                    }
+                }
             }
         });
     drop(dq_parts);
-    // dK, dV: sum over the query heads that share each key/value head.
+    // dK, dV: the query heads sharing each key/value head summed, written token-major.
     let n_rep = dims.n_rep();
     let group_sum = |per_head: &[f32]| -> Vec<f32> {
-        let mut out = vec![0f32; b * dims.kv_heads * t_k * d];
-        out.par_chunks_mut(t_k * d)
+        let mut out = vec![0f32; b * t_k * kv_heads * d];
+        out.par_chunks_mut(t_k * kv_heads * d)
             .enumerate()
-            .for_each(|(group, out)| {
-                for rep in 0..n_rep {
-                    let h = group * n_rep + rep;
-                    let src = &per_head[h * t_k * d..(h + 1) * t_k * d];
-                    out.iter_mut().zip(src).for_each(|(a, s)| *a += s);
+            .for_each(|(bi, out)| {
+                for group in 0..kv_heads {
+                    for (j, dst) in out
+                        .chunks_exact_mut(d)
+                        .skip(group)
+                        .step_by(kv_heads)
+                        .enumerate()
+                    {
+                        for rep in 0..n_rep {
+                            let h = bi * heads + group * n_rep + rep;
+                            let src = &per_head[(h * t_k + j) * d..(h * t_k + j + 1) * d];
+                            dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
+                        }
+                    }
                 }
             });
         out
@@ -348,22 +432,20 @@ impl HeadTask<'_> {
     /// Adds this chunk's share of dQ (`dq`: the head's `[t_q, d]` part) and writes dK, dV of its
     /// keys (`dk`, `dv`: `[chunk rows, d]`).
     fn run(&self, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        let Dims { t_q, t_k, d, .. } = self.dims;
+        let Dims { t_q, d, .. } = self.dims;
+        let (qs, ks) = (self.dims.q_stride(), self.dims.kv_stride());
         let bh = self.bh;
-        let row = bh / self.dims.heads;
-        let kv = self.dims.kv_offset(bh);
-        let (kh, vh) = (
-            &self.saved.k[kv..kv + t_k * d],
-            &self.saved.v[kv..kv + t_k * d],
-        );
-        let qh = &self.saved.q[bh * t_q * d..(bh + 1) * t_q * d];
-        let gh = &self.g[bh * t_q * d..(bh + 1) * t_q * d];
+        let (bi, h) = (bh / self.dims.heads, bh % self.dims.heads);
+        let kv = self.dims.kv_base(bi, h);
+        let (kh, vh) = (&self.saved.k[kv..], &self.saved.v[kv..]);
+        let q_at = self.dims.q_base(bi, h);
+        let (qh, gh) = (&self.saved.q[q_at..], &self.g[q_at..]);
         let lse = &self.saved.lse[bh * t_q..(bh + 1) * t_q];
         let row_dot = &self.row_dot[bh * t_q..(bh + 1) * t_q];
         let k_end = self.k_start + dk.len() / d;
         // Key bounds of every query tile, computed once.
         let bounds: Vec<(usize, usize)> = (0..t_q.div_ceil(BQ))
-            .map(|t| self.mask.tile_keys(row, t * BQ, ((t + 1) * BQ).min(t_q)))
+            .map(|t| self.mask.tile_keys(bi, t * BQ, ((t + 1) * BQ).min(t_q)))
             .collect();
         let mut p = vec![0f32; BQ * BK];
         let mut dp = vec![0f32; BQ * BK];
@@ -371,7 +453,7 @@ impl HeadTask<'_> {
         while k0 < k_end {
             let k1 = (k0 + BK).min(k_end);
             let n = k1 - k0;
-            let (k_tile, v_tile) = (&kh[k0 * d..k1 * d], &vh[k0 * d..k1 * d]);
+            let (k_tile, v_tile) = (&kh[k0 * ks..], &vh[k0 * ks..]);
             let dk_tile = &mut dk[(k0 - self.k_start) * d..(k1 - self.k_start) * d];
             let dv_tile = &mut dv[(k0 - self.k_start) * d..(k1 - self.k_start) * d];
             for (tile, &(lo, hi)) in bounds.iter().enumerate() {
@@ -381,20 +463,20 @@ impl HeadTask<'_> {
                 let q0 = tile * BQ;
                 let m = (q0 + BQ).min(t_q) - q0;
                 let (p, dp) = (&mut p[..m * n], &mut dp[..m * n]);
-                let q_tile = &qh[q0 * d..(q0 + m) * d];
-                let g_tile = &gh[q0 * d..(q0 + m) * d];
+                let (q_tile, g_tile) = (&qh[q0 * qs..], &gh[q0 * qs..]);
                 // p = exp(scale · q k^T - lse)
+                let one = Threads::One;
                 matmul(
                     (m, n, d),
                     (p, n),
                     false,
-                    (q_tile, d, 1),
-                    (k_tile, 1, d),
+                    (q_tile, qs, 1),
+                    (k_tile, 1, ks),
                     self.scale,
-                    Threads::One,
+                    one,
                 );
-                if self.mask.tile_kind(row, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
-                    self.mask.hide(row, (q0, q0 + m), (k0, k1), p);
+                if self.mask.tile_kind(bi, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
+                    self.mask.hide(bi, (q0, q0 + m), (k0, k1), p);
                 }
                 simd::probabilities(p, n, &lse[q0..q0 + m]);
                 // dp = dO v^T, then dS = p ∘ (dp - D) in place
@@ -402,10 +484,10 @@ impl HeadTask<'_> {
                     (m, n, d),
                     (dp, n),
                     false,
-                    (g_tile, d, 1),
-                    (v_tile, 1, d),
+                    (g_tile, qs, 1),
+                    (v_tile, 1, ks),
                     1.0,
-                    Threads::One,
+                    one,
                 );
                 simd::score_gradient(dp, p, n, &row_dot[q0..q0 + m]);
                 // dV += p^T dO; dK += scale · dS^T q; dQ += scale · dS k
@@ -414,27 +496,29 @@ impl HeadTask<'_> {
                     (dv_tile, d),
                     true,
                     (p, 1, n),
-                    (g_tile, d, 1),
+                    (g_tile, qs, 1),
                     1.0,
-                    Threads::One,
+                    one,
                 );
+                let scale = self.scale;
                 matmul(
                     (n, d, m),
                     (dk_tile, d),
                     true,
                     (dp, 1, n),
-                    (q_tile, d, 1),
-                    self.scale,
-                    Threads::One,
+                    (q_tile, qs, 1),
+                    scale,
+                    one,
                 );
+                let dq_tile = &mut dq[q0 * d..(q0 + m) * d];
                 matmul(
                     (m, d, n),
-                    (&mut dq[q0 * d..(q0 + m) * d], d),
+                    (dq_tile, d),
                     true,
                     (dp, n, 1),
-                    (k_tile, d, 1),
-                    self.scale,
-                    Threads::One,
+                    (k_tile, ks, 1),
+                    scale,
+                    one,
                 );
             }
             k0 = k1;

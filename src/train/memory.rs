@@ -395,10 +395,12 @@ impl Step<'_> {
     ///
     /// Per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
     /// and the mid-layer residual (6 × hidden); gate, up and their SwiGLU product (3 ×
-    /// intermediate); q as projected, made heads-first (a copy) and rotated (3 × q width, plus one
-    /// for Qwen3's q-norm), k likewise, v as projected and heads-first; the attention output as
-    /// returned and as reshaped for o_proj (2 × q width). The CPU flash kernel keeps its inputs
-    /// as they are (k and v at their own heads) and a per-head f32 log-sum-exp. The candle-op
+    /// intermediate). On the CPU in f32 attention runs token-major: q as projected and rotated
+    /// (2 × q width, plus one for Qwen3's q-norm), k likewise, v as projected, the output (also
+    /// o_proj's input) and the flash kernel's per-head f32 log-sum-exp. Elsewhere: q as projected,
+    /// made heads-first (a copy) and rotated (3 × q width, plus one for Qwen3's q-norm), k
+    /// likewise, v as projected and heads-first; the attention output as returned and as reshaped
+    /// for o_proj (2 × q width). The candle-op
     /// kernels keep k and v repeated to the query heads when grouped (2 × q width), and the blocked
     /// one its own copy of the output and the per-head log-sum-exp. Then r per adapted linear (its
     /// `x A^T`), and with dropout the mask and masked input (2 × in).
@@ -409,11 +411,14 @@ impl Step<'_> {
         let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
         let rope = u64::from(c.layer_uses_rope(layer));
         let mut e = 6 * h + 3 * i;
-        e += qd * (2 + norm + rope) + kvd * (2 + norm + rope) + 2 * kvd;
-        e += 2 * qd;
         if native_cpu(self.o) {
-            e += self.heads();
+            // Token-major path: q and k as projected (viewed per head), normed, rotated; v as
+            // projected; the output is o_proj's input as is; the flash kernel's f32 lse.
+            e += qd * (1 + norm + rope) + kvd * (1 + norm + rope) + kvd;
+            e += qd + self.heads();
         } else {
+            e += qd * (2 + norm + rope) + kvd * (2 + norm + rope) + 2 * kvd;
+            e += 2 * qd;
             if c.kv_heads() != c.num_attention_heads {
                 e += 2 * qd;
             }
@@ -1106,10 +1111,11 @@ mod tests {
                 - on(device, 512, 0.0).layer_activation_bytes;
             assert_eq!(extra, 512 * 2 * (3 * 576 + 576 + 2 * 576 + 1536) * 4);
         }
-        // The CPU flash kernel keeps q, k and v as they are, the output and an f32 log-sum-exp per
-        // head, at every length: per row 6 × 576 + 3 × 1536 + 3 × 576 (q) + 3 × 192 (k)
-        // + 2 × 192 (v) + 2 × 576 (output) + 9 + 7 × 16 (LoRA).
-        let flash_row = 6 * 576 + 3 * 1536 + 3 * 576 + 3 * 192 + 2 * 192 + 2 * 576 + 9 + 7 * 16;
+        // On the CPU attention runs token-major and the flash kernel keeps q, k and v as they are,
+        // the output and an f32 log-sum-exp per head, at every length: per row 6 × 576 + 3 × 1536
+        // + 2 × 576 (q projected, rotated) + 2 × 192 (k) + 192 (v) + 576 (output, o_proj's
+        // input) + 9 + 7 × 16 (LoRA).
+        let flash_row = 6 * 576 + 3 * 1536 + 2 * 576 + 2 * 192 + 192 + 576 + 9 + 7 * 16;
         for t in [512, 682, 683, 2048] {
             let p = on(PlanDevice::Cpu, t, 0.0);
             assert!(!p.attention_keeps_probabilities);
@@ -1177,7 +1183,8 @@ mod tests {
         assert_eq!(longest(1 << 20), None);
     }
 
-    /// Peak RSS (VmHWM) measured on the 2-core CPU machine at commit 3f35333 with `cargo run
+    /// Peak RSS (VmHWM) measured on the 2-core CPU machine with token-major attention (after commit
+    /// 61f684e) with `cargo run
     /// --release --example bench_lora_step -- DIR T STEPS R MODE` on random f32 models written by
     /// `scripts/bench_peft.py --make-model DIR --shape 135m|360m|1.7b`: batch 1, LoRA all-linear,
     /// no dropout, 2 steps (1 for 1.7B); the example's baseline (no tokenizer) is 9 MiB. A single
@@ -1187,21 +1194,21 @@ mod tests {
     #[test]
     fn plan_matches_measured_peaks_within_ten_percent() {
         let measured = [
-            (SMOLLM2_135M, 512, 16, Method::Lora, false, 2, 1430.0),
-            (SMOLLM2_135M, 512, 16, Method::Qlora, false, 2, 1057.0),
-            (SMOLLM2_135M, 682, 16, Method::Lora, false, 2, 1624.0),
-            (SMOLLM2_135M, 683, 16, Method::Lora, false, 2, 1623.0),
-            (SMOLLM2_135M, 2048, 16, Method::Lora, false, 2, 3534.0),
-            (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 2, 3199.0),
-            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 958.0),
-            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 612.0),
-            (SMOLLM2_360M, 512, 16, Method::Lora, false, 2, 2903.0),
-            (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2, 1852.0),
-            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 2137.0),
-            (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 2, 3661.0),
-            (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 1, 8294.0),
-            (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2984.0),
-            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2180.0),
+            (SMOLLM2_135M, 512, 16, Method::Lora, false, 2, 1339.0),
+            (SMOLLM2_135M, 512, 16, Method::Qlora, false, 2, 942.0),
+            (SMOLLM2_135M, 682, 16, Method::Lora, false, 2, 1508.1),
+            (SMOLLM2_135M, 683, 16, Method::Lora, false, 2, 1505.5),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, false, 2, 3169.0),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 948.0),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 2, 2817.6),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 599.4),
+            (SMOLLM2_360M, 512, 16, Method::Lora, false, 2, 2737.0),
+            (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2, 1692.0),
+            (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 2, 3338.3),
+            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 2122.9),
+            (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 1, 8101.9),
+            (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2792.8),
+            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2138.3),
         ];
         for (shape, t, r, method, gc, steps, mib) in measured {
             let o = PlanOptions {
