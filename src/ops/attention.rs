@@ -7,6 +7,7 @@
 //! log-sum-exp, and recomputes the probabilities block by block in the backward — once by query
 //! blocks for dQ, once by key blocks for dK and dV. [`attention`] picks by size.
 
+use super::cpu::is_cpu_f32;
 use super::graft::graft3;
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::sync::Arc;
@@ -239,8 +240,7 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, t_q, _) = q.dims4()?;
-    if q.device().is_cpu() && q.dtype() == DType::F32 && mask.document_rows().is_none_or(|r| r == b)
-    {
+    if flash_applies(q, mask)? {
         return super::flash::attention_flash_cpu(q, k, v, mask, scale);
     }
     let bytes = b * h * t_q * k.dim(2)? * q.dtype().size_in_bytes();
@@ -262,9 +262,7 @@ pub fn attention_tokens(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let b = q.dim(0)?;
-    if q.device().is_cpu() && q.dtype() == DType::F32 && mask.document_rows().is_none_or(|r| r == b)
-    {
+    if flash_applies(q, mask)? {
         return super::flash::attention_flash_cpu_tokens(q, k, v, mask, scale);
     }
     let heads_first = |x: &Tensor| x.transpose(1, 2)?.contiguous();
@@ -276,6 +274,13 @@ pub fn attention_tokens(
         scale,
     )?
     .transpose(1, 2)
+}
+
+/// Whether the CPU flash kernel runs this call: f32 on the CPU, with document ids (if any) for
+/// each of q's batch rows.
+fn flash_applies(q: &Tensor, mask: &AttentionMask) -> Result<bool> {
+    let b = q.dim(0)?;
+    Ok(is_cpu_f32(q) && mask.document_rows().is_none_or(|r| r == b))
 }
 
 /// Largest probability matrix (bytes, all heads) that [`attention`] keeps for the backward:

@@ -340,28 +340,25 @@ pub fn graft3(
     out: impl Into<Output>,
     backward: Backward3,
 ) -> Result<Tensor> {
-    let out = out.into();
-    if (!a.track_op() && !b.track_op() && !c.track_op()) || !grad_enabled() {
-        return out.into_tensor();
-    }
-    a.apply_op3(
-        b,
-        c,
-        Graft3 {
-            name,
-            out: Pending::new(out),
-            backward: Backward3Kind::Plain(backward),
-        },
-    )
+    apply3(name, (a, b, c), out.into(), Backward3Kind::Plain(backward))
 }
 
 /// [`graft3`] whose backward also receives the op's output, so the forward need not keep a copy
 /// of its own.
 pub fn graft3_with_output(
     name: &'static str,
-    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    inputs: (&Tensor, &Tensor, &Tensor),
     out: Output,
     backward: Backward3Out,
+) -> Result<Tensor> {
+    apply3(name, inputs, out, Backward3Kind::WithOutput(backward))
+}
+
+fn apply3(
+    name: &'static str,
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    out: Output,
+    backward: Backward3Kind,
 ) -> Result<Tensor> {
     if (!a.track_op() && !b.track_op() && !c.track_op()) || !grad_enabled() {
         return out.into_tensor();
@@ -372,7 +369,7 @@ pub fn graft3_with_output(
         Graft3 {
             name,
             out: Pending::new(out),
-            backward: Backward3Kind::WithOutput(backward),
+            backward,
         },
     )
 }

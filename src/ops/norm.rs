@@ -24,8 +24,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         w,
         out,
         Box::new(move |x, w, g, needs| {
-            let x2 = rows(x)?;
-            let g2 = rows(g)?;
             let fused_grad_x = native && needs[0];
             let grad_x = if fused_grad_x {
                 Some(tensor(rows_cpu(x, w, Some(g), eps)?, x.dims())?)
@@ -35,6 +33,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             if !needs[1] && (fused_grad_x || !needs[0]) {
                 return Ok((grad_x, None));
             }
+            let (x2, g2) = (rows(x)?, rows(g)?);
             let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
             let x_hat = x2.broadcast_mul(&inv_rms)?;
             let grad_w = needs[1].then(|| (&g2 * &x_hat)?.sum(0)).transpose()?;
