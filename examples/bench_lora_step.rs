@@ -1,10 +1,12 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc][+ops][+ops]
 //!
 //! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
-//! `+gc` turns on gradient checkpointing; `load_rss_mib` is the peak RSS once the model is loaded
+//! `+gc` turns on gradient checkpointing; `+ops` turns off selective checkpointing (the op-by-op
+//! graph, for comparison); `+ops` turns off selective checkpointing (the op-by-op
+//! graph, for comparison); `load_rss_mib` is the peak RSS once the model is loaded
 //! (before any step).
 
 use candle_core::{DType, Device, Tensor};
@@ -38,8 +40,14 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
     let rank: usize = args.get(4).map_or(Ok(16), |s| s.parse())?;
     let mode = args.get(5).map_or("lora", String::as_str);
-    let checkpointing = mode.ends_with("+gc");
-    let quantize = match mode.trim_end_matches("+gc") {
+    let mut parts = mode.split('+');
+    let base = parts.next().unwrap_or("lora");
+    let flags: Vec<&str> = parts.collect();
+    if let Some(f) = flags.iter().find(|f| !["gc", "ops"].contains(f)) {
+        anyhow::bail!("mode suffix `+{f}`: expected +gc or +ops");
+    }
+    let checkpointing = flags.contains(&"gc");
+    let quantize = match base {
         "lora" => None,
         "qlora" => Some(QuantScheme::qlora()),
         other => anyhow::bail!("mode `{other}`: expected lora or qlora"),
@@ -51,6 +59,8 @@ fn main() -> anyhow::Result<()> {
         CausalLm::load_quantized(config, &weights, false, quantize, DType::F32, &Device::Cpu)?;
     let load_rss_mib = peak_rss_mib();
     model.gradient_checkpointing = checkpointing;
+    model.selective_checkpointing = !flags.contains(&"ops");
+    model.selective_checkpointing = !flags.contains(&"ops");
     let lora = LoraConfig {
         r: rank,
         lora_alpha: 2.0 * rank as f64,

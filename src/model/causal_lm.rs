@@ -42,6 +42,10 @@ pub struct CausalLm {
     /// Recompute each decoder layer in the backward pass instead of keeping its activations (use
     /// [`crate::ops::checkpoint::backward`] for the loss).
     pub gradient_checkpointing: bool,
+    /// Run each LoRA/QLoRA decoder layer as one op that keeps only what its backward needs and
+    /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way the
+    /// loss must be differentiated with [`crate::ops::checkpoint::backward`].
+    pub selective_checkpointing: bool,
 }
 
 /// Where a tensor loads from and whether it trains.
@@ -241,6 +245,7 @@ impl CausalLm {
             dtype,
             device: device.clone(),
             gradient_checkpointing: false,
+            selective_checkpointing: true,
         })
     }
 
@@ -285,16 +290,19 @@ impl CausalLm {
                 cos: &cos,
                 sin: &sin,
                 dropout_key,
+                selective: self.selective_checkpointing,
             };
             x = if self.gradient_checkpointing && cache.is_none() && grad_enabled() {
                 let layer = layer.clone();
                 let (mask, cos, sin) = (ctx.mask.clone(), cos.clone(), sin.clone());
+                let selective = self.selective_checkpointing;
                 checkpoint(&x, layer.trainable_vars(), move |h| {
                     let ctx = ForwardContext {
                         mask: &mask,
                         cos: &cos,
                         sin: &sin,
                         dropout_key,
+                        selective,
                     };
                     layer.forward(h, &ctx, None)
                 })?

@@ -24,6 +24,9 @@ pub struct ForwardContext<'a> {
     pub sin: &'a Tensor,
     /// Key of this micro-batch's dropout draws; None disables dropout (evaluation).
     pub dropout_key: Option<u64>,
+    /// Run each decoder layer as one op that keeps only what its backward needs, where it applies
+    /// (see [`super::selective`]); false builds the op-by-op graph.
+    pub selective: bool,
 }
 
 /// The weight of a linear projection: full precision (frozen or trained) or frozen and quantized.
@@ -313,6 +316,9 @@ impl DecoderLayer {
         ctx: &ForwardContext<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        if ctx.selective && cache.is_none() && super::selective::applies(self, x, ctx.mask)? {
+            return super::selective::forward(self, x, ctx);
+        }
         let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx, cache)?;

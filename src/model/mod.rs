@@ -7,6 +7,7 @@ pub mod layers;
 pub mod load;
 pub mod param;
 pub mod save;
+pub mod selective;
 pub mod tokens;
 pub mod weights;
 

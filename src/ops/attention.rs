@@ -278,7 +278,7 @@ pub fn attention_tokens(
 
 /// Whether the CPU flash kernel runs this call: f32 on the CPU, with document ids (if any) for
 /// each of q's batch rows.
-fn flash_applies(q: &Tensor, mask: &AttentionMask) -> Result<bool> {
+pub(crate) fn flash_applies(q: &Tensor, mask: &AttentionMask) -> Result<bool> {
     let b = q.dim(0)?;
     Ok(is_cpu_f32(q) && mask.document_rows().is_none_or(|r| r == b))
 }

@@ -64,7 +64,15 @@ where
     }
 }
 
-/// `loss.backward()` plus the weight gradients of checkpointed blocks.
+/// Hands the gradient of `var` (a trainable tensor) from a backward that computed it outside
+/// candle's graph to the running [`backward`], which adds it to the store.
+pub(crate) fn park(var: &Tensor, grad: Tensor) {
+    PARKED.with(|p| p.borrow_mut().push((var.clone(), grad)));
+}
+
+/// `loss.backward()` plus the weight gradients of checkpointed blocks and of the decoder layers
+/// that run as one op (selective checkpointing, [`crate::model::selective`]): the only complete
+/// backward for a model.
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
     PARKED.with(|p| p.borrow_mut().clear());
     let mut store = loss.backward()?;

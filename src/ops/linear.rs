@@ -27,11 +27,6 @@ impl FrozenWeight {
                 .map_err(|e| candle_core::Error::Msg(e.to_string())),
         }
     }
-
-    /// `g @ W` for g: [n, out] -> [n, in] (the input gradient).
-    fn gw(&self, g: &Tensor) -> Result<Tensor> {
-        g.matmul(&self.dense()?)
-    }
 }
 
 /// One term `lhs @ rhs` (or `lhs @ rhs^T`) of a [`sum_of_products`].
@@ -143,8 +138,11 @@ pub fn frozen_linear(x: &Tensor, w: &FrozenWeight, bias: Option<&Tensor>) -> Res
         x,
         out,
         Box::new(move |x, g| {
-            let grad =
-                sum_of_products(None, &[Product::n(&rows(g)?, &w.dense()?)])?.into_tensor()?;
+            let grad = input_gradient(&[InputShare {
+                g: &rows(g)?,
+                weight: &w,
+                lora: None,
+            }])?;
             Ok(Some(grad.reshape(x.shape())?))
         }),
     )
@@ -176,6 +174,99 @@ pub struct LoraBase<'a> {
     pub dropout_mask: Option<Tensor>,
 }
 
+/// What a LoRA linear's backward reuses from its forward besides the input: the r-wide
+/// `hidden = dropout(x) A^T` and B with the scale folded in.
+pub(crate) struct LoraHidden {
+    hidden: Tensor,
+    b_scaled: Tensor,
+}
+
+/// The LoRA branch's input: `x`, masked when dropout is active. x: [n, in]
+pub(crate) fn lora_input(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        Some(mask) => x.mul(mask),
+        None => Ok(x.clone()),
+    }
+}
+
+/// PEFT's LoRA forward on untracked rows: `x W^T + bias + scale (dropout(x) A^T) B^T`.
+///
+/// x: [n, in], a: [r, in], b: [out, r] -> ([n, out], what the backward reuses)
+pub(crate) fn lora_rows(
+    x: &Tensor,
+    base: &LoraBase<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<(Output, LoraHidden)> {
+    let hidden = lora_input(x, base.dropout_mask.as_ref())?.matmul(&a.t()?)?;
+    // Folding the scale into the tiny B saves two passes over the [n, out] output.
+    let b_scaled = b.affine(scale, 0.0)?;
+    let out = sum_of_products(
+        base.bias,
+        &[
+            Product::t(x, &base.weight.dense()?),
+            Product::t(&hidden, &b_scaled),
+        ],
+    )?;
+    Ok((out, LoraHidden { hidden, b_scaled }))
+}
+
+/// A LoRA pair's gradients for the output gradient `g: [n, out]`, given the branch's input
+/// `lora_in: [n, in]` (see [`lora_input`]): `(grad_hidden [n, r], grad_a, grad_b)`, the weight
+/// gradients only where asked for.
+pub(crate) fn lora_weight_grads(
+    g: &Tensor,
+    lora_in: &Tensor,
+    saved: &LoraHidden,
+    scale: f64,
+    (needs_a, needs_b): (bool, bool),
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let grad_hidden = g.matmul(&saved.b_scaled)?;
+    let grad_b = needs_b
+        .then(|| g.t()?.matmul(&saved.hidden)?.affine(scale, 0.0))
+        .transpose()?;
+    let grad_a = needs_a
+        .then(|| grad_hidden.t()?.matmul(lora_in))
+        .transpose()?;
+    Ok((grad_hidden, grad_a, grad_b))
+}
+
+/// One module's share of the gradient of its input: `g W`, plus `(grad_hidden A) ∘ mask` for a
+/// LoRA module (the dropout mask applies to the LoRA branch only).
+pub(crate) struct InputShare<'a> {
+    /// The gradient of the module's output `[n, out]`.
+    pub(crate) g: &'a Tensor,
+    /// The frozen base weight `[out, in]`.
+    pub(crate) weight: &'a FrozenWeight,
+    /// `(grad_hidden [n, r], A [r, in], dropout mask [n, in])` of a LoRA module.
+    pub(crate) lora: Option<(&'a Tensor, &'a Tensor, Option<&'a Tensor>)>,
+}
+
+/// The gradient of an input several modules read (q, k and v read one normalised input): every
+/// unmasked product accumulates into one buffer. -> [n, in]
+pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
+    let dense = shares
+        .iter()
+        .map(|s| s.weight.dense())
+        .collect::<Result<Vec<_>>>()?;
+    let mut terms = Vec::with_capacity(2 * shares.len());
+    let mut masked = Vec::new();
+    for (share, w) in shares.iter().zip(&dense) {
+        terms.push(Product::n(share.g, w));
+        match share.lora {
+            Some((grad_hidden, a, None)) => terms.push(Product::n(grad_hidden, a)),
+            Some((grad_hidden, a, Some(mask))) => masked.push((grad_hidden, a, mask)),
+            None => {}
+        }
+    }
+    let mut grad = sum_of_products(None, &terms)?.into_tensor()?;
+    for (grad_hidden, a, mask) in masked {
+        grad = (grad + grad_hidden.matmul(a)?.mul(mask)?)?;
+    }
+    Ok(grad)
+}
+
 /// PEFT's LoRA forward: `x @ W^T + bias + scale * (dropout(x) @ A^T) @ B^T`, as one op whose
 /// backward yields gradients for `a`, `b` and (when tracked) `x`, and none for the frozen base.
 ///
@@ -187,21 +278,7 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let x_rows = rows(&x.detach())?;
-    let lora_in = match &base.dropout_mask {
-        Some(mask) => x_rows.mul(mask)?,
-        None => x_rows.clone(),
-    };
-    let hidden = lora_in.matmul(&a.detach().t()?)?;
-    // Folding the scale into the tiny B saves two passes over the [n, out] output.
-    let b_scaled = b.detach().affine(scale, 0.0)?;
-    let out = sum_of_products(
-        base.bias,
-        &[
-            Product::t(&x_rows, &base.weight.dense()?),
-            Product::t(&hidden, &b_scaled),
-        ],
-    )?;
+    let (out, saved) = lora_rows(&rows(&x.detach())?, &base, &a.detach(), &b.detach(), scale)?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = b.dim(0)?;
@@ -217,30 +294,20 @@ pub fn lora_linear(
         out,
         Box::new(move |x, a, _, g, needs| {
             let g = rows(g)?;
-            let grad_hidden = g.matmul(&b_scaled)?;
-            let grad_b = needs[2]
-                .then(|| g.t()?.matmul(&hidden)?.affine(scale, 0.0))
+            // The masked input is rebuilt rather than kept: one product by the mask.
+            let lora_in = lora_input(&rows(x)?, mask.as_ref())?;
+            let (grad_hidden, grad_a, grad_b) =
+                lora_weight_grads(&g, &lora_in, &saved, scale, (needs[1], needs[2]))?;
+            let grad_x = needs[0]
+                .then(|| {
+                    input_gradient(&[InputShare {
+                        g: &g,
+                        weight: &weight,
+                        lora: Some((&grad_hidden, a, mask.as_ref())),
+                    }])?
+                    .reshape(x.shape())
+                })
                 .transpose()?;
-            let grad_a = needs[1]
-                .then(|| grad_hidden.t()?.matmul(&lora_in))
-                .transpose()?;
-            let grad_x = if needs[0] {
-                let grad = match &mask {
-                    // Dropout applies to the LoRA branch only: its term is masked first.
-                    Some(mask) => (weight.gw(&g)? + grad_hidden.matmul(a)?.mul(mask)?)?,
-                    None => sum_of_products(
-                        None,
-                        &[
-                            Product::n(&g, &weight.dense()?),
-                            Product::n(&grad_hidden, a),
-                        ],
-                    )?
-                    .into_tensor()?,
-                };
-                Some(grad.reshape(x.shape())?)
-            } else {
-                None
-            };
             Ok((grad_x, grad_a, grad_b))
         }),
     )

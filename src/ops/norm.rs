@@ -14,7 +14,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let native = is_cpu_f32(x) && is_cpu_f32(w);
     let x_in = x.detach().contiguous()?;
     let out = if native {
-        Output::host(rows_cpu(&x_in, &w.detach(), None, eps)?, x_in.dims())
+        Output::host(rms_norm_cpu(&x_in, &w.detach(), None, eps)?, x_in.dims())
     } else {
         candle_nn::ops::rms_norm(&x_in, &w.detach(), eps as f32)?.into()
     };
@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Box::new(move |x, w, g, needs| {
             let fused_grad_x = native && needs[0];
             let grad_x = if fused_grad_x {
-                Some(tensor(rows_cpu(x, w, Some(g), eps)?, x.dims())?)
+                Some(tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims())?)
             } else {
                 None
             };
@@ -52,8 +52,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
-/// The CPU kernel over all rows: the forward (`grad` None) or the input gradient for `grad`.
-fn rows_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<Vec<f32>> {
+/// The CPU kernel over all rows of a contiguous x `[.., d]`: the forward (`grad` None) or the
+/// input gradient for `grad` (like x).
+pub(crate) fn rms_norm_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    grad: Option<&Tensor>,
+    eps: f64,
+) -> Result<Vec<f32>> {
     let (x_c, w_c) = (x.contiguous()?, w.contiguous()?);
     let grad_c = grad.map(Tensor::contiguous).transpose()?;
     let (xh, wh) = (Held::new(&x_c)?, Held::new(&w_c)?);

@@ -1,7 +1,9 @@
 //! Residual addition that never hands a gradient to an untracked operand.
 
+use super::cpu::{Held, PIECE};
 use super::graft::graft2;
 use candle_core::{Result, Tensor};
+use rayon::prelude::*;
 
 /// `a + b`. candle's own add stores a gradient for both operands even when one is untracked (the
 /// first layer's frozen embedding output, say); this keeps the gradient store to what trains.
@@ -17,4 +19,23 @@ pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         out,
         Box::new(|_, _, g, needs| Ok((needs[0].then(|| g.clone()), needs[1].then(|| g.clone())))),
     )
+}
+
+/// `a + b` of two f32 CPU tensors of one shape (made contiguous), in parallel: the elements.
+pub(crate) fn sum_cpu(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("residual sum: shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (ah, bh) = (Held::new(&a)?, Held::new(&b)?);
+    let (xs, ys) = (ah.slice()?, bh.slice()?);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(PIECE)
+        .zip(xs.par_chunks(PIECE).zip(ys.par_chunks(PIECE)))
+        .for_each(|(o, (x, y))| {
+            o.iter_mut()
+                .zip(x.iter().zip(y))
+                .for_each(|(o, (x, y))| *o = x + y)
+        });
+    Ok(out)
 }

@@ -123,6 +123,22 @@ pub fn apply_rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     rope_with(candle_nn::rotary_emb::rope_thd, x, cos, sin)
 }
 
+/// RoPE on untracked token-major rows `[b, t, heads, d]`, or its backward (the inverse rotation of
+/// a gradient) when `inverse`.
+pub(crate) fn rotate_tokens(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if inverse {
+        candle_nn::rotary_emb::rope_thd(&x, cos, &sin.neg()?)
+    } else {
+        candle_nn::rotary_emb::rope_thd(&x, cos, sin)
+    }
+}
+
 /// RoPE by one of candle's fused kernels; the backward rotates the gradient back (`-sin`).
 fn rope_with(
     kernel: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,

@@ -40,7 +40,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     )
 }
 
-fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Output> {
+/// `silu(gate) * up` on the CPU in f32 (one vectorized pass). gate, up: [.., i] -> [.., i]
+pub(crate) fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Output> {
     let (gate_c, up_c) = (gate.contiguous()?, up.contiguous()?);
     let (gh, uh) = (Held::new(&gate_c)?, Held::new(&up_c)?);
     let (gs, us) = (gh.slice()?, uh.slice()?);
@@ -51,7 +52,12 @@ fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Output> {
     Ok(Output::host(out, gate.dims()))
 }
 
-fn swiglu_backward_cpu(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `(d_gate, d_up)` of `silu(gate) * up` for the output gradient `grad`, on the CPU in f32.
+pub(crate) fn swiglu_backward_cpu(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let (gate_c, up_c, grad_c) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
     let held = [Held::new(&gate_c)?, Held::new(&up_c)?, Held::new(&grad_c)?];
     let (gs, us, ds) = (held[0].slice()?, held[1].slice()?, held[2].slice()?);
