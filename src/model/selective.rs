@@ -159,8 +159,9 @@ fn backward_projections(
         };
         let mask = part.proj.mask(rows, key)?;
         let lora_in = lora_input(x, mask.as_ref())?;
+        let b = lora.b.as_tensor().detach();
         let (grad_hidden, grad_a, grad_b) =
-            lora_weight_grads(part.g, &lora_in, hidden, lora.scale, (true, true))?;
+            lora_weight_grads(part.g, &lora_in, (hidden, &b), lora.scale, (true, true))?;
         if let (Some(ga), Some(gb)) = (grad_a, grad_b) {
             park(lora.a.as_tensor(), ga);
             park(lora.b.as_tensor(), gb);

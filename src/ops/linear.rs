@@ -175,10 +175,9 @@ pub struct LoraBase<'a> {
 }
 
 /// What a LoRA linear's backward reuses from its forward besides the input: the r-wide
-/// `hidden = dropout(x) A^T` and B with the scale folded in.
+/// `hidden = dropout(x) A^T`.
 pub(crate) struct LoraHidden {
     hidden: Tensor,
-    b_scaled: Tensor,
 }
 
 /// The LoRA branch's input: `x`, masked when dropout is active. x: [n, in]
@@ -209,20 +208,20 @@ pub(crate) fn lora_rows(
             Product::t(&hidden, &b_scaled),
         ],
     )?;
-    Ok((out, LoraHidden { hidden, b_scaled }))
+    Ok((out, LoraHidden { hidden }))
 }
 
 /// A LoRA pair's gradients for the output gradient `g: [n, out]`, given the branch's input
-/// `lora_in: [n, in]` (see [`lora_input`]): `(grad_hidden [n, r], grad_a, grad_b)`, the weight
-/// gradients only where asked for.
+/// `lora_in: [n, in]` (see [`lora_input`]) and B `[out, r]` (untracked):
+/// `(grad_hidden [n, r], grad_a, grad_b)`, the weight gradients only where asked for.
 pub(crate) fn lora_weight_grads(
     g: &Tensor,
     lora_in: &Tensor,
-    saved: &LoraHidden,
+    (saved, b): (&LoraHidden, &Tensor),
     scale: f64,
     (needs_a, needs_b): (bool, bool),
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    let grad_hidden = g.matmul(&saved.b_scaled)?;
+    let grad_hidden = g.matmul(&b.affine(scale, 0.0)?)?;
     let grad_b = needs_b
         .then(|| g.t()?.matmul(&saved.hidden)?.affine(scale, 0.0))
         .transpose()?;
@@ -292,12 +291,12 @@ pub fn lora_linear(
         a,
         b,
         out,
-        Box::new(move |x, a, _, g, needs| {
+        Box::new(move |x, a, b, g, needs| {
             let g = rows(g)?;
             // The masked input is rebuilt rather than kept: one product by the mask.
             let lora_in = lora_input(&rows(x)?, mask.as_ref())?;
             let (grad_hidden, grad_a, grad_b) =
-                lora_weight_grads(&g, &lora_in, &saved, scale, (needs[1], needs[2]))?;
+                lora_weight_grads(&g, &lora_in, (&saved, b), scale, (needs[1], needs[2]))?;
             let grad_x = needs[0]
                 .then(|| {
                     input_gradient(&[InputShare {

@@ -65,6 +65,12 @@ fn native_cpu(options: &PlanOptions) -> bool {
     options.device == PlanDevice::Cpu && options.dtype == DType::F32
 }
 
+/// Whether each decoder layer runs as one op that keeps only what its backward needs (selective
+/// checkpointing, `model/selective.rs`): the native CPU kernels over a frozen base (LoRA, QLoRA).
+fn selective(options: &PlanOptions) -> bool {
+    native_cpu(options) && options.method != Method::Full
+}
+
 /// How the model trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -393,7 +399,12 @@ impl Step<'_> {
 
     /// Elements (per row) a decoder layer keeps for the backward pass, beyond its probabilities.
     ///
-    /// Per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
+    /// On the CPU in f32 with a frozen base (LoRA, QLoRA) each layer is one op (selective
+    /// checkpointing, `model/selective.rs`) that keeps, per row, its input and the mid-layer
+    /// residual (2 × hidden), gate and up (2 × intermediate), q, k and v as projected, the
+    /// attention output, an f32 log-sum-exp per head and r per adapted linear.
+    ///
+    /// Op by op, per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
     /// and the mid-layer residual (6 × hidden); gate, up and their SwiGLU product (3 ×
     /// intermediate). On the CPU in f32 attention runs token-major: q as projected and rotated
     /// (2 × q width, plus one for Qwen3's q-norm), k likewise, v as projected, the output (also
@@ -408,6 +419,14 @@ impl Step<'_> {
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (qd, kvd) = (self.qd(), self.kvd());
+        let r = self.o.lora_r as u64;
+        let adapters = adapted.iter().filter(|&&a| a).count() as u64;
+        if selective(self.o) {
+            // One op per layer: its input and the mid-layer residual, gate and up, q/k/v as
+            // projected, the attention output and its f32 log-sum-exp, r per adapted linear
+            // (dropout masks are drawn again in the backward).
+            return 2 * h + 2 * i + 2 * qd + 2 * kvd + self.heads() + r * adapters;
+        }
         let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
         let rope = u64::from(c.layer_uses_rope(layer));
         let mut e = 6 * h + 3 * i;
@@ -426,7 +445,6 @@ impl Step<'_> {
                 e += qd + self.heads();
             }
         }
-        let r = self.o.lora_r as u64;
         for ((_, fan_in, _), &a) in linear_shapes(c).iter().zip(adapted) {
             if a {
                 e += r;
@@ -565,13 +583,19 @@ impl Step<'_> {
     /// o-projection's output) or in the MLP (mid residual, norm output, gate, up, their SwiGLU
     /// product and the down projection's output).
     fn native_forward_temporaries(&self) -> u64 {
-        if !self.o.gradient_checkpointing {
-            return 0;
-        }
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (qd, kvd) = (self.qd(), self.kvd());
         let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        if !self.o.gradient_checkpointing {
+            if !selective(self.o) {
+                return 0;
+            }
+            // The one-op layer: q and k normalised and rotated for the kernel, or the SwiGLU
+            // product with the down projection's output.
+            let attention = (qd + kvd) * (1 + norm);
+            return self.n * attention.max(i + h) * self.dt;
+        }
         let attention = 2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads();
         let mlp = 3 * h + 3 * i;
         self.n * attention.max(mlp) * self.dt
@@ -601,7 +625,16 @@ impl Step<'_> {
     fn backward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-        let (mlp, attention) = if native_cpu(self.o) {
+        let (mlp, attention) = if selective(self.o) {
+            // The one-op layer writes the SwiGLU gradients itself (no zeros + sum): the product's
+            // gradient and the two it writes; attention rebuilds rotated q and k for the kernel.
+            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+            let rotated = (self.qd() + self.kvd()) * (1 + norm);
+            (
+                3 * self.n * i * self.dt,
+                self.flash_backward_bytes() + self.n * rotated * self.dt,
+            )
+        } else if native_cpu(self.o) {
             (6 * self.n * i * self.dt, self.flash_backward_bytes())
         } else if self.keeps_probabilities() {
             (
@@ -1105,17 +1138,17 @@ mod tests {
             plan(&c, &o).unwrap()
         };
         let at = |t, dropout| on(PlanDevice::Cuda, t, dropout);
-        // Dropout keeps a mask and the masked input per adapted linear: 2 × Σ in_features per row.
-        for device in [PlanDevice::Cpu, PlanDevice::Cuda] {
-            let extra = on(device, 512, 0.05).layer_activation_bytes
-                - on(device, 512, 0.0).layer_activation_bytes;
-            assert_eq!(extra, 512 * 2 * (3 * 576 + 576 + 2 * 576 + 1536) * 4);
-        }
-        // On the CPU attention runs token-major and the flash kernel keeps q, k and v as they are,
-        // the output and an f32 log-sum-exp per head, at every length: per row 6 × 576 + 3 × 1536
-        // + 2 × 576 (q projected, rotated) + 2 × 192 (k) + 192 (v) + 576 (output, o_proj's
-        // input) + 9 + 7 × 16 (LoRA).
-        let flash_row = 6 * 576 + 3 * 1536 + 2 * 576 + 2 * 192 + 192 + 576 + 9 + 7 * 16;
+        // Op by op, dropout keeps a mask and the masked input per adapted linear: 2 × Σ
+        // in_features per row. The CPU's one-op layers draw the masks again in the backward.
+        let extra = at(512, 0.05).layer_activation_bytes - at(512, 0.0).layer_activation_bytes;
+        assert_eq!(extra, 512 * 2 * (3 * 576 + 576 + 2 * 576 + 1536) * 4);
+        let cpu = |dropout| on(PlanDevice::Cpu, 512, dropout).layer_activation_bytes;
+        assert_eq!(cpu(0.05), cpu(0.0));
+        // On the CPU each layer is one op (selective checkpointing) that keeps, at every length,
+        // per row: its input and the mid-layer residual (2 × 576), gate and up (2 × 1536), q as
+        // projected and the attention output (2 × 576), k and v as projected (2 × 192), an f32
+        // log-sum-exp per head (9) and the LoRA hiddens (7 × 16).
+        let flash_row = 2 * 576 + 2 * 1536 + 2 * 576 + 2 * 192 + 9 + 7 * 16;
         for t in [512, 682, 683, 2048] {
             let p = on(PlanDevice::Cpu, t, 0.0);
             assert!(!p.attention_keeps_probabilities);
@@ -1183,8 +1216,8 @@ mod tests {
         assert_eq!(longest(1 << 20), None);
     }
 
-    /// Peak RSS (VmHWM) measured on the 2-core CPU machine with token-major attention (after commit
-    /// 61f684e) with `cargo run
+    /// Peak RSS (VmHWM) measured on the 2-core CPU machine with selective checkpointing (after
+    /// commit 4cd4007; each LoRA/QLoRA decoder layer one op) with `cargo run
     /// --release --example bench_lora_step -- DIR T STEPS R MODE` on random f32 models written by
     /// `scripts/bench_peft.py --make-model DIR --shape 135m|360m|1.7b`: batch 1, LoRA all-linear,
     /// no dropout, 2 steps (1 for 1.7B); the example's baseline (no tokenizer) is 9 MiB. A single
@@ -1194,21 +1227,21 @@ mod tests {
     #[test]
     fn plan_matches_measured_peaks_within_ten_percent() {
         let measured = [
-            (SMOLLM2_135M, 512, 16, Method::Lora, false, 2, 1339.0),
-            (SMOLLM2_135M, 512, 16, Method::Qlora, false, 2, 942.0),
-            (SMOLLM2_135M, 682, 16, Method::Lora, false, 2, 1508.1),
-            (SMOLLM2_135M, 683, 16, Method::Lora, false, 2, 1505.5),
-            (SMOLLM2_135M, 2048, 16, Method::Lora, false, 2, 3169.0),
-            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 948.0),
-            (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 2, 2817.6),
-            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 599.4),
-            (SMOLLM2_360M, 512, 16, Method::Lora, false, 2, 2737.0),
-            (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2, 1692.0),
-            (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 2, 3338.3),
-            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 2122.9),
-            (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 1, 8101.9),
-            (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2792.8),
-            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2138.3),
+            (SMOLLM2_135M, 512, 16, Method::Lora, false, 2, 1015.6),
+            (SMOLLM2_135M, 512, 16, Method::Qlora, false, 2, 684.7),
+            (SMOLLM2_135M, 682, 16, Method::Lora, false, 2, 1135.3),
+            (SMOLLM2_135M, 683, 16, Method::Lora, false, 2, 1134.7),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, false, 2, 2078.6),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 885.9),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 2, 1713.9),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 539.4),
+            (SMOLLM2_360M, 512, 16, Method::Lora, false, 2, 2240.3),
+            (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2, 1200.6),
+            (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 2, 2312.3),
+            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 2025.8),
+            (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 1, 7581.7),
+            (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2358.2),
+            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2107.4),
         ];
         for (shape, t, r, method, gc, steps, mib) in measured {
             let o = PlanOptions {
