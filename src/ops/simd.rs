@@ -1,9 +1,9 @@
-//! Vectorized elementwise kernels on f32 slices: plain loops over 8 lanes that the compiler
-//! turns into AVX2/FMA code where the CPU has it (checked once per call), else SSE2, and a fast
-//! `exp` those loops can inline.
+//! Vectorized elementwise kernels on f32 slices: plain loops over 16 lanes that the compiler
+//! turns into AVX-512 code where the CPU has it, else AVX2/FMA (checked once per call), else SSE2,
+//! and a fast `exp` those loops can inline.
 
-/// Lanes the loops are written for.
-const LANES: usize = 8;
+/// Lanes the loops are written for: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
 
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
@@ -13,6 +13,15 @@ macro_rules! dispatch {
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the function was compiled for (every
+                    // AVX-512 CPU has AVX2 and FMA).
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
