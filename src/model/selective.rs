@@ -17,7 +17,7 @@ use crate::ops::attention::{flash_applies, AttentionMask};
 use crate::ops::checkpoint::park;
 use crate::ops::cpu::{is_cpu_f32, tensor, Held};
 use crate::ops::flash::{self, Dims};
-use crate::ops::graft::{grad_enabled, graft1, graft2, Output};
+use crate::ops::graft::{grad_enabled, graft_anchored, Output};
 use crate::ops::linear::{
     dense, input_gradient, lora_input, lora_rows, lora_weight_grads, FrozenWeight, InputShare,
     LoraBase, LoraHidden,
@@ -59,23 +59,9 @@ pub(crate) fn forward(
         let grad = plan.backward(&saved, &x_rows, &g.contiguous()?, needs_x)?;
         grad.map(|g| g.reshape((b, t, hidden))).transpose()
     };
-    match anchor {
-        // A LoRA matrix anchors the op even when x is not tracked (the first layer's input comes
-        // from a frozen embedding); its gradient is parked like the others, not returned.
-        Some(anchor) => graft2(
-            "decoder-layer",
-            x,
-            &anchor,
-            out,
-            Box::new(move |x, _, g, needs| Ok((backward(x, g, needs[0])?, None))),
-        ),
-        None => graft1(
-            "decoder-layer",
-            x,
-            out,
-            Box::new(move |x, g| backward(x, g, true)),
-        ),
-    }
+    // A LoRA matrix anchors the op even when x is not tracked; its gradient is parked like the
+    // others, not returned.
+    graft_anchored("decoder-layer", x, anchor.as_ref(), out, Box::new(backward))
 }
 
 /// One projection as the op reads it: frozen weight and bias, LoRA pair, module name (which keys

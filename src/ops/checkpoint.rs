@@ -7,7 +7,7 @@
 //! gradients are parked here and [`backward`] adds them to the store. Use [`backward`] instead of
 //! `Tensor::backward` whenever checkpointing may be on.
 
-use super::graft::{graft1, graft2, without_grad};
+use super::graft::{graft_anchored, without_grad};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use std::cell::RefCell;
@@ -31,37 +31,20 @@ where
         let input = Var::from_tensor(&x.detach())?;
         let y = block(input.as_tensor())?;
         let grads = (y * g.detach())?.sum_all()?.backward()?;
-        PARKED.with(|p| {
-            let mut p = p.borrow_mut();
-            for v in &vars {
-                if let Some(gv) = grads.get(v) {
-                    p.push((v.as_tensor().clone(), gv.clone()));
-                }
+        for v in &vars {
+            if let Some(gv) = grads.get(v) {
+                park(v.as_tensor(), gv.clone());
             }
-        });
+        }
         Ok(if x_tracked {
             grads.get(input.as_tensor()).cloned()
         } else {
             None
         })
     };
-    match anchor {
-        // A trainable weight anchors the op in the graph even when `x` itself is not tracked (the
-        // first layer's input comes from a frozen embedding); its gradient is parked, not returned.
-        Some(anchor) => graft2(
-            "checkpoint",
-            x,
-            &anchor,
-            out,
-            Box::new(move |x, _, g, needs| Ok((recompute(x, g, needs[0])?, None))),
-        ),
-        None => graft1(
-            "checkpoint",
-            x,
-            out,
-            Box::new(move |x, g| recompute(x, g, true)),
-        ),
-    }
+    // A trainable weight anchors the op in the graph even when `x` itself is not tracked; its
+    // gradient is parked, not returned.
+    graft_anchored("checkpoint", x, anchor.as_ref(), out, Box::new(recompute))
 }
 
 /// Hands the gradient of `var` (a trainable tensor) from a backward that computed it outside

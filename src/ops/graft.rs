@@ -32,6 +32,11 @@ pub type Backward3 = Box<
         + Sync,
 >;
 
+/// Backward of an op grafted onto one input and an anchor (see [`graft_anchored`]):
+/// `(input, grad_out, input_tracked) -> grad_input`.
+pub type BackwardAnchored =
+    Box<dyn Fn(&Tensor, &Tensor, bool) -> Result<Option<Tensor>> + Send + Sync>;
+
 /// Backward of a three-input op that reads its own output:
 /// `(a, b, c, out, grad_out, needs_grad) -> (grad_a, grad_b, grad_c)`.
 pub type Backward3Out = Box<
@@ -307,6 +312,29 @@ pub fn graft1(
         out: Pending::new(out),
         backward,
     })
+}
+
+/// [`graft1`] onto `x`, also anchored on `anchor` when given: a trainable tensor the op uses, which
+/// keeps the op in the graph even when `x` is not tracked (the first decoder layer's input comes
+/// from a frozen embedding). The anchor receives no gradient from the op: the backward hands the
+/// gradients of the op's weights to the store another way ([`super::checkpoint::park`]).
+pub fn graft_anchored(
+    name: &'static str,
+    x: &Tensor,
+    anchor: Option<&Tensor>,
+    out: impl Into<Output>,
+    backward: BackwardAnchored,
+) -> Result<Tensor> {
+    match anchor {
+        Some(anchor) => graft2(
+            name,
+            x,
+            anchor,
+            out,
+            Box::new(move |x, _, g, needs| Ok((backward(x, g, needs[0])?, None))),
+        ),
+        None => graft1(name, x, out, Box::new(move |x, g| backward(x, g, true))),
+    }
 }
 
 /// Two-input version of [`graft1`]; the backward's gradients for untracked inputs are dropped.
