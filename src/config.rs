@@ -130,6 +130,9 @@ pub struct SftConfig {
     pub packing: bool,
     /// Recompute activations in the backward pass.
     pub gradient_checkpointing: bool,
+    /// Keep each decoder layer's saved activations in host memory until its backward (LoRA and
+    /// QLoRA on an accelerator; on the CPU they are there already).
+    pub offload_activations: bool,
     /// LoRA rank.
     pub lora_r: usize,
     /// LoRA alpha.
@@ -212,6 +215,7 @@ impl Default for SftConfig {
             assistant_only_loss: false,
             packing: false,
             gradient_checkpointing: false,
+            offload_activations: false,
             lora_r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,

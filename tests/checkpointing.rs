@@ -1,5 +1,7 @@
-//! Gradient checkpointing recomputes each decoder layer in the backward pass: the loss and every
-//! gradient must equal the run that keeps all activations (LoRA with dropout, and full fine-tuning).
+//! Gradient checkpointing recomputes each decoder layer in the backward pass, selective
+//! checkpointing runs each layer as one op (native kernels, or candle's with offloaded
+//! activations): the loss and every gradient must equal the op-by-op run that keeps all
+//! activations (LoRA with dropout, and full fine-tuning).
 
 mod common;
 
@@ -47,6 +49,7 @@ fn packed() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 struct Mode {
     checkpointing: bool,
     selective: bool,
+    offload: bool,
     packed: bool,
 }
 
@@ -54,6 +57,7 @@ struct Mode {
 fn run(model: &mut CausalLm, mode: Mode) -> (f32, Vec<(String, Tensor)>) {
     model.gradient_checkpointing = mode.checkpointing;
     model.selective_checkpointing = mode.selective;
+    model.offload_activations = mode.offload;
     let ids = ids();
     let mask = ids
         .ones_like()
@@ -104,6 +108,7 @@ fn assert_same(model: &mut CausalLm) {
     let plain = Mode {
         checkpointing: false,
         selective: true,
+        offload: false,
         packed: false,
     };
     let ckpt = Mode {
@@ -139,29 +144,12 @@ fn lora_gradients_with_dropout_equal_without_checkpointing() {
 fn selective_checkpointing_gives_the_op_by_op_gradients() {
     for name in ["llama", "qwen2", "qwen3", "mistral", "smollm3"] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
-        let config = LoraConfig {
-            r: 4,
-            lora_dropout: 0.1,
-            target_modules: peft_sft::lora::TargetModules::List(vec![
-                "q_proj".into(),
-                "k_proj".into(),
-                "o_proj".into(),
-                "up_proj".into(),
-                "down_proj".into(),
-            ]),
-            ..LoraConfig::default()
-        };
-        inject(&mut model, &config, 1).unwrap();
-        for lin in model.linears() {
-            if let Some(lora) = &lin.lora {
-                let b = &lora.b;
-                b.set(&(b.ones_like().unwrap() * 0.05).unwrap()).unwrap();
-            }
-        }
+        adapt(&mut model);
         for packed in [false, true] {
             let op_by_op = Mode {
                 checkpointing: false,
                 selective: false,
+                offload: false,
                 packed,
             };
             let selective = Mode {
@@ -179,6 +167,59 @@ fn selective_checkpointing_gives_the_op_by_op_gradients() {
                 ..selective
             };
             assert_runs_agree(&mut model, op_by_op, both, &format!("{name} checkpointed"));
+        }
+    }
+}
+
+/// LoRA r=4 with dropout on some modules and non-zero B, as the one-op tests train it.
+fn adapt(model: &mut CausalLm) {
+    let config = LoraConfig {
+        r: 4,
+        lora_dropout: 0.1,
+        target_modules: peft_sft::lora::TargetModules::List(vec![
+            "q_proj".into(),
+            "k_proj".into(),
+            "o_proj".into(),
+            "up_proj".into(),
+            "down_proj".into(),
+        ]),
+        ..LoraConfig::default()
+    };
+    inject(model, &config, 1).unwrap();
+    for lin in model.linears() {
+        if let Some(lora) = &lin.lora {
+            let b = &lora.b;
+            b.set(&(b.ones_like().unwrap() * 0.05).unwrap()).unwrap();
+        }
+    }
+}
+
+/// `offload_activations` (`--offload-activations`) runs the one-op layers with candle's kernels
+/// as on an accelerator: attention recomputed on its own graph in the backward, the saved tensors
+/// moved to host memory and back. Same gradients as the op-by-op graph.
+#[test]
+fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
+    for name in ["llama", "qwen3", "mistral", "smollm3"] {
+        let mut model = load_model(&fixture(&format!("models/{name}")), false);
+        adapt(&mut model);
+        for packed in [false, true] {
+            let op_by_op = Mode {
+                checkpointing: false,
+                selective: false,
+                offload: false,
+                packed,
+            };
+            let offloaded = Mode {
+                selective: true,
+                offload: true,
+                ..op_by_op
+            };
+            assert_runs_agree(
+                &mut model,
+                op_by_op,
+                offloaded,
+                &format!("{name} offloaded packed={packed}"),
+            );
         }
     }
 }

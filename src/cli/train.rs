@@ -186,6 +186,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         Kind::Bool,
         "Recompute activations in backward [false]",
     ),
+    (
+        "offload_activations",
+        Kind::Bool,
+        "Keep saved activations in host memory until the backward (LoRA/QLoRA on a GPU) [false]",
+    ),
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
     ("lora_dropout", Kind::Float, "LoRA dropout [0.05]"),

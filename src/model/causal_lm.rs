@@ -46,6 +46,10 @@ pub struct CausalLm {
     /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way the
     /// loss must be differentiated with [`crate::ops::checkpoint::backward`].
     pub selective_checkpointing: bool,
+    /// With selective checkpointing, keep each layer's saved tensors in host memory until the
+    /// backward (`--offload-activations`; what the model holds on an accelerator shrinks to one
+    /// layer's). Also runs the one-op layers off the CPU, with candle's kernels.
+    pub offload_activations: bool,
 }
 
 /// Where a tensor loads from and whether it trains.
@@ -246,6 +250,7 @@ impl CausalLm {
             device: device.clone(),
             gradient_checkpointing: false,
             selective_checkpointing: true,
+            offload_activations: false,
         })
     }
 
@@ -291,11 +296,12 @@ impl CausalLm {
                 sin: &sin,
                 dropout_key,
                 selective: self.selective_checkpointing,
+                offload: self.offload_activations,
             };
             x = if self.gradient_checkpointing && cache.is_none() && grad_enabled() {
                 let layer = layer.clone();
                 let (mask, cos, sin) = (ctx.mask.clone(), cos.clone(), sin.clone());
-                let selective = self.selective_checkpointing;
+                let (selective, offload) = (self.selective_checkpointing, self.offload_activations);
                 checkpoint(&x, layer.trainable_vars(), move |h| {
                     let ctx = ForwardContext {
                         mask: &mask,
@@ -303,6 +309,7 @@ impl CausalLm {
                         sin: &sin,
                         dropout_key,
                         selective,
+                        offload,
                     };
                     layer.forward(h, &ctx, None)
                 })?

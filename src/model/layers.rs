@@ -27,6 +27,9 @@ pub struct ForwardContext<'a> {
     /// Run each decoder layer as one op that keeps only what its backward needs, where it applies
     /// (see [`super::selective`]); false builds the op-by-op graph.
     pub selective: bool,
+    /// Keep what each one-op layer saves in host memory until its backward (and run such layers
+    /// on every device, not only with the native CPU kernels).
+    pub offload: bool,
 }
 
 /// The weight of a linear projection: full precision (frozen or trained) or frozen and quantized.
@@ -316,7 +319,10 @@ impl DecoderLayer {
         ctx: &ForwardContext<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        if ctx.selective && cache.is_none() && super::selective::applies(self, x, ctx.mask)? {
+        if ctx.selective
+            && cache.is_none()
+            && super::selective::applies(self, x, ctx.mask, ctx.offload)?
+        {
             return super::selective::forward(self, x, ctx);
         }
         let attn = self

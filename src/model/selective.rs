@@ -10,32 +10,57 @@
 //! The op's graph inputs are the layer input and one LoRA matrix that anchors it in the graph;
 //! the backward hands every LoRA gradient to the store through [`park`], so the loss must be
 //! differentiated with [`crate::ops::checkpoint::backward`].
+//!
+//! On the CPU in f32 the op runs the native kernels (flash attention keeps its log-sum-exp). With
+//! `--offload-activations` (any device) it runs candle's kernels instead: the saved tensors move
+//! to host memory after the forward and back, one layer at a time, in the backward, and attention
+//! is recomputed from the saved q, k and v on its own graph.
 
 use super::layers::{DecoderLayer, ForwardContext, Linear, Norm};
 use crate::lora::layer::LoraLayer;
-use crate::ops::attention::{flash_applies, AttentionMask};
+use crate::ops::attention::{attention_tokens, flash_applies, AttentionMask};
 use crate::ops::checkpoint::park;
 use crate::ops::cpu::{is_cpu_f32, tensor, Held};
 use crate::ops::flash::{self, Dims};
-use crate::ops::graft::{grad_enabled, graft_anchored, Output};
+use crate::ops::graft::{grad_enabled, graft_anchored, without_grad, Output};
 use crate::ops::linear::{
     dense, input_gradient, lora_input, lora_rows, lora_weight_grads, FrozenWeight, InputShare,
     LoraBase, LoraHidden,
 };
-use crate::ops::norm::rms_norm_cpu;
+use crate::ops::norm::{rms_norm_forward, rms_norm_grad_x};
 use crate::ops::residual::sum_cpu;
 use crate::ops::rope::rotate_tokens;
-use crate::ops::swiglu::{swiglu_backward_cpu, swiglu_forward_cpu};
-use candle_core::{Result, Tensor};
+use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use candle_core::{Device, Result, Tensor, Var};
 
-/// Whether `layer` runs as one op on `x`: training (gradients recorded) on the CPU in f32, every
-/// weight, bias and norm frozen (LoRA, QLoRA or no adapter), and a mask the flash kernel reads.
-pub(crate) fn applies(layer: &DecoderLayer, x: &Tensor, mask: &AttentionMask) -> Result<bool> {
+/// Whether `layer` runs as one op on `x`: training (gradients recorded) with every weight, bias
+/// and norm frozen (LoRA, QLoRA or no adapter), and either the native kernels apply (CPU f32, a
+/// mask the flash kernel reads) or activations are offloaded to the host.
+pub(crate) fn applies(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    mask: &AttentionMask,
+    offload: bool,
+) -> Result<bool> {
     let frozen =
         layer.linears().iter().all(|l| {
             l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none())
         }) && layer.norms().iter().all(|n| n.weight.var().is_none());
-    Ok(frozen && grad_enabled() && is_cpu_f32(x) && flash_applies(x, mask)?)
+    Ok(frozen && grad_enabled() && (offload || native(x, mask)?))
+}
+
+/// Whether the native CPU kernels run the layer.
+fn native(x: &Tensor, mask: &AttentionMask) -> Result<bool> {
+    Ok(is_cpu_f32(x) && flash_applies(x, mask)?)
+}
+
+/// `a + b` of untracked tensors (one parallel pass on the CPU in f32).
+fn sum(a: &Tensor, b: &Tensor) -> Result<Output> {
+    if is_cpu_f32(a) && is_cpu_f32(b) {
+        Ok(Output::host(sum_cpu(a, b)?, a.dims()))
+    } else {
+        Ok((a + b)?.into())
+    }
 }
 
 /// The layer as one op: x `[b, t, hidden]` -> `[b, t, hidden]`, equal to the op-by-op forward.
@@ -45,10 +70,10 @@ pub(crate) fn forward(
     ctx: &ForwardContext<'_>,
 ) -> Result<Tensor> {
     let (b, t, hidden) = x.dims3()?;
-    let plan = LayerPlan::new(layer, ctx, (b, t))?;
+    let plan = LayerPlan::new(layer, ctx, x)?;
     let x_rows = x.detach().reshape((b * t, hidden))?.contiguous()?;
     let (out, saved) = plan.forward(&x_rows)?;
-    let out = Output::host(out, (b, t, hidden));
+    let out = out.reshape((b, t, hidden))?;
     let anchor = plan
         .projs
         .iter()
@@ -56,6 +81,7 @@ pub(crate) fn forward(
         .map(|lora| lora.a.as_tensor().clone());
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let (x_rows, g) = (x.reshape((b * t, hidden))?, g.reshape((b * t, hidden))?);
+        let saved = saved.to_device(x.device())?;
         let grad = plan.backward(&saved, &x_rows, &g.contiguous()?, needs_x)?;
         grad.map(|g| g.reshape((b, t, hidden))).transpose()
     };
@@ -192,12 +218,12 @@ impl NormPlan {
 
     /// x: [.., d] -> [.., d]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        tensor(rms_norm_cpu(x, &self.weight, None, self.eps)?, x.dims())
+        rms_norm_forward(x, &self.weight, self.eps)?.into_tensor()
     }
 
     /// The gradient of x for the output gradient g (both like x).
     fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-        tensor(rms_norm_cpu(x, &self.weight, Some(g), self.eps)?, x.dims())
+        rms_norm_grad_x(&x.contiguous()?, &self.weight, &g.contiguous()?, self.eps)
     }
 }
 
@@ -211,11 +237,15 @@ struct LayerPlan {
     k_norm: Option<NormPlan>,
     dims: Dims,
     use_rope: bool,
-    scale: f32,
+    scale: f64,
     mask: AttentionMask,
     cos: Tensor,
     sin: Tensor,
     key: Option<u64>,
+    /// Native CPU kernels (else candle ops, attention recomputed in the backward).
+    native: bool,
+    /// Move what the forward keeps to host memory until the backward.
+    offload: bool,
 }
 
 /// What the forward keeps for the backward (the layer input is the op's own graph input).
@@ -224,11 +254,34 @@ struct Saved {
     k: Tensor,
     v: Tensor,
     attn: Tensor,
+    /// The flash kernel's log-sum-exp (native kernels only).
     lse: Vec<f32>,
     resid: Tensor,
     gate: Tensor,
     up: Tensor,
     hidden: Vec<Option<LoraHidden>>,
+}
+
+impl Saved {
+    /// The same tensors on `device` (a copy where they are elsewhere).
+    fn to_device(&self, device: &Device) -> Result<Saved> {
+        let moved = |t: &Tensor| t.to_device(device);
+        Ok(Saved {
+            q: moved(&self.q)?,
+            k: moved(&self.k)?,
+            v: moved(&self.v)?,
+            attn: moved(&self.attn)?,
+            lse: self.lse.clone(),
+            resid: moved(&self.resid)?,
+            gate: moved(&self.gate)?,
+            up: moved(&self.up)?,
+            hidden: self
+                .hidden
+                .iter()
+                .map(|h| h.as_ref().map(|h| h.to_device(device)).transpose())
+                .collect::<Result<_>>()?,
+        })
+    }
 }
 
 const Q: usize = 0;
@@ -240,7 +293,8 @@ const UP: usize = 5;
 const DOWN: usize = 6;
 
 impl LayerPlan {
-    fn new(layer: &DecoderLayer, ctx: &ForwardContext<'_>, (b, t): (usize, usize)) -> Result<Self> {
+    fn new(layer: &DecoderLayer, ctx: &ForwardContext<'_>, x: &Tensor) -> Result<Self> {
+        let (b, t, _) = x.dims3()?;
         let attn = &layer.self_attn;
         Ok(LayerPlan {
             projs: layer
@@ -261,11 +315,15 @@ impl LayerPlan {
                 d: attn.head_dim,
             },
             use_rope: attn.use_rope,
-            scale: (1.0 / (attn.head_dim as f64).sqrt()) as f32,
+            scale: 1.0 / (attn.head_dim as f64).sqrt(),
             mask: ctx.mask.clone(),
             cos: ctx.cos.clone(),
             sin: ctx.sin.clone(),
             key: ctx.dropout_key,
+            // Offloading runs candle's kernels everywhere (on the CPU, where activations are in
+            // host memory already, only tests ask for it).
+            native: native(x, ctx.mask)? && !ctx.offload,
+            offload: ctx.offload,
         })
     }
 
@@ -287,10 +345,10 @@ impl LayerPlan {
 
     /// The gradient of the projection output `x: [n, heads * d]` for the gradient `g` of
     /// [`Self::rotated`]'s result (token-major elements).
-    fn unrotated(&self, x: &Tensor, g: Vec<f32>, norm: Option<&NormPlan>) -> Result<Tensor> {
+    fn unrotated(&self, x: &Tensor, g: &Tensor, norm: Option<&NormPlan>) -> Result<Tensor> {
         let Dims { b, t_q, d, .. } = self.dims;
         let x = x.reshape((b, t_q, (), d))?;
-        let mut g = tensor(g, x.dims())?;
+        let mut g = g.reshape(x.dims())?;
         if self.use_rope {
             g = rotate_tokens(&g, &self.cos, &self.sin, true)?;
         }
@@ -301,7 +359,7 @@ impl LayerPlan {
     }
 
     /// x: [n, hidden] -> (the output's elements, what the backward keeps)
-    fn forward(&self, x: &Tensor) -> Result<(Vec<f32>, Saved)> {
+    fn forward(&self, x: &Tensor) -> Result<(Output, Saved)> {
         let p = &self.projs;
         let key = self.key;
         let mut hidden: Vec<Option<LoraHidden>> = Vec::with_capacity(p.len());
@@ -318,31 +376,20 @@ impl LayerPlan {
         let (lse, attn) = {
             let q_rot = self.rotated(&q, self.q_norm.as_ref())?;
             let k_rot = self.rotated(&k, self.k_norm.as_ref())?;
-            let held = [Held::new(&q_rot)?, Held::new(&k_rot)?, Held::new(&v)?];
-            let (out, lse) = flash::forward(
-                held[0].slice()?,
-                held[1].slice()?,
-                held[2].slice()?,
-                self.dims,
-                &self.mask,
-                self.scale,
-            );
-            (
-                lse,
-                tensor(out, &[x.dim(0)?, self.dims.heads * self.dims.d])?,
-            )
+            let v4 = v.reshape(k_rot.dims())?;
+            self.attention(&q_rot, &k_rot, &v4)?
         };
         let o = project(O, &attn)?;
-        let resid = tensor(sum_cpu(x, &o)?, x.dims())?;
+        let resid = sum(x, &o)?.into_tensor()?;
         drop(o);
         let normed = self.post_norm.forward(&resid)?;
         let gate = project(GATE, &normed)?;
         let up = project(UP, &normed)?;
         drop(normed);
-        let act = swiglu_forward_cpu(&gate, &up)?.into_tensor()?;
+        let act = swiglu_forward(&gate, &up)?.into_tensor()?;
         let down = project(DOWN, &act)?;
         drop(act);
-        let out = sum_cpu(&resid, &down)?;
+        let out = sum(&resid, &down)?;
         let saved = Saved {
             q,
             k,
@@ -354,7 +401,91 @@ impl LayerPlan {
             up,
             hidden,
         };
+        let saved = if self.offload {
+            saved.to_device(&Device::Cpu)?
+        } else {
+            saved
+        };
         Ok((out, saved))
+    }
+
+    /// Attention over rotated q `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]`: the flash
+    /// kernel's log-sum-exp (native kernels; empty otherwise) and the output `[n, heads · d]`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Vec<f32>, Tensor)> {
+        let width = self.dims.heads * self.dims.d;
+        let n = self.dims.b * self.dims.t_q;
+        if !self.native {
+            let out = without_grad(|| attention_tokens(q, k, v, &self.mask, self.scale))?;
+            return Ok((Vec::new(), out.reshape((n, width))?.contiguous()?));
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let held = [Held::new(&q)?, Held::new(&k)?, Held::new(&v)?];
+        let (out, lse) = flash::forward(
+            held[0].slice()?,
+            held[1].slice()?,
+            held[2].slice()?,
+            self.dims,
+            &self.mask,
+            self.scale as f32,
+        );
+        Ok((lse, tensor(out, &[n, width])?))
+    }
+
+    /// `(dq, dk, dv)` (like q, k, v) for the output gradient `g: [n, heads · d]`: the flash
+    /// backward from the saved log-sum-exp, or attention recomputed on its own graph.
+    fn attention_backward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        s: &Saved,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if !self.native {
+            let vars = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
+            let [qv, kv, vv] = vars;
+            let (qv, kv, vv) = (qv?, kv?, vv?);
+            let out = attention_tokens(&qv, &kv, &vv, &self.mask, self.scale)?;
+            let grads = (out * g.reshape(q.dims())?.detach())?
+                .sum_all()?
+                .backward()?;
+            let grad = |var: &Var| {
+                grads.get(var).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("attention recomputation: no gradient".into())
+                })
+            };
+            return Ok((grad(&qv)?, grad(&kv)?, grad(&vv)?));
+        }
+        let (q, k, v, g) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            g.contiguous()?,
+        );
+        let held = [
+            Held::new(&q)?,
+            Held::new(&k)?,
+            Held::new(&v)?,
+            Held::new(&s.attn)?,
+            Held::new(&g)?,
+        ];
+        let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
+        let (dq, dk, dv) = flash::backward(
+            flash::Saved {
+                q: qs?,
+                k: ks?,
+                v: vs?,
+                out: os?,
+                lse: &s.lse,
+            },
+            gs?,
+            self.dims,
+            &self.mask,
+            self.scale as f32,
+        );
+        Ok((
+            tensor(dq, q.dims())?,
+            tensor(dk, k.dims())?,
+            tensor(dv, v.dims())?,
+        ))
     }
 
     /// Projection `i`'s share of a backward: its output gradient g and its saved hidden.
@@ -371,12 +502,17 @@ impl LayerPlan {
     fn backward(&self, s: &Saved, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
         let key = self.key;
         // MLP: down, SwiGLU, gate and up, the post-attention norm.
+        let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
         let grad_resid = {
-            let act = swiglu_forward_cpu(&s.gate, &s.up)?.into_tensor()?;
+            let act = swiglu_forward(&s.gate, &s.up)?.into_tensor()?;
             let grad_act = backward_projections(&[self.part(s, DOWN, g)], &act, key, true)?
-                .ok_or_else(|| candle_core::Error::Msg("no gradient for the MLP".into()))?;
+                .ok_or_else(|| missing("the MLP"))?;
             drop(act);
-            let (grad_gate, grad_up) = swiglu_backward_cpu(&s.gate, &s.up, &grad_act)?;
+            let (grad_gate, grad_up) = swiglu_backward(&s.gate, &s.up, &grad_act, [true, true])?;
+            let (grad_gate, grad_up) = (
+                grad_gate.ok_or_else(|| missing("gate"))?,
+                grad_up.ok_or_else(|| missing("up"))?,
+            );
             drop(grad_act);
             let normed = self.post_norm.forward(&s.resid)?;
             let grad_normed = backward_projections(
@@ -385,43 +521,23 @@ impl LayerPlan {
                 key,
                 true,
             )?
-            .ok_or_else(|| candle_core::Error::Msg("no gradient for the MLP input".into()))?;
+            .ok_or_else(|| missing("the MLP input"))?;
             let through_norm = self.post_norm.backward(&s.resid, &grad_normed)?;
-            tensor(sum_cpu(g, &through_norm)?, g.dims())?
+            sum(g, &through_norm)?.into_tensor()?
         };
-        // Attention: o_proj, flash attention, RoPE and q/k norms, q/k/v, the input norm.
+        // Attention: o_proj, attention, RoPE and q/k norms, q/k/v, the input norm.
         let grad_attn = backward_projections(&[self.part(s, O, &grad_resid)], &s.attn, key, true)?
-            .ok_or_else(|| candle_core::Error::Msg("no gradient for attention".into()))?
-            .contiguous()?;
+            .ok_or_else(|| missing("attention"))?;
         let (dq, dk, dv) = {
             let q_rot = self.rotated(&s.q, self.q_norm.as_ref())?;
             let k_rot = self.rotated(&s.k, self.k_norm.as_ref())?;
-            let held = [
-                Held::new(&q_rot)?,
-                Held::new(&k_rot)?,
-                Held::new(&s.v)?,
-                Held::new(&s.attn)?,
-                Held::new(&grad_attn)?,
-            ];
-            let [q, k, v, out, ga] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
-            flash::backward(
-                flash::Saved {
-                    q: q?,
-                    k: k?,
-                    v: v?,
-                    out: out?,
-                    lse: &s.lse,
-                },
-                ga?,
-                self.dims,
-                &self.mask,
-                self.scale,
-            )
+            let v = s.v.reshape(k_rot.dims())?;
+            self.attention_backward((&q_rot, &k_rot, &v), s, &grad_attn)?
         };
         drop(grad_attn);
-        let dq = self.unrotated(&s.q, dq, self.q_norm.as_ref())?;
-        let dk = self.unrotated(&s.k, dk, self.k_norm.as_ref())?;
-        let dv = tensor(dv, s.v.dims())?;
+        let dq = self.unrotated(&s.q, &dq, self.q_norm.as_ref())?;
+        let dk = self.unrotated(&s.k, &dk, self.k_norm.as_ref())?;
+        let dv = dv.reshape(s.v.dims())?;
         let normed = self.input_norm.forward(x)?;
         let grad_normed = backward_projections(
             &[
@@ -436,10 +552,7 @@ impl LayerPlan {
         match grad_normed {
             Some(gn) => {
                 let through_norm = self.input_norm.backward(x, &gn)?;
-                Ok(Some(tensor(
-                    sum_cpu(&grad_resid, &through_norm)?,
-                    x.dims(),
-                )?))
+                Ok(Some(sum(&grad_resid, &through_norm)?.into_tensor()?))
             }
             None => Ok(None),
         }

@@ -180,6 +180,15 @@ pub(crate) struct LoraHidden {
     hidden: Tensor,
 }
 
+impl LoraHidden {
+    /// The same on `device` (a copy where it is elsewhere).
+    pub(crate) fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(LoraHidden {
+            hidden: self.hidden.to_device(device)?,
+        })
+    }
+}
+
 /// The LoRA branch's input: `x`, masked when dropout is active. x: [n, in]
 pub(crate) fn lora_input(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     match mask {

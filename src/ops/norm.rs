@@ -11,55 +11,57 @@ use rayon::prelude::*;
 /// when it is trainable (full fine-tuning). On the CPU in f32 forward and input gradient are one
 /// vectorized pass over the rows each. x: [.., d], w: [d] -> [.., d]
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let native = is_cpu_f32(x) && is_cpu_f32(w);
-    let x_in = x.detach().contiguous()?;
-    let out = if native {
-        Output::host(rms_norm_cpu(&x_in, &w.detach(), None, eps)?, x_in.dims())
-    } else {
-        candle_nn::ops::rms_norm(&x_in, &w.detach(), eps as f32)?.into()
-    };
+    let out = rms_norm_forward(&x.detach(), &w.detach(), eps)?;
     graft2(
         "rms-norm",
         x,
         w,
         out,
         Box::new(move |x, w, g, needs| {
-            let fused_grad_x = native && needs[0];
-            let grad_x = if fused_grad_x {
-                Some(tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims())?)
-            } else {
-                None
-            };
-            if !needs[1] && (fused_grad_x || !needs[0]) {
-                return Ok((grad_x, None));
-            }
-            let (x2, g2) = (rows(x)?, rows(g)?);
-            let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
-            let x_hat = x2.broadcast_mul(&inv_rms)?;
-            let grad_w = needs[1].then(|| (&g2 * &x_hat)?.sum(0)).transpose()?;
-            let grad_x = match grad_x {
-                Some(gx) => Some(gx),
-                None if needs[0] => {
-                    let g_hat = g2.broadcast_mul(w)?;
-                    let dot = (&g_hat * &x_hat)?.mean_keepdim(1)?;
-                    let gx = (g_hat - x_hat.broadcast_mul(&dot)?)?.broadcast_mul(&inv_rms)?;
-                    Some(gx.reshape(x.shape())?)
-                }
-                None => None,
-            };
+            let grad_x = needs[0]
+                .then(|| rms_norm_grad_x(x, w, g, eps))
+                .transpose()?;
+            let grad_w = needs[1]
+                .then(|| {
+                    let x2 = rows(x)?;
+                    let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+                    (rows(g)? * x2.broadcast_mul(&inv_rms)?)?.sum(0)
+                })
+                .transpose()?;
             Ok((grad_x, grad_w))
         }),
     )
 }
 
+/// The forward on untracked tensors: the native kernel on the CPU in f32, candle-nn's elsewhere.
+/// x: [.., d], w: [d] -> [.., d]
+pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Output> {
+    let x = x.contiguous()?;
+    if is_cpu_f32(&x) && is_cpu_f32(w) {
+        Ok(Output::host(rms_norm_cpu(&x, w, None, eps)?, x.dims()))
+    } else {
+        Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.into())
+    }
+}
+
+/// The gradient of x for the output gradient g (like x), on untracked tensors.
+pub(crate) fn rms_norm_grad_x(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_cpu_f32(x) && is_cpu_f32(w) {
+        return tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims());
+    }
+    let (x2, g2) = (rows(x)?, rows(g)?);
+    let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    let x_hat = x2.broadcast_mul(&inv_rms)?;
+    let g_hat = g2.broadcast_mul(w)?;
+    let dot = (&g_hat * &x_hat)?.mean_keepdim(1)?;
+    (g_hat - x_hat.broadcast_mul(&dot)?)?
+        .broadcast_mul(&inv_rms)?
+        .reshape(x.shape())
+}
+
 /// The CPU kernel over all rows of a contiguous x `[.., d]`: the forward (`grad` None) or the
 /// input gradient for `grad` (like x).
-pub(crate) fn rms_norm_cpu(
-    x: &Tensor,
-    w: &Tensor,
-    grad: Option<&Tensor>,
-    eps: f64,
-) -> Result<Vec<f32>> {
+fn rms_norm_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<Vec<f32>> {
     let (x_c, w_c) = (x.contiguous()?, w.contiguous()?);
     let grad_c = grad.map(Tensor::contiguous).transpose()?;
     let (xh, wh) = (Held::new(&x_c)?, Held::new(&w_c)?);

@@ -201,6 +201,8 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         ..
     } = load_pretrained_with(&model_spec, config.load_options()?, &device)?;
     model.gradient_checkpointing = config.gradient_checkpointing;
+    // On the CPU activations live in host memory already: the flag would only cost time.
+    model.offload_activations = config.offload_activations && !model.device.is_cpu();
     let custom_template = config.chat_template()?;
     if let Some(template) = &custom_template {
         tokenizer = tokenizer.with_chat_template(template.clone());
