@@ -252,23 +252,41 @@ pub(crate) struct InputShare<'a> {
 }
 
 /// The gradient of an input several modules read (q, k and v read one normalised input): every
-/// unmasked product accumulates into one buffer. -> [n, in]
+/// unmasked product accumulates into one buffer. Quantized weights are dequantized one module at a
+/// time (their partial sums added), so at most one full-precision copy is alive. -> [n, in]
 pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
-    let dense = shares
+    let quantized = shares
         .iter()
-        .map(|s| s.weight.dense())
-        .collect::<Result<Vec<_>>>()?;
-    let mut terms = Vec::with_capacity(2 * shares.len());
+        .any(|s| matches!(s.weight, FrozenWeight::Quantized(_)));
+    let groups: Vec<&[InputShare<'_>]> = if quantized {
+        shares.chunks(1).collect()
+    } else {
+        vec![shares]
+    };
+    let mut grad: Option<Tensor> = None;
     let mut masked = Vec::new();
-    for (share, w) in shares.iter().zip(&dense) {
-        terms.push(Product::n(share.g, w));
-        match share.lora {
-            Some((grad_hidden, a, None)) => terms.push(Product::n(grad_hidden, a)),
-            Some((grad_hidden, a, Some(mask))) => masked.push((grad_hidden, a, mask)),
-            None => {}
+    for group in groups {
+        let dense = group
+            .iter()
+            .map(|s| s.weight.dense())
+            .collect::<Result<Vec<_>>>()?;
+        let mut terms = Vec::with_capacity(2 * group.len());
+        for (share, w) in group.iter().zip(&dense) {
+            terms.push(Product::n(share.g, w));
+            match share.lora {
+                Some((grad_hidden, a, None)) => terms.push(Product::n(grad_hidden, a)),
+                Some((grad_hidden, a, Some(mask))) => masked.push((grad_hidden, a, mask)),
+                None => {}
+            }
         }
+        let part = sum_of_products(None, &terms)?.into_tensor()?;
+        grad = Some(match grad {
+            Some(g) => (g + part)?,
+            None => part,
+        });
     }
-    let mut grad = sum_of_products(None, &terms)?.into_tensor()?;
+    let mut grad =
+        grad.ok_or_else(|| candle_core::Error::Msg("input gradient of no modules".into()))?;
     for (grad_hidden, a, mask) in masked {
         grad = (grad + grad_hidden.matmul(a)?.mul(mask)?)?;
     }
