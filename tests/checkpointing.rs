@@ -53,6 +53,18 @@ struct Mode {
     packed: bool,
 }
 
+impl Mode {
+    /// The op-by-op graph that keeps every activation.
+    fn op_by_op(packed: bool) -> Self {
+        Mode {
+            checkpointing: false,
+            selective: false,
+            offload: false,
+            packed,
+        }
+    }
+}
+
 /// Loss and gradients of every trainable tensor.
 fn run(model: &mut CausalLm, mode: Mode) -> (f32, Vec<(String, Tensor)>) {
     model.gradient_checkpointing = mode.checkpointing;
@@ -106,10 +118,8 @@ fn assert_runs_agree(model: &mut CausalLm, a: Mode, b: Mode, what: &str) {
 
 fn assert_same(model: &mut CausalLm) {
     let plain = Mode {
-        checkpointing: false,
         selective: true,
-        offload: false,
-        packed: false,
+        ..Mode::op_by_op(false)
     };
     let ckpt = Mode {
         checkpointing: true,
@@ -146,12 +156,7 @@ fn selective_checkpointing_gives_the_op_by_op_gradients() {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {
-            let op_by_op = Mode {
-                checkpointing: false,
-                selective: false,
-                offload: false,
-                packed,
-            };
+            let op_by_op = Mode::op_by_op(packed);
             let selective = Mode {
                 selective: true,
                 ..op_by_op
@@ -203,12 +208,7 @@ fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {
-            let op_by_op = Mode {
-                checkpointing: false,
-                selective: false,
-                offload: false,
-                packed,
-            };
+            let op_by_op = Mode::op_by_op(packed);
             let offloaded = Mode {
                 selective: true,
                 offload: true,

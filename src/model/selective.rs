@@ -81,8 +81,14 @@ pub(crate) fn forward(
         .map(|lora| lora.a.as_tensor().clone());
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let (x_rows, g) = (x.reshape((b * t, hidden))?, g.reshape((b * t, hidden))?);
-        let saved = saved.to_device(x.device())?;
-        let grad = plan.backward(&saved, &x_rows, &g.contiguous()?, needs_x)?;
+        let moved;
+        let saved = if plan.offload {
+            moved = saved.to_device(x.device())?;
+            &moved
+        } else {
+            &saved
+        };
+        let grad = plan.backward(saved, &x_rows, &g.contiguous()?, needs_x)?;
         grad.map(|g| g.reshape((b, t, hidden))).transpose()
     };
     // A LoRA matrix anchors the op even when x is not tracked; its gradient is parked like the
@@ -178,25 +184,20 @@ fn backward_projections(
             park(lora.a.as_tensor(), ga);
             park(lora.b.as_tensor(), gb);
         }
-        lora_terms.push(Some((grad_hidden, mask)));
+        lora_terms.push(Some((grad_hidden, lora.a.as_tensor().detach(), mask)));
     }
     if !needs_x {
         return Ok(None);
     }
-    let a: Vec<Option<Tensor>> = parts
-        .iter()
-        .map(|part| part.proj.lora.as_ref().map(|l| l.a.as_tensor().detach()))
-        .collect();
     let shares: Vec<InputShare<'_>> = parts
         .iter()
-        .zip(lora_terms.iter().zip(&a))
-        .map(|(part, (term, a))| InputShare {
+        .zip(&lora_terms)
+        .map(|(part, term)| InputShare {
             g: part.g,
             weight: &part.proj.weight,
-            lora: match (term, a) {
-                (Some((grad_hidden, mask)), Some(a)) => Some((grad_hidden, a, mask.as_ref())),
-                _ => None,
-            },
+            lora: term
+                .as_ref()
+                .map(|(grad_hidden, a, mask)| (grad_hidden, a, mask.as_ref())),
         })
         .collect();
     input_gradient(&shares).map(Some)

@@ -18,17 +18,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         w,
         out,
         Box::new(move |x, w, g, needs| {
-            let grad_x = needs[0]
-                .then(|| rms_norm_grad_x(x, w, g, eps))
+            // The native kernel gives the input gradient; candle ops give the rest, in one pass
+            // over the normalised rows.
+            let native = needs[0] && is_cpu_f32(x) && is_cpu_f32(w);
+            let grad_x = native
+                .then(|| tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims()))
                 .transpose()?;
-            let grad_w = needs[1]
-                .then(|| {
-                    let x2 = rows(x)?;
-                    let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
-                    (rows(g)? * x2.broadcast_mul(&inv_rms)?)?.sum(0)
-                })
-                .transpose()?;
-            Ok((grad_x, grad_w))
+            let (composed_x, grad_w) =
+                composed_grads(x, w, g, eps, [needs[0] && !native, needs[1]])?;
+            Ok((grad_x.or(composed_x), grad_w))
         }),
     )
 }
@@ -49,14 +47,36 @@ pub(crate) fn rms_norm_grad_x(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> R
     if is_cpu_f32(x) && is_cpu_f32(w) {
         return tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims());
     }
+    composed_grads(x, w, g, eps, [true, false])?
+        .0
+        .ok_or_else(|| candle_core::Error::Msg("rms-norm: no input gradient".into()))
+}
+
+/// `(grad_x, grad_w)` with candle ops, each where `needs` asks (nothing computed for neither).
+fn composed_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    needs: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !needs[0] && !needs[1] {
+        return Ok((None, None));
+    }
     let (x2, g2) = (rows(x)?, rows(g)?);
     let inv_rms = (x2.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
     let x_hat = x2.broadcast_mul(&inv_rms)?;
-    let g_hat = g2.broadcast_mul(w)?;
-    let dot = (&g_hat * &x_hat)?.mean_keepdim(1)?;
-    (g_hat - x_hat.broadcast_mul(&dot)?)?
-        .broadcast_mul(&inv_rms)?
-        .reshape(x.shape())
+    let grad_w = needs[1].then(|| (&g2 * &x_hat)?.sum(0)).transpose()?;
+    let grad_x = needs[0]
+        .then(|| {
+            let g_hat = g2.broadcast_mul(w)?;
+            let dot = (&g_hat * &x_hat)?.mean_keepdim(1)?;
+            (g_hat - x_hat.broadcast_mul(&dot)?)?
+                .broadcast_mul(&inv_rms)?
+                .reshape(x.shape())
+        })
+        .transpose()?;
+    Ok((grad_x, grad_w))
 }
 
 /// The CPU kernel over all rows of a contiguous x `[.., d]`: the forward (`grad` None) or the

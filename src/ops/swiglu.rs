@@ -10,16 +10,7 @@ use rayon::prelude::*;
 /// elsewhere. gate, up: [.., i] -> [.., i]
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let out = swiglu_forward(&gate.detach(), &up.detach())?;
-    graft2(
-        "swiglu",
-        gate,
-        up,
-        out,
-        Box::new(move |gate, up, g, needs| {
-            let (d_gate, d_up) = swiglu_backward(gate, up, g, needs)?;
-            Ok((d_gate, d_up))
-        }),
-    )
+    graft2("swiglu", gate, up, out, Box::new(swiglu_backward))
 }
 
 /// Whether the native kernels apply.
