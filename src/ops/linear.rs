@@ -2,6 +2,7 @@
 
 use super::cpu::{is_cpu_f32, matmul, Held, Threads};
 use super::graft::{graft1, graft3, Output};
+use super::narrow::{add_narrow_product, matmul_narrow, transposed_matmul_narrow, MAX_WIDTH};
 use super::rows;
 use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor};
@@ -107,6 +108,18 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
                 rhs.dims()
             );
         }
+        if k <= MAX_WIDTH && k < width {
+            // A LoRA term (`hidden Bᵀ`, `grad_hidden A`): the narrow kernel adds it in place.
+            let m = if p.transposed {
+                rhs.t()?.contiguous()?
+            } else {
+                rhs
+            };
+            let (lh, mh) = (Held::new(&lhs)?, Held::new(&m)?);
+            add_narrow_product(&mut out, width, lh.slice()?, k, mh.slice()?);
+            accumulate = true;
+            continue;
+        }
         let (lh, rh) = (Held::new(&lhs)?, Held::new(&rhs)?);
         let b = if p.transposed {
             (rh.slice()?, 1, k)
@@ -207,7 +220,7 @@ pub(crate) fn lora_rows(
     b: &Tensor,
     scale: f64,
 ) -> Result<(Output, LoraHidden)> {
-    let hidden = lora_input(x, base.dropout_mask.as_ref())?.matmul(&a.t()?)?;
+    let hidden = matmul_narrow(&lora_input(x, base.dropout_mask.as_ref())?, &a.t()?)?;
     // Folding the scale into the tiny B saves two passes over the [n, out] output.
     let b_scaled = b.affine(scale, 0.0)?;
     let out = sum_of_products(
@@ -230,12 +243,17 @@ pub(crate) fn lora_weight_grads(
     scale: f64,
     (needs_a, needs_b): (bool, bool),
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    let grad_hidden = g.matmul(&b.affine(scale, 0.0)?)?;
+    let grad_hidden = matmul_narrow(g, &b.affine(scale, 0.0)?)?;
     let grad_b = needs_b
-        .then(|| g.t()?.matmul(&saved.hidden)?.affine(scale, 0.0))
+        .then(|| transposed_matmul_narrow(g, &saved.hidden)?.affine(scale, 0.0))
         .transpose()?;
+    // grad_A = grad_hiddenᵀ lora_in, computed as its transpose (the narrow side on the right).
     let grad_a = needs_a
-        .then(|| grad_hidden.t()?.matmul(lora_in))
+        .then(|| {
+            transposed_matmul_narrow(lora_in, &grad_hidden)?
+                .t()?
+                .contiguous()
+        })
         .transpose()?;
     Ok((grad_hidden, grad_a, grad_b))
 }

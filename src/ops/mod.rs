@@ -9,6 +9,7 @@ pub mod cross_entropy;
 pub mod flash;
 pub mod graft;
 pub mod linear;
+pub(crate) mod narrow;
 pub mod norm;
 pub mod residual;
 pub mod rope;

@@ -3,7 +3,7 @@
 //! and a fast `exp` those loops can inline.
 
 /// Lanes the loops are written for: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 macro_rules! dispatch {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
@@ -37,6 +37,8 @@ macro_rules! dispatch {
         }
     };
 }
+
+pub(crate) use dispatch;
 
 /// `e^x` to a few ulp for `x ≤ 88`, 0 below -87 (and for -inf): `2^n · e^r` with
 /// `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and `e^r` from its Taylor series to `r^7`

@@ -1,0 +1,355 @@
+//! Matrix products with one narrow side (at most [`MAX_WIDTH`] columns: a LoRA rank) on the CPU in
+//! f32. A LoRA branch's products are all of this kind (`x Aᵀ`, `g B`, `gᵀ h`, `h Bᵀ` added to the
+//! base output), and general gemm kernels tile them poorly: register-blocked loops over 16 lanes
+//! that keep a block of output rows in registers do them at several times the speed.
+
+use super::cpu::{is_cpu_f32, tensor, Held};
+use super::simd::{dispatch, LANES};
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+/// The widest narrow side the kernels take (four 16-lane vectors).
+pub(crate) const MAX_WIDTH: usize = 4 * LANES;
+
+/// Output rows per parallel task.
+const TASK_ROWS: usize = 32;
+
+/// A strided read-only matrix: element `[i][p]` at `data[i·row_stride + p·col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// One block of `R` output rows of [`narrow_product`], starting at row `first` of `x`: every
+/// accumulator in registers, one pass over the shared `k` dimension. `m` is `k × (V·16)` row-major
+/// (zero-padded), `out` `R × (V·16)`.
+#[inline(always)]
+fn product_tile<const R: usize, const V: usize>(
+    first: usize,
+    k: usize,
+    x: Strided<'_>,
+    m: &[f32],
+    out: &mut [f32],
+) {
+    let width = V * LANES;
+    let last = (first + R - 1) * x.row_stride + k.saturating_sub(1) * x.col_stride;
+    assert!(
+        k == 0 || last < x.data.len(),
+        "narrow product: lhs too short"
+    );
+    let mut acc = [[[0f32; LANES]; V]; R];
+    for (p, m_row) in m.chunks_exact(width).take(k).enumerate() {
+        let mut m_vecs = [[0f32; LANES]; V];
+        for (v, m_vec) in m_vecs.iter_mut().enumerate() {
+            m_vec.copy_from_slice(&m_row[v * LANES..(v + 1) * LANES]);
+        }
+        let column = p * x.col_stride;
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: row `first + i < first + R` and column `p < k` are within `last`, checked
+            // above (the per-element check would otherwise cost more than the multiply-add).
+            let xv = unsafe { *x.data.get_unchecked((first + i) * x.row_stride + column) };
+            for (acc_vec, m_vec) in acc_row.iter_mut().zip(&m_vecs) {
+                for l in 0..LANES {
+                    acc_vec[l] = xv.mul_add(m_vec[l], acc_vec[l]);
+                }
+            }
+        }
+    }
+    for (i, acc_row) in acc.iter().enumerate() {
+        for (v, acc_vec) in acc_row.iter().enumerate() {
+            let start = i * width + v * LANES;
+            out[start..start + LANES].copy_from_slice(acc_vec);
+        }
+    }
+}
+
+/// Rows `first..` of [`narrow_product`] into `out` (`rows × (V·16)`): blocks of `R`, then single rows.
+#[inline(always)]
+fn product_rows<const R: usize, const V: usize>(
+    first: usize,
+    k: usize,
+    x: Strided<'_>,
+    m: &[f32],
+    out: &mut [f32],
+) {
+    let width = V * LANES;
+    let rows = out.len() / width;
+    let mut i = 0;
+    while i + R <= rows {
+        product_tile::<R, V>(first + i, k, x, m, &mut out[i * width..(i + R) * width]);
+        i += R;
+    }
+    while i < rows {
+        product_tile::<1, V>(first + i, k, x, m, &mut out[i * width..(i + 1) * width]);
+        i += 1;
+    }
+}
+
+dispatch! {
+    /// Rows `first..` of `X · M` for a padded `m` of `vectors` 16-lane vectors per row.
+    fn product_task(
+        first: usize,
+        k: usize,
+        x: Strided<'_>,
+        m: &[f32],
+        vectors: usize,
+        out: &mut [f32]
+    ) {
+        // Blocks of about eight accumulator vectors: eight of AVX-512's 32 registers.
+        match vectors {
+            1 => product_rows::<8, 1>(first, k, x, m, out),
+            2 => product_rows::<4, 2>(first, k, x, m, out),
+            3 => product_rows::<2, 3>(first, k, x, m, out),
+            _ => product_rows::<2, 4>(first, k, x, m, out),
+        }
+    }
+}
+
+/// `X · M` -> `[n, r]` row-major, for `X` `n × k` read through `x` and a row-major `m` (`k × r`,
+/// `r ≤ MAX_WIDTH`), output rows in parallel.
+fn narrow_product(n: usize, k: usize, x: Strided<'_>, m: &[f32], r: usize) -> Vec<f32> {
+    assert!(r > 0 && r <= MAX_WIDTH, "narrow product: width {r}");
+    assert!(m.len() >= k * r, "narrow product: rhs too short");
+    if n > 0 && k > 0 {
+        let last = (n - 1) * x.row_stride + (k - 1) * x.col_stride;
+        assert!(x.data.len() > last, "narrow product: lhs too short");
+    }
+    let vectors = r.div_ceil(LANES);
+    let width = vectors * LANES;
+    let padded_m = if width == r {
+        m[..k * r].to_vec()
+    } else {
+        let mut padded = vec![0f32; k * width];
+        for (dst, src) in padded.chunks_exact_mut(width).zip(m.chunks_exact(r)) {
+            dst[..r].copy_from_slice(src);
+        }
+        padded
+    };
+    let mut out = vec![0f32; n * width];
+    out.par_chunks_mut(TASK_ROWS * width)
+        .enumerate()
+        .for_each(|(task, out)| {
+            product_task(task * TASK_ROWS, k, x, &padded_m, vectors, out);
+        });
+    if width != r {
+        let mut packed = Vec::with_capacity(n * r);
+        for row in out.chunks_exact(width) {
+            packed.extend_from_slice(&row[..r]);
+        }
+        out = packed;
+    }
+    out
+}
+
+/// Columns per register block of [`add_tile`]: two 16-lane vectors.
+const ADD_COLUMNS: usize = 2 * LANES;
+
+/// `c[R rows × w] += h[R × r] · m[r × w]` (all row-major): blocks of columns kept in registers
+/// over the whole `r`, then the remaining columns one at a time.
+#[inline(always)]
+fn add_tile<const R: usize>(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+    let mut j = 0;
+    while j + ADD_COLUMNS <= w {
+        let mut acc = [[0f32; ADD_COLUMNS]; R];
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            acc_row.copy_from_slice(&c[i * w + j..i * w + j + ADD_COLUMNS]);
+        }
+        for p in 0..r {
+            let m_part = &m[p * w + j..p * w + j + ADD_COLUMNS];
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let hv = h[i * r + p];
+                for l in 0..ADD_COLUMNS {
+                    acc_row[l] = hv.mul_add(m_part[l], acc_row[l]);
+                }
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            c[i * w + j..i * w + j + ADD_COLUMNS].copy_from_slice(acc_row);
+        }
+        j += ADD_COLUMNS;
+    }
+    for col in j..w {
+        for i in 0..R {
+            let mut sum = c[i * w + col];
+            for p in 0..r {
+                sum += h[i * r + p] * m[p * w + col];
+            }
+            c[i * w + col] = sum;
+        }
+    }
+}
+
+dispatch! {
+    /// Rows of [`add_narrow_product`]: blocks of four rows, then single rows.
+    fn add_task(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+        let rows = c.len() / w;
+        let mut i = 0;
+        while i + 4 <= rows {
+            add_tile::<4>(&mut c[i * w..(i + 4) * w], w, &h[i * r..(i + 4) * r], r, m);
+            i += 4;
+        }
+        while i < rows {
+            add_tile::<1>(&mut c[i * w..(i + 1) * w], w, &h[i * r..(i + 1) * r], r, m);
+            i += 1;
+        }
+    }
+}
+
+/// `c[n × w] += h[n × r] · m[r × w]` (all row-major, `n = c.len() / w`): the product of a narrow
+/// `h` added to a wide output, rows in parallel.
+pub(crate) fn add_narrow_product(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+    if w == 0 {
+        return;
+    }
+    let n = c.len() / w;
+    assert!(h.len() >= n * r, "narrow product: lhs too short");
+    assert!(m.len() >= r * w, "narrow product: rhs too short");
+    if r == 0 {
+        return;
+    }
+    c.par_chunks_mut(TASK_ROWS * w)
+        .zip(h.par_chunks(TASK_ROWS * r))
+        .for_each(|(c, h)| add_task(c, w, h, r, m));
+}
+
+/// Whether `t` (a matrix) is a CPU f32 tensor narrow enough in its last dimension for the kernels.
+fn narrow_cpu(t: &Tensor) -> Result<bool> {
+    Ok(is_cpu_f32(t) && t.dim(1)? <= MAX_WIDTH)
+}
+
+/// `x @ m` for `m` narrow. x: [n, k], m: [k, r] -> [n, r]; the native kernel on CPU f32 when
+/// `r ≤ MAX_WIDTH`, candle's matmul otherwise.
+pub(crate) fn matmul_narrow(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    if !(is_cpu_f32(x) && narrow_cpu(m)?) {
+        return x.matmul(m);
+    }
+    let ((n, k), r) = (x.dims2()?, m.dim(1)?);
+    let (x, m) = (x.contiguous()?, m.contiguous()?);
+    let (xh, mh) = (Held::new(&x)?, Held::new(&m)?);
+    let lhs = Strided {
+        data: xh.slice()?,
+        row_stride: k,
+        col_stride: 1,
+    };
+    tensor(narrow_product(n, k, lhs, mh.slice()?, r), &[n, r])
+}
+
+/// `pᵀ @ q` for `q` narrow: the sum over rows of outer products. p: [n, w], q: [n, r] -> [w, r];
+/// the native kernel on CPU f32 when `r ≤ MAX_WIDTH`, candle's matmul otherwise.
+pub(crate) fn transposed_matmul_narrow(p: &Tensor, q: &Tensor) -> Result<Tensor> {
+    if !(is_cpu_f32(p) && narrow_cpu(q)?) {
+        return p.t()?.matmul(q);
+    }
+    let ((n, w), r) = (p.dims2()?, q.dim(1)?);
+    let (p, q) = (p.contiguous()?, q.contiguous()?);
+    let (ph, qh) = (Held::new(&p)?, Held::new(&q)?);
+    let lhs = Strided {
+        data: ph.slice()?,
+        row_stride: 1,
+        col_stride: w,
+    };
+    tensor(narrow_product(w, n, lhs, qh.slice()?, r), &[w, r])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(rng: &mut Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn narrow_product_matches_the_definition_for_every_width_and_layout() {
+        let mut rng = Rng::new(7);
+        // Widths around each register block's edge; row counts around the task and tile edges.
+        for &(n, k, r) in &[
+            (1, 1, 1),
+            (37, 19, 5),
+            (70, 40, 16),
+            (9, 33, 17),
+            (33, 8, 32),
+            (65, 3, 48),
+            (41, 70, 64),
+        ] {
+            let x = random(&mut rng, n * k);
+            let m = random(&mut rng, k * r);
+            let want: Vec<f32> = (0..n * r)
+                .map(|e| (0..k).map(|p| x[(e / r) * k + p] * m[p * r + e % r]).sum())
+                .collect();
+            let rows = Strided {
+                data: &x,
+                row_stride: k,
+                col_stride: 1,
+            };
+            assert_close(&narrow_product(n, k, rows, &m, r), &want, "row-major lhs");
+            // The same matrix stored transposed (k × n), read through strides.
+            let xt: Vec<f32> = (0..k * n).map(|e| x[(e % n) * k + e / n]).collect();
+            let cols = Strided {
+                data: &xt,
+                row_stride: 1,
+                col_stride: n,
+            };
+            assert_close(&narrow_product(n, k, cols, &m, r), &want, "transposed lhs");
+        }
+    }
+
+    #[test]
+    fn add_narrow_product_adds_the_definition_to_the_output() {
+        let mut rng = Rng::new(11);
+        for &(n, w, r) in &[
+            (1, 1, 1),
+            (45, 31, 4),
+            (70, 64, 16),
+            (5, 100, 33),
+            (38, 577, 64),
+        ] {
+            let c0 = random(&mut rng, n * w);
+            let h = random(&mut rng, n * r);
+            let m = random(&mut rng, r * w);
+            let want: Vec<f32> = (0..n * w)
+                .map(|e| {
+                    c0[e]
+                        + (0..r)
+                            .map(|p| h[(e / w) * r + p] * m[p * w + e % w])
+                            .sum::<f32>()
+                })
+                .collect();
+            let mut c = c0.clone();
+            add_narrow_product(&mut c, w, &h, r, &m);
+            assert_close(&c, &want, "sum");
+        }
+    }
+
+    #[test]
+    fn tensor_wrappers_equal_candle_matmul() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (50, 24), &dev)?;
+        let m = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
+        let q = Tensor::randn(0f32, 1.0, (50, 16), &dev)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(diff(&matmul_narrow(&x, &m)?, &x.matmul(&m)?)? < 1e-4);
+        assert!(diff(&transposed_matmul_narrow(&x, &q)?, &x.t()?.matmul(&q)?)? < 1e-4);
+        // A non-contiguous operand and a width past the kernels' limit take their paths too.
+        let wide = Tensor::randn(0f32, 1.0, (24, 80), &dev)?;
+        assert!(diff(&matmul_narrow(&x, &wide)?, &x.matmul(&wide)?)? < 1e-4);
+        let mt = Tensor::randn(0f32, 1.0, (16, 24), &dev)?;
+        assert!(diff(&matmul_narrow(&x, &mt.t()?)?, &x.matmul(&mt.t()?)?)? < 1e-4);
+        Ok(())
+    }
+}
