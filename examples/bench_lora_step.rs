@@ -1,11 +1,10 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc][+ops][+ops]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc][+ops]
 //!
 //! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
 //! `+gc` turns on gradient checkpointing; `+ops` turns off selective checkpointing (the op-by-op
-//! graph, for comparison); `+ops` turns off selective checkpointing (the op-by-op
 //! graph, for comparison); `load_rss_mib` is the peak RSS once the model is loaded
 //! (before any step).
 
