@@ -1,11 +1,12 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc][+ops]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN] [STEPS] [RANK] [lora|qlora][+gc][+ops] [BATCH] [LORA_DROPOUT]
 //!
 //! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
 //! `+gc` turns on gradient checkpointing; `+ops` turns off selective checkpointing (the op-by-op
-//! graph, for comparison); `load_rss_mib` is the peak RSS once the model is loaded
+//! graph, for comparison); `BATCH` rows of `SEQ_LEN` tokens each (default 1); `LORA_DROPOUT`
+//! (default 0) draws a new mask per step; `load_rss_mib` is the peak RSS once the model is loaded
 //! (before any step).
 
 use candle_core::{DType, Device, Tensor};
@@ -59,25 +60,28 @@ fn main() -> anyhow::Result<()> {
     let load_rss_mib = peak_rss_mib();
     model.gradient_checkpointing = checkpointing;
     model.selective_checkpointing = !flags.contains(&"ops");
-    model.selective_checkpointing = !flags.contains(&"ops");
+    let batch: usize = args.get(6).map_or(Ok(1), |s| s.parse())?;
+    let lora_dropout: f64 = args.get(7).map_or(Ok(0.0), |s| s.parse())?;
     let lora = LoraConfig {
         r: rank,
         lora_alpha: 2.0 * rank as f64,
+        lora_dropout,
         ..LoraConfig::default()
     };
     inject(&mut model, &lora, 0)?;
     let mut opt = AdamW::new(model.trainable(), AdamWParams::default())?;
     let mut rng = Rng::new(1);
-    let ids: Vec<u32> = (0..seq_len)
+    let ids: Vec<u32> = (0..batch * seq_len)
         .map(|_| (rng.next_u64() % vocab) as u32)
         .collect();
-    let ids = Tensor::from_vec(ids, (1, seq_len), &Device::Cpu)?;
-    let ones = Tensor::ones((1, seq_len), DType::F32, &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
+    let ones = Tensor::ones((batch, seq_len), DType::F32, &Device::Cpu)?;
     let mut timed = Vec::new();
     // The first step warms up allocations and is not timed.
     for step in 0..=steps {
         let start = Instant::now();
-        let out = model.loss(&ids, &ones, &ones, None)?;
+        let key = (lora_dropout > 0.0).then_some(step as u64);
+        let out = model.loss(&ids, &ones, &ones, key)?;
         let grads = backward(&(&out.loss_sum / out.loss_tokens)?)?;
         let grads: Vec<Tensor> = opt
             .params()
@@ -97,9 +101,11 @@ fn main() -> anyhow::Result<()> {
             "impl": format!("peft-sft {mode}"),
             "load_rss_mib": load_rss_mib,
             "seq_len": seq_len,
+            "batch": batch,
+            "lora_dropout": lora_dropout,
             "lora_r": rank,
             "step_seconds": step_seconds,
-            "tokens_per_second": seq_len as f64 / step_seconds,
+            "tokens_per_second": (batch * seq_len) as f64 / step_seconds,
             "peak_rss_mib": peak_rss_mib(),
             "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
         })

@@ -3,6 +3,7 @@
 //! (seed, step, module) and a resumed run reproduces an uninterrupted one without saved RNG state.
 
 /// SplitMix64's finaliser: a strong 64-bit mix.
+#[inline(always)]
 pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -66,17 +67,16 @@ impl Rng {
 /// Inverted-dropout mask with `n` entries for drop probability `p`: each entry is 0 with probability
 /// `p`, else `1 / (1 - p)`; entry i depends only on `(key, i)`.
 pub fn dropout_mask(n: usize, p: f64, key: u64) -> Vec<f32> {
-    let keep = 1.0 / (1.0 - p);
-    (0..n as u64)
-        .map(|i| {
-            let u = (mix64(key ^ mix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
-            if u < p {
-                0.0
-            } else {
-                keep as f32
-            }
-        })
-        .collect()
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    // u = (h >> 11) / 2^53 < p, compared exactly in integers: (h >> 11) < ⌈p · 2^53⌉.
+    let threshold = (p * (1u64 << 53) as f64).ceil() as u64;
+    let piece = crate::ops::cpu::PIECE;
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(piece).enumerate().for_each(|(c, out)| {
+        crate::ops::simd::dropout_fill(out, (c * piece) as u64, key, threshold, keep)
+    });
+    mask
 }
 
 #[cfg(test)]
@@ -91,6 +91,25 @@ mod tests {
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
         assert_eq!(a, Rng::new(7).permutation(100));
         assert_ne!(a, Rng::new(8).permutation(100));
+    }
+
+    #[test]
+    fn dropout_mask_is_the_keyed_definition() {
+        // The parallel, integer-compared kernel draws exactly what the definition does.
+        for &(n, p, key) in &[(70_000, 0.1, 42), (5, 0.5, 7), (40_000, 0.05, u64::MAX)] {
+            let keep = (1.0 / (1.0 - p)) as f32;
+            let want: Vec<f32> = (0..n as u64)
+                .map(|i| {
+                    let u = (mix64(key ^ mix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
+                    if u < p {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect();
+            assert_eq!(dropout_mask(n, p, key), want, "n={n} p={p}");
+        }
     }
 
     #[test]

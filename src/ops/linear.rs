@@ -35,6 +35,8 @@ struct Product<'a> {
     lhs: &'a Tensor,
     rhs: &'a Tensor,
     transposed: bool,
+    /// A dropout mask `[n, out]` the product is multiplied by (a LoRA input-gradient term).
+    mask: Option<&'a Tensor>,
 }
 
 impl<'a> Product<'a> {
@@ -44,6 +46,7 @@ impl<'a> Product<'a> {
             lhs,
             rhs,
             transposed: true,
+            mask: None,
         }
     }
 
@@ -53,6 +56,15 @@ impl<'a> Product<'a> {
             lhs,
             rhs,
             transposed: false,
+            mask: None,
+        }
+    }
+
+    /// This product multiplied elementwise by `mask`.
+    fn masked(self, mask: &'a Tensor) -> Self {
+        Product {
+            mask: Some(mask),
+            ..self
         }
     }
 
@@ -64,8 +76,11 @@ impl<'a> Product<'a> {
 /// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`. On the CPU in f32 every product
 /// accumulates into one buffer (no intermediate sums); elsewhere candle's matmul and add.
 fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Output> {
-    let native =
-        terms.iter().all(|p| is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs)) && bias.is_none_or(is_cpu_f32);
+    let native = terms.iter().all(|p| {
+        is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs) && p.mask.is_none_or(is_cpu_f32)
+            // A masked term needs the narrow kernel (which applies the mask as it adds).
+            && (p.mask.is_none() || p.lhs.dim(1).is_ok_and(|k| k <= MAX_WIDTH))
+    }) && bias.is_none_or(is_cpu_f32);
     if !native {
         let mut acc: Option<Tensor> = None;
         for p in terms {
@@ -75,6 +90,10 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
                 p.rhs.clone()
             };
             let y = p.lhs.matmul(&rhs)?;
+            let y = match p.mask {
+                Some(mask) => y.mul(mask)?,
+                None => y,
+            };
             acc = Some(match acc {
                 Some(a) => (a + y)?,
                 None => y,
@@ -108,15 +127,19 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
                 rhs.dims()
             );
         }
-        if k <= MAX_WIDTH && k < width {
-            // A LoRA term (`hidden Bᵀ`, `grad_hidden A`): the narrow kernel adds it in place.
+        if k <= MAX_WIDTH && (k < width || p.mask.is_some()) {
+            // A LoRA term (`hidden Bᵀ`, `grad_hidden A` with its dropout mask): the narrow kernel
+            // adds it in place.
             let m = if p.transposed {
                 rhs.t()?.contiguous()?
             } else {
                 rhs
             };
+            let mask = p.mask.map(Tensor::contiguous).transpose()?;
             let (lh, mh) = (Held::new(&lhs)?, Held::new(&m)?);
-            add_narrow_product(&mut out, width, lh.slice()?, k, mh.slice()?);
+            let mask_held = mask.as_ref().map(Held::new).transpose()?;
+            let mask = mask_held.as_ref().map(Held::slice).transpose()?;
+            add_narrow_product(&mut out, width, (lh.slice()?, k), mh.slice()?, mask);
             accumulate = true;
             continue;
         }
@@ -282,6 +305,7 @@ pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
         vec![shares]
     };
     let mut grad: Option<Tensor> = None;
+    // Masked terms the narrow kernel cannot take (another device, or a rank past its width).
     let mut masked = Vec::new();
     for group in groups {
         let dense = group
@@ -293,7 +317,15 @@ pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
             terms.push(Product::n(share.g, w));
             match share.lora {
                 Some((grad_hidden, a, None)) => terms.push(Product::n(grad_hidden, a)),
-                Some((grad_hidden, a, Some(mask))) => masked.push((grad_hidden, a, mask)),
+                Some((grad_hidden, a, Some(mask))) => {
+                    let narrow = [grad_hidden, a, mask].into_iter().all(is_cpu_f32)
+                        && a.dim(0)? <= MAX_WIDTH;
+                    if narrow {
+                        terms.push(Product::n(grad_hidden, a).masked(mask));
+                    } else {
+                        masked.push((grad_hidden, a, mask));
+                    }
+                }
                 None => {}
             }
         }

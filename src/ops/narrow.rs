@@ -146,15 +146,23 @@ fn narrow_product(n: usize, k: usize, x: Strided<'_>, m: &[f32], r: usize) -> Ve
 /// Columns per register block of [`add_tile`]: two 16-lane vectors.
 const ADD_COLUMNS: usize = 2 * LANES;
 
-/// `c[R rows × w] += h[R × r] · m[r × w]` (all row-major): blocks of columns kept in registers
-/// over the whole `r`, then the remaining columns one at a time.
+/// `c[R rows × w] += (h[R × r] · m[r × w]) ∘ mask` (all row-major; no mask: all ones): blocks of
+/// columns kept in registers over the whole `r`, then the remaining columns one at a time.
 #[inline(always)]
-fn add_tile<const R: usize>(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+fn add_tile<const R: usize>(
+    c: &mut [f32],
+    w: usize,
+    (h, r): (&[f32], usize),
+    m: &[f32],
+    mask: Option<&[f32]>,
+) {
     let mut j = 0;
     while j + ADD_COLUMNS <= w {
         let mut acc = [[0f32; ADD_COLUMNS]; R];
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            acc_row.copy_from_slice(&c[i * w + j..i * w + j + ADD_COLUMNS]);
+        if mask.is_none() {
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                acc_row.copy_from_slice(&c[i * w + j..i * w + j + ADD_COLUMNS]);
+            }
         }
         for p in 0..r {
             let m_part = &m[p * w + j..p * w + j + ADD_COLUMNS];
@@ -166,52 +174,81 @@ fn add_tile<const R: usize>(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f
             }
         }
         for (i, acc_row) in acc.iter().enumerate() {
-            c[i * w + j..i * w + j + ADD_COLUMNS].copy_from_slice(acc_row);
+            let dst = &mut c[i * w + j..i * w + j + ADD_COLUMNS];
+            match mask {
+                None => dst.copy_from_slice(acc_row),
+                Some(mask) => {
+                    let mask = &mask[i * w + j..i * w + j + ADD_COLUMNS];
+                    for l in 0..ADD_COLUMNS {
+                        dst[l] = mask[l].mul_add(acc_row[l], dst[l]);
+                    }
+                }
+            }
         }
         j += ADD_COLUMNS;
     }
     for col in j..w {
         for i in 0..R {
-            let mut sum = c[i * w + col];
-            for p in 0..r {
-                sum += h[i * r + p] * m[p * w + col];
-            }
-            c[i * w + col] = sum;
+            let sum: f32 = (0..r).map(|p| h[i * r + p] * m[p * w + col]).sum();
+            let scale = mask.map_or(1.0, |mask| mask[i * w + col]);
+            c[i * w + col] += scale * sum;
         }
     }
 }
 
 dispatch! {
     /// Rows of [`add_narrow_product`]: blocks of four rows, then single rows.
-    fn add_task(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+    fn add_task(c: &mut [f32], w: usize, lhs: (&[f32], usize), m: &[f32], mask: Option<&[f32]>) {
+        let (h, r) = lhs;
         let rows = c.len() / w;
         let mut i = 0;
-        while i + 4 <= rows {
-            add_tile::<4>(&mut c[i * w..(i + 4) * w], w, &h[i * r..(i + 4) * r], r, m);
-            i += 4;
-        }
         while i < rows {
-            add_tile::<1>(&mut c[i * w..(i + 1) * w], w, &h[i * r..(i + 1) * r], r, m);
-            i += 1;
+            let block = if i + 4 <= rows { 4 } else { 1 };
+            let (lo, hi) = (i * w, (i + block) * w);
+            let h_rows = &h[i * r..(i + block) * r];
+            let mask_rows = mask.map(|mask| &mask[lo..hi]);
+            if block == 4 {
+                add_tile::<4>(&mut c[lo..hi], w, (h_rows, r), m, mask_rows);
+            } else {
+                add_tile::<1>(&mut c[lo..hi], w, (h_rows, r), m, mask_rows);
+            }
+            i += block;
         }
     }
 }
 
-/// `c[n × w] += h[n × r] · m[r × w]` (all row-major, `n = c.len() / w`): the product of a narrow
-/// `h` added to a wide output, rows in parallel.
-pub(crate) fn add_narrow_product(c: &mut [f32], w: usize, h: &[f32], r: usize, m: &[f32]) {
+/// `c[n × w] += (h[n × r] · m[r × w]) ∘ mask` (all row-major, `n = c.len() / w`; no mask: all
+/// ones): the product of a narrow `h` added to a wide output, rows in parallel. The mask is a LoRA
+/// dropout mask, which applies to the LoRA term of an input gradient only.
+pub(crate) fn add_narrow_product(
+    c: &mut [f32],
+    w: usize,
+    (h, r): (&[f32], usize),
+    m: &[f32],
+    mask: Option<&[f32]>,
+) {
     if w == 0 {
         return;
     }
     let n = c.len() / w;
     assert!(h.len() >= n * r, "narrow product: lhs too short");
     assert!(m.len() >= r * w, "narrow product: rhs too short");
+    assert!(
+        mask.is_none_or(|mask| mask.len() == c.len()),
+        "narrow product: mask shape"
+    );
     if r == 0 {
         return;
     }
-    c.par_chunks_mut(TASK_ROWS * w)
-        .zip(h.par_chunks(TASK_ROWS * r))
-        .for_each(|(c, h)| add_task(c, w, h, r, m));
+    let rows = c
+        .par_chunks_mut(TASK_ROWS * w)
+        .zip(h.par_chunks(TASK_ROWS * r));
+    match mask {
+        None => rows.for_each(|(c, h)| add_task(c, w, (h, r), m, None)),
+        Some(mask) => rows
+            .zip(mask.par_chunks(TASK_ROWS * w))
+            .for_each(|((c, h), mask)| add_task(c, w, (h, r), m, Some(mask))),
+    }
 }
 
 /// Whether `t` (a matrix) is a CPU f32 tensor narrow enough in its last dimension for the kernels.
@@ -320,17 +357,23 @@ mod tests {
             let c0 = random(&mut rng, n * w);
             let h = random(&mut rng, n * r);
             let m = random(&mut rng, r * w);
-            let want: Vec<f32> = (0..n * w)
-                .map(|e| {
-                    c0[e]
-                        + (0..r)
-                            .map(|p| h[(e / w) * r + p] * m[p * w + e % w])
-                            .sum::<f32>()
-                })
-                .collect();
+            let product = |e: usize| {
+                (0..r)
+                    .map(|p| h[(e / w) * r + p] * m[p * w + e % w])
+                    .sum::<f32>()
+            };
+            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + product(e)).collect();
             let mut c = c0.clone();
-            add_narrow_product(&mut c, w, &h, r, &m);
+            add_narrow_product(&mut c, w, (&h, r), &m, None);
             assert_close(&c, &want, "sum");
+            // A dropout mask scales the product only.
+            let mask: Vec<f32> = (0..n * w)
+                .map(|e| [0.0, 1.25][(e * 7 + e / 3) % 2])
+                .collect();
+            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + mask[e] * product(e)).collect();
+            let mut c = c0.clone();
+            add_narrow_product(&mut c, w, (&h, r), &m, Some(&mask));
+            assert_close(&c, &want, "masked sum");
         }
     }
 
