@@ -1243,9 +1243,25 @@ mod tests {
             (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2293.3),
             (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2050.7),
         ];
-        for (shape, t, r, method, gc, steps, mib) in measured {
+        // Batch > 1 with LoRA dropout 0.05 (bench_lora_step's BATCH and LORA_DROPOUT, 4d1dd61).
+        let batched = [
+            (SMOLLM2_135M, 512, 2, Method::Lora, 1373.6),
+            (SMOLLM2_135M, 256, 4, Method::Qlora, 1034.3),
+        ];
+        let cases =
+            measured
+                .iter()
+                .map(|&(shape, t, r, method, gc, steps, mib)| {
+                    (shape, t, r, 1, 0.0, method, gc, steps, mib)
+                })
+                .chain(batched.iter().map(|&(shape, t, b, method, mib)| {
+                    (shape, t, 16, b, 0.05, method, false, 2, mib)
+                }));
+        for (shape, t, r, batch, dropout, method, gc, steps, mib) in cases {
             let o = PlanOptions {
                 lora_r: r,
+                batch_size: batch,
+                lora_dropout: dropout,
                 gradient_checkpointing: gc,
                 baseline_bytes: 9 * MIB,
                 ..PlanOptions::new(method, t)
@@ -1256,7 +1272,7 @@ mod tests {
             let error = (predicted - mib) / mib;
             assert!(
                 error.abs() < 0.10,
-                "{shape:?} T={t} r={r} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
+                "{shape:?} T={t} r={r} B={batch} p={dropout} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
             );
         }
     }
