@@ -309,6 +309,23 @@ mod tests {
         }
     }
 
+    /// The definition: `[i][j] = Σ_p lhs(i, p) · rhs[p][j]` for a row-major `rhs` (`k × cols`).
+    fn reference(
+        rows: usize,
+        cols: usize,
+        k: usize,
+        lhs: impl Fn(usize, usize) -> f32,
+        rhs: &[f32],
+    ) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|e| {
+                (0..k)
+                    .map(|p| lhs(e / cols, p) * rhs[p * cols + e % cols])
+                    .sum()
+            })
+            .collect()
+    }
+
     #[test]
     fn narrow_product_matches_the_definition_for_every_width_and_layout() {
         let mut rng = Rng::new(7);
@@ -324,9 +341,7 @@ mod tests {
         ] {
             let x = random(&mut rng, n * k);
             let m = random(&mut rng, k * r);
-            let want: Vec<f32> = (0..n * r)
-                .map(|e| (0..k).map(|p| x[(e / r) * k + p] * m[p * r + e % r]).sum())
-                .collect();
+            let want = reference(n, r, k, |i, p| x[i * k + p], &m);
             let rows = Strided {
                 data: &x,
                 row_stride: k,
@@ -357,12 +372,8 @@ mod tests {
             let c0 = random(&mut rng, n * w);
             let h = random(&mut rng, n * r);
             let m = random(&mut rng, r * w);
-            let product = |e: usize| {
-                (0..r)
-                    .map(|p| h[(e / w) * r + p] * m[p * w + e % w])
-                    .sum::<f32>()
-            };
-            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + product(e)).collect();
+            let product = reference(n, w, r, |i, p| h[i * r + p], &m);
+            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + product[e]).collect();
             let mut c = c0.clone();
             add_narrow_product(&mut c, w, (&h, r), &m, None);
             assert_close(&c, &want, "sum");
@@ -370,7 +381,7 @@ mod tests {
             let mask: Vec<f32> = (0..n * w)
                 .map(|e| [0.0, 1.25][(e * 7 + e / 3) % 2])
                 .collect();
-            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + mask[e] * product(e)).collect();
+            let want: Vec<f32> = (0..n * w).map(|e| c0[e] + mask[e] * product[e]).collect();
             let mut c = c0.clone();
             add_narrow_product(&mut c, w, (&h, r), &m, Some(&mask));
             assert_close(&c, &want, "masked sum");
