@@ -78,7 +78,8 @@ impl<'a> Product<'a> {
 fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Output> {
     let native = terms.iter().all(|p| {
         is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs) && p.mask.is_none_or(is_cpu_f32)
-            // A masked term needs the narrow kernel (which applies the mask as it adds).
+            // A masked term needs the narrow kernel (which applies the mask as it adds); a wider
+            // one (rank past MAX_WIDTH) takes candle's ops with the rest of the sum.
             && (p.mask.is_none() || p.lhs.dim(1).is_ok_and(|k| k <= MAX_WIDTH))
     }) && bias.is_none_or(is_cpu_f32);
     if !native {
@@ -305,8 +306,6 @@ pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
         vec![shares]
     };
     let mut grad: Option<Tensor> = None;
-    // Masked terms the narrow kernel cannot take (another device, or a rank past its width).
-    let mut masked = Vec::new();
     for group in groups {
         let dense = group
             .iter()
@@ -318,13 +317,7 @@ pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
             match share.lora {
                 Some((grad_hidden, a, None)) => terms.push(Product::n(grad_hidden, a)),
                 Some((grad_hidden, a, Some(mask))) => {
-                    let narrow = [grad_hidden, a, mask].into_iter().all(is_cpu_f32)
-                        && a.dim(0)? <= MAX_WIDTH;
-                    if narrow {
-                        terms.push(Product::n(grad_hidden, a).masked(mask));
-                    } else {
-                        masked.push((grad_hidden, a, mask));
-                    }
+                    terms.push(Product::n(grad_hidden, a).masked(mask))
                 }
                 None => {}
             }
@@ -335,12 +328,7 @@ pub(crate) fn input_gradient(shares: &[InputShare<'_>]) -> Result<Tensor> {
             None => part,
         });
     }
-    let mut grad =
-        grad.ok_or_else(|| candle_core::Error::Msg("input gradient of no modules".into()))?;
-    for (grad_hidden, a, mask) in masked {
-        grad = (grad + grad_hidden.matmul(a)?.mul(mask)?)?;
-    }
-    Ok(grad)
+    grad.ok_or_else(|| candle_core::Error::Msg("input gradient of no modules".into()))
 }
 
 /// PEFT's LoRA forward: `x @ W^T + bias + scale * (dropout(x) @ A^T) @ B^T`, as one op whose

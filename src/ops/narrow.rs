@@ -112,26 +112,29 @@ dispatch! {
 fn narrow_product(n: usize, k: usize, x: Strided<'_>, m: &[f32], r: usize) -> Vec<f32> {
     assert!(r > 0 && r <= MAX_WIDTH, "narrow product: width {r}");
     assert!(m.len() >= k * r, "narrow product: rhs too short");
-    if n > 0 && k > 0 {
-        let last = (n - 1) * x.row_stride + (k - 1) * x.col_stride;
-        assert!(x.data.len() > last, "narrow product: lhs too short");
-    }
     let vectors = r.div_ceil(LANES);
     let width = vectors * LANES;
+    // Rows padded to whole vectors only where r is not a multiple of 16 (each tile checks x).
+    let padded;
     let padded_m = if width == r {
-        m[..k * r].to_vec()
+        &m[..k * r]
     } else {
-        let mut padded = vec![0f32; k * width];
-        for (dst, src) in padded.chunks_exact_mut(width).zip(m.chunks_exact(r)) {
-            dst[..r].copy_from_slice(src);
-        }
-        padded
+        padded = m
+            .chunks_exact(r)
+            .take(k)
+            .flat_map(|row| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, width - r))
+            })
+            .collect::<Vec<f32>>();
+        &padded[..]
     };
     let mut out = vec![0f32; n * width];
     out.par_chunks_mut(TASK_ROWS * width)
         .enumerate()
         .for_each(|(task, out)| {
-            product_task(task * TASK_ROWS, k, x, &padded_m, vectors, out);
+            product_task(task * TASK_ROWS, k, x, padded_m, vectors, out);
         });
     if width != r {
         let mut packed = Vec::with_capacity(n * r);
