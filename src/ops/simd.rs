@@ -54,17 +54,25 @@ pub fn exp(x: f32) -> f32 {
     let hidden = x < -87.0;
     let x = if x > 88.0 { 88.0 } else { x };
     let x = if hidden { 0.0 } else { x };
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    // n + ROUND, exactly: its bits are ROUND's plus n, so 2^n needs no float-to-int conversion
+    // (Rust's saturating `as i32` does not vectorize).
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if hidden {
         0.0
     } else {
@@ -82,9 +90,29 @@ fn max_of(x: &[f32]) -> f32 {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
     rest.iter()
-        .chain(acc.iter())
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+        .fold(fold_lanes(acc, larger), |a, &b| larger(a, b))
+}
+
+/// The 16 lanes of `acc` combined by `f` as a tree (halves, quarters, ...): four vector steps
+/// where a left-to-right fold is sixteen dependent scalar ones.
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] = f(acc[l], acc[l + width]);
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// The sum of 16 lanes, as a tree.
+#[inline(always)]
+fn lane_sum(acc: [f32; LANES]) -> f32 {
+    fold_lanes(acc, |a, b| a + b)
 }
 
 #[inline(always)]
@@ -97,7 +125,7 @@ fn sum_of(x: &[f32]) -> f32 {
             acc[l] += c[l];
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    lane_sum(acc) + rest.iter().sum::<f32>()
 }
 
 #[inline(always)]
@@ -115,7 +143,7 @@ fn dot_of(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + rest
+    lane_sum(acc) + rest
 }
 
 #[inline(always)]
@@ -129,7 +157,7 @@ fn dot3_of(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
         }
     }
     let rest: f32 = (n..a.len()).map(|i| a[i] * b[i] * c[i]).sum();
-    acc.iter().sum::<f32>() + rest
+    lane_sum(acc) + rest
 }
 
 dispatch! {
@@ -305,8 +333,8 @@ dispatch! {
             weighted_rest += e * *x;
             *x = e;
         }
-        let sum = sum.iter().sum::<f32>() + sum_rest;
-        let weighted = weighted.iter().sum::<f32>() + weighted_rest;
+        let sum = lane_sum(sum) + sum_rest;
+        let weighted = lane_sum(weighted) + weighted_rest;
         let lse = max + sum.ln();
         if let Some(w) = grad_weight {
             let scale = w / sum;
