@@ -254,6 +254,97 @@ pub(crate) fn add_narrow_product(
     }
 }
 
+/// Rows of `p` taken together by [`outer_task`]: each accumulator vector loaded meets eight of them.
+const OUTER_ROWS: usize = 8;
+
+/// `acc[j][i] += Σ_t p[t][i] · q[t][j]` over `R` rows (`p`: `R × w`, `q`: `R × r` with
+/// `r ≤ MAX_WIDTH`, `acc`: `r × w`, row-major): the rows of `p` read front to back, 16 columns at a time.
+#[inline(always)]
+fn outer_block<const R: usize>(p: &[f32], q: &[f32], (w, r): (usize, usize), acc: &mut [f32]) {
+    let full = w / LANES * LANES;
+    let p = &p[..R * w];
+    // The block's q transposed: column j's R values side by side.
+    let mut qt = [[0f32; R]; MAX_WIDTH];
+    for (t, q_row) in q.chunks_exact(r).take(R).enumerate() {
+        for (qt_row, &v) in qt.iter_mut().zip(q_row) {
+            qt_row[t] = v;
+        }
+    }
+    for i in (0..full).step_by(LANES) {
+        let mut pv = [[0f32; LANES]; R];
+        for (t, v) in pv.iter_mut().enumerate() {
+            v.copy_from_slice(&p[t * w + i..t * w + i + LANES]);
+        }
+        for (acc_row, qj) in acc.chunks_exact_mut(w).zip(&qt).take(r) {
+            let a: &mut [f32; LANES] = (&mut acc_row[i..i + LANES]).try_into().unwrap();
+            let mut sum = *a;
+            for (v, &qv) in pv.iter().zip(qj) {
+                for l in 0..LANES {
+                    sum[l] = v[l].mul_add(qv, sum[l]);
+                }
+            }
+            *a = sum;
+        }
+    }
+    for i in full..w {
+        for (acc_row, qj) in acc.chunks_exact_mut(w).zip(&qt).take(r) {
+            let column = (0..R).map(|t| p[t * w + i] * qj[t]);
+            acc_row[i] += column.sum::<f32>();
+        }
+    }
+}
+
+dispatch! {
+    /// [`outer_block`] over every row of `p` (`rows × w`): blocks of [`OUTER_ROWS`], then single rows.
+    fn outer_task(p: &[f32], q: &[f32], w: usize, r: usize, acc: &mut [f32]) {
+        let rows = p.len() / w;
+        let mut t = 0;
+        while t + OUTER_ROWS <= rows {
+            let (pb, qb) = (&p[t * w..], &q[t * r..]);
+            outer_block::<OUTER_ROWS>(pb, qb, (w, r), acc);
+            t += OUTER_ROWS;
+        }
+        while t < rows {
+            outer_block::<1>(&p[t * w..], &q[t * r..], (w, r), acc);
+            t += 1;
+        }
+    }
+}
+
+/// `pᵀ q` -> `[w, r]` row-major for row-major `p` (`n × w`) and `q` (`n × r`): each core sums
+/// the outer products of its share of the rows (read in order: a reduction over rows would
+/// otherwise step down the columns of `p`, a row's length apart), then the shares are added.
+fn transposed_narrow_product(n: usize, w: usize, p: &[f32], q: &[f32], r: usize) -> Vec<f32> {
+    assert!(r <= MAX_WIDTH, "narrow product: width {r}");
+    assert!(
+        p.len() >= n * w && q.len() >= n * r,
+        "narrow product: operands too short"
+    );
+    let parts = rayon::current_num_threads().min(n).max(1);
+    let sum = (0..parts)
+        .into_par_iter()
+        .map(|part| {
+            let (lo, hi) = (n * part / parts, n * (part + 1) / parts);
+            let mut acc = vec![0f32; r * w];
+            if w > 0 {
+                outer_task(&p[lo * w..hi * w], &q[lo * r..hi * r], w, r, &mut acc);
+            }
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; r * w]);
+    let mut out = vec![0f32; w * r];
+    for (j, row) in sum.chunks_exact(w.max(1)).take(r).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * r + j] = v;
+        }
+    }
+    out
+}
+
 /// Whether `t` (a matrix) is a CPU f32 tensor narrow enough in its last dimension for the kernels.
 fn narrow_cpu(t: &Tensor) -> Result<bool> {
     Ok(is_cpu_f32(t) && t.dim(1)? <= MAX_WIDTH)
@@ -285,12 +376,10 @@ pub(crate) fn transposed_matmul_narrow(p: &Tensor, q: &Tensor) -> Result<Tensor>
     let ((n, w), r) = (p.dims2()?, q.dim(1)?);
     let (p, q) = (p.contiguous()?, q.contiguous()?);
     let (ph, qh) = (Held::new(&p)?, Held::new(&q)?);
-    let lhs = Strided {
-        data: ph.slice()?,
-        row_stride: 1,
-        col_stride: w,
-    };
-    tensor(narrow_product(w, n, lhs, qh.slice()?, r), &[w, r])
+    tensor(
+        transposed_narrow_product(n, w, ph.slice()?, qh.slice()?, r),
+        &[w, r],
+    )
 }
 
 #[cfg(test)]
@@ -359,6 +448,25 @@ mod tests {
                 col_stride: n,
             };
             assert_close(&narrow_product(n, k, cols, &m, r), &want, "transposed lhs");
+        }
+    }
+
+    #[test]
+    fn transposed_product_matches_the_definition() {
+        let mut rng = Rng::new(5);
+        // Row counts around the eight-row blocks and the per-core split; widths around 16 lanes.
+        for &(n, w, r) in &[
+            (1, 1, 1),
+            (7, 16, 3),
+            (9, 33, 16),
+            (70, 31, 17),
+            (131, 48, 64),
+        ] {
+            let p = random(&mut rng, n * w);
+            let q = random(&mut rng, n * r);
+            let want = reference(w, r, n, |i, t| p[t * w + i], &q);
+            let got = transposed_narrow_product(n, w, &p, &q, r);
+            assert_close(&got, &want, "pᵀ q");
         }
     }
 
