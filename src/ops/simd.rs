@@ -42,7 +42,8 @@ pub(crate) use dispatch;
 
 /// `e^x` to a few ulp for `x ≤ 88`, 0 below -87 (and for -inf): `2^n · e^r` with
 /// `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and `e^r` from its Taylor series to `r^7`
-/// (truncation error below 6e-9 relative).
+/// (truncation error below 6e-9 relative). The polynomial is in fused multiply-adds: call it from
+/// [`dispatch`] bodies, where FMA is enabled (elsewhere `mul_add` is a library call).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
