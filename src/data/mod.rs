@@ -1,6 +1,6 @@
 //! Datasets: loading, formats, chat templates, tokenization with loss masks, batching.
 //!
-//! The path follows TRL's `SFTTrainer`: rows are read ([`load`]), their format detected ([`format`]),
+//! The path follows TRL's `SFTTrainer`: rows are read ([`load`]), their format detected ([`format`](mod@format)),
 //! conversations rendered with the model's chat template ([`template`]), tokenized with TRL's loss masks
 //! ([`tokenize`]), stored column-wise and cached ([`prepare`], [`store`]), packed ([`pack`]) and
 //! padded into batches ([`batch`]).

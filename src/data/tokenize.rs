@@ -44,7 +44,7 @@ impl Default for TokenizeOptions {
     }
 }
 
-/// `loss_mask[i] == 1` means token i is a training target (TRL's labels[i] != -100).
+/// `loss_mask[i] == 1` means token i is a training target (TRL's `labels[i] != -100`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     /// Token ids of the whole sequence.

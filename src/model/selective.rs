@@ -8,7 +8,7 @@
 //! product, the projections' outputs before each residual add) stays alive.
 //!
 //! The op's graph inputs are the layer input and one LoRA matrix that anchors it in the graph;
-//! the backward hands every LoRA gradient to the store through [`park`], so the loss must be
+//! the backward hands every LoRA gradient to the store through `park`, so the loss must be
 //! differentiated with [`crate::ops::checkpoint::backward`].
 //!
 //! On the CPU in f32 the op runs the native kernels (flash attention keeps its log-sum-exp). With

@@ -317,7 +317,7 @@ pub fn graft1(
 /// [`graft1`] onto `x`, also anchored on `anchor` when given: a trainable tensor the op uses, which
 /// keeps the op in the graph even when `x` is not tracked (the first decoder layer's input comes
 /// from a frozen embedding). The anchor receives no gradient from the op: the backward hands the
-/// gradients of the op's weights to the store another way ([`super::checkpoint::park`]).
+/// gradients of the op's weights to the store another way (`checkpoint::park`).
 pub fn graft_anchored(
     name: &'static str,
     x: &Tensor,

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 /// RMS-normalises the last dimension of `x` and scales by `w`. The weight gets a gradient only
 /// when it is trainable (full fine-tuning). On the CPU in f32 forward and input gradient are one
-/// vectorized pass over the rows each. x: [.., d], w: [d] -> [.., d]
+/// vectorized pass over the rows each. `x: [.., d], w: [d] -> [.., d]`
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let out = rms_norm_forward(&x.detach(), &w.detach(), eps)?;
     graft2(
