@@ -268,16 +268,17 @@ pub(crate) fn lora_weight_grads(
     (needs_a, needs_b): (bool, bool),
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     let grad_hidden = matmul_narrow(g, &b.affine(scale, 0.0)?)?;
+    // grad_B = gᵀ hidden, computed as its transpose (the narrow side first); the scaling writes
+    // it out in grad_B's layout.
     let grad_b = needs_b
-        .then(|| transposed_matmul_narrow(g, &saved.hidden)?.affine(scale, 0.0))
-        .transpose()?;
-    // grad_A = grad_hiddenᵀ lora_in, computed as its transpose (the narrow side on the right).
-    let grad_a = needs_a
         .then(|| {
-            transposed_matmul_narrow(lora_in, &grad_hidden)?
+            transposed_matmul_narrow(&saved.hidden, g)?
                 .t()?
-                .contiguous()
+                .affine(scale, 0.0)
         })
+        .transpose()?;
+    let grad_a = needs_a
+        .then(|| transposed_matmul_narrow(&grad_hidden, lora_in))
         .transpose()?;
     Ok((grad_hidden, grad_a, grad_b))
 }

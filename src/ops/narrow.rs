@@ -14,42 +14,29 @@ pub(crate) const MAX_WIDTH: usize = 4 * LANES;
 /// Output rows per parallel task.
 const TASK_ROWS: usize = 32;
 
-/// A strided read-only matrix: element `[i][p]` at `data[i·row_stride + p·col_stride]`.
-#[derive(Clone, Copy)]
-pub(crate) struct Strided<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-/// One block of `R` output rows of [`narrow_product`], starting at row `first` of `x`: every
-/// accumulator in registers, one pass over the shared `k` dimension. `m` is `k × (V·16)` row-major
-/// (zero-padded), `out` `R × (V·16)`.
+/// One block of `R` output rows of [`narrow_product`], starting at row `first` of the row-major
+/// `x` (`· × k`): every accumulator in registers, one pass over the shared `k` dimension. `m` is
+/// `k × (V·16)` row-major (zero-padded), `out` `R × (V·16)`.
 #[inline(always)]
 fn product_tile<const R: usize, const V: usize>(
     first: usize,
     k: usize,
-    x: Strided<'_>,
+    x: &[f32],
     m: &[f32],
     out: &mut [f32],
 ) {
     let width = V * LANES;
-    let last = (first + R - 1) * x.row_stride + k.saturating_sub(1) * x.col_stride;
-    assert!(
-        k == 0 || last < x.data.len(),
-        "narrow product: lhs too short"
-    );
+    assert!((first + R) * k <= x.len(), "narrow product: lhs too short");
     let mut acc = [[[0f32; LANES]; V]; R];
     for (p, m_row) in m.chunks_exact(width).take(k).enumerate() {
         let mut m_vecs = [[0f32; LANES]; V];
         for (v, m_vec) in m_vecs.iter_mut().enumerate() {
             m_vec.copy_from_slice(&m_row[v * LANES..(v + 1) * LANES]);
         }
-        let column = p * x.col_stride;
         for (i, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: row `first + i < first + R` and column `p < k` are within `last`, checked
+            // SAFETY: row `first + i < first + R` and column `p < k` are inside `x`, checked
             // above (the per-element check would otherwise cost more than the multiply-add).
-            let xv = unsafe { *x.data.get_unchecked((first + i) * x.row_stride + column) };
+            let xv = unsafe { *x.get_unchecked((first + i) * k + p) };
             for (acc_vec, m_vec) in acc_row.iter_mut().zip(&m_vecs) {
                 for l in 0..LANES {
                     acc_vec[l] = xv.mul_add(m_vec[l], acc_vec[l]);
@@ -70,7 +57,7 @@ fn product_tile<const R: usize, const V: usize>(
 fn product_rows<const R: usize, const V: usize>(
     first: usize,
     k: usize,
-    x: Strided<'_>,
+    x: &[f32],
     m: &[f32],
     out: &mut [f32],
 ) {
@@ -92,7 +79,7 @@ dispatch! {
     fn product_task(
         first: usize,
         k: usize,
-        x: Strided<'_>,
+        x: &[f32],
         m: &[f32],
         vectors: usize,
         out: &mut [f32]
@@ -107,9 +94,9 @@ dispatch! {
     }
 }
 
-/// `X · M` -> `[n, r]` row-major, for `X` `n × k` read through `x` and a row-major `m` (`k × r`,
-/// `r ≤ MAX_WIDTH`), output rows in parallel.
-fn narrow_product(n: usize, k: usize, x: Strided<'_>, m: &[f32], r: usize) -> Vec<f32> {
+/// `X · M` -> `[n, r]` row-major, for row-major `x` (`n × k`) and `m` (`k × r`, `r ≤ MAX_WIDTH`),
+/// output rows in parallel.
+fn narrow_product(n: usize, k: usize, x: &[f32], m: &[f32], r: usize) -> Vec<f32> {
     assert!(r > 0 && r <= MAX_WIDTH, "narrow product: width {r}");
     assert!(m.len() >= k * r, "narrow product: rhs too short");
     let vectors = r.div_ceil(LANES);
@@ -311,7 +298,7 @@ dispatch! {
     }
 }
 
-/// `pᵀ q` -> `[w, r]` row-major for row-major `p` (`n × w`) and `q` (`n × r`): each core sums
+/// `qᵀ p` -> `[r, w]` row-major for row-major `p` (`n × w`) and `q` (`n × r`): each core sums
 /// the outer products of its share of the rows (read in order: a reduction over rows would
 /// otherwise step down the columns of `p`, a row's length apart), then the shares are added.
 fn transposed_narrow_product(n: usize, w: usize, p: &[f32], q: &[f32], r: usize) -> Vec<f32> {
@@ -321,7 +308,7 @@ fn transposed_narrow_product(n: usize, w: usize, p: &[f32], q: &[f32], r: usize)
         "narrow product: operands too short"
     );
     let parts = rayon::current_num_threads().min(n).max(1);
-    let sum = (0..parts)
+    (0..parts)
         .into_par_iter()
         .map(|part| {
             let (lo, hi) = (n * part / parts, n * (part + 1) / parts);
@@ -335,14 +322,7 @@ fn transposed_narrow_product(n: usize, w: usize, p: &[f32], q: &[f32], r: usize)
             a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
             a
         })
-        .unwrap_or_else(|| vec![0f32; r * w]);
-    let mut out = vec![0f32; w * r];
-    for (j, row) in sum.chunks_exact(w.max(1)).take(r).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            out[i * r + j] = v;
-        }
-    }
-    out
+        .unwrap_or_else(|| vec![0f32; r * w])
 }
 
 /// Whether `t` (a matrix) is a CPU f32 tensor narrow enough in its last dimension for the kernels.
@@ -359,26 +339,21 @@ pub(crate) fn matmul_narrow(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     let ((n, k), r) = (x.dims2()?, m.dim(1)?);
     let (x, m) = (x.contiguous()?, m.contiguous()?);
     let (xh, mh) = (Held::new(&x)?, Held::new(&m)?);
-    let lhs = Strided {
-        data: xh.slice()?,
-        row_stride: k,
-        col_stride: 1,
-    };
-    tensor(narrow_product(n, k, lhs, mh.slice()?, r), &[n, r])
+    tensor(narrow_product(n, k, xh.slice()?, mh.slice()?, r), &[n, r])
 }
 
-/// `pᵀ @ q` for `q` narrow: the sum over rows of outer products. p: [n, w], q: [n, r] -> [w, r];
+/// `qᵀ @ p` for `q` narrow: the sum over rows of outer products. q: [n, r], p: [n, w] -> [r, w];
 /// the native kernel on CPU f32 when `r ≤ MAX_WIDTH`, candle's matmul otherwise.
-pub(crate) fn transposed_matmul_narrow(p: &Tensor, q: &Tensor) -> Result<Tensor> {
+pub(crate) fn transposed_matmul_narrow(q: &Tensor, p: &Tensor) -> Result<Tensor> {
     if !(is_cpu_f32(p) && narrow_cpu(q)?) {
-        return p.t()?.matmul(q);
+        return q.t()?.matmul(p);
     }
     let ((n, w), r) = (p.dims2()?, q.dim(1)?);
     let (p, q) = (p.contiguous()?, q.contiguous()?);
     let (ph, qh) = (Held::new(&p)?, Held::new(&q)?);
     tensor(
         transposed_narrow_product(n, w, ph.slice()?, qh.slice()?, r),
-        &[w, r],
+        &[r, w],
     )
 }
 
@@ -419,7 +394,7 @@ mod tests {
     }
 
     #[test]
-    fn narrow_product_matches_the_definition_for_every_width_and_layout() {
+    fn narrow_product_matches_the_definition_for_every_width() {
         let mut rng = Rng::new(7);
         // Widths around each register block's edge; row counts around the task and tile edges.
         for &(n, k, r) in &[
@@ -434,20 +409,7 @@ mod tests {
             let x = random(&mut rng, n * k);
             let m = random(&mut rng, k * r);
             let want = reference(n, r, k, |i, p| x[i * k + p], &m);
-            let rows = Strided {
-                data: &x,
-                row_stride: k,
-                col_stride: 1,
-            };
-            assert_close(&narrow_product(n, k, rows, &m, r), &want, "row-major lhs");
-            // The same matrix stored transposed (k × n), read through strides.
-            let xt: Vec<f32> = (0..k * n).map(|e| x[(e % n) * k + e / n]).collect();
-            let cols = Strided {
-                data: &xt,
-                row_stride: 1,
-                col_stride: n,
-            };
-            assert_close(&narrow_product(n, k, cols, &m, r), &want, "transposed lhs");
+            assert_close(&narrow_product(n, k, &x, &m, r), &want, "row-major lhs");
         }
     }
 
@@ -464,9 +426,9 @@ mod tests {
         ] {
             let p = random(&mut rng, n * w);
             let q = random(&mut rng, n * r);
-            let want = reference(w, r, n, |i, t| p[t * w + i], &q);
+            let want = reference(r, w, n, |j, t| q[t * r + j], &p);
             let got = transposed_narrow_product(n, w, &p, &q, r);
-            assert_close(&got, &want, "pᵀ q");
+            assert_close(&got, &want, "qᵀ p");
         }
     }
 
@@ -509,7 +471,7 @@ mod tests {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
         assert!(diff(&matmul_narrow(&x, &m)?, &x.matmul(&m)?)? < 1e-4);
-        assert!(diff(&transposed_matmul_narrow(&x, &q)?, &x.t()?.matmul(&q)?)? < 1e-4);
+        assert!(diff(&transposed_matmul_narrow(&q, &x)?, &q.t()?.matmul(&x)?)? < 1e-4);
         // A non-contiguous operand and a width past the kernels' limit take their paths too.
         let wide = Tensor::randn(0f32, 1.0, (24, 80), &dev)?;
         assert!(diff(&matmul_narrow(&x, &wide)?, &x.matmul(&wide)?)? < 1e-4);
