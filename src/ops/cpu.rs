@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Whether the native CPU kernels apply: f32 on the CPU.
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
@@ -63,6 +64,105 @@ impl Threads {
     }
 }
 
+/// A new buffer of `len` floats, written in parallel pieces of `piece` elements (the last may be
+/// shorter) by `fill(index, piece)`. Each task zeroes its piece just before filling it, in its own
+/// core's cache: zeroing the whole buffer up front ran on the calling thread (memset and the fresh
+/// pages' faults) while the other cores waited.
+pub(crate) fn par_filled(
+    len: usize,
+    piece: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(piece.max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| fill(i, zeroed(chunk)));
+    // SAFETY: the pieces cover `0..len`, and `zeroed` initialised each.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`par_filled`] for two buffers of one length filled together: `fill(index, a, b)` gets the
+/// same piece of each.
+pub(crate) fn par_filled_pair(
+    len: usize,
+    piece: usize,
+    fill: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(piece.max(1))
+        .zip(b.spare_capacity_mut()[..len].par_chunks_mut(piece.max(1)))
+        .enumerate()
+        .for_each(|(i, (a, b))| fill(i, zeroed(a), zeroed(b)));
+    // SAFETY: the pieces cover `0..len` of both, and `zeroed` initialised each.
+    unsafe {
+        a.set_len(len);
+        b.set_len(len);
+    }
+    (a, b)
+}
+
+/// Zeroes a piece of fresh memory and hands it out as floats.
+fn zeroed(chunk: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    chunk.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// Panics unless every element a product of these dimensions and strides addresses is inside its
+/// slice; whether it has any work (`m`, `n` and `k` nonzero).
+fn check_product(
+    (m, n, k): (usize, usize, usize),
+    (dst_len, dst_rs): (usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst_len > last(m, dst_rs, n, 1), "matmul: dst too short");
+    if k == 0 {
+        return false;
+    }
+    assert!(a.len() > last(m, a_rs, k, a_cs), "matmul: lhs too short");
+    assert!(b.len() > last(k, b_rs, n, b_cs), "matmul: rhs too short");
+    true
+}
+
+/// `beta · A · B` in a new row-major `[m, n]` buffer (operands as in [`matmul`]). The product
+/// writes every element without reading it, so the buffer is never zeroed first.
+pub(crate) fn matmul_new(
+    (m, n, k): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    beta: f32,
+    threads: Threads,
+) -> Vec<f32> {
+    if !check_product((m, n, k), (m * n, n), a, b) {
+        return vec![0.0; m * n];
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `check_product` keeps every index the product touches inside the operands and the
+    // new buffer's capacity; without accumulation `product` writes each of the `m · n` elements
+    // (every part its block, the gemm crate each element of a block) before anything reads them.
+    unsafe {
+        product(
+            (m, n, k),
+            Dst(out.as_mut_ptr(), n),
+            false,
+            Src(a.0.as_ptr(), a.1, a.2),
+            Src(b.0.as_ptr(), b.1, b.2),
+            beta,
+            threads,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// `dst[m × n] (row stride dst_rs) = (dst if accumulate, else 0) + beta · A · B` where
 /// `A[i][p] = a[i·a_rs + p·a_cs]` (`m × k`) and `B[p][j] = b[p·b_rs + j·b_cs]` (`k × n`).
 pub(crate) fn matmul(
@@ -74,21 +174,19 @@ pub(crate) fn matmul(
     beta: f32,
     threads: Threads,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() > last(m, dst_rs, n, 1), "matmul: dst too short");
-    if k == 0 {
-        if !accumulate {
+    if !check_product(
+        (m, n, k),
+        (dst.len(), dst_rs),
+        (a, a_rs, a_cs),
+        (b, b_rs, b_cs),
+    ) {
+        if m > 0 && n > 0 && !accumulate {
             (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
         }
         return;
     }
-    assert!(a.len() > last(m, a_rs, k, a_cs), "matmul: lhs too short");
-    assert!(b.len() > last(k, b_rs, n, b_cs), "matmul: rhs too short");
-    // SAFETY: the assertions above keep every index the product touches inside the slices; dst
-    // is borrowed mutably and cannot alias a or b.
+    // SAFETY: `check_product` keeps every index the product touches inside the slices; dst is
+    // borrowed mutably and cannot alias a or b.
     unsafe {
         product(
             (m, n, k),
@@ -246,5 +344,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn new_products_and_parallel_fills_cover_every_element() {
+        let mut rng = Rng::new(5);
+        // Split by rows, by columns (with a ragged last share), and too small to split.
+        for (m, n, k) in [(301, 37, 29), (45, 150, 29), (3, 5, 7), (4, 6, 0)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+            for threads in [Threads::One, Threads::All] {
+                let mut want = vec![f32::NAN; m * n];
+                matmul(
+                    (m, n, k),
+                    (&mut want, n),
+                    false,
+                    (&a, k, 1),
+                    (&b, 1, k),
+                    0.5,
+                    threads,
+                );
+                let got = matmul_new((m, n, k), (&a, k, 1), (&b, 1, k), 0.5, threads);
+                assert_eq!(got, want, "{m}x{n}x{k} {threads:?}");
+            }
+        }
+        let (len, piece) = (1000, 64);
+        let filled = par_filled(len, piece, |i, p| {
+            assert!(p.iter().all(|&x| x == 0.0));
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = (i * piece + j) as f32);
+        });
+        assert_eq!(filled, (0..len).map(|i| i as f32).collect::<Vec<_>>());
+        let (a, b) = par_filled_pair(len, piece, |i, a, b| {
+            a.fill(i as f32);
+            b.fill(-(i as f32));
+        });
+        assert!((0..len).all(|j| a[j] == (j / piece) as f32 && b[j] == -a[j]));
     }
 }

@@ -2,7 +2,7 @@
 //! never held; each chunk of rows is projected, reduced, and recomputed in the backward.
 //! The same pass yields TRL's `mean_token_accuracy` and `entropy`.
 
-use super::cpu::{is_cpu_f32, matmul, tensor, Held, Threads};
+use super::cpu::{is_cpu_f32, matmul, matmul_new, tensor, Held, Threads};
 use super::graft::{grad_enabled, graft2};
 use super::simd;
 use candle_core::{DType, Result, Tensor, D};
@@ -200,20 +200,18 @@ fn chunks_cpu(
     let mut sums = [0f64; 3];
     let mut grad_h = want_grad_h.then(|| vec![0f32; n * h]);
     let mut grad_w = want_grad_w.then(|| vec![0f32; vocab * h]);
-    let mut logits = vec![0f32; chunk.min(n) * vocab];
+    // One buffer for every chunk's logits, made by the first (largest) chunk's product.
+    let mut logits: Vec<f32> = Vec::new();
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = &mut logits[..len * vocab];
         let h_chunk = &hs[start * h..(start + len) * h];
-        matmul(
-            (len, vocab, h),
-            (logits, vocab),
-            false,
-            (h_chunk, h, 1),
-            (ws, 1, h),
-            1.0,
-            Threads::All,
-        );
+        let (dims, a, b) = ((len, vocab, h), (h_chunk, h, 1), (ws, 1, h));
+        if logits.is_empty() {
+            logits = matmul_new(dims, a, b, 1.0, Threads::All);
+        } else {
+            matmul(dims, (&mut logits, vocab), false, a, b, 1.0, Threads::All);
+        }
+        let logits = &mut logits[..len * vocab];
         let grad = want_grad_h || want_grad_w;
         let rows: Vec<[f64; 3]> = logits
             .par_chunks_mut(vocab)

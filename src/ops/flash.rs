@@ -12,7 +12,7 @@
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::attention::AttentionMask;
-use super::cpu::{matmul, Held, Threads};
+use super::cpu::{matmul, par_filled, Held, Threads};
 use super::graft::{graft3_with_output, Output};
 use super::simd;
 use candle_core::{Device, Result, Tensor};
@@ -207,18 +207,15 @@ pub fn forward(
                     forward_tile(q, k, v, dims, at, (out, lse), mask, scale);
                 });
         });
-    let mut out = vec![0f32; q.len()];
     let row = dims.q_stride();
-    out.par_chunks_mut(t_q * row)
-        .enumerate()
-        .for_each(|(bi, out)| {
-            for (i, dst) in out.chunks_exact_mut(row).enumerate() {
-                for (h, dst) in dst.chunks_exact_mut(d).enumerate() {
-                    let src = ((bi * heads + h) * t_q + i) * d;
-                    dst.copy_from_slice(&out_heads[src..src + d]);
-                }
+    let out = par_filled(q.len(), t_q * row, |bi, out| {
+        for (i, dst) in out.chunks_exact_mut(row).enumerate() {
+            for (h, dst) in dst.chunks_exact_mut(d).enumerate() {
+                let src = ((bi * heads + h) * t_q + i) * d;
+                dst.copy_from_slice(&out_heads[src..src + d]);
             }
-        });
+        }
+    });
     (out, lse)
 }
 
@@ -371,44 +368,37 @@ pub fn backward(
                 });
         });
     // dQ: the key chunks' parts summed, written token-major.
-    let mut dq = vec![0f32; b * t_q * heads * d];
-    dq.par_chunks_mut(t_q * heads * d)
-        .enumerate()
-        .for_each(|(bi, dq)| {
-            for h in 0..heads {
-                let parts = &dq_parts[(bi * heads + h) * chunks * t_q * d..][..chunks * t_q * d];
-                for (i, dst) in dq.chunks_exact_mut(d).skip(h).step_by(heads).enumerate() {
-                    for part in parts.chunks_exact(t_q * d) {
-                        let src = &part[i * d..(i + 1) * d];
-                        dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
-                    }
+    let dq = par_filled(b * t_q * heads * d, t_q * heads * d, |bi, dq| {
+        for h in 0..heads {
+            let parts = &dq_parts[(bi * heads + h) * chunks * t_q * d..][..chunks * t_q * d];
+            for (i, dst) in dq.chunks_exact_mut(d).skip(h).step_by(heads).enumerate() {
+                for part in parts.chunks_exact(t_q * d) {
+                    let src = &part[i * d..(i + 1) * d];
+                    dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
                 }
             }
-        });
+        }
+    });
     drop(dq_parts);
     // dK, dV: the query heads sharing each key/value head summed, written token-major.
     let n_rep = dims.n_rep();
     let group_sum = |per_head: &[f32]| -> Vec<f32> {
-        let mut out = vec![0f32; b * t_k * kv_heads * d];
-        out.par_chunks_mut(t_k * kv_heads * d)
-            .enumerate()
-            .for_each(|(bi, out)| {
-                for group in 0..kv_heads {
-                    for (j, dst) in out
-                        .chunks_exact_mut(d)
-                        .skip(group)
-                        .step_by(kv_heads)
-                        .enumerate()
-                    {
-                        for rep in 0..n_rep {
-                            let h = bi * heads + group * n_rep + rep;
-                            let src = &per_head[(h * t_k + j) * d..(h * t_k + j + 1) * d];
-                            dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
-                        }
+        par_filled(b * t_k * kv_heads * d, t_k * kv_heads * d, |bi, out| {
+            for group in 0..kv_heads {
+                for (j, dst) in out
+                    .chunks_exact_mut(d)
+                    .skip(group)
+                    .step_by(kv_heads)
+                    .enumerate()
+                {
+                    for rep in 0..n_rep {
+                        let h = bi * heads + group * n_rep + rep;
+                        let src = &per_head[(h * t_k + j) * d..(h * t_k + j + 1) * d];
+                        dst.iter_mut().zip(src).for_each(|(a, s)| *a += s);
                     }
                 }
-            });
-        out
+            }
+        })
     };
     let dk = group_sum(&dk_heads);
     drop(dk_heads);

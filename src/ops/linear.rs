@@ -1,6 +1,6 @@
 //! Linear layers over frozen weights, with and without a LoRA branch.
 
-use super::cpu::{is_cpu_f32, matmul, Held, Threads};
+use super::cpu::{is_cpu_f32, matmul, matmul_new, par_filled, Held, Threads, PIECE};
 use super::graft::{graft1, graft3, Output};
 use super::narrow::{add_narrow_product, matmul_narrow, transposed_matmul_narrow, MAX_WIDTH};
 use super::rows;
@@ -109,15 +109,22 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
     }
     let n = terms[0].lhs.dim(0)?;
     let width = terms[0].out_width()?;
-    let mut out = vec![0f32; n * width];
-    if let Some(b) = bias {
-        let b = b.contiguous()?;
-        let held = Held::new(&b)?;
-        let b = held.slice()?;
-        out.chunks_exact_mut(width)
-            .for_each(|row| row.copy_from_slice(b));
-    }
-    let mut accumulate = bias.is_some();
+    // The sum's buffer: the bias rows, else made by the first (full) product, which writes it
+    // without zeroing it first.
+    let mut out = match bias {
+        Some(b) => {
+            let b = b.contiguous()?;
+            let held = Held::new(&b)?;
+            let b = held.slice()?;
+            let rows = (PIECE / width.max(1)).max(1);
+            Some(par_filled(n * width, rows * width, |_, piece| {
+                piece
+                    .chunks_exact_mut(width)
+                    .for_each(|row| row.copy_from_slice(b))
+            }))
+        }
+        None => None,
+    };
     for p in terms {
         let (lhs, rhs) = (p.lhs.contiguous()?, p.rhs.contiguous()?);
         let k = lhs.dim(1)?;
@@ -140,8 +147,8 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
             let (lh, mh) = (Held::new(&lhs)?, Held::new(&m)?);
             let mask_held = mask.as_ref().map(Held::new).transpose()?;
             let mask = mask_held.as_ref().map(Held::slice).transpose()?;
-            add_narrow_product(&mut out, width, (lh.slice()?, k), mh.slice()?, mask);
-            accumulate = true;
+            let out = out.get_or_insert_with(|| vec![0f32; n * width]);
+            add_narrow_product(out, width, (lh.slice()?, k), mh.slice()?, mask);
             continue;
         }
         let (lh, rh) = (Held::new(&lhs)?, Held::new(&rhs)?);
@@ -150,17 +157,13 @@ fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Outpu
         } else {
             (rh.slice()?, width, 1)
         };
-        matmul(
-            (n, width, k),
-            (&mut out, width),
-            accumulate,
-            (lh.slice()?, k, 1),
-            b,
-            1.0,
-            Threads::All,
-        );
-        accumulate = true;
+        let a = (lh.slice()?, k, 1);
+        match out.as_mut() {
+            Some(out) => matmul((n, width, k), (out, width), true, a, b, 1.0, Threads::All),
+            None => out = Some(matmul_new((n, width, k), a, b, 1.0, Threads::All)),
+        }
     }
+    let out = out.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
     Ok(Output::host(out, (n, width)))
 }
 

@@ -1,11 +1,10 @@
 //! RMSNorm as Llama/Qwen/Mistral use it: `w * x / sqrt(mean(x^2) + eps)`, computed in f32.
 
-use super::cpu::{is_cpu_f32, tensor, Held, PIECE};
+use super::cpu::{is_cpu_f32, par_filled, tensor, Held, PIECE};
 use super::graft::{graft2, Output};
 use super::rows;
 use super::simd;
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 /// RMS-normalises the last dimension of `x` and scales by `w`. The weight gets a gradient only
 /// when it is trainable (full fine-tuning). On the CPU in f32 forward and input gradient are one
@@ -90,17 +89,13 @@ fn rms_norm_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Resu
     let d = ws.len();
     // Whole rows per task.
     let piece = (PIECE / d.max(1)).max(1) * d;
-    let mut out = vec![0f32; xs.len()];
     let eps = eps as f32;
-    match gh {
-        None => out
-            .par_chunks_mut(piece)
-            .zip(xs.par_chunks(piece))
-            .for_each(|(o, x)| simd::rms_norm_forward(x, ws, eps, o)),
-        Some(gh) => out
-            .par_chunks_mut(piece)
-            .zip(xs.par_chunks(piece).zip(gh.slice()?.par_chunks(piece)))
-            .for_each(|(o, (x, g))| simd::rms_norm_backward(x, ws, g, eps, o)),
-    }
-    Ok(out)
+    let gs = gh.as_ref().map(Held::slice).transpose()?;
+    Ok(par_filled(xs.len(), piece, |i, o| {
+        let x = &xs[i * piece..][..o.len()];
+        match gs {
+            None => simd::rms_norm_forward(x, ws, eps, o),
+            Some(gs) => simd::rms_norm_backward(x, ws, &gs[i * piece..][..o.len()], eps, o),
+        }
+    }))
 }

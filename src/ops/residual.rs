@@ -1,9 +1,8 @@
 //! Residual addition that never hands a gradient to an untracked operand.
 
-use super::cpu::{Held, PIECE};
+use super::cpu::{par_filled, Held, PIECE};
 use super::graft::graft2;
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 /// `a + b`. candle's own add stores a gradient for both operands even when one is untracked (the
 /// first layer's frozen embedding output, say); this keeps the gradient store to what trains.
@@ -29,13 +28,10 @@ pub(crate) fn sum_cpu(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let (ah, bh) = (Held::new(&a)?, Held::new(&b)?);
     let (xs, ys) = (ah.slice()?, bh.slice()?);
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(PIECE)
-        .zip(xs.par_chunks(PIECE).zip(ys.par_chunks(PIECE)))
-        .for_each(|(o, (x, y))| {
-            o.iter_mut()
-                .zip(x.iter().zip(y))
-                .for_each(|(o, (x, y))| *o = x + y)
-        });
-    Ok(out)
+    Ok(par_filled(xs.len(), PIECE, |i, o| {
+        let (x, y) = (&xs[i * PIECE..], &ys[i * PIECE..]);
+        o.iter_mut()
+            .zip(x.iter().zip(y))
+            .for_each(|(o, (x, y))| *o = x + y)
+    }))
 }

@@ -216,6 +216,25 @@ dispatch! {
 }
 
 dispatch! {
+    /// RoPE ("rotate half") of one token's heads: each `2 · cos.len()`-wide head of `x` split in
+    /// halves `(x1, x2)` becomes `(x1 c - x2 s, x2 c + x1 s)` with `s = sign · sin` (`sign` -1
+    /// rotates back: the backward).
+    fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32]) {
+        let half = cos.len();
+        let sin = &sin[..half];
+        for (x, out) in x.chunks_exact(2 * half).zip(out.chunks_exact_mut(2 * half)) {
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = out.split_at_mut(half);
+            for i in 0..half {
+                let (c, s) = (cos[i], sign * sin[i]);
+                o1[i] = x1[i] * c - x2[i] * s;
+                o2[i] = x2[i] * c + x1[i] * s;
+            }
+        }
+    }
+}
+
+dispatch! {
     /// RMSNorm of each `w.len()`-wide row of `x`: `out = w · x / sqrt(mean(x²) + eps)`.
     fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let d = w.len();

@@ -1,10 +1,9 @@
 //! The gated MLP activation `silu(gate) * up`.
 
-use super::cpu::{is_cpu_f32, tensor, Held, PIECE};
+use super::cpu::{is_cpu_f32, par_filled, par_filled_pair, tensor, Held, PIECE};
 use super::graft::{graft2, Output};
 use super::simd;
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 /// `silu(gate) * up` with its backward: one vectorized pass each way on the CPU in f32, candle ops
 /// elsewhere. gate, up: [.., i] -> [.., i]
@@ -56,10 +55,10 @@ fn swiglu_forward_cpu(gate: &Tensor, up: &Tensor) -> Result<Output> {
     let (gate_c, up_c) = (gate.contiguous()?, up.contiguous()?);
     let (gh, uh) = (Held::new(&gate_c)?, Held::new(&up_c)?);
     let (gs, us) = (gh.slice()?, uh.slice()?);
-    let mut out = vec![0f32; gs.len()];
-    out.par_chunks_mut(PIECE)
-        .zip(gs.par_chunks(PIECE).zip(us.par_chunks(PIECE)))
-        .for_each(|(out, (g, u))| simd::swiglu_forward(g, u, out));
+    let out = par_filled(gs.len(), PIECE, |i, out| {
+        let at = i * PIECE..i * PIECE + out.len();
+        simd::swiglu_forward(&gs[at.clone()], &us[at], out)
+    });
     Ok(Output::host(out, gate.dims()))
 }
 
@@ -68,13 +67,9 @@ fn swiglu_backward_cpu(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
     let (gate_c, up_c, grad_c) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
     let held = [Held::new(&gate_c)?, Held::new(&up_c)?, Held::new(&grad_c)?];
     let (gs, us, ds) = (held[0].slice()?, held[1].slice()?, held[2].slice()?);
-    let mut d_gate = vec![0f32; gs.len()];
-    let mut d_up = vec![0f32; gs.len()];
-    d_gate
-        .par_chunks_mut(PIECE)
-        .zip(d_up.par_chunks_mut(PIECE))
-        .zip(gs.par_chunks(PIECE).zip(us.par_chunks(PIECE)))
-        .zip(ds.par_chunks(PIECE))
-        .for_each(|(((dg, du), (g, u)), d)| simd::swiglu_backward(g, u, d, dg, du));
+    let (d_gate, d_up) = par_filled_pair(gs.len(), PIECE, |i, dg, du| {
+        let at = i * PIECE..i * PIECE + dg.len();
+        simd::swiglu_backward(&gs[at.clone()], &us[at.clone()], &ds[at], dg, du)
+    });
     Ok((tensor(d_gate, gate.dims())?, tensor(d_up, gate.dims())?))
 }
