@@ -76,10 +76,10 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let ids = Tensor::from_vec(ids, (batch, seq_len), &Device::Cpu)?;
     let ones = Tensor::ones((batch, seq_len), DType::F32, &Device::Cpu)?;
-    let mut timed = Vec::new();
+    let (mut timed, mut cpu) = (Vec::new(), 0.0);
     // The first step warms up allocations and is not timed.
     for step in 0..=steps {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         let key = (lora_dropout > 0.0).then_some(step as u64);
         let out = model.loss(&ids, &ones, &ones, key)?;
         let grads = backward(&(&out.loss_sum / out.loss_tokens)?)?;
@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         opt.step(&grads, 1e-4)?;
         if step > 0 {
             timed.push(start.elapsed().as_secs_f64());
+            cpu += cpu_seconds() - cpu_start;
         }
     }
     let step_seconds = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
@@ -106,9 +107,23 @@ fn main() -> anyhow::Result<()> {
             "lora_r": rank,
             "step_seconds": step_seconds,
             "tokens_per_second": (batch * seq_len) as f64 / step_seconds,
+            // Cores kept busy over the timed steps (CPU time / wall time).
+            "busy_cores": cpu / timed.iter().sum::<f64>().max(f64::MIN_POSITIVE),
             "peak_rss_mib": peak_rss_mib(),
             "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     );
     Ok(())
+}
+
+/// User + system CPU time of the whole process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
