@@ -389,6 +389,16 @@ fn flash_attention_matches_composed_on_several_shapes_and_masks() -> Result<()> 
             window: Some(40),
             docs: Some(vec![packed(160, &[70])]),
         },
+        // Three query and key tiles, the last ragged; a window and documents across tile edges.
+        Case {
+            b: 1,
+            heads: 2,
+            kv: 1,
+            t: 333,
+            d: 8,
+            window: Some(150),
+            docs: Some(vec![packed(333, &[40, 250])]),
+        },
     ];
     for c in cases {
         let (q, k, v) = (

@@ -1,4 +1,4 @@
-//! Flash attention on the CPU (f32): forward and backward in tiles of 64 queries × 64 keys, with an
+//! Flash attention on the CPU (f32): forward and backward in tiles of 128 queries × 128 keys, with an
 //! online softmax, so no `[t, t]` matrix ever exists — the forward keeps only the output and each
 //! query's log-sum-exp, and the backward recomputes each tile's probabilities from them.
 //!
@@ -19,9 +19,9 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Queries per tile.
-const BQ: usize = 64;
+const BQ: usize = 128;
 /// Keys per tile.
-const BK: usize = 64;
+const BK: usize = 128;
 
 /// Sizes of one attention call: q `[b, t_q, heads, d]`, k and v `[b, t_k, kv_heads, d]`
 /// (token-major).
@@ -334,10 +334,7 @@ pub fn backward(
                 *x = simd::dot(&g[at..at + d], &saved.out[at..at + d]);
             }
         });
-    // Key chunks per head: enough tasks for the pool even with one row and few heads.
-    let key_tiles = t_k.div_ceil(BK);
-    let wanted = (4 * rayon::current_num_threads()).div_ceil(b * heads);
-    let chunk_rows = BK * key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
+    let chunk_rows = key_chunk_rows(b * heads, t_k, rayon::current_num_threads());
     let chunks = t_k.div_ceil(chunk_rows).max(1);
     // Per query head, heads-first: dQ's parts per key chunk, dK and dV.
     let mut dq_parts = vec![0f32; b * heads * chunks * t_q * d];
@@ -404,6 +401,15 @@ pub fn backward(
     drop(dk_heads);
     let dv = group_sum(&dv_heads);
     (dq, dk, dv)
+}
+
+/// Keys per chunk of the backward's tasks (a query head and a chunk of its keys each, writing its
+/// own dQ part): whole key tiles, chunks small enough for about four tasks per thread even with
+/// one row and few heads.
+pub(crate) fn key_chunk_rows(batch_heads: usize, t_k: usize, threads: usize) -> usize {
+    let key_tiles = t_k.div_ceil(BK);
+    let wanted = (4 * threads).div_ceil(batch_heads.max(1));
+    BK * key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)))
 }
 
 /// One backward task: a query head and a chunk of its keys.

@@ -46,15 +46,10 @@ fn loss_chunk_rows(vocab: usize) -> usize {
 /// Query rows (and key columns) per block of the blocked attention kernel (`ops/attention.rs`).
 const ATTENTION_BLOCK: usize = 256;
 
-/// Keys per tile of the CPU flash kernel (`ops/flash.rs`).
-const FLASH_KEY_TILE: usize = 64;
-
 /// Key chunks per head of the CPU flash backward (`ops/flash.rs`, `backward`): each chunk is a task
-/// writing its own dQ part, and chunks are made small enough for about four tasks per thread.
+/// writing its own dQ part.
 fn flash_key_chunks(batch_heads: usize, t_k: usize, threads: usize) -> u64 {
-    let key_tiles = t_k.div_ceil(FLASH_KEY_TILE);
-    let wanted = (4 * threads).div_ceil(batch_heads.max(1));
-    let chunk_rows = FLASH_KEY_TILE * key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)));
+    let chunk_rows = crate::ops::flash::key_chunk_rows(batch_heads, t_k, threads);
     t_k.div_ceil(chunk_rows.max(1)).max(1) as u64
 }
 
