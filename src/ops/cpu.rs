@@ -83,6 +83,12 @@ pub(crate) fn par_filled(
     out
 }
 
+/// A new buffer of `len` zeros, zeroed in parallel pieces (for buffers that tasks of another shape
+/// fill by accumulation).
+pub(crate) fn par_zeroed(len: usize) -> Vec<f32> {
+    par_filled(len, PIECE, |_, _| {})
+}
+
 /// [`par_filled`] for two buffers of one length filled together: `fill(index, a, b)` gets the
 /// same piece of each.
 pub(crate) fn par_filled_pair(

@@ -2,7 +2,7 @@
 //! never held; each chunk of rows is projected, reduced, and recomputed in the backward.
 //! The same pass yields TRL's `mean_token_accuracy` and `entropy`.
 
-use super::cpu::{is_cpu_f32, matmul, matmul_new, tensor, Held, Threads};
+use super::cpu::{is_cpu_f32, matmul, matmul_new, par_zeroed, tensor, Held, Threads};
 use super::graft::{grad_enabled, graft2};
 use super::simd;
 use candle_core::{DType, Result, Tensor, D};
@@ -198,8 +198,8 @@ fn chunks_cpu(
         candle_core::bail!("lm_head_loss: target id {bad} is outside the vocabulary of {vocab}");
     }
     let mut sums = [0f64; 3];
-    let mut grad_h = want_grad_h.then(|| vec![0f32; n * h]);
-    let mut grad_w = want_grad_w.then(|| vec![0f32; vocab * h]);
+    let mut grad_h = want_grad_h.then(|| par_zeroed(n * h));
+    let mut grad_w = want_grad_w.then(|| par_zeroed(vocab * h));
     // One buffer for every chunk's logits, made by the first (largest) chunk's product.
     let mut logits: Vec<f32> = Vec::new();
     for start in (0..n).step_by(chunk) {

@@ -12,7 +12,7 @@
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::attention::AttentionMask;
-use super::cpu::{matmul, par_filled, Held, Threads};
+use super::cpu::{matmul, par_filled, par_zeroed, Held, Threads};
 use super::graft::{graft3_with_output, Output};
 use super::simd;
 use candle_core::{Device, Result, Tensor};
@@ -188,7 +188,7 @@ pub fn forward(
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let Dims { heads, t_q, d, .. } = dims;
-    let mut out_heads = vec![0f32; q.len()];
+    let mut out_heads = par_zeroed(q.len());
     let mut lse = vec![0f32; q.len() / d];
     out_heads
         .par_chunks_mut(t_q * d)
@@ -337,9 +337,9 @@ pub fn backward(
     let chunk_rows = key_chunk_rows(b * heads, t_k, rayon::current_num_threads());
     let chunks = t_k.div_ceil(chunk_rows).max(1);
     // Per query head, heads-first: dQ's parts per key chunk, dK and dV.
-    let mut dq_parts = vec![0f32; b * heads * chunks * t_q * d];
-    let mut dk_heads = vec![0f32; b * heads * t_k * d];
-    let mut dv_heads = vec![0f32; b * heads * t_k * d];
+    let mut dq_parts = par_zeroed(b * heads * chunks * t_q * d);
+    let mut dk_heads = par_zeroed(b * heads * t_k * d);
+    let mut dv_heads = par_zeroed(b * heads * t_k * d);
     dq_parts
         .par_chunks_mut(chunks * t_q * d)
         .zip(dk_heads.par_chunks_mut(t_k * d))
