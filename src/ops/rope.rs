@@ -117,7 +117,15 @@ impl RotaryEmbedding {
 /// Rotates `x: [b, heads, t, head_dim]` by the position angles in `cos`/`sin` (from
 /// [`RotaryEmbedding::tables`]). The backward is the inverse rotation of the gradient.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rope_with(candle_nn::rotary_emb::rope, x, cos, sin)
+    let rope = candle_nn::rotary_emb::rope;
+    let out = rope(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    graft1(
+        "rope",
+        x,
+        out,
+        Box::new(move |_, g| Ok(Some(rope(&g.contiguous()?, &cos, &sin.neg()?)?))),
+    )
 }
 
 /// [`apply_rope`] in the token-major layout the projections produce: x `[b, t, heads, d]`.
@@ -191,23 +199,6 @@ fn rotate_tokens_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> R
         }
     });
     tensor(out, x.dims())
-}
-
-/// RoPE by one of candle's fused kernels; the backward rotates the gradient back (`-sin`).
-fn rope_with(
-    kernel: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> Result<Tensor> {
-    let out = kernel(&x.detach().contiguous()?, cos, sin)?;
-    let (cos, sin) = (cos.clone(), sin.clone());
-    graft1(
-        "rope",
-        x,
-        out,
-        Box::new(move |_, g| Ok(Some(kernel(&g.contiguous()?, &cos, &sin.neg()?)?))),
-    )
 }
 
 #[cfg(test)]

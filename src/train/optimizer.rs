@@ -74,8 +74,8 @@ fn update_cpu(
     (m, v): (&Tensor, &Tensor),
     r: Rates,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let [param, grad, m, v] = [param, grad, m, v].map(|t| t.contiguous());
-    let (param, grad, m, v) = (param?, grad?, m?, v?);
+    let (param, grad) = (param.contiguous()?, grad.contiguous()?);
+    let (m, v) = (m.contiguous()?, v.contiguous()?);
     if [&grad, &m, &v].iter().any(|t| t.dims() != param.dims()) {
         return Err(candle_core::Error::Msg(format!(
             "AdamW: gradient {:?} or moments {:?} do not match the parameter {:?}",
@@ -85,9 +85,8 @@ fn update_cpu(
         ))
         .into());
     }
-    let held = [&param, &grad, &m, &v].map(Held::new);
-    let [hp, hg, hm, hv] = held;
-    let (hp, hg, hm, hv) = (hp?, hg?, hm?, hv?);
+    let (hp, hg) = (Held::new(&param)?, Held::new(&grad)?);
+    let (hm, hv) = (Held::new(&m)?, Held::new(&v)?);
     let (ps, gs, ms, vs) = (hp.slice()?, hg.slice()?, hm.slice()?, hv.slice()?);
     let h = r.hyper;
     let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
@@ -103,18 +102,18 @@ fn update_cpu(
     // The op path divides by a scalar as a multiplication by its reciprocal (candle's affine).
     let inv_sqrt_bias2 = (1.0 / r.bias2.sqrt()) as f32;
     let (eps, step) = (h.eps as f32, (r.lr / r.bias1) as f32);
-    let decay = (1.0 - r.lr * h.weight_decay) as f32;
+    // Multiplying by exactly 1 leaves every float as it is: the op path's skipped decay.
+    let decay = if h.weight_decay != 0.0 {
+        (1.0 - r.lr * h.weight_decay) as f32
+    } else {
+        1.0
+    };
     let p_new = par_filled(ps.len(), PIECE, |i, po| {
         let at = i * PIECE..i * PIECE + po.len();
         let (p, m, v) = (&ps[at.clone()], &m_new[at.clone()], &v_new[at]);
         for j in 0..po.len() {
             let update = m[j] / (v[j].sqrt() * inv_sqrt_bias2 + eps) * step;
-            let p = if h.weight_decay != 0.0 {
-                p[j] * decay
-            } else {
-                p[j]
-            };
-            po[j] = p - update;
+            po[j] = p[j] * decay - update;
         }
     });
     let dims = param.dims();
