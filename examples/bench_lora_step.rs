@@ -7,7 +7,8 @@
 //! `+gc` turns on gradient checkpointing; `+ops` turns off selective checkpointing (the op-by-op
 //! graph, for comparison); `BATCH` rows of `SEQ_LEN` tokens each (default 1); `LORA_DROPOUT`
 //! (default 0) draws a new mask per step; `load_rss_mib` is the peak RSS once the model is loaded
-//! (before any step).
+//! (before any step). The environment variable `CHUNK_ROWS` sets the rows per MLP chunk under
+//! gradient checkpointing (default: the model's automatic size).
 
 use candle_core::{DType, Device, Tensor};
 use peft_sft::lora::{inject, LoraConfig};
@@ -60,6 +61,10 @@ fn main() -> anyhow::Result<()> {
     let load_rss_mib = peak_rss_mib();
     model.gradient_checkpointing = checkpointing;
     model.selective_checkpointing = !flags.contains(&"ops");
+    model.checkpoint_chunk_rows = match std::env::var("CHUNK_ROWS") {
+        Ok(rows) => rows.parse()?,
+        Err(_) => 0,
+    };
     let batch: usize = args.get(6).map_or(Ok(1), |s| s.parse())?;
     let lora_dropout: f64 = args.get(7).map_or(Ok(0.0), |s| s.parse())?;
     let lora = LoraConfig {
@@ -105,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             "batch": batch,
             "lora_dropout": lora_dropout,
             "lora_r": rank,
+            "checkpoint_chunk_rows": model.checkpoint_chunk_rows,
             "step_seconds": step_seconds,
             "tokens_per_second": (batch * seq_len) as f64 / step_seconds,
             // Cores kept busy over the timed steps (CPU time / wall time).

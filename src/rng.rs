@@ -67,6 +67,12 @@ impl Rng {
 /// Inverted-dropout mask with `n` entries for drop probability `p`: each entry is 0 with probability
 /// `p`, else `1 / (1 - p)`; entry i depends only on `(key, i)`.
 pub fn dropout_mask(n: usize, p: f64, key: u64) -> Vec<f32> {
+    dropout_mask_from(0, n, p, key)
+}
+
+/// Entries `first..first + n` of [`dropout_mask`]'s mask for `(p, key)`: a part of one draw (the
+/// rows of a chunk) equals the same entries of the whole.
+pub fn dropout_mask_from(first: usize, n: usize, p: f64, key: u64) -> Vec<f32> {
     use rayon::prelude::*;
     let keep = (1.0 / (1.0 - p)) as f32;
     // u = (h >> 11) / 2^53 < p, compared exactly in integers: (h >> 11) < ⌈p · 2^53⌉.
@@ -74,7 +80,7 @@ pub fn dropout_mask(n: usize, p: f64, key: u64) -> Vec<f32> {
     let piece = crate::ops::cpu::PIECE;
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(piece).enumerate().for_each(|(c, out)| {
-        crate::ops::simd::dropout_fill(out, (c * piece) as u64, key, threshold, keep)
+        crate::ops::simd::dropout_fill(out, (first + c * piece) as u64, key, threshold, keep)
     });
     mask
 }
@@ -109,6 +115,21 @@ mod tests {
                 })
                 .collect();
             assert_eq!(dropout_mask(n, p, key), want, "n={n} p={p}");
+        }
+    }
+
+    #[test]
+    fn dropout_mask_parts_equal_the_whole() {
+        // Chunks of rows draw their part of one mask: pieces that start mid-piece included.
+        let whole = dropout_mask(70_000, 0.3, 9);
+        for (first, n) in [
+            (0, 70_000),
+            (1, 17),
+            (1234, 68_766),
+            (69_999, 1),
+            (33_000, 20_000),
+        ] {
+            assert_eq!(dropout_mask_from(first, n, 0.3, 9), whole[first..first + n]);
         }
     }
 

@@ -51,6 +51,8 @@ struct Mode {
     selective: bool,
     offload: bool,
     packed: bool,
+    /// Rows per MLP chunk under checkpointing (0: the model's automatic size).
+    chunk_rows: usize,
 }
 
 impl Mode {
@@ -61,6 +63,7 @@ impl Mode {
             selective: false,
             offload: false,
             packed,
+            chunk_rows: 0,
         }
     }
 }
@@ -70,6 +73,7 @@ fn run(model: &mut CausalLm, mode: Mode) -> (f32, Vec<(String, Tensor)>) {
     model.gradient_checkpointing = mode.checkpointing;
     model.selective_checkpointing = mode.selective;
     model.offload_activations = mode.offload;
+    model.checkpoint_chunk_rows = mode.chunk_rows;
     let ids = ids();
     let mask = ids
         .ones_like()
@@ -172,6 +176,18 @@ fn selective_checkpointing_gives_the_op_by_op_gradients() {
                 ..selective
             };
             assert_runs_agree(&mut model, op_by_op, both, &format!("{name} checkpointed"));
+            // The checkpointed stack's MLP by chunks of 3 of the 16 rows (the last chunk 1 row,
+            // chunks crossing the batch rows): dropout masks and gradients as one pass's.
+            let chunked = Mode {
+                chunk_rows: 3,
+                ..both
+            };
+            assert_runs_agree(
+                &mut model,
+                op_by_op,
+                chunked,
+                &format!("{name} checkpointed, chunked MLP"),
+            );
         }
     }
 }
@@ -201,7 +217,8 @@ fn adapt(model: &mut CausalLm) {
 
 /// `offload_activations` (`--offload-activations`) runs the one-op layers with candle's kernels
 /// as on an accelerator: attention recomputed on its own graph in the backward, the saved tensors
-/// moved to host memory and back. Same gradients as the op-by-op graph.
+/// moved to host memory and back; with checkpointing, the checkpointed stack on candle's kernels.
+/// Same gradients as the op-by-op graph.
 #[test]
 fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
     for name in ["llama", "qwen3", "mistral", "smollm3"] {
@@ -219,6 +236,18 @@ fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
                 op_by_op,
                 offloaded,
                 &format!("{name} offloaded packed={packed}"),
+            );
+            // With checkpointing: the stack as one op on candle's kernels, MLP by chunks of 5.
+            let checkpointed = Mode {
+                checkpointing: true,
+                chunk_rows: 5,
+                ..offloaded
+            };
+            assert_runs_agree(
+                &mut model,
+                op_by_op,
+                checkpointed,
+                &format!("{name} offloaded, checkpointed packed={packed}"),
             );
         }
     }

@@ -63,6 +63,12 @@ pub fn command() -> Command {
                 .help("Keep only each layer's input; recompute the layer in the backward pass"),
         )
         .arg(
+            Arg::new("offload_activations")
+                .long("offload-activations")
+                .action(ArgAction::SetTrue)
+                .help("With --gradient-checkpointing on cuda: keep the layer inputs in host memory"),
+        )
+        .arg(
             Arg::new("lora_target_modules")
                 .long("lora-target-modules")
                 .default_value("all-linear")
@@ -180,6 +186,8 @@ fn options(m: &ArgMatches, config: &ModelConfig) -> anyhow::Result<PlanOptions> 
         target_modules,
         lora_dropout: m.get_one::<f64>("lora_dropout").copied().unwrap_or(0.05),
         gradient_checkpointing: m.get_flag("gradient_checkpointing"),
+        offload_activations: m.get_flag("offload_activations"),
+        checkpoint_chunk_rows: 0,
         dtype,
         device,
         baseline_bytes,
@@ -225,10 +233,10 @@ fn print_table(spec: &str, o: &PlanOptions, p: &MemoryPlan, fit: Option<(f64, Op
         "{spec}: {method}, --max-length {}, batch {}{}, {dtype} on {device}",
         o.max_length,
         o.batch_size,
-        if o.gradient_checkpointing {
-            ", gradient checkpointing"
-        } else {
-            ""
+        match (o.gradient_checkpointing, o.offload_activations) {
+            (true, true) => ", gradient checkpointing, layer inputs offloaded",
+            (true, false) => ", gradient checkpointing",
+            _ => "",
         }
     );
     let b = &p.peak;
@@ -263,8 +271,13 @@ fn print_table(spec: &str, o: &PlanOptions, p: &MemoryPlan, fit: Option<(f64, Op
         "attention probabilities recomputed"
     };
     let activations = if o.gradient_checkpointing {
+        let inputs = if o.offload_activations && o.device == PlanDevice::Cuda {
+            "first layer input (the rest in host memory)"
+        } else {
+            "layer inputs"
+        };
         format!(
-            "layer inputs + one recomputed layer of {}; {attention}",
+            "{inputs} + one recomputed layer of {}; {attention}",
             human(p.layer_activation_bytes)
         )
     } else {
@@ -320,6 +333,12 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     }
     let config = ModelConfig::from_file(&path)?;
     let o = options(m, &config)?;
+    if o.offload_activations && !o.gradient_checkpointing {
+        anyhow::bail!(
+            "--offload-activations is planned with --gradient-checkpointing only (the layer inputs \
+             wait in host memory); add --gradient-checkpointing or drop --offload-activations"
+        );
+    }
     let p = plan(&config, &o)?;
     let fit = match m.get_one::<f64>("budget_gib") {
         Some(&gib) => Some((
@@ -341,6 +360,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
             "per_device_train_batch_size": o.batch_size,
             "lora_r": o.lora_r,
             "gradient_checkpointing": o.gradient_checkpointing,
+            "offload_activations": o.offload_activations,
             "lora_dropout": o.lora_dropout,
             "device": if o.device == PlanDevice::Cuda { "cuda" } else { "cpu" },
             "dtype": format!("{:?}", o.dtype).to_lowercase(),

@@ -1,6 +1,6 @@
 //! The LoRA layer's weights and math (PEFT's `LoraLayer`): `y = W x + scale * B A dropout(x)`.
 
-use crate::rng::{dropout_mask, hash_str, key, Rng};
+use crate::rng::{dropout_mask_from, hash_str, key, Rng};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// One adapted module's low-rank pair.
@@ -74,11 +74,24 @@ impl LoraLayer {
         rows: usize,
         step_key: Option<u64>,
     ) -> Result<Option<Tensor>> {
+        self.dropout_mask_rows(module, 0, rows, step_key)
+    }
+
+    /// Rows `first..first + rows` of [`Self::dropout_mask`]'s mask for a longer input (a chunk of
+    /// its rows): the same entries as the whole mask's. `[rows, in]`
+    pub fn dropout_mask_rows(
+        &self,
+        module: &str,
+        first: usize,
+        rows: usize,
+        step_key: Option<u64>,
+    ) -> Result<Option<Tensor>> {
         let Some(step_key) = step_key.filter(|_| self.dropout > 0.0) else {
             return Ok(None);
         };
         let in_features = self.a.dims()[1];
-        let mask = dropout_mask(
+        let mask = dropout_mask_from(
+            first * in_features,
             rows * in_features,
             self.dropout,
             key(&[step_key, hash_str(module)]),

@@ -5,6 +5,7 @@ use super::layers::{
     Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
 };
 use super::param::Param;
+use super::selective::{checkpointed_stack, stack_applies};
 use super::tokens::TrainableTokens;
 use super::weights::Weights;
 use crate::data::Batch;
@@ -40,15 +41,22 @@ pub struct CausalLm {
     /// Device holding the weights.
     pub device: Device,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations (use
-    /// [`crate::ops::checkpoint::backward`] for the loss).
+    /// [`crate::ops::checkpoint::backward`] for the loss). With a frozen base and selective
+    /// checkpointing on, the decoder stack runs as one op that keeps only the layer inputs (in
+    /// host memory with `offload_activations` on an accelerator) and runs each MLP by chunks of
+    /// rows (see [`super::selective`]).
     pub gradient_checkpointing: bool,
+    /// Rows per MLP chunk under gradient checkpointing; 0 (the default) picks
+    /// [`super::selective::mlp_chunk_rows`] of the intermediate size.
+    pub checkpoint_chunk_rows: usize,
     /// Run each LoRA/QLoRA decoder layer as one op that keeps only what its backward needs and
     /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way the
     /// loss must be differentiated with [`crate::ops::checkpoint::backward`].
     pub selective_checkpointing: bool,
     /// With selective checkpointing, keep each layer's saved tensors in host memory until the
     /// backward (`--offload-activations`; what the model holds on an accelerator shrinks to one
-    /// layer's). Also runs the one-op layers off the CPU, with candle's kernels.
+    /// layer's), with gradient checkpointing each layer's input. Also runs the one-op layers off
+    /// the CPU, with candle's kernels.
     pub offload_activations: bool,
 }
 
@@ -249,6 +257,7 @@ impl CausalLm {
             dtype,
             device: device.clone(),
             gradient_checkpointing: false,
+            checkpoint_chunk_rows: 0,
             selective_checkpointing: true,
             offload_activations: false,
         })
@@ -287,21 +296,35 @@ impl CausalLm {
         let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
         let ids = input_ids.flatten_all()?;
         let mut x = self.embed(&ids)?.reshape((b, t, self.config.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let mask = masks.iter().find(|(w, _)| *w == windows[i]).map(|(_, m)| m);
-            let ctx = ForwardContext {
+        let mut contexts = Vec::with_capacity(self.layers.len());
+        for w in &windows {
+            let mask = masks.iter().find(|(m, _)| m == w).map(|(_, m)| m);
+            contexts.push(ForwardContext {
                 mask: mask.ok_or_else(|| candle_core::Error::Msg("no attention mask".into()))?,
                 cos: &cos,
                 sin: &sin,
                 dropout_key,
                 selective: self.selective_checkpointing,
                 offload: self.offload_activations,
-            };
-            x = if self.gradient_checkpointing && cache.is_none() && grad_enabled() {
+            });
+        }
+        let checkpointing = self.gradient_checkpointing && caches.is_none() && grad_enabled();
+        if checkpointing && self.selective_checkpointing && stack_applies(&self.layers) {
+            let x = checkpointed_stack(
+                &self.layers,
+                &x,
+                &contexts,
+                self.offload_activations,
+                self.checkpoint_chunk_rows,
+            )?;
+            return Ok(self.norm.forward(&x)?);
+        }
+        for (i, (layer, ctx)) in self.layers.iter().zip(&contexts).enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = if checkpointing {
                 let layer = layer.clone();
                 let (mask, cos, sin) = (ctx.mask.clone(), cos.clone(), sin.clone());
-                let (selective, offload) = (self.selective_checkpointing, self.offload_activations);
+                let (selective, offload) = (ctx.selective, ctx.offload);
                 checkpoint(&x, layer.trainable_vars(), move |h| {
                     let ctx = ForwardContext {
                         mask: &mask,
@@ -314,7 +337,7 @@ impl CausalLm {
                     layer.forward(h, &ctx, None)
                 })?
             } else {
-                layer.forward(&x, &ctx, cache)?
+                layer.forward(&x, ctx, cache)?
             };
         }
         Ok(self.norm.forward(&x)?)

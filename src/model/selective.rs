@@ -24,14 +24,15 @@ use crate::ops::cpu::{is_cpu_f32, tensor, Held};
 use crate::ops::flash::{self, Dims};
 use crate::ops::graft::{grad_enabled, graft_anchored, without_grad, Output};
 use crate::ops::linear::{
-    dense, input_gradient, lora_input, lora_rows, lora_weight_grads, FrozenWeight, InputShare,
-    LoraBase, LoraHidden,
+    dense, input_gradient, lora_hidden, lora_input, lora_rows, lora_weight_grads, FrozenWeight,
+    InputShare, LoraBase, LoraHidden,
 };
 use crate::ops::norm::{rms_norm_forward, rms_norm_grad_x};
 use crate::ops::residual::sum_cpu;
 use crate::ops::rope::rotate_tokens;
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
 use candle_core::{Device, Result, Tensor, Var};
+use std::borrow::Cow;
 
 /// Whether `layer` runs as one op on `x`: training (gradients recorded) with every weight, bias
 /// and norm frozen (LoRA, QLoRA or no adapter), and either the native kernels apply (CPU f32, a
@@ -42,11 +43,22 @@ pub(crate) fn applies(
     mask: &AttentionMask,
     offload: bool,
 ) -> Result<bool> {
-    let frozen =
-        layer.linears().iter().all(|l| {
-            l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none())
-        }) && layer.norms().iter().all(|n| n.weight.var().is_none());
-    Ok(frozen && grad_enabled() && (offload || native(x, mask)?))
+    Ok(frozen(layer) && grad_enabled() && (offload || native(x, mask)?))
+}
+
+/// Whether the decoder stack runs as one checkpointed op ([`checkpointed_stack`]): training with
+/// every layer's weights, biases and norms frozen, on any device.
+pub(crate) fn stack_applies(layers: &[DecoderLayer]) -> bool {
+    grad_enabled() && layers.iter().all(frozen)
+}
+
+/// Every weight, bias and norm of `layer` is frozen.
+fn frozen(layer: &DecoderLayer) -> bool {
+    layer
+        .linears()
+        .iter()
+        .all(|l| l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none()))
+        && layer.norms().iter().all(|n| n.weight.var().is_none())
 }
 
 /// Whether the native CPU kernels run the layer.
@@ -70,7 +82,7 @@ pub(crate) fn forward(
     ctx: &ForwardContext<'_>,
 ) -> Result<Tensor> {
     let (b, t, hidden) = x.dims3()?;
-    let plan = LayerPlan::new(layer, ctx, x)?;
+    let plan = LayerPlan::new(layer, ctx, x, ctx.offload, 0)?;
     let x_rows = x.detach().reshape((b * t, hidden))?.contiguous()?;
     let (out, saved) = plan.forward(&x_rows)?;
     let out = out.reshape((b, t, hidden))?;
@@ -96,8 +108,75 @@ pub(crate) fn forward(
     graft_anchored("decoder-layer", x, anchor.as_ref(), out, Box::new(backward))
 }
 
+/// Gradient checkpointing of the whole decoder stack as one op (`--gradient-checkpointing` with a
+/// frozen base, any device): the forward keeps only each layer's input — in host memory with
+/// `offload` on an accelerator — and the backward rebuilds one layer at a time from its input,
+/// last layer first ([`LayerPlan::recompute_backward`]); `offload` also runs candle's kernels, as
+/// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in chunks of
+/// `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's activations nor
+/// its gradients ever exist for all rows at once; the recomputation skips the down projection's
+/// frozen product, whose output the backward never reads. LoRA gradients are parked.
+///
+/// x `[b, t, hidden]` -> `[b, t, hidden]`, one [`ForwardContext`] per layer.
+pub(crate) fn checkpointed_stack(
+    layers: &[DecoderLayer],
+    x: &Tensor,
+    contexts: &[ForwardContext<'_>],
+    offload: bool,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (b, t, hidden) = x.dims3()?;
+    let plans = layers
+        .iter()
+        .zip(contexts)
+        .map(|(layer, ctx)| LayerPlan::new(layer, ctx, x, offload, chunk_rows))
+        .collect::<Result<Vec<_>>>()?;
+    let mut h = x.detach().reshape((b * t, hidden))?.contiguous()?;
+    let mut inputs = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        let next = plan.forward_chunked(&h)?;
+        inputs.push(if offload && !h.device().is_cpu() {
+            h.to_device(&Device::Cpu)?
+        } else {
+            h
+        });
+        h = next;
+    }
+    let out = h.reshape((b, t, hidden))?;
+    let anchor = plans
+        .iter()
+        .flat_map(|plan| &plan.projs)
+        .find_map(|p| p.lora.as_ref())
+        .map(|lora| lora.a.as_tensor().clone());
+    let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
+        let mut g = g.reshape((b * t, hidden))?.contiguous()?;
+        for (i, (plan, input)) in plans.iter().zip(&inputs).enumerate().rev() {
+            let input = input.to_device(x.device())?;
+            match plan.recompute_backward(&input, &g, i > 0 || needs_x)? {
+                Some(grad) => g = grad,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(g.reshape((b, t, hidden))?))
+    };
+    graft_anchored(
+        "checkpointed-decoder",
+        x,
+        anchor.as_ref(),
+        out,
+        Box::new(backward),
+    )
+}
+
+/// Rows per MLP chunk under [`checkpointed_stack`]: as many as keep one `[rows, intermediate]`
+/// tensor within 2^24 elements (64 MiB in f32), a multiple of 64, at least 64.
+pub fn mlp_chunk_rows(intermediate: usize) -> usize {
+    ((1usize << 24) / intermediate.max(1) / 64).max(1) * 64
+}
+
 /// One projection as the op reads it: frozen weight and bias, LoRA pair, module name (which keys
 /// its dropout draws).
+#[derive(Clone)]
 struct Proj {
     name: String,
     weight: FrozenWeight,
@@ -121,24 +200,29 @@ impl Proj {
         })
     }
 
-    /// This step's dropout mask for `rows` inputs (drawn again in the backward: same key, same
-    /// mask), or None.
-    fn mask(&self, rows: usize, key: Option<u64>) -> Result<Option<Tensor>> {
+    /// This step's dropout mask for input rows `first..first + rows` (drawn again in the
+    /// backward: same key, same mask), or None.
+    fn mask(&self, first: usize, rows: usize, key: Option<u64>) -> Result<Option<Tensor>> {
         match &self.lora {
-            Some(lora) => lora.dropout_mask(&self.name, rows, key),
+            Some(lora) => lora.dropout_mask_rows(&self.name, first, rows, key),
             None => Ok(None),
         }
     }
 
-    /// x: [n, in] -> ([n, out], the LoRA branch's hidden)
-    fn forward(&self, x: &Tensor, key: Option<u64>) -> Result<(Tensor, Option<LoraHidden>)> {
+    /// x: rows `first..` of the input, [n, in] -> ([n, out], the LoRA branch's hidden)
+    fn forward(
+        &self,
+        x: &Tensor,
+        first: usize,
+        key: Option<u64>,
+    ) -> Result<(Tensor, Option<LoraHidden>)> {
         let Some(lora) = &self.lora else {
             return Ok((dense(x, &self.weight.dense()?, self.bias.as_ref())?, None));
         };
         let base = LoraBase {
             weight: &self.weight,
             bias: self.bias.as_ref(),
-            dropout_mask: self.mask(x.dim(0)?, key)?,
+            dropout_mask: self.mask(first, x.dim(0)?, key)?,
         };
         // Detached: nothing the op computes may enter candle's graph (the gradients it parks would
         // otherwise carry this step's graph into the optimizer state).
@@ -151,6 +235,16 @@ impl Proj {
         )?;
         Ok((out.into_tensor()?, Some(hidden)))
     }
+
+    /// The LoRA branch's hidden alone (no frozen product), for a backward that never reads the
+    /// projection's output. x: rows `first..` of the input, [n, in]
+    fn hidden(&self, x: &Tensor, first: usize, key: Option<u64>) -> Result<Option<LoraHidden>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        let mask = self.mask(first, x.dim(0)?, key)?;
+        lora_hidden(x, mask.as_ref(), &lora.a.as_tensor().detach()).map(Some)
+    }
 }
 
 /// The gradient of one projection's output and what its forward saved.
@@ -160,11 +254,23 @@ struct Back<'a> {
     hidden: Option<&'a LoraHidden>,
 }
 
-/// Backward of the projections that read one input `x: [n, in]`: parks their LoRA gradients and
-/// returns the gradient of `x` when asked for.
+impl<'a> Back<'a> {
+    /// `proj`'s share of a backward: its output gradient g and its saved LoRA hidden.
+    fn new(proj: &'a Proj, g: &'a Tensor, hidden: &'a Option<LoraHidden>) -> Self {
+        Back {
+            proj,
+            g,
+            hidden: hidden.as_ref(),
+        }
+    }
+}
+
+/// Backward of the projections that read one input `x: [n, in]` (rows `first..` of it): parks
+/// their LoRA gradients and returns the gradient of `x` when asked for.
 fn backward_projections(
     parts: &[Back<'_>],
     x: &Tensor,
+    first: usize,
     key: Option<u64>,
     needs_x: bool,
 ) -> Result<Option<Tensor>> {
@@ -175,14 +281,14 @@ fn backward_projections(
             lora_terms.push(None);
             continue;
         };
-        let mask = part.proj.mask(rows, key)?;
+        let mask = part.proj.mask(first, rows, key)?;
         let lora_in = lora_input(x, mask.as_ref())?;
         let b = lora.b.as_tensor().detach();
         let (grad_hidden, grad_a, grad_b) =
             lora_weight_grads(part.g, &lora_in, (hidden, &b), lora.scale, (true, true))?;
         if let (Some(ga), Some(gb)) = (grad_a, grad_b) {
-            park(lora.a.as_tensor(), ga);
-            park(lora.b.as_tensor(), gb);
+            park(lora.a.as_tensor(), ga)?;
+            park(lora.b.as_tensor(), gb)?;
         }
         lora_terms.push(Some((grad_hidden, lora.a.as_tensor().detach(), mask)));
     }
@@ -247,40 +353,66 @@ struct LayerPlan {
     native: bool,
     /// Move what the forward keeps to host memory until the backward.
     offload: bool,
+    /// Rows per MLP chunk in [`Self::forward_chunked`] and [`Self::recompute_backward`].
+    chunk_rows: usize,
 }
 
-/// What the forward keeps for the backward (the layer input is the op's own graph input).
-struct Saved {
+/// What the attention half keeps for the backward (the layer input is the op's own graph input).
+struct AttentionSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     attn: Tensor,
     /// The flash kernel's log-sum-exp (native kernels only).
     lse: Vec<f32>,
+    /// The residual stream between attention and MLP.
     resid: Tensor,
+    /// LoRA hiddens of q, k, v and o.
+    hidden: Vec<Option<LoraHidden>>,
+}
+
+/// What the MLP keeps for the backward, for all rows or one chunk of them.
+struct MlpSaved {
     gate: Tensor,
     up: Tensor,
+    /// LoRA hiddens of gate, up and down.
     hidden: Vec<Option<LoraHidden>>,
+}
+
+/// What the one-op layer's forward keeps for its backward.
+struct Saved {
+    attention: AttentionSaved,
+    mlp: MlpSaved,
+}
+
+/// The LoRA hiddens on `device`.
+fn hiddens_to(hidden: &[Option<LoraHidden>], device: &Device) -> Result<Vec<Option<LoraHidden>>> {
+    hidden
+        .iter()
+        .map(|h| h.as_ref().map(|h| h.to_device(device)).transpose())
+        .collect()
 }
 
 impl Saved {
     /// The same tensors on `device` (a copy where they are elsewhere).
     fn to_device(&self, device: &Device) -> Result<Saved> {
         let moved = |t: &Tensor| t.to_device(device);
+        let (a, m) = (&self.attention, &self.mlp);
         Ok(Saved {
-            q: moved(&self.q)?,
-            k: moved(&self.k)?,
-            v: moved(&self.v)?,
-            attn: moved(&self.attn)?,
-            lse: self.lse.clone(),
-            resid: moved(&self.resid)?,
-            gate: moved(&self.gate)?,
-            up: moved(&self.up)?,
-            hidden: self
-                .hidden
-                .iter()
-                .map(|h| h.as_ref().map(|h| h.to_device(device)).transpose())
-                .collect::<Result<_>>()?,
+            attention: AttentionSaved {
+                q: moved(&a.q)?,
+                k: moved(&a.k)?,
+                v: moved(&a.v)?,
+                attn: moved(&a.attn)?,
+                lse: a.lse.clone(),
+                resid: moved(&a.resid)?,
+                hidden: hiddens_to(&a.hidden, device)?,
+            },
+            mlp: MlpSaved {
+                gate: moved(&m.gate)?,
+                up: moved(&m.up)?,
+                hidden: hiddens_to(&m.hidden, device)?,
+            },
         })
     }
 }
@@ -290,13 +422,20 @@ const K: usize = 1;
 const V: usize = 2;
 const O: usize = 3;
 const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
 
 impl LayerPlan {
-    fn new(layer: &DecoderLayer, ctx: &ForwardContext<'_>, x: &Tensor) -> Result<Self> {
+    /// The plan of `layer` for input `x`; `offload` moves what [`Self::forward`] keeps to the
+    /// host (and runs candle's kernels); `chunk_rows` as [`checkpointed_stack`] reads it.
+    fn new(
+        layer: &DecoderLayer,
+        ctx: &ForwardContext<'_>,
+        x: &Tensor,
+        offload: bool,
+        chunk_rows: usize,
+    ) -> Result<Self> {
         let (b, t, _) = x.dims3()?;
         let attn = &layer.self_attn;
+        let intermediate = layer.mlp.gate_proj.weight.dims().0;
         Ok(LayerPlan {
             projs: layer
                 .linears()
@@ -323,8 +462,12 @@ impl LayerPlan {
             key: ctx.dropout_key,
             // Offloading runs candle's kernels everywhere (on the CPU, where activations are in
             // host memory already, only tests ask for it).
-            native: native(x, ctx.mask)? && !ctx.offload,
-            offload: ctx.offload,
+            native: native(x, ctx.mask)? && !offload,
+            offload,
+            chunk_rows: match chunk_rows {
+                0 => mlp_chunk_rows(intermediate),
+                rows => rows,
+            },
         })
     }
 
@@ -359,13 +502,92 @@ impl LayerPlan {
         g.reshape(((), x.dim(2)? * d))
     }
 
+    /// Gate, up and down for a pass over `n` rows: when they take several chunks, quantized
+    /// weights dequantized once for all of them (each chunk would dequantize them twice again).
+    fn mlp_projections(&self, n: usize) -> Result<Cow<'_, [Proj]>> {
+        let mlp = &self.projs[GATE..];
+        let quantized = mlp
+            .iter()
+            .any(|p| matches!(p.weight, FrozenWeight::Quantized(_)));
+        if !quantized || self.chunks(n).nth(1).is_none() {
+            return Ok(Cow::Borrowed(mlp));
+        }
+        let dense = mlp
+            .iter()
+            .map(|p| {
+                Ok(Proj {
+                    weight: FrozenWeight::Dense(p.weight.dense()?),
+                    ..p.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cow::Owned(dense))
+    }
+
+    /// `(first, rows)` of each MLP chunk of `n` rows.
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> {
+        let step = self.chunk_rows.max(1);
+        (0..n)
+            .step_by(step)
+            .map(move |first| (first, step.min(n - first)))
+    }
+
     /// x: [n, hidden] -> (the output's elements, what the backward keeps)
     fn forward(&self, x: &Tensor) -> Result<(Output, Saved)> {
+        let attention = self.attention_forward(x)?;
+        let (down, mlp) = self.mlp_forward(&self.projs[GATE..], &attention.resid, 0, true)?;
+        let down = down.ok_or_else(|| candle_core::Error::Msg("no MLP output".into()))?;
+        let out = sum(&attention.resid, &down)?;
+        let saved = Saved { attention, mlp };
+        let saved = if self.offload {
+            saved.to_device(&Device::Cpu)?
+        } else {
+            saved
+        };
+        Ok((out, saved))
+    }
+
+    /// The layer's output alone, keeping nothing, the MLP by chunks of rows. x: [n, hidden]
+    fn forward_chunked(&self, x: &Tensor) -> Result<Tensor> {
+        let resid = self.attention_forward(x)?.resid;
+        let n = resid.dim(0)?;
+        let mlp = self.mlp_projections(n)?;
+        let mut outs = Vec::new();
+        for (first, rows) in self.chunks(n) {
+            let r = resid.narrow(0, first, rows)?;
+            let (down, _) = self.mlp_forward(&mlp, &r, first, true)?;
+            let down = down.ok_or_else(|| candle_core::Error::Msg("no MLP output".into()))?;
+            outs.push(sum(&r, &down)?.into_tensor()?);
+        }
+        concat_rows(outs)
+    }
+
+    /// Under [`checkpointed_stack`]: the layer rebuilt from its input `x: [n, hidden]` and
+    /// differentiated for its output gradient `g` — attention whole, then the MLP chunk by chunk
+    /// (each chunk's activations rebuilt and differentiated before the next) — parking the LoRA
+    /// gradients and returning x's gradient when `needs_x`.
+    fn recompute_backward(&self, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
+        let attention = self.attention_forward(x)?;
+        let n = x.dim(0)?;
+        let mlp = self.mlp_projections(n)?;
+        let mut grads = Vec::new();
+        for (first, rows) in self.chunks(n) {
+            let r = attention.resid.narrow(0, first, rows)?;
+            let (_, saved) = self.mlp_forward(&mlp, &r, first, false)?;
+            let g = g.narrow(0, first, rows)?;
+            grads.push(self.mlp_backward(&mlp, &saved, &r, &g, first)?);
+        }
+        let grad_resid = concat_rows(grads)?;
+        self.attention_half_backward(&attention, x, &grad_resid, needs_x)
+    }
+
+    /// Norm, q/k/v, attention, o and the residual add. x: [n, hidden]
+    fn attention_forward(&self, x: &Tensor) -> Result<AttentionSaved> {
         let p = &self.projs;
         let key = self.key;
-        let mut hidden: Vec<Option<LoraHidden>> = Vec::with_capacity(p.len());
+        let mut hidden: Vec<Option<LoraHidden>> = Vec::with_capacity(4);
         let mut project = |i: usize, x: &Tensor| -> Result<Tensor> {
-            let (y, h) = p[i].forward(x, key)?;
+            let (y, h) = p[i].forward(x, 0, key)?;
             hidden.push(h);
             Ok(y)
         };
@@ -382,32 +604,41 @@ impl LayerPlan {
         };
         let o = project(O, &attn)?;
         let resid = sum(x, &o)?.into_tensor()?;
-        drop(o);
-        let normed = self.post_norm.forward(&resid)?;
-        let gate = project(GATE, &normed)?;
-        let up = project(UP, &normed)?;
-        drop(normed);
-        let act = swiglu_forward(&gate, &up)?.into_tensor()?;
-        let down = project(DOWN, &act)?;
-        drop(act);
-        let out = sum(&resid, &down)?;
-        let saved = Saved {
+        Ok(AttentionSaved {
             q,
             k,
             v,
             attn,
             lse,
             resid,
-            gate,
-            up,
             hidden,
-        };
-        let saved = if self.offload {
-            saved.to_device(&Device::Cpu)?
+        })
+    }
+
+    /// The MLP (`mlp`: gate, up and down, see [`Self::mlp_projections`]) on rows `first..` of
+    /// the residual stream, `resid: [rows, hidden]`: the down projection's output when `output`
+    /// (else only its LoRA hidden) and what the backward keeps.
+    fn mlp_forward(
+        &self,
+        mlp: &[Proj],
+        resid: &Tensor,
+        first: usize,
+        output: bool,
+    ) -> Result<(Option<Tensor>, MlpSaved)> {
+        let key = self.key;
+        let normed = self.post_norm.forward(resid)?;
+        let (gate, gate_hidden) = mlp[0].forward(&normed, first, key)?;
+        let (up, up_hidden) = mlp[1].forward(&normed, first, key)?;
+        drop(normed);
+        let act = swiglu_forward(&gate, &up)?.into_tensor()?;
+        let (down, down_hidden) = if output {
+            let (y, h) = mlp[2].forward(&act, first, key)?;
+            (Some(y), h)
         } else {
-            saved
+            (None, mlp[2].hidden(&act, first, key)?)
         };
-        Ok((out, saved))
+        let hidden = vec![gate_hidden, up_hidden, down_hidden];
+        Ok((down, MlpSaved { gate, up, hidden }))
     }
 
     /// Attention over rotated q `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]`: the flash
@@ -437,7 +668,7 @@ impl LayerPlan {
     fn attention_backward(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        s: &Saved,
+        s: &AttentionSaved,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         if !self.native {
@@ -489,46 +720,57 @@ impl LayerPlan {
         ))
     }
 
-    /// Projection `i`'s share of a backward: its output gradient g and its saved hidden.
-    fn part<'a>(&'a self, s: &'a Saved, i: usize, g: &'a Tensor) -> Back<'a> {
-        Back {
-            proj: &self.projs[i],
-            g,
-            hidden: s.hidden[i].as_ref(),
-        }
+    /// The gradient of the MLP's input rows `first..` (`resid: [rows, hidden]`, the residual
+    /// stream) for the layer output's gradient `g` on those rows (`mlp` as [`Self::mlp_forward`]
+    /// reads it); the MLP's LoRA gradients parked.
+    fn mlp_backward(
+        &self,
+        mlp: &[Proj],
+        m: &MlpSaved,
+        resid: &Tensor,
+        g: &Tensor,
+        first: usize,
+    ) -> Result<Tensor> {
+        let key = self.key;
+        let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
+        let act = swiglu_forward(&m.gate, &m.up)?.into_tensor()?;
+        let down = [Back::new(&mlp[2], g, &m.hidden[2])];
+        let grad_act = backward_projections(&down, &act, first, key, true)?
+            .ok_or_else(|| missing("the MLP"))?;
+        drop(act);
+        let (grad_gate, grad_up) = swiglu_backward(&m.gate, &m.up, &grad_act, [true, true])?;
+        let (grad_gate, grad_up) = (
+            grad_gate.ok_or_else(|| missing("gate"))?,
+            grad_up.ok_or_else(|| missing("up"))?,
+        );
+        drop(grad_act);
+        let normed = self.post_norm.forward(resid)?;
+        let parts = [
+            Back::new(&mlp[0], &grad_gate, &m.hidden[0]),
+            Back::new(&mlp[1], &grad_up, &m.hidden[1]),
+        ];
+        let grad_normed = backward_projections(&parts, &normed, first, key, true)?
+            .ok_or_else(|| missing("the MLP input"))?;
+        let through_norm = self.post_norm.backward(resid, &grad_normed)?;
+        sum(g, &through_norm)?.into_tensor()
     }
 
-    /// The gradient of the layer input x `[n, hidden]` for the output gradient g (when
-    /// `needs_x`); every LoRA gradient is parked.
-    fn backward(&self, s: &Saved, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
+    /// The gradient of the layer input x `[n, hidden]` (when `needs_x`) for the gradient
+    /// `grad_resid` of the residual stream between attention and MLP; the attention's LoRA
+    /// gradients parked.
+    fn attention_half_backward(
+        &self,
+        s: &AttentionSaved,
+        x: &Tensor,
+        grad_resid: &Tensor,
+        needs_x: bool,
+    ) -> Result<Option<Tensor>> {
         let key = self.key;
-        // MLP: down, SwiGLU, gate and up, the post-attention norm.
         let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
-        let grad_resid = {
-            let act = swiglu_forward(&s.gate, &s.up)?.into_tensor()?;
-            let grad_act = backward_projections(&[self.part(s, DOWN, g)], &act, key, true)?
-                .ok_or_else(|| missing("the MLP"))?;
-            drop(act);
-            let (grad_gate, grad_up) = swiglu_backward(&s.gate, &s.up, &grad_act, [true, true])?;
-            let (grad_gate, grad_up) = (
-                grad_gate.ok_or_else(|| missing("gate"))?,
-                grad_up.ok_or_else(|| missing("up"))?,
-            );
-            drop(grad_act);
-            let normed = self.post_norm.forward(&s.resid)?;
-            let grad_normed = backward_projections(
-                &[self.part(s, GATE, &grad_gate), self.part(s, UP, &grad_up)],
-                &normed,
-                key,
-                true,
-            )?
-            .ok_or_else(|| missing("the MLP input"))?;
-            let through_norm = self.post_norm.backward(&s.resid, &grad_normed)?;
-            sum(g, &through_norm)?.into_tensor()?
-        };
-        // Attention: o_proj, attention, RoPE and q/k norms, q/k/v, the input norm.
-        let grad_attn = backward_projections(&[self.part(s, O, &grad_resid)], &s.attn, key, true)?
-            .ok_or_else(|| missing("attention"))?;
+        // o_proj, attention, RoPE and q/k norms, q/k/v, the input norm.
+        let o = [Back::new(&self.projs[O], grad_resid, &s.hidden[O])];
+        let grad_attn =
+            backward_projections(&o, &s.attn, 0, key, true)?.ok_or_else(|| missing("attention"))?;
         let (dq, dk, dv) = {
             let q_rot = self.rotated(&s.q, self.q_norm.as_ref())?;
             let k_rot = self.rotated(&s.k, self.k_norm.as_ref())?;
@@ -540,22 +782,33 @@ impl LayerPlan {
         let dk = self.unrotated(&s.k, &dk, self.k_norm.as_ref())?;
         let dv = dv.reshape(s.v.dims())?;
         let normed = self.input_norm.forward(x)?;
-        let grad_normed = backward_projections(
-            &[
-                self.part(s, Q, &dq),
-                self.part(s, K, &dk),
-                self.part(s, V, &dv),
-            ],
-            &normed,
-            key,
-            needs_x,
-        )?;
-        match grad_normed {
+        let parts = [
+            Back::new(&self.projs[Q], &dq, &s.hidden[Q]),
+            Back::new(&self.projs[K], &dk, &s.hidden[K]),
+            Back::new(&self.projs[V], &dv, &s.hidden[V]),
+        ];
+        match backward_projections(&parts, &normed, 0, key, needs_x)? {
             Some(gn) => {
                 let through_norm = self.input_norm.backward(x, &gn)?;
-                Ok(Some(sum(&grad_resid, &through_norm)?.into_tensor()?))
+                Ok(Some(sum(grad_resid, &through_norm)?.into_tensor()?))
             }
             None => Ok(None),
         }
     }
+
+    /// The gradient of the layer input x `[n, hidden]` for the output gradient g (when
+    /// `needs_x`); every LoRA gradient is parked.
+    fn backward(&self, s: &Saved, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
+        let grad_resid =
+            self.mlp_backward(&self.projs[GATE..], &s.mlp, &s.attention.resid, g, 0)?;
+        self.attention_half_backward(&s.attention, x, &grad_resid, needs_x)
+    }
+}
+
+/// Chunks of rows as one `[n, width]` tensor (the one chunk itself when there is one).
+fn concat_rows(mut chunks: Vec<Tensor>) -> Result<Tensor> {
+    if chunks.len() == 1 {
+        return Ok(chunks.remove(0));
+    }
+    Tensor::cat(&chunks, 0)
 }

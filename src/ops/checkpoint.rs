@@ -33,7 +33,7 @@ where
         let grads = (y * g.detach())?.sum_all()?.backward()?;
         for v in &vars {
             if let Some(gv) = grads.get(v) {
-                park(v.as_tensor(), gv.clone());
+                park(v.as_tensor(), gv.clone())?;
             }
         }
         Ok(if x_tracked {
@@ -48,9 +48,18 @@ where
 }
 
 /// Hands the gradient of `var` (a trainable tensor) from a backward that computed it outside
-/// candle's graph to the running [`backward`], which adds it to the store.
-pub(crate) fn park(var: &Tensor, grad: Tensor) {
-    PARKED.with(|p| p.borrow_mut().push((var.clone(), grad)));
+/// candle's graph to the running [`backward`], which adds it to the store. A second gradient of
+/// the same tensor (chunks of rows, [`crate::model::selective`]) is added to the parked one at
+/// once, so parked gradients never take more than one copy per tensor.
+pub(crate) fn park(var: &Tensor, grad: Tensor) -> Result<()> {
+    PARKED.with(|p| {
+        let mut parked = p.borrow_mut();
+        match parked.iter_mut().find(|(v, _)| v.id() == var.id()) {
+            Some((_, total)) => *total = (&*total + &grad)?,
+            None => parked.push((var.clone(), grad)),
+        }
+        Ok(())
+    })
 }
 
 /// `loss.backward()` plus the weight gradients of checkpointed blocks and of the decoder layers

@@ -237,6 +237,14 @@ pub(crate) fn lora_input(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// The LoRA branch's hidden `dropout(x) A^T` alone (no base product), for a backward that has
+/// no use for the module's output. x: [n, in], a: [r, in] -> [n, r]
+pub(crate) fn lora_hidden(x: &Tensor, mask: Option<&Tensor>, a: &Tensor) -> Result<LoraHidden> {
+    Ok(LoraHidden {
+        hidden: matmul_narrow(&lora_input(x, mask)?, &a.t()?)?,
+    })
+}
+
 /// PEFT's LoRA forward on untracked rows: `x W^T + bias + scale (dropout(x) A^T) B^T`.
 ///
 /// x: [n, in], a: [r, in], b: [out, r] -> ([n, out], what the backward reuses)
@@ -247,7 +255,7 @@ pub(crate) fn lora_rows(
     b: &Tensor,
     scale: f64,
 ) -> Result<(Output, LoraHidden)> {
-    let hidden = matmul_narrow(&lora_input(x, base.dropout_mask.as_ref())?, &a.t()?)?;
+    let LoraHidden { hidden } = lora_hidden(x, base.dropout_mask.as_ref(), a)?;
     // Folding the scale into the tiny B saves two passes over the [n, out] output.
     let b_scaled = b.affine(scale, 0.0)?;
     let out = sum_of_products(

@@ -66,6 +66,14 @@ fn selective(options: &PlanOptions) -> bool {
     native_cpu(options) && options.method != Method::Full
 }
 
+/// Whether the decoder stack runs as one checkpointed op (`model/selective.rs`,
+/// `checkpointed_stack`): gradient checkpointing over a frozen base (LoRA, QLoRA), on any device.
+/// It keeps only the layer inputs, rebuilds one layer at a time in the backward and runs each MLP
+/// by chunks of rows.
+fn stacked(options: &PlanOptions) -> bool {
+    options.gradient_checkpointing && options.method != Method::Full
+}
+
 /// How the model trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -116,6 +124,12 @@ pub struct PlanOptions {
     pub lora_dropout: f64,
     /// Recompute each decoder layer in the backward pass.
     pub gradient_checkpointing: bool,
+    /// `--offload-activations`: with gradient checkpointing on an accelerator, the layer inputs
+    /// wait in host memory (the CPU has nothing to move).
+    pub offload_activations: bool,
+    /// Rows per MLP chunk under gradient checkpointing (`CausalLm::checkpoint_chunk_rows`; 0: the
+    /// model's automatic size, `model::selective::mlp_chunk_rows`).
+    pub checkpoint_chunk_rows: usize,
     /// Compute dtype of weights and activations.
     pub dtype: DType,
     /// CPU or CUDA.
@@ -136,6 +150,8 @@ impl PlanOptions {
             target_modules: TargetModules::default(),
             lora_dropout: 0.0,
             gradient_checkpointing: false,
+            offload_activations: false,
+            checkpoint_chunk_rows: 0,
             dtype: DType::F32,
             device: PlanDevice::Cpu,
             baseline_bytes: CPU_PROCESS_BYTES,
@@ -218,7 +234,8 @@ pub struct MemoryPlan {
     /// Parameter counts.
     pub params: ParamCounts,
     /// Saved activations of one decoder layer (the first; layers differ only with SmolLM3's
-    /// no-RoPE layers or mixed sliding windows).
+    /// no-RoPE layers or mixed sliding windows); with gradient checkpointing over a frozen base,
+    /// what the backward holds for the one layer it rebuilds.
     pub layer_activation_bytes: u64,
     /// Whether attention keeps its `[t, t]` probabilities (small, candle-op kernels) or recomputes
     /// them (blocked kernel, and always the CPU f32 flash kernel).
@@ -464,6 +481,112 @@ impl Step<'_> {
         e
     }
 
+    /// Rows of one MLP chunk of the checkpointed stack (at most all rows).
+    fn chunk_rows(&self) -> u64 {
+        let rows = match self.o.checkpoint_chunk_rows {
+            0 => crate::model::selective::mlp_chunk_rows(self.c.intermediate_size),
+            rows => rows,
+        };
+        (rows as u64).min(self.n)
+    }
+
+    /// What the checkpointed stack's backward holds for the layer it rebuilds (one at a time)
+    /// besides the layer inputs: the attention half's q, k and v as projected, its output (and
+    /// the flash kernel's f32 log-sum-exp with the native kernels), the residual stream between
+    /// attention and MLP, r per adapted attention linear; with offloading, the layer input
+    /// copied back to the device.
+    fn stack_recomputed_bytes(&self, adapted: &[bool; 7]) -> u64 {
+        let h = self.c.hidden_size as u64;
+        let r = self.o.lora_r as u64;
+        let attention_adapters = adapted[..4].iter().filter(|&&a| a).count() as u64;
+        let mut e = 2 * self.qd() + 2 * self.kvd() + h + r * attention_adapters;
+        if self.offloads_inputs() {
+            e += h;
+        }
+        let lse = if native_cpu(self.o) {
+            self.n * self.heads() * 4
+        } else {
+            0
+        };
+        self.n * e * self.dt + lse
+    }
+
+    /// Whether the layer inputs wait in host memory (gradient checkpointing with
+    /// `--offload-activations` on an accelerator).
+    fn offloads_inputs(&self) -> bool {
+        stacked(self.o) && self.o.offload_activations && self.o.device == PlanDevice::Cuda
+    }
+
+    /// QLoRA's MLP weights dequantized once for all of a layer's chunks when there are several
+    /// (gate, up and down in the compute dtype, each counted at the largest linear's size).
+    fn dense_mlp_bytes(&self, params: &ParamCounts) -> u64 {
+        if self.o.method == Method::Qlora && self.chunk_rows() < self.n {
+            3 * params.largest_linear * self.dt
+        } else {
+            0
+        }
+    }
+
+    /// Forward temporaries of one layer of the checkpointed stack (nothing is kept but its
+    /// output): the attention half's live set (as [`Self::native_forward_temporaries`] or the
+    /// candle-op kernels' count), or the MLP's — the residual stream, the output chunks and their
+    /// concatenation (3 × hidden per row) plus one chunk's norm output, gate, up, SwiGLU product
+    /// and down output (the candle-op projections add their base and LoRA outputs: 2 × hidden +
+    /// 5 × intermediate per chunk row) and QLoRA's dequantized MLP weights.
+    fn stack_forward_bytes(&self, params: &ParamCounts) -> u64 {
+        let c = self.c;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (n, qd, kvd, dt) = (self.n, self.qd(), self.kvd(), self.dt);
+        let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        let chunk = self.chunk_rows();
+        let (attention, chunk_elements) = if native_cpu(self.o) {
+            let e = 2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads();
+            (n * e * dt, 2 * h + 3 * i)
+        } else {
+            let grouped = u64::from(c.kv_heads() != c.num_attention_heads);
+            let heads = h + qd * (2 + norm) + kvd * (3 + norm) + 2 * grouped * qd + qd;
+            let kernel = if self.keeps_probabilities() {
+                4 * self.probability_bytes() + (self.o.max_length as u64).pow(2) * dt
+            } else {
+                2 * n * qd * dt + self.attention_blocks(3)
+            };
+            (n * heads * dt + kernel, 2 * h + 5 * i)
+        };
+        let mlp = (3 * n * h + chunk * chunk_elements) * dt + self.dense_mlp_bytes(params);
+        attention.max(mlp) + self.dequantized_bytes(params)
+    }
+
+    /// Backward temporaries of one layer of the checkpointed stack beyond
+    /// [`Self::stack_recomputed_bytes`]: the layer output's gradient and the residual stream's
+    /// (2 × hidden per row, also the chunks' gradients before their concatenation) with either one
+    /// MLP chunk's backward — gate, up, the SwiGLU product's gradient and the two it writes,
+    /// norm output and its gradient (5 × intermediate + 2 × hidden per chunk row; the candle-op
+    /// SwiGLU backward holds 4 × intermediate more; a dropout mask and masked input 2 ×
+    /// intermediate; QLoRA's dequantized MLP weights) — or the attention backward
+    /// ([`Self::backward_workspace_bytes`]'s), and a dequantized weight when the base is quantized.
+    fn stack_backward_bytes(&self, params: &ParamCounts) -> u64 {
+        let c = self.c;
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (n, dt) = (self.n, self.dt);
+        let mut chunk_elements = 5 * i + 2 * h;
+        if !native_cpu(self.o) {
+            chunk_elements += 4 * i;
+        }
+        if self.o.lora_dropout > 0.0 {
+            chunk_elements += 2 * i;
+        }
+        let mlp = self.chunk_rows() * chunk_elements * dt + self.dense_mlp_bytes(params);
+        let attention = if native_cpu(self.o) {
+            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+            self.flash_backward_bytes() + n * (self.qd() + self.kvd()) * (1 + norm) * dt
+        } else if self.keeps_probabilities() {
+            5 * n * self.qd() * dt + 3 * self.probability_bytes()
+        } else {
+            6 * n * self.qd() * dt + self.attention_blocks(4)
+        };
+        2 * n * h * dt + mlp.max(attention) + self.dequantized_bytes(params)
+    }
+
     /// Bytes a decoder layer keeps for the backward pass.
     fn layer_saved_bytes(&self, layer: usize, adapted: &[bool; 7]) -> u64 {
         let probs = if self.keeps_probabilities() {
@@ -541,6 +664,9 @@ impl Step<'_> {
     /// blocks) or in the MLP (residual, norm output, gate, up and the up projection's three
     /// temporaries).
     fn forward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
+        if stacked(self.o) {
+            return self.stack_forward_bytes(params);
+        }
         if native_cpu(self.o) {
             return self.native_forward_temporaries() + self.dequantized_bytes(params);
         }
@@ -618,6 +744,9 @@ impl Step<'_> {
     /// concatenations (≈ 6 × q width per row) plus 4 probability blocks of 256 query rows, or 3
     /// full probability-sized tensors when they are kept.
     fn backward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
+        if stacked(self.o) {
+            return self.stack_backward_bytes(params);
+        }
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (mlp, attention) = if selective(self.o) {
@@ -721,12 +850,24 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
     let top = step.top_level_bytes();
     let hidden_bytes = step.n * c.hidden_size as u64 * dt;
     let saved = if options.gradient_checkpointing {
-        // Each layer keeps only its input; one layer is recomputed (with all it saves) at a time.
-        c.num_hidden_layers as u64 * hidden_bytes + top
+        // Each layer keeps only its input (offloaded: only the first, the op's graph input, stays
+        // on the device); one layer is recomputed at a time.
+        let inputs = if step.offloads_inputs() {
+            1
+        } else {
+            c.num_hidden_layers as u64
+        };
+        inputs * hidden_bytes + top
     } else {
         layer_bytes.iter().sum::<u64>() + top
     };
-    let recomputed = if options.gradient_checkpointing {
+    let recomputed = if stacked(options) {
+        adapted
+            .iter()
+            .map(|a| step.stack_recomputed_bytes(a))
+            .max()
+            .unwrap_or(0)
+    } else if options.gradient_checkpointing {
         layer_bytes.iter().copied().max().unwrap_or(0)
     } else {
         0
@@ -802,7 +943,11 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
         peak,
         phases,
         params,
-        layer_activation_bytes: layer_bytes.first().copied().unwrap_or(0),
+        layer_activation_bytes: if stacked(options) {
+            recomputed
+        } else {
+            layer_bytes.first().copied().unwrap_or(0)
+        },
         attention_keeps_probabilities: step.keeps_probabilities(),
     })
 }
@@ -1165,6 +1310,79 @@ mod tests {
         assert!(blocked.total() < kept.total());
     }
 
+    /// Gradient checkpointing over a frozen base runs the decoder stack as one op: on a GPU with
+    /// `--offload-activations` the layer inputs leave the device, and smaller MLP chunks shrink
+    /// the backward's workspace but not what is saved; full fine-tuning keeps the per-layer
+    /// recomputation (the offload flag does not apply to it).
+    #[test]
+    fn plan_checkpointed_stack_offloads_inputs_and_chunks_the_mlp() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs/llama-3.1-8b.json");
+        let c = ModelConfig::from_file(&path).unwrap();
+        let o = |t: usize, gc: bool, offload: bool, chunk_rows: usize| PlanOptions {
+            lora_r: 32,
+            gradient_checkpointing: gc,
+            offload_activations: offload,
+            checkpoint_chunk_rows: chunk_rows,
+            dtype: DType::BF16,
+            device: PlanDevice::Cuda,
+            baseline_bytes: CUDA_BASELINE_BYTES,
+            ..PlanOptions::new(Method::Qlora, t)
+        };
+        let t = 16384;
+        let (gc, offloaded) = (
+            plan(&c, &o(t, true, false, 0)).unwrap(),
+            plan(&c, &o(t, true, true, 0)).unwrap(),
+        );
+        let inputs = 31 * t as u64 * 4096 * 2;
+        let phase = |p: &MemoryPlan, ph: Phase| p.phases.iter().find(|(x, _)| *x == ph).unwrap().1;
+        // 31 of the 32 layer inputs (all but the op's own graph input) move to the host; the
+        // rebuilt layer holds its input copied back.
+        let (a, b) = (phase(&gc, Phase::Loss), phase(&offloaded, Phase::Loss));
+        assert_eq!(a.activations - b.activations, inputs);
+        let (a, b) = (
+            phase(&gc, Phase::Backward),
+            phase(&offloaded, Phase::Backward),
+        );
+        assert_eq!(a.activations - b.activations, inputs - t as u64 * 4096 * 2);
+        // The default chunk of a 14336-wide MLP is 1152 rows; 128-row chunks leave the saved
+        // tensors alone and shrink the MLP backward's workspace.
+        assert_eq!(crate::model::selective::mlp_chunk_rows(14336), 1152);
+        let small = plan(&c, &o(t, true, false, 128)).unwrap();
+        let explicit = plan(&c, &o(t, true, false, 1152)).unwrap();
+        assert_eq!(explicit.total(), gc.total());
+        assert_eq!(
+            phase(&small, Phase::Backward).activations,
+            phase(&gc, Phase::Backward).activations
+        );
+        assert!(phase(&small, Phase::Backward).workspace <= phase(&gc, Phase::Backward).workspace);
+        // One chunk of all rows costs more than 1152-row chunks at this length.
+        let whole = plan(&c, &o(t, true, false, t)).unwrap();
+        assert!(phase(&whole, Phase::Backward).workspace > phase(&gc, Phase::Backward).workspace);
+        // Longer fits with each: none < checkpointing < checkpointing with offloading.
+        let budget = 16 << 30;
+        let longest = |gc, offload| {
+            largest_max_length(&c, &o(1, gc, offload, 0), budget)
+                .unwrap()
+                .unwrap()
+        };
+        let (none, ckpt, off) = (
+            longest(false, false),
+            longest(true, false),
+            longest(true, true),
+        );
+        assert!(none < ckpt && ckpt < off, "{none} {ckpt} {off}");
+        // Full fine-tuning recomputes layer by layer: offloading changes nothing there.
+        let full = |offload| PlanOptions {
+            method: Method::Full,
+            ..o(2048, true, offload, 0)
+        };
+        assert_eq!(
+            plan(&c, &full(true)).unwrap().total(),
+            plan(&c, &full(false)).unwrap().total()
+        );
+    }
+
     #[test]
     fn plan_largest_max_length_is_the_boundary() {
         let c = smollm2_135m();
@@ -1212,13 +1430,15 @@ mod tests {
     }
 
     /// Peak RSS (VmHWM) measured on the 2-core CPU machine with selective checkpointing (after
-    /// commit 4cd4007; each LoRA/QLoRA decoder layer one op) with `cargo run
+    /// commit 4cd4007; each LoRA/QLoRA decoder layer one op; the gradient-checkpointing rows again
+    /// with the checkpointed stack, `model/selective.rs`) with `cargo run
     /// --release --example bench_lora_step -- DIR T STEPS R MODE` on random f32 models written by
     /// `scripts/bench_peft.py --make-model DIR --shape 135m|360m|1.7b`: batch 1, LoRA all-linear,
     /// no dropout, 2 steps (1 for 1.7B); the example's baseline (no tokenizer) is 9 MiB. A single
     /// step does not yet hold AdamW's moments twice (see `plan`), so those runs are compared with
-    /// the plan less 8 bytes per LoRA parameter. benches/README.md, "Memory planner", has the table
-    /// and the commands.
+    /// the plan less 8 bytes per LoRA parameter. The chunked rows set `CHUNK_ROWS` (rows per MLP
+    /// chunk; the automatic size is one chunk at these lengths). benches/README.md, "Memory
+    /// planner", has the table and the commands.
     #[test]
     fn plan_matches_measured_peaks_within_ten_percent() {
         let measured = [
@@ -1227,37 +1447,49 @@ mod tests {
             (SMOLLM2_135M, 682, 16, Method::Lora, false, 2, 1135.3),
             (SMOLLM2_135M, 683, 16, Method::Lora, false, 2, 1134.7),
             (SMOLLM2_135M, 2048, 16, Method::Lora, false, 2, 2078.6),
-            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 885.9),
+            (SMOLLM2_135M, 2048, 16, Method::Lora, true, 2, 863.8),
             (SMOLLM2_135M, 2048, 16, Method::Qlora, false, 2, 1716.6),
-            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 539.6),
+            (SMOLLM2_135M, 2048, 16, Method::Qlora, true, 2, 529.5),
             (SMOLLM2_360M, 512, 16, Method::Lora, false, 2, 2240.3),
             (SMOLLM2_360M, 512, 16, Method::Qlora, false, 2, 1196.1),
             (SMOLLM2_360M, 1024, 64, Method::Qlora, false, 2, 2304.3),
-            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 2025.8),
+            (SMOLLM2_360M, 2048, 16, Method::Lora, true, 2, 1985.3),
             (SMOLLM2_1_7B, 256, 16, Method::Lora, false, 1, 7581.7),
             (SMOLLM2_1_7B, 256, 16, Method::Qlora, false, 1, 2293.3),
-            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2050.7),
+            (SMOLLM2_1_7B, 1024, 16, Method::Qlora, true, 1, 2097.5),
+            (SMOLLM2_135M, 4096, 16, Method::Lora, true, 2, 1119.1),
+        ];
+        // Gradient checkpointing with the MLP in chunks of `CHUNK_ROWS` rows.
+        let chunked = [
+            (SMOLLM2_135M, 2048, Method::Lora, 2, 256, 841.6),
+            (SMOLLM2_135M, 2048, Method::Qlora, 2, 256, 513.7),
+            (SMOLLM2_135M, 4096, Method::Lora, 2, 512, 1042.1),
+            (SMOLLM2_360M, 2048, Method::Lora, 2, 256, 1917.7),
+            (SMOLLM2_1_7B, 1024, Method::Qlora, 1, 256, 2078.5),
         ];
         // Batch > 1 with LoRA dropout 0.05 (bench_lora_step's BATCH and LORA_DROPOUT, 4d1dd61).
         let batched = [
             (SMOLLM2_135M, 512, 2, Method::Lora, 1373.6),
             (SMOLLM2_135M, 256, 4, Method::Qlora, 1034.3),
         ];
-        let cases =
-            measured
-                .iter()
-                .map(|&(shape, t, r, method, gc, steps, mib)| {
-                    (shape, t, r, 1, 0.0, method, gc, steps, mib)
-                })
-                .chain(batched.iter().map(|&(shape, t, b, method, mib)| {
-                    (shape, t, 16, b, 0.05, method, false, 2, mib)
-                }));
-        for (shape, t, r, batch, dropout, method, gc, steps, mib) in cases {
+        let cases = measured
+            .iter()
+            .map(|&(shape, t, r, method, gc, steps, mib)| {
+                (shape, t, r, 1, 0.0, method, gc, 0, steps, mib)
+            })
+            .chain(batched.iter().map(|&(shape, t, b, method, mib)| {
+                (shape, t, 16, b, 0.05, method, false, 0, 2, mib)
+            }))
+            .chain(chunked.iter().map(|&(shape, t, method, steps, rows, mib)| {
+                (shape, t, 16, 1, 0.0, method, true, rows, steps, mib)
+            }));
+        for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib) in cases {
             let o = PlanOptions {
                 lora_r: r,
                 batch_size: batch,
                 lora_dropout: dropout,
                 gradient_checkpointing: gc,
+                checkpoint_chunk_rows: chunk_rows,
                 baseline_bytes: 9 * MIB,
                 ..PlanOptions::new(method, t)
             };
@@ -1267,7 +1499,7 @@ mod tests {
             let error = (predicted - mib) / mib;
             assert!(
                 error.abs() < 0.10,
-                "{shape:?} T={t} r={r} B={batch} p={dropout} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
+                "{shape:?} T={t} r={r} B={batch} p={dropout} {method:?} gc={gc} chunks of {chunk_rows}: predicted {predicted:.0} MiB, measured {mib}"
             );
         }
     }
