@@ -15,6 +15,10 @@
 //! `--offload-activations` (any device) it runs candle's kernels instead: the saved tensors move
 //! to host memory after the forward and back, one layer at a time, in the backward, and attention
 //! is recomputed from the saved q, k and v on its own graph.
+//!
+//! With gradient checkpointing the same code serves [`checkpointed_stack`]: the whole decoder
+//! stack is one op that keeps only the layer inputs and, in the backward, rebuilds each layer from
+//! its input and differentiates it at once, the MLP by chunks of rows.
 
 use super::layers::{DecoderLayer, ForwardContext, Linear, Norm};
 use crate::lora::layer::LoraLayer;
@@ -112,10 +116,11 @@ pub(crate) fn forward(
 /// frozen base, any device): the forward keeps only each layer's input — in host memory with
 /// `offload` on an accelerator — and the backward rebuilds one layer at a time from its input,
 /// last layer first ([`LayerPlan::recompute_backward`]); `offload` also runs candle's kernels, as
-/// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in chunks of
-/// `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's activations nor
-/// its gradients ever exist for all rows at once; the recomputation skips the down projection's
-/// frozen product, whose output the backward never reads. LoRA gradients are parked.
+/// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in
+/// chunks of `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's
+/// activations nor its gradients ever exist for all rows at once; the recomputation skips the
+/// down projection's frozen product, whose output the backward never reads. LoRA gradients are
+/// parked.
 ///
 /// x `[b, t, hidden]` -> `[b, t, hidden]`, one [`ForwardContext`] per layer.
 pub(crate) fn checkpointed_stack(
