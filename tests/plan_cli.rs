@@ -194,3 +194,48 @@ fn plan_refuses_missing_configs_and_conflicting_methods() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--full") || err.contains("--qlora"), "{err}");
 }
+
+/// `--offload-activations` is planned with gradient checkpointing on a GPU: the layer inputs (but
+/// the first) leave the device, so a longer length fits; without checkpointing the flag is refused
+/// with a message that says what to add.
+#[test]
+fn plan_offloads_layer_inputs_with_checkpointing_only() {
+    let base = [
+        "--model",
+        "tests/fixtures/configs/llama-3.1-8b.json",
+        "--qlora",
+        "--lora-r",
+        "32",
+        "--per-device-train-batch-size",
+        "1",
+        "--device",
+        "cuda",
+        "--gradient-checkpointing",
+        "--max-length",
+        "8192",
+    ];
+    let kept = plan_json(&base);
+    let offloaded = plan_json(&[&base[..], &["--offload-activations"]].concat());
+    assert_eq!(offloaded["offload_activations"], true);
+    // 31 layer inputs of 8192 × 4096 bf16 values (64 MiB each) leave the loss phase.
+    let inputs = 31.0 * 64.0;
+    let loss = |v: &Value| mib(&v["phases"]["loss"], "activations_mib");
+    assert!((loss(&kept) - loss(&offloaded) - inputs).abs() < 0.5);
+    let longest = |v: &[&str]| {
+        plan_json(&[v, &["--budget-gib", "16"]].concat())["largest_max_length"]
+            .as_u64()
+            .unwrap()
+    };
+    let offloaded_args = [&base[..], &["--offload-activations"]].concat();
+    assert!(longest(&offloaded_args) > longest(&base));
+    let out = plan(&[
+        "--model",
+        "tests/fixtures/configs/llama-3.1-8b.json",
+        "--device",
+        "cuda",
+        "--offload-activations",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gradient-checkpointing"), "{err}");
+}
