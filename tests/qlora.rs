@@ -84,20 +84,26 @@ fn a_qlora_step_matches_peft_over_bitsandbytes() {
     let step = tensors(&dir.join("step.safetensors"));
     let mut loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &Device::Cpu).unwrap();
     load_adapter(&mut loaded.model, &dir.join("adapter")).unwrap();
-    let model = loaded.model;
+    let mut model = loaded.model;
     let ids = input_ids(&step);
     let err = rel_err(&model.forward(&ids).unwrap(), &step["logits"]);
     assert!(err < 1e-5, "logits differ from PEFT's by {err}");
     let mask = mask_of(&step["labels"]);
     let ones = mask.ones_like().unwrap();
-    let out = model.loss(&ids, &mask, &ones, None).unwrap();
-    let loss = (&out.loss_sum / out.loss_tokens).unwrap();
-    let err = rel_err(&loss, &step["loss"]);
-    assert!(err < 1e-5, "loss differs from PEFT's by {err}");
-    let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
-    let trainable = model.trainable();
-    assert_eq!(trainable.len(), 28);
-    assert_peft_gradients(&step, &grads, &trainable, 1e-4);
+    // As trained by default, and with gradient checkpointing (the checkpointed stack), its MLP
+    // whole and by chunks of 3 rows (the quantized MLP weights then dequantized once per pass).
+    for (checkpointing, chunk_rows) in [(false, 0), (true, 0), (true, 3)] {
+        model.gradient_checkpointing = checkpointing;
+        model.checkpoint_chunk_rows = chunk_rows;
+        let out = model.loss(&ids, &mask, &ones, None).unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        let err = rel_err(&loss, &step["loss"]);
+        assert!(err < 1e-5, "loss differs from PEFT's by {err}");
+        let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
+        let trainable = model.trainable();
+        assert_eq!(trainable.len(), 28);
+        assert_peft_gradients(&step, &grads, &trainable, 1e-4);
+    }
 }
 
 /// `tests/fixtures/qlora/gguf/model-<file>.gguf` with the tiny llama's tokenizer.
