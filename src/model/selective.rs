@@ -540,8 +540,7 @@ impl LayerPlan {
     /// x: [n, hidden] -> (the output's elements, what the backward keeps)
     fn forward(&self, x: &Tensor) -> Result<(Output, Saved)> {
         let attention = self.attention_forward(x)?;
-        let (down, mlp) = self.mlp_forward(&self.projs[GATE..], &attention.resid, 0, true)?;
-        let down = down.ok_or_else(|| candle_core::Error::Msg("no MLP output".into()))?;
+        let (down, mlp) = self.mlp_forward(&self.projs[GATE..], &attention.resid, 0)?;
         let out = sum(&attention.resid, &down)?;
         let saved = Saved { attention, mlp };
         let saved = if self.offload {
@@ -560,8 +559,7 @@ impl LayerPlan {
         let mut outs = Vec::new();
         for (first, rows) in self.chunks(n) {
             let r = resid.narrow(0, first, rows)?;
-            let (down, _) = self.mlp_forward(&mlp, &r, first, true)?;
-            let down = down.ok_or_else(|| candle_core::Error::Msg("no MLP output".into()))?;
+            let (down, _) = self.mlp_forward(&mlp, &r, first)?;
             outs.push(sum(&r, &down)?.into_tensor()?);
         }
         concat_rows(outs)
@@ -578,9 +576,11 @@ impl LayerPlan {
         let mut grads = Vec::new();
         for (first, rows) in self.chunks(n) {
             let r = attention.resid.narrow(0, first, rows)?;
-            let (_, saved) = self.mlp_forward(&mlp, &r, first, false)?;
+            // The down projection's frozen product is skipped: only its LoRA hidden is needed.
+            let (act, mut saved) = self.mlp_activation(&mlp, &r, first)?;
+            saved.hidden.push(mlp[2].hidden(&act, first, self.key)?);
             let g = g.narrow(0, first, rows)?;
-            grads.push(self.mlp_backward(&mlp, &saved, &r, &g, first)?);
+            grads.push(self.mlp_backward(&mlp, &saved, Some(act), &r, &g, first)?);
         }
         let grad_resid = concat_rows(grads)?;
         self.attention_half_backward(&attention, x, &grad_resid, needs_x)
@@ -621,29 +621,36 @@ impl LayerPlan {
     }
 
     /// The MLP (`mlp`: gate, up and down, see [`Self::mlp_projections`]) on rows `first..` of
-    /// the residual stream, `resid: [rows, hidden]`: the down projection's output when `output`
-    /// (else only its LoRA hidden) and what the backward keeps.
+    /// the residual stream, `resid: [rows, hidden]`: the down projection's output and what the
+    /// backward keeps.
     fn mlp_forward(
         &self,
         mlp: &[Proj],
         resid: &Tensor,
         first: usize,
-        output: bool,
-    ) -> Result<(Option<Tensor>, MlpSaved)> {
+    ) -> Result<(Tensor, MlpSaved)> {
+        let (act, mut saved) = self.mlp_activation(mlp, resid, first)?;
+        let (down, down_hidden) = mlp[2].forward(&act, first, self.key)?;
+        saved.hidden.push(down_hidden);
+        Ok((down, saved))
+    }
+
+    /// The MLP up to the down projection's input, the SwiGLU product `[rows, intermediate]`,
+    /// with gate and up and their LoRA hiddens (the down projection's still to come).
+    fn mlp_activation(
+        &self,
+        mlp: &[Proj],
+        resid: &Tensor,
+        first: usize,
+    ) -> Result<(Tensor, MlpSaved)> {
         let key = self.key;
         let normed = self.post_norm.forward(resid)?;
         let (gate, gate_hidden) = mlp[0].forward(&normed, first, key)?;
         let (up, up_hidden) = mlp[1].forward(&normed, first, key)?;
         drop(normed);
         let act = swiglu_forward(&gate, &up)?.into_tensor()?;
-        let (down, down_hidden) = if output {
-            let (y, h) = mlp[2].forward(&act, first, key)?;
-            (Some(y), h)
-        } else {
-            (None, mlp[2].hidden(&act, first, key)?)
-        };
-        let hidden = vec![gate_hidden, up_hidden, down_hidden];
-        Ok((down, MlpSaved { gate, up, hidden }))
+        let hidden = vec![gate_hidden, up_hidden];
+        Ok((act, MlpSaved { gate, up, hidden }))
     }
 
     /// Attention over rotated q `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]`: the flash
@@ -727,18 +734,23 @@ impl LayerPlan {
 
     /// The gradient of the MLP's input rows `first..` (`resid: [rows, hidden]`, the residual
     /// stream) for the layer output's gradient `g` on those rows (`mlp` as [`Self::mlp_forward`]
-    /// reads it); the MLP's LoRA gradients parked.
+    /// reads it; `act`, the SwiGLU product, when the caller has it, else rebuilt from gate and
+    /// up); the MLP's LoRA gradients parked.
     fn mlp_backward(
         &self,
         mlp: &[Proj],
         m: &MlpSaved,
+        act: Option<Tensor>,
         resid: &Tensor,
         g: &Tensor,
         first: usize,
     ) -> Result<Tensor> {
         let key = self.key;
         let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
-        let act = swiglu_forward(&m.gate, &m.up)?.into_tensor()?;
+        let act = match act {
+            Some(act) => act,
+            None => swiglu_forward(&m.gate, &m.up)?.into_tensor()?,
+        };
         let down = [Back::new(&mlp[2], g, &m.hidden[2])];
         let grad_act = backward_projections(&down, &act, first, key, true)?
             .ok_or_else(|| missing("the MLP"))?;
@@ -805,7 +817,7 @@ impl LayerPlan {
     /// `needs_x`); every LoRA gradient is parked.
     fn backward(&self, s: &Saved, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
         let grad_resid =
-            self.mlp_backward(&self.projs[GATE..], &s.mlp, &s.attention.resid, g, 0)?;
+            self.mlp_backward(&self.projs[GATE..], &s.mlp, None, &s.attention.resid, g, 0)?;
         self.attention_half_backward(&s.attention, x, &grad_resid, needs_x)
     }
 }

@@ -528,32 +528,72 @@ impl Step<'_> {
     }
 
     /// Forward temporaries of one layer of the checkpointed stack (nothing is kept but its
-    /// output): the attention half's live set (as [`Self::native_forward_temporaries`] or the
-    /// candle-op kernels' count), or the MLP's — the residual stream, the output chunks and their
-    /// concatenation (3 × hidden per row) plus one chunk's norm output, gate, up, SwiGLU product
-    /// and down output (the candle-op projections add their base and LoRA outputs: 2 × hidden +
-    /// 5 × intermediate per chunk row) and QLoRA's dequantized MLP weights.
+    /// output): the attention half's live set ([`Self::graphless_attention_bytes`]), or the
+    /// MLP's — the residual stream, the output chunks and their concatenation (3 × hidden per
+    /// row) plus one chunk's norm output, gate, up, SwiGLU product and down output (the candle-op
+    /// projections add their base and LoRA outputs: 2 × hidden + 5 × intermediate per chunk row)
+    /// and QLoRA's dequantized MLP weights.
     fn stack_forward_bytes(&self, params: &ParamCounts) -> u64 {
+        let (h, i) = (self.c.hidden_size as u64, self.c.intermediate_size as u64);
+        let chunk_elements = if native_cpu(self.o) {
+            2 * h + 3 * i
+        } else {
+            2 * h + 5 * i
+        };
+        let mlp = (3 * self.n * h + self.chunk_rows() * chunk_elements) * self.dt
+            + self.dense_mlp_bytes(params);
+        self.graphless_attention_bytes().max(mlp) + self.dequantized_bytes(params)
+    }
+
+    /// The attention live set of a layer run without a graph (gradient checkpointing's forward).
+    /// Native kernels, per row: norm output, q and k heads-first and rotated, v heads-first, the
+    /// output, its log-sum-exp and its reshape for o_proj, the o-projection's output. Candle-op
+    /// kernels: norm output, q/k/v heads-first and rotated, repeated k/v, the output, plus the
+    /// kernel's probabilities or blocks ([`Self::candle_attention_kernel_bytes`]).
+    fn graphless_attention_bytes(&self) -> u64 {
         let c = self.c;
-        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let h = c.hidden_size as u64;
         let (n, qd, kvd, dt) = (self.n, self.qd(), self.kvd(), self.dt);
         let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
-        let chunk = self.chunk_rows();
-        let (attention, chunk_elements) = if native_cpu(self.o) {
-            let e = 2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads();
-            (n * e * dt, 2 * h + 3 * i)
+        if native_cpu(self.o) {
+            return n * (2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads()) * dt;
+        }
+        let grouped = u64::from(c.kv_heads() != c.num_attention_heads);
+        let heads = h + qd * (2 + norm) + kvd * (3 + norm) + 2 * grouped * qd + qd;
+        let kept = if self.keeps_probabilities() {
+            self.probability_bytes()
         } else {
-            let grouped = u64::from(c.kv_heads() != c.num_attention_heads);
-            let heads = h + qd * (2 + norm) + kvd * (3 + norm) + 2 * grouped * qd + qd;
-            let kernel = if self.keeps_probabilities() {
-                4 * self.probability_bytes() + (self.o.max_length as u64).pow(2) * dt
-            } else {
-                2 * n * qd * dt + self.attention_blocks(3)
-            };
-            (n * heads * dt + kernel, 2 * h + 5 * i)
+            n * qd * dt
         };
-        let mlp = (3 * n * h + chunk * chunk_elements) * dt + self.dense_mlp_bytes(params);
-        attention.max(mlp) + self.dequantized_bytes(params)
+        n * heads * dt + kept + self.candle_attention_kernel_bytes()
+    }
+
+    /// The candle-op attention kernel's transient buffers: the reference kernel's scores, scaled
+    /// and masked, and the mask (3 probability-sized tensors plus `[t, t]`), or the blocked
+    /// kernel's per-block outputs and 3 score blocks.
+    fn candle_attention_kernel_bytes(&self) -> u64 {
+        let t = self.o.max_length as u64;
+        if self.keeps_probabilities() {
+            3 * self.probability_bytes() + t * t * self.dt
+        } else {
+            self.n * self.qd() * self.dt + self.attention_blocks(3)
+        }
+    }
+
+    /// Temporaries of the attention backward: the one-op layer's flash backward with q and k
+    /// rotated again (native kernels), or the candle-op kernels' — the output gradient made
+    /// contiguous, dQ/dK/dV and their concatenations (≈ 6 × q width per row) plus 4 probability
+    /// blocks, or 3 full probability-sized tensors when they are kept.
+    fn attention_backward_bytes(&self) -> u64 {
+        let (n, qd, dt) = (self.n, self.qd(), self.dt);
+        if native_cpu(self.o) {
+            let norm = u64::from(matches!(self.c.family(), Ok(Family::Qwen3)));
+            self.flash_backward_bytes() + n * (qd + self.kvd()) * (1 + norm) * dt
+        } else if self.keeps_probabilities() {
+            5 * n * qd * dt + 3 * self.probability_bytes()
+        } else {
+            6 * n * qd * dt + self.attention_blocks(4)
+        }
     }
 
     /// Backward temporaries of one layer of the checkpointed stack beyond
@@ -563,7 +603,7 @@ impl Step<'_> {
     /// norm output and its gradient (5 × intermediate + 2 × hidden per chunk row; the candle-op
     /// SwiGLU backward holds 4 × intermediate more; a dropout mask and masked input 2 ×
     /// intermediate; QLoRA's dequantized MLP weights) — or the attention backward
-    /// ([`Self::backward_workspace_bytes`]'s), and a dequantized weight when the base is quantized.
+    /// ([`Self::attention_backward_bytes`]), and a dequantized weight when the base is quantized.
     fn stack_backward_bytes(&self, params: &ParamCounts) -> u64 {
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
@@ -576,15 +616,7 @@ impl Step<'_> {
             chunk_elements += 2 * i;
         }
         let mlp = self.chunk_rows() * chunk_elements * dt + self.dense_mlp_bytes(params);
-        let attention = if native_cpu(self.o) {
-            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
-            self.flash_backward_bytes() + n * (self.qd() + self.kvd()) * (1 + norm) * dt
-        } else if self.keeps_probabilities() {
-            5 * n * self.qd() * dt + 3 * self.probability_bytes()
-        } else {
-            6 * n * self.qd() * dt + self.attention_blocks(4)
-        };
-        2 * n * h * dt + mlp.max(attention) + self.dequantized_bytes(params)
+        2 * n * h * dt + mlp.max(self.attention_backward_bytes()) + self.dequantized_bytes(params)
     }
 
     /// Bytes a decoder layer keeps for the backward pass.
@@ -670,29 +702,13 @@ impl Step<'_> {
         if native_cpu(self.o) {
             return self.native_forward_temporaries() + self.dequantized_bytes(params);
         }
-        let c = self.c;
-        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-        let (n, qd, kvd, dt) = (self.n, self.qd(), self.kvd(), self.dt);
-        let t = self.o.max_length as u64;
-        let kernel = if self.keeps_probabilities() {
-            3 * self.probability_bytes() + t * t * dt
-        } else {
-            n * qd * dt + self.attention_blocks(3)
-        };
+        let (h, i) = (self.c.hidden_size as u64, self.c.intermediate_size as u64);
+        let (n, dt) = (self.n, self.dt);
         let ws = if self.o.gradient_checkpointing {
-            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
-            let grouped = u64::from(c.kv_heads() != c.num_attention_heads);
-            let heads = h + qd * (2 + norm) + kvd * (3 + norm) + 2 * grouped * qd + qd;
-            let kept = if self.keeps_probabilities() {
-                self.probability_bytes()
-            } else {
-                n * qd * dt
-            };
-            let attention = n * heads * dt + kept + kernel;
             let mlp = n * (2 * h + 5 * i) * dt;
-            attention.max(mlp)
+            self.graphless_attention_bytes().max(mlp)
         } else {
-            (3 * n * i * dt).max(kernel)
+            (3 * n * i * dt).max(self.candle_attention_kernel_bytes())
         };
         ws + self.dequantized_bytes(params)
     }
@@ -717,9 +733,8 @@ impl Step<'_> {
             let attention = (qd + kvd) * (1 + norm);
             return self.n * attention.max(i + h) * self.dt;
         }
-        let attention = 2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads();
         let mlp = 3 * h + 3 * i;
-        self.n * attention.max(mlp) * self.dt
+        self.graphless_attention_bytes().max(self.n * mlp * self.dt)
     }
 
     /// Temporaries of the attention backward with the CPU flash kernel: the o-projection's input
@@ -752,24 +767,11 @@ impl Step<'_> {
         let (mlp, attention) = if selective(self.o) {
             // The one-op layer writes the SwiGLU gradients itself (no zeros + sum): the product's
             // gradient and the two it writes; attention rebuilds rotated q and k for the kernel.
-            let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
-            let rotated = (self.qd() + self.kvd()) * (1 + norm);
-            (
-                3 * self.n * i * self.dt,
-                self.flash_backward_bytes() + self.n * rotated * self.dt,
-            )
+            (3 * self.n * i * self.dt, self.attention_backward_bytes())
         } else if native_cpu(self.o) {
             (6 * self.n * i * self.dt, self.flash_backward_bytes())
-        } else if self.keeps_probabilities() {
-            (
-                7 * self.n * i * self.dt,
-                5 * self.n * self.qd() * self.dt + 3 * self.probability_bytes(),
-            )
         } else {
-            (
-                7 * self.n * i * self.dt,
-                6 * self.n * self.qd() * self.dt + self.attention_blocks(4),
-            )
+            (7 * self.n * i * self.dt, self.attention_backward_bytes())
         };
         let mut ws = mlp.max(attention) + 2 * self.n * h * self.dt;
         ws += self.dequantized_bytes(params);
