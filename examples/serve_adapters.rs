@@ -18,8 +18,9 @@
 
 use anyhow::Context;
 use clap::{value_parser, Arg, ArgAction, Command};
+use peft_sft::device::select_device;
 use peft_sft::generate::GenerateOptions;
-use peft_sft::model::{select_device, LoadOptions};
+use peft_sft::model::LoadOptions;
 use peft_sft::quant::QuantScheme;
 use peft_sft::serve::{AdapterServer, Prompt, ServeError};
 use serde::Deserialize;

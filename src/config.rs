@@ -130,6 +130,10 @@ pub struct SftConfig {
     pub packing: bool,
     /// Recompute activations in the backward pass.
     pub gradient_checkpointing: bool,
+    /// bf16 mixed precision (TRL's `bf16`): the frozen base and the activations in bf16, LoRA
+    /// weights, their gradients and AdamW state in f32. `false`: f32 throughout. None: f32 on the
+    /// CPU, the checkpoint's dtype on a GPU.
+    pub bf16: Option<bool>,
     /// Keep each decoder layer's saved activations in host memory until its backward (LoRA and
     /// QLoRA on an accelerator; on the CPU they are there already).
     pub offload_activations: bool,
@@ -215,6 +219,7 @@ impl Default for SftConfig {
             assistant_only_loss: false,
             packing: false,
             gradient_checkpointing: false,
+            bf16: None,
             offload_activations: false,
             lora_r: 16,
             lora_alpha: 32.0,
@@ -403,6 +408,13 @@ impl SftConfig {
             trainable: self.mode == Mode::Full,
             quantize: self.quantization()?,
             tokenizer: self.tokenizer_name_or_path.as_ref().map(Into::into),
+            dtype: self.bf16.map(|on| {
+                if on {
+                    candle_core::DType::BF16
+                } else {
+                    candle_core::DType::F32
+                }
+            }),
         })
     }
 

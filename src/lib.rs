@@ -28,7 +28,8 @@
 //! ```
 //! use peft_sft::generate::{generate, GenerateOptions};
 //! use peft_sft::lora::{inject, load_adapter, merge_and_unload, save_adapter, LoraConfig};
-//! use peft_sft::model::{load_pretrained, select_device};
+//! use peft_sft::device::select_device;
+//! use peft_sft::model::load_pretrained;
 //!
 //! let device = select_device("cpu")?;
 //! let mut base = load_pretrained("tests/fixtures/models/qwen2", false, &device)?;
@@ -51,6 +52,7 @@ pub mod alloc;
 pub mod card;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod hub;

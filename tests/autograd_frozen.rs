@@ -2,7 +2,7 @@
 //! the LoRA pairs for LoRA, every weight for full fine-tuning, and never a frozen weight.
 
 mod common;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use peft_sft::lora::{inject, LoraConfig, TargetModules};
 use std::collections::HashSet;
@@ -13,10 +13,10 @@ fn batch() -> (Tensor, Tensor, Tensor) {
             [1u32, 5, 9, 13, 17, 21, 25, 29],
             [2, 4, 6, 8, 10, 12, 14, 16],
         ],
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
-    let ones = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let ones = Tensor::ones((2, 8), candle_core::DType::F32, &device()).unwrap();
     (ids, ones.clone(), ones)
 }
 

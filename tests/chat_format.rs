@@ -126,11 +126,7 @@ fn train_with_chatml_setup_saves_rows_peft_loads_and_merge_keeps_them() {
     // Reloaded on the base: the adapter's logits; merged: the same logits, vocab 402, eos 401.
     let mut adapted = load_model(&base, false);
     load_adapter(&mut adapted, &out).unwrap();
-    let ids = Tensor::new(
-        &[[400u32, 85, 288, 199, 270, 401, 199, 400, 65]],
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let ids = Tensor::new(&[[400u32, 85, 288, 199, 270, 401, 199, 400, 65]], &device()).unwrap();
     let expected = adapted.forward(&ids).unwrap();
     let merged_dir = tmp.path().join("merged");
     let (ok, _, err) = run_cli(&[

@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::CausalLm;
@@ -17,7 +17,7 @@ fn ids() -> Tensor {
             [3u32, 17, 42, 99, 7, 250, 11, 5],
             [8, 1, 300, 44, 12, 9, 77, 2],
         ],
-        &Device::Cpu,
+        &device(),
     )
     .unwrap()
 }

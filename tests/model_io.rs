@@ -65,3 +65,38 @@ fn a_bad_recipe_key_names_the_file_and_line() {
         "{err}"
     );
 }
+
+/// Random weights (the GPU benchmarks' 8B models without files) load every tensor a config
+/// implies, dense or quantized as it loads, and give finite logits; they really are random.
+#[test]
+fn random_weights_load_any_config_dense_or_quantized() {
+    use peft_sft::model::weights::Weights;
+    use peft_sft::model::{CausalLm, ModelConfig};
+    use peft_sft::quant::QuantScheme;
+    for name in ["llama", "qwen2", "qwen3"] {
+        let config =
+            ModelConfig::from_file(&fixture(&format!("models/{name}/config.json"))).unwrap();
+        let vocab = config.vocab_size;
+        let weights = Weights::random(0.02, &Device::Cpu);
+        for quantize in [None, Some(QuantScheme::qlora())] {
+            let model = CausalLm::load_quantized(
+                config.clone(),
+                &weights,
+                false,
+                quantize,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let ids = Tensor::new(&[[1u32, 5, 9, 3]], &Device::Cpu).unwrap();
+            let logits = model.forward(&ids).unwrap();
+            assert_eq!(logits.dims(), [1, 4, vocab]);
+            let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "{name}");
+            assert!(
+                values.iter().any(|&v| v != values[0]),
+                "{name}: constant logits"
+            );
+        }
+    }
+}

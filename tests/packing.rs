@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use common::*;
 use peft_sft::data::{collate, pack_bfd, Example};
 
@@ -30,7 +30,7 @@ fn packed_documents_see_only_themselves() {
         let rows = pack_bfd(&docs, 20);
         assert!(rows.len() < docs.len(), "{name}: nothing was packed");
         let refs: Vec<&Example> = rows.iter().collect();
-        let batch = collate(&refs, 0, &Device::Cpu).unwrap();
+        let batch = collate(&refs, 0, &device()).unwrap();
         let hidden = model
             .forward_hidden(
                 &batch.input_ids,
@@ -48,12 +48,7 @@ fn packed_documents_see_only_themselves() {
                 let offset: usize = row.seq_lengths[..k].iter().sum();
                 let ids = &row.input_ids[offset..offset + len];
                 let alone = model
-                    .forward(
-                        &Tensor::new(ids, &Device::Cpu)
-                            .unwrap()
-                            .unsqueeze(0)
-                            .unwrap(),
-                    )
+                    .forward(&Tensor::new(ids, &device()).unwrap().unsqueeze(0).unwrap())
                     .unwrap()
                     .i(0)
                     .unwrap();
@@ -71,7 +66,7 @@ fn packed_documents_see_only_themselves() {
         let mut expected = 0f64;
         let mut targets = 0;
         for d in &docs {
-            let b = collate(&[d], 0, &Device::Cpu).unwrap();
+            let b = collate(&[d], 0, &device()).unwrap();
             let o = model.batch_loss(&b, None).unwrap();
             expected += o
                 .loss_sum
@@ -158,7 +153,7 @@ fn a_packed_trl_batch_has_transformers_loss() {
         .map(|&l| if l == -100 { 0.0 } else { 1.0 })
         .collect();
     let n = mask.len();
-    let mask = Tensor::from_vec(mask, (1, n), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (1, n), &device()).unwrap();
     let ones = mask.ones_like().unwrap();
     let out = model
         .loss_with(&ids, &mask, &ones, &[positions], Some(&[documents]), None)

@@ -2,7 +2,7 @@
 //! and merge_and_unload's weights and logits.
 
 mod common;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use peft_sft::lora::{load_adapter, merge_and_unload};
 
@@ -10,7 +10,7 @@ use peft_sft::lora::{load_adapter, merge_and_unload};
 fn loss_mask(ids: &Tensor) -> Tensor {
     let (b, t) = ids.dims2().unwrap();
     let row: Vec<f32> = (0..t).map(|i| if i < 5 { 0.0 } else { 1.0 }).collect();
-    Tensor::from_vec(row.repeat(b), (b, t), &Device::Cpu).unwrap()
+    Tensor::from_vec(row.repeat(b), (b, t), &device()).unwrap()
 }
 
 fn check(name: &str) {

@@ -20,7 +20,7 @@ fn bnb_dir() -> std::path::PathBuf {
 
 #[test]
 fn a_bitsandbytes_4bit_checkpoint_loads_to_transformers_logits() {
-    let loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &Device::Cpu).unwrap();
+    let loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &device()).unwrap();
     let model = loaded.model;
     assert_eq!(
         model.quantized_modules().len(),
@@ -49,7 +49,7 @@ fn quantizing_the_full_model_at_load_writes_the_checkpoint_bytes() {
         false,
         Some(QuantScheme::qlora()),
         DType::F32,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     let stored = tensors(&bnb_dir().join("model.safetensors"));
@@ -82,7 +82,7 @@ fn mask_of(labels: &Tensor) -> Tensor {
 fn a_qlora_step_matches_peft_over_bitsandbytes() {
     let dir = fixture("qlora/qlora_step");
     let step = tensors(&dir.join("step.safetensors"));
-    let mut loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &Device::Cpu).unwrap();
+    let mut loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &device()).unwrap();
     load_adapter(&mut loaded.model, &dir.join("adapter")).unwrap();
     let mut model = loaded.model;
     let ids = input_ids(&step);
@@ -113,7 +113,7 @@ fn gguf_model(file: &str) -> CausalLm {
         ..LoadOptions::default()
     };
     let path = fixture(&format!("qlora/gguf/model-{file}.gguf"));
-    load_pretrained_with(path.to_str().unwrap(), options, &Device::Cpu)
+    load_pretrained_with(path.to_str().unwrap(), options, &device())
         .unwrap()
         .model
 }
@@ -140,7 +140,7 @@ fn gguf_files_load_to_the_logits_transformers_reads_from_them() {
 #[test]
 fn a_gguf_base_without_a_tokenizer_says_what_to_pass() {
     let path = fixture("qlora/gguf/model-q8_0.gguf");
-    let err = load_pretrained(path.to_str().unwrap(), false, &Device::Cpu)
+    let err = load_pretrained(path.to_str().unwrap(), false, &device())
         .err()
         .expect("no tokenizer.json next to the file")
         .to_string();
@@ -277,7 +277,7 @@ fn training_on_a_gguf_base_saves_an_adapter_with_hugging_face_names() {
     load_adapter(&mut hf, &out).unwrap();
     let mut gguf = gguf_model("f16");
     load_adapter(&mut gguf, &out).unwrap();
-    let ids = Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &device()).unwrap();
     let err = rel_err(&gguf.forward(&ids).unwrap(), &hf.forward(&ids).unwrap());
     assert!(err < 2e-2, "f16 GGUF + adapter vs HF + adapter: {err}");
 }
@@ -390,7 +390,7 @@ fn quantized_frozen_linears_compute_with_their_dequantized_weight() {
     use peft_sft::quant::QuantizedWeight;
     use std::sync::Arc;
 
-    let dev = Device::Cpu;
+    let dev = device();
     let w = Tensor::randn(0f32, 0.5, (32, 256), &dev).unwrap();
     let gguf = |dtype| QuantizedWeight {
         shape: (32, 256),

@@ -13,8 +13,9 @@ pub mod train;
 use clap::{value_parser, Arg, ArgAction, ArgMatches};
 use peft_sft::config::four_bit_scheme;
 use peft_sft::data::{ChatTokenizer, TokenizeOptions};
+use peft_sft::device::select_device;
 use peft_sft::lora::load_adapter;
-use peft_sft::model::{load_pretrained_with, select_device, LoadOptions, Pretrained};
+use peft_sft::model::{load_pretrained_with, LoadOptions, Pretrained};
 use peft_sft::quant::QuantScheme;
 use std::path::Path;
 
@@ -32,8 +33,10 @@ pub fn model_args(adapter_required: bool) -> [Arg; 7] {
             .help("PEFT adapter folder"),
         Arg::new("device")
             .long("device")
-            .default_value("cpu")
-            .help("cpu | cuda | cuda:N | auto"),
+            .default_value("auto")
+            .help(
+                "cpu | cuda | cuda:N | auto (a GPU when this is a CUDA build and one is present)",
+            ),
         Arg::new("tokenizer")
             .long("tokenizer")
             .help("Tokenizer folder (for a .gguf --model; default: the model's folder)"),
@@ -131,6 +134,7 @@ pub fn load_model(m: &ArgMatches) -> anyhow::Result<Pretrained> {
         trainable: false,
         quantize: quantization(m)?,
         tokenizer: m.get_one::<String>("tokenizer").map(Into::into),
+        dtype: None,
     };
     let mut loaded = load_pretrained_with(text(m, "model"), options, &device)?;
     if let Some(adapter) = m.get_one::<String>("adapter") {

@@ -187,6 +187,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "Recompute activations in backward [false]",
     ),
     (
+        "bf16",
+        Kind::Bool,
+        "bf16 mixed precision: base and activations in bf16, LoRA weights/gradients/AdamW in f32 [f32 on CPU, the checkpoint's dtype on GPU]",
+    ),
+    (
         "offload_activations",
         Kind::Bool,
         "Keep saved activations in host memory until the backward (LoRA/QLoRA on a GPU) [false]",
@@ -438,7 +443,7 @@ fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
             losses.len()
         );
     }
-    let device = peft_sft::model::select_device(&config.device)?;
+    let device = peft_sft::device::select_device(&config.device)?;
     let options = peft_sft::model::LoadOptions {
         trainable: false,
         ..config.load_options()?

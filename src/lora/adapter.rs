@@ -122,7 +122,7 @@ impl Adapter {
                 ),
             })?;
             let slot = pairs.entry(module.to_string()).or_default();
-            let t = t.to_dtype(model.dtype)?;
+            let t = t.to_dtype(crate::lora::layer::ADAPTER_DTYPE)?;
             if half == "lora_A" {
                 slot.0 = Some(t);
             } else {

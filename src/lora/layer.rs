@@ -3,6 +3,11 @@
 use crate::rng::{dropout_mask_from, hash_str, key, Rng};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+/// The dtype of every LoRA weight, its gradient and its optimizer state: float32 whatever the base's
+/// dtype, as PEFT keeps adapters over bf16/f16 bases (`autocast_adapter_dtype`). The products run
+/// in the input's dtype ([`LoraLayer::a_in`]): bf16 mixed precision (`--bf16`).
+pub const ADAPTER_DTYPE: DType = DType::F32;
+
 /// One adapted module's low-rank pair.
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
@@ -61,20 +66,37 @@ impl LoraLayer {
         })
     }
 
+    /// A, detached, in `dtype` (the input's: bf16 over a bf16 base), for products computed
+    /// outside candle's graph whose gradients come back through [`Self::grad_of`].
+    pub fn a_in(&self, dtype: DType) -> Result<Tensor> {
+        self.a.as_tensor().detach().to_dtype(dtype)
+    }
+
+    /// B, detached, in `dtype` (see [`Self::a_in`]).
+    pub fn b_in(&self, dtype: DType) -> Result<Tensor> {
+        self.b.as_tensor().detach().to_dtype(dtype)
+    }
+
+    /// A gradient computed in the input's dtype, in the adapter's own (f32), for the optimizer.
+    pub fn grad_of(grad: Tensor) -> Result<Tensor> {
+        grad.to_dtype(ADAPTER_DTYPE)
+    }
+
     /// The rank r.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
 
-    /// This step's dropout mask for `rows` inputs of this module, or None when dropout is off
-    /// (evaluation, or p = 0). x-shaped as `[rows, in]`.
+    /// This step's dropout mask for `rows` inputs of this module in `dtype` (the input's), or
+    /// None when dropout is off (evaluation, or p = 0). x-shaped as `[rows, in]`.
     pub fn dropout_mask(
         &self,
         module: &str,
         rows: usize,
         step_key: Option<u64>,
+        dtype: DType,
     ) -> Result<Option<Tensor>> {
-        self.dropout_mask_rows(module, 0, rows, step_key)
+        self.dropout_mask_rows(module, 0, rows, step_key, dtype)
     }
 
     /// Rows `first..first + rows` of [`Self::dropout_mask`]'s mask for a longer input (a chunk of
@@ -85,6 +107,7 @@ impl LoraLayer {
         first: usize,
         rows: usize,
         step_key: Option<u64>,
+        dtype: DType,
     ) -> Result<Option<Tensor>> {
         let Some(step_key) = step_key.filter(|_| self.dropout > 0.0) else {
             return Ok(None);
@@ -96,8 +119,7 @@ impl LoraLayer {
             self.dropout,
             key(&[step_key, hash_str(module)]),
         );
-        let mask = Tensor::from_vec(mask, (rows, in_features), self.a.device())?
-            .to_dtype(self.a.dtype())?;
+        let mask = Tensor::from_vec(mask, (rows, in_features), self.a.device())?.to_dtype(dtype)?;
         Ok(Some(mask))
     }
 

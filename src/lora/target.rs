@@ -94,7 +94,7 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
         .into_iter()
         .map(String::from)
         .collect();
-    let (dtype, device) = (model.dtype, model.device.clone());
+    let device = model.device.clone();
     for lin in model.linears_mut() {
         if !chosen.contains(&lin.name) {
             continue;
@@ -108,7 +108,7 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
             scale,
             config.lora_dropout,
             seed,
-            dtype,
+            crate::lora::layer::ADAPTER_DTYPE,
             &device,
         )?;
         lin.lora = Some(layer);

@@ -113,9 +113,12 @@ impl Linear {
                 let base = LoraBase {
                     weight: &w,
                     bias,
-                    dropout_mask: lora.dropout_mask(&self.name, rows, dropout_key)?,
+                    dropout_mask: lora.dropout_mask(&self.name, rows, dropout_key, x.dtype())?,
                 };
-                lora_linear(x, base, &lora.a, &lora.b, lora.scale)
+                // Tracked casts: over a bf16 base the f32 adapter's gradients come back in f32.
+                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
+                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
+                lora_linear(x, base, &a, &b, lora.scale)
             }
             (Some(w), None) if bias_frozen => frozen_linear(x, &w, bias),
             _ => {

@@ -64,32 +64,6 @@ fn open_gguf(
     Ok((config, tokenizer, Weights::from_gguf(gguf), dir))
 }
 
-/// Picks the device: `cpu`, `cuda` (or `cuda:N`), or `auto` (CUDA when built with it and present).
-pub fn select_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-        cuda if cuda.starts_with("cuda") => {
-            let ordinal = cuda
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), str::parse)
-                .map_err(|_| {
-                    Error::Config(format!(
-                        "--device `{name}`: expected cpu, cuda, cuda:N or auto"
-                    ))
-                })?;
-            Device::new_cuda(ordinal).map_err(|e| {
-                Error::Config(format!(
-                    "--device {name}: {e} (build with --features cuda on a machine with a GPU)"
-                ))
-            })
-        }
-        other => Err(Error::Config(format!(
-            "--device `{other}`: expected cpu, cuda, cuda:N or auto"
-        ))),
-    }
-}
-
 /// The compute dtype: f32 on CPU; the checkpoint's dtype (bf16/f16) on accelerators.
 pub fn compute_dtype(config: &ModelConfig, device: &Device) -> DType {
     if device.is_cpu() {
@@ -112,6 +86,9 @@ pub struct LoadOptions {
     /// Quantize the decoder's linear weights while loading (`--qlora` / `--load-in-4bit`,
     /// `--load-in-8bit`).
     pub quantize: Option<QuantScheme>,
+    /// The frozen base's and the activations' dtype (`--bf16 true` gives bf16 on any device,
+    /// `false` f32); None: [`compute_dtype`]. LoRA weights stay f32 either way.
+    pub dtype: Option<DType>,
 }
 
 /// Loads `spec` (folder or Hub id). `trainable` makes every base weight a variable.
@@ -145,7 +122,9 @@ pub fn load_pretrained_with(
         let weights = Weights::from_dir(&dir)?;
         (config, tokenizer, weights, dir)
     };
-    let dtype = compute_dtype(&config, device);
+    let dtype = options
+        .dtype
+        .unwrap_or_else(|| compute_dtype(&config, device));
     let model = CausalLm::load_quantized(
         config,
         &weights,

@@ -13,4 +13,4 @@ pub mod weights;
 
 pub use causal_lm::CausalLm;
 pub use config::{Family, ModelConfig};
-pub use load::{load_pretrained, load_pretrained_with, select_device, LoadOptions, Pretrained};
+pub use load::{load_pretrained, load_pretrained_with, LoadOptions, Pretrained};

@@ -35,7 +35,7 @@ use crate::ops::norm::{rms_norm_forward, rms_norm_grad_x};
 use crate::ops::residual::sum_cpu;
 use crate::ops::rope::rotate_tokens;
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::borrow::Cow;
 
 /// Whether `layer` runs as one op on `x`: training (gradients recorded) with every weight, bias
@@ -207,9 +207,15 @@ impl Proj {
 
     /// This step's dropout mask for input rows `first..first + rows` (drawn again in the
     /// backward: same key, same mask), or None.
-    fn mask(&self, first: usize, rows: usize, key: Option<u64>) -> Result<Option<Tensor>> {
+    fn mask(
+        &self,
+        first: usize,
+        rows: usize,
+        key: Option<u64>,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
         match &self.lora {
-            Some(lora) => lora.dropout_mask_rows(&self.name, first, rows, key),
+            Some(lora) => lora.dropout_mask_rows(&self.name, first, rows, key, dtype),
             None => Ok(None),
         }
     }
@@ -227,15 +233,15 @@ impl Proj {
         let base = LoraBase {
             weight: &self.weight,
             bias: self.bias.as_ref(),
-            dropout_mask: self.mask(first, x.dim(0)?, key)?,
+            dropout_mask: self.mask(first, x.dim(0)?, key, x.dtype())?,
         };
         // Detached: nothing the op computes may enter candle's graph (the gradients it parks would
         // otherwise carry this step's graph into the optimizer state).
         let (out, hidden) = lora_rows(
             x,
             &base,
-            &lora.a.as_tensor().detach(),
-            &lora.b.as_tensor().detach(),
+            &lora.a_in(x.dtype())?,
+            &lora.b_in(x.dtype())?,
             lora.scale,
         )?;
         Ok((out.into_tensor()?, Some(hidden)))
@@ -247,8 +253,8 @@ impl Proj {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
-        let mask = self.mask(first, x.dim(0)?, key)?;
-        lora_hidden(x, mask.as_ref(), &lora.a.as_tensor().detach()).map(Some)
+        let mask = self.mask(first, x.dim(0)?, key, x.dtype())?;
+        lora_hidden(x, mask.as_ref(), &lora.a_in(x.dtype())?).map(Some)
     }
 }
 
@@ -286,16 +292,16 @@ fn backward_projections(
             lora_terms.push(None);
             continue;
         };
-        let mask = part.proj.mask(first, rows, key)?;
+        let mask = part.proj.mask(first, rows, key, x.dtype())?;
         let lora_in = lora_input(x, mask.as_ref())?;
-        let b = lora.b.as_tensor().detach();
+        let b = lora.b_in(x.dtype())?;
         let (grad_hidden, grad_a, grad_b) =
             lora_weight_grads(part.g, &lora_in, (hidden, &b), lora.scale, (true, true))?;
         if let (Some(ga), Some(gb)) = (grad_a, grad_b) {
-            park(lora.a.as_tensor(), ga)?;
-            park(lora.b.as_tensor(), gb)?;
+            park(lora.a.as_tensor(), LoraLayer::grad_of(ga)?)?;
+            park(lora.b.as_tensor(), LoraLayer::grad_of(gb)?)?;
         }
-        lora_terms.push(Some((grad_hidden, lora.a.as_tensor().detach(), mask)));
+        lora_terms.push(Some((grad_hidden, lora.a_in(x.dtype())?, mask)));
     }
     if !needs_x {
         return Ok(None);

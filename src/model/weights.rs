@@ -28,6 +28,16 @@ pub struct Weights {
     names: BTreeSet<String>,
     dir: PathBuf,
     gguf: Option<GgufFile>,
+    /// Random weights made where they are asked for (benchmarks: no files).
+    random: Option<RandomWeights>,
+}
+
+/// How [`Weights::random`] makes tensors.
+#[derive(Debug, Clone)]
+struct RandomWeights {
+    /// Where the values are drawn (a GPU draws a model's worth in moments).
+    device: Device,
+    std: f64,
 }
 
 fn parse_dtype(name: &str) -> Option<DType> {
@@ -169,7 +179,24 @@ impl Weights {
             names,
             dir: dir.to_path_buf(),
             gguf: None,
+            random: None,
         })
+    }
+
+    /// Weights of any shape asked for, drawn when asked: normal with standard deviation `std`
+    /// (transformers' `initializer_range`, 0.02) on `draw_on`, norms one and biases zero. For
+    /// benchmarks of models of any size without writing their files; holds nothing itself.
+    pub fn random(std: f64, draw_on: &Device) -> Self {
+        Weights {
+            entries: HashMap::new(),
+            names: BTreeSet::new(),
+            dir: PathBuf::from("<random weights>"),
+            gguf: None,
+            random: Some(RandomWeights {
+                device: draw_on.clone(),
+                std,
+            }),
+        }
     }
 
     /// The tensors of a GGUF file, under their Hugging Face names.
@@ -179,6 +206,7 @@ impl Weights {
             names: gguf.names().clone(),
             dir: gguf.path().to_path_buf(),
             gguf: Some(gguf),
+            random: None,
         }
     }
 
@@ -223,6 +251,16 @@ impl Weights {
 
     /// Loads `name` in its stored dtype on `device` and checks its shape.
     pub fn get_stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        if let Some(random) = &self.random {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, DType::F32, &random.device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape, DType::F32, &random.device)?
+            } else {
+                Tensor::randn(0f32, random.std as f32, shape, &random.device)?
+            };
+            return Ok(t.to_device(device)?);
+        }
         let t = self.get_raw(name, device)?;
         if t.dims() != shape {
             return Err(Error::Tensor {

@@ -54,13 +54,40 @@ impl SortedCode {
 /// Returns the codes packed two per byte (the first value in the high nibble; an odd count is
 /// padded with the code of 0) and the absmax per block.
 pub fn quantize_4bit(values: &[f32], blocksize: usize, code: &[f32; 16]) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let sorted = SortedCode::new(code);
     let full = values.len() / blocksize;
+    // Groups of blocks on all cores (a model's load time); an even group length keeps every
+    // group's codes whole bytes, so the groups' bytes and absmax concatenate to the whole's.
+    let group = blocksize * if blocksize.is_multiple_of(2) { 4096 } else { 2 * 4096 };
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = values
+        .par_chunks(group)
+        .enumerate()
+        .map(|(g, chunk)| quantize_blocks(chunk, g * (group / blocksize), full, blocksize, &sorted))
+        .collect();
+    let mut packed = Vec::with_capacity(values.len().div_ceil(2));
+    let mut absmax = Vec::with_capacity(block_count(values.len(), blocksize));
+    for (p, a) in parts {
+        packed.extend_from_slice(&p);
+        absmax.extend_from_slice(&a);
+    }
+    (packed, absmax)
+}
+
+/// [`quantize_4bit`] of the consecutive blocks in `values`, the first being block `first` of
+/// `full` full ones.
+fn quantize_blocks(
+    values: &[f32],
+    first: usize,
+    full: usize,
+    blocksize: usize,
+    sorted: &SortedCode,
+) -> (Vec<u8>, Vec<f32>) {
     let mut absmax = Vec::with_capacity(block_count(values.len(), blocksize));
     let mut codes = Vec::with_capacity(values.len() + 1);
-    for block in values.chunks(blocksize) {
+    for (i, block) in values.chunks(blocksize).enumerate() {
         let m = absmax_of(block);
-        if absmax.len() < full {
+        if first + i < full {
             absmax.push(m);
             let inv = 1.0 / m.max(1e-38);
             codes.extend(
@@ -144,4 +171,34 @@ pub fn quantize_8bit(values: &[f32], blocksize: usize, code: &[f32; 256]) -> (Ve
         out.extend(block.iter().map(|&v| lut[bin_of(v * inv)]));
     }
     (out, absmax)
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use super::*;
+
+    /// The groups quantized on all cores give the bytes and absmax of one pass over the whole,
+    /// for even and odd block sizes, with a partial last block and an odd value count.
+    #[test]
+    fn groups_concatenate_to_the_whole() {
+        let code = crate::quant::codebook::NF4;
+        let sorted = SortedCode::new(&code);
+        for (blocksize, n) in [(64, 64 * 4096 * 2 + 101), (3, 3 * 8192 * 2 + 7)] {
+            let mut x = 0x2545_f491_u32;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as f32 / u32::MAX as f32 - 0.5
+                })
+                .collect();
+            let whole = quantize_blocks(&values, 0, n / blocksize, blocksize, &sorted);
+            assert_eq!(
+                quantize_4bit(&values, blocksize, &code),
+                whole,
+                "blocksize {blocksize}"
+            );
+        }
+    }
 }

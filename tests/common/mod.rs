@@ -32,23 +32,42 @@ pub fn assert_peft_gradients(
     }
 }
 
-/// `tests/fixtures/<rel>`.
-pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+/// The repository root: `PEFT_SFT_REPO` when set (the GPU machine runs test binaries built
+/// elsewhere, scripts/gpu-check.sh), else the one the tests were compiled in.
+pub fn repo() -> PathBuf {
+    std::env::var_os("PEFT_SFT_REPO")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
-/// Loads a fixture model (f32, CPU); `trainable` makes every weight a variable.
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+/// The device the numerical tests compute on: the CPU, or CUDA device 0 when
+/// `PEFT_SFT_TEST_DEVICE=cuda` (tests/gpu.rs on the GPU machine). One device per process: two
+/// CUDA devices made apart refuse each other's tensors.
+pub fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let name = std::env::var("PEFT_SFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+            peft_sft::device::select_device(&name)
+                .unwrap_or_else(|e| panic!("PEFT_SFT_TEST_DEVICE={name}: {e}"))
+        })
+        .clone()
+}
+
+/// Loads a fixture model (f32, on [`device`]); `trainable` makes every weight a variable.
 pub fn load_model(dir: &Path, trainable: bool) -> CausalLm {
     let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
     let weights = Weights::from_dir(dir).expect("weights");
-    CausalLm::load(config, &weights, trainable, DType::F32, &Device::Cpu).expect("model")
+    CausalLm::load(config, &weights, trainable, DType::F32, &device()).expect("model")
 }
 
-/// Every tensor of a safetensors file.
+/// Every tensor of a safetensors file, on [`device`].
 pub fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    peft_sft::io::read_safetensors(path, &Device::Cpu).expect("safetensors")
+    peft_sft::io::read_safetensors(path, &device()).expect("safetensors")
 }
 
 /// The int64 `input_ids` of a reference file as u32.
@@ -100,9 +119,12 @@ pub fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Path of the built CLI.
+/// Path of the built CLI: `PEFT_SFT_BIN` when set (scripts/gpu-check.sh), else cargo's.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_peft-sft")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("PEFT_SFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_peft-sft").into())
+    })
 }
 
 /// Runs the CLI, returning (success, stdout, stderr).

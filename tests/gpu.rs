@@ -1,0 +1,210 @@
+//! The GPU correctness checks (built only with `--features cuda`; run by scripts/gpu-check.sh on
+//! the GPU machine with `PEFT_SFT_TEST_DEVICE=cuda`).
+//!
+//! The numerical test files below are compiled in as they are: on the GPU machine their models,
+//! fixtures and batches live on the CUDA device (`common::device`) and they assert the same
+//! tolerances against the same transformers/PEFT/bitsandbytes fixtures as on the CPU. The tests
+//! in this file compare the two devices directly: merge, greedy generation, evaluation and a
+//! 20-step training run on CUDA against the same on the CPU, and `--bf16` against f32 on CUDA.
+
+#[path = "autograd_frozen.rs"]
+mod autograd_frozen;
+#[path = "chat_format.rs"]
+mod chat_format;
+#[path = "checkpointing.rs"]
+mod checkpointing;
+#[path = "packing.rs"]
+mod packing;
+#[path = "parity_models.rs"]
+mod parity_models;
+#[path = "parity_peft.rs"]
+mod parity_peft;
+#[path = "parity_train_step.rs"]
+mod parity_train_step;
+#[path = "qlora.rs"]
+mod qlora;
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use peft_sft::generate::{generate, GenerateOptions};
+use peft_sft::lora::{load_adapter, merge_and_unload};
+use peft_sft::model::CausalLm;
+use peft_sft::model::{load_pretrained, weights::Weights, ModelConfig};
+
+fn load_on(dir: &std::path::Path, device: &Device) -> CausalLm {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::from_dir(dir).unwrap();
+    CausalLm::load(config, &weights, false, DType::F32, device).unwrap()
+}
+
+fn on_cpu(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_tests_run_on_cuda() {
+    assert!(
+        device().is_cuda(),
+        "PEFT_SFT_TEST_DEVICE=cuda is not set: these checks would run on the CPU"
+    );
+}
+
+#[test]
+fn merge_on_cuda_equals_merge_on_the_cpu() {
+    for name in ["llama", "qwen2"] {
+        let base = fixture(&format!("models/{name}"));
+        let adapter = fixture(&format!("peft/{name}/adapter"));
+        let mut merged = Vec::new();
+        for device in [Device::Cpu, device()] {
+            let mut model = load_on(&base, &device);
+            load_adapter(&mut model, &adapter).unwrap();
+            merge_and_unload(&mut model).unwrap();
+            let weights: Vec<(String, Tensor)> = model
+                .named_weights()
+                .into_iter()
+                .map(|(n, p)| (n, on_cpu(p.tensor())))
+                .collect();
+            merged.push(weights);
+        }
+        let (cpu, cuda) = (&merged[0], &merged[1]);
+        assert_eq!(cpu.len(), cuda.len());
+        for ((n, a), (m, b)) in cpu.iter().zip(cuda) {
+            assert_eq!(n, m);
+            let diff = max_abs_diff(b, a);
+            assert!(diff < 1e-6, "{name}: merged {n} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_and_logits_equal_the_cpus() {
+    let spec = fixture("models/qwen2");
+    let adapter = fixture("peft/qwen2/adapter");
+    let mut runs = Vec::new();
+    for device in [Device::Cpu, device()] {
+        let mut loaded = load_pretrained(spec.to_str().unwrap(), false, &device).unwrap();
+        load_adapter(&mut loaded.model, &adapter).unwrap();
+        let prompt = loaded
+            .tokenizer
+            .encode("What is the capital of France?", true)
+            .unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            ..GenerateOptions::default()
+        };
+        let tokens = generate(&loaded.model, &prompt, &opts).unwrap();
+        let ids = Tensor::new(prompt.as_slice(), &device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = on_cpu(&loaded.model.forward(&ids).unwrap());
+        runs.push((tokens, logits));
+    }
+    let err = rel_err(&runs[1].1, &runs[0].1);
+    assert!(err < 1e-5, "CUDA logits differ from the CPU's by {err}");
+    assert_eq!(runs[1].0, runs[0].0, "greedy tokens differ");
+}
+
+/// `train --lora` for 20 steps on `device` with `extra` flags; the logged losses.
+fn train_losses(device: &str, extra: &[&str]) -> Vec<f64> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let model = fixture("models/qwen2");
+    let data = fixture("data/qa_chat.jsonl");
+    let mut args = vec![
+        "train",
+        "--lora",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "20",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--lr-scheduler-type",
+        "constant",
+        "--lora-dropout",
+        "0.05",
+        "--logging-steps",
+        "1",
+        "--seed",
+        "7",
+        "--device",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = run_cli(&args);
+    assert!(ok, "train on {device} {extra:?} failed: {err}");
+    let losses = logged(&out, "loss");
+    assert_eq!(losses.len(), 20, "{device}: expected 20 logged losses");
+    losses
+}
+
+#[test]
+fn twenty_lora_steps_on_cuda_log_the_cpus_losses() {
+    for extra in [&[][..], &["--gradient-checkpointing"][..]] {
+        let cpu = train_losses("cpu", extra);
+        let cuda = train_losses("cuda", extra);
+        for (step, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
+            let rel = (g - c).abs() / c.abs();
+            assert!(
+                rel < 1e-4,
+                "{extra:?} step {}: CUDA loss {g} vs CPU {c} ({rel:.2e} relative)",
+                step + 1
+            );
+        }
+        assert!(
+            cuda[19] < 0.95 * cuda[0],
+            "the loss did not fall on CUDA: {cuda:?}"
+        );
+    }
+}
+
+#[test]
+fn bf16_mixed_precision_on_cuda_follows_the_f32_run() {
+    let f32_run = train_losses("cuda", &["--bf16", "false"]);
+    let bf16_run = train_losses("cuda", &["--bf16", "true"]);
+    for (step, (a, b)) in f32_run.iter().zip(&bf16_run).enumerate() {
+        let rel = (b - a).abs() / a.abs();
+        assert!(rel < 0.02, "step {}: bf16 loss {b} vs f32 {a}", step + 1);
+    }
+}
+
+#[test]
+fn eval_on_cuda_equals_eval_on_the_cpu() {
+    let model = fixture("models/qwen2");
+    let adapter = fixture("peft/qwen2/adapter");
+    let data = fixture("data/qa_chat.jsonl");
+    let mut losses = Vec::new();
+    for device in ["cpu", "cuda"] {
+        let (ok, out, err) = run_cli(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--json",
+            "--device",
+            device,
+        ]);
+        assert!(ok, "eval on {device} failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        losses.push(v["eval_loss"].as_f64().expect("eval_loss"));
+    }
+    let rel = (losses[1] - losses[0]).abs() / losses[0];
+    assert!(
+        rel < 1e-5,
+        "eval_loss CUDA {} vs CPU {}",
+        losses[1],
+        losses[0]
+    );
+}
