@@ -359,7 +359,7 @@ fn a_gguf_base_merges_into_a_gguf_file_of_the_same_types_or_refuses() {
             assert!(err.contains("--force") && !out.exists(), "{err}");
             continue;
         }
-        let original = GgufFile::open(std::path::Path::new(&model)).unwrap();
+        let original = GgufFile::open(&repo().join(&model)).unwrap();
         let merged = GgufFile::open(&out).unwrap();
         assert_eq!(original.names(), merged.names());
         let q_proj = "model.layers.0.self_attn.q_proj.weight";

@@ -59,7 +59,12 @@ pub fn quantize_4bit(values: &[f32], blocksize: usize, code: &[f32; 16]) -> (Vec
     let full = values.len() / blocksize;
     // Groups of blocks on all cores (a model's load time); an even group length keeps every
     // group's codes whole bytes, so the groups' bytes and absmax concatenate to the whole's.
-    let group = blocksize * if blocksize.is_multiple_of(2) { 4096 } else { 2 * 4096 };
+    let group = blocksize
+        * if blocksize.is_multiple_of(2) {
+            4096
+        } else {
+            2 * 4096
+        };
     let parts: Vec<(Vec<u8>, Vec<f32>)> = values
         .par_chunks(group)
         .enumerate()

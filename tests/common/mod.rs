@@ -131,6 +131,8 @@ pub fn bin() -> &'static str {
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(bin())
         .args(args)
+        // Relative fixture paths resolve against the repository wherever the tests run.
+        .current_dir(repo())
         .env("HF_HUB_OFFLINE", "1")
         .env(
             "PEFT_SFT_CACHE",
