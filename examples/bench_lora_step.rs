@@ -20,7 +20,6 @@ use candle_core::{DType, Tensor};
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::weights::Weights;
 use peft_sft::model::{CausalLm, ModelConfig};
-use peft_sft::ops::checkpoint::backward;
 use peft_sft::quant::QuantScheme;
 use peft_sft::rng::Rng;
 use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
@@ -176,12 +175,17 @@ fn time_steps(
         let key = (s.lora_dropout > 0.0).then_some(step as u64);
         let out = model.loss(&ids, &ones, &ones, key)?;
         let mean = (&out.loss_sum / out.loss_tokens)?;
-        let grads = backward(&mean)?;
+        let grads = mean.backward()?;
         let grads: Vec<Tensor> = opt
             .params()
             .iter()
-            .map(|(_, v)| grads.get(v).cloned().unwrap_or(v.zeros_like().unwrap()))
-            .collect();
+            .map(|(name, v)| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("no gradient reached {name}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         let (_, grads) = clip_grad_norm(grads, 1.0)?;
         opt.step(&grads, 1e-4)?;
         device.synchronize()?;

@@ -38,7 +38,7 @@ fn a_peft_adapter_with_new_token_rows_gives_peft_logits_loss_and_gradients() {
     let loss = (&out.loss_sum / out.loss_tokens).unwrap();
     let err = rel_err(&loss, &reference["loss"]);
     assert!(err < 1e-5, "loss differs from PEFT's by {err}");
-    let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     let trainable = model.trainable();
     let rows: Vec<&String> = trainable
         .iter()

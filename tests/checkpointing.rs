@@ -9,7 +9,6 @@ use candle_core::Tensor;
 use common::*;
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::CausalLm;
-use peft_sft::ops::checkpoint::backward;
 
 fn ids() -> Tensor {
     Tensor::new(
@@ -89,7 +88,7 @@ fn run(model: &mut CausalLm, mode: Mode) -> (f32, Vec<(String, Tensor)>) {
         model.loss(&ids, &mask, &mask, Some(7)).unwrap()
     };
     let loss = (&out.loss_sum / out.loss_tokens).unwrap();
-    let grads = backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     let named = model
         .trainable()
         .into_iter()

@@ -33,7 +33,7 @@ fn check(name: &str) {
     let loss = (&out.loss_sum / out.loss_tokens).unwrap();
     let err = rel_err(&loss, &reference["loss"]);
     assert!(err < 1e-5, "{name}: loss differs from PEFT's by {err}");
-    let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
+    let grads = loss.backward().unwrap();
     let trainable = model.trainable();
     assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
 

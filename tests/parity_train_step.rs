@@ -26,7 +26,7 @@ fn adamw_steps_match_torch() {
     for (i, expected) in steps.iter().enumerate() {
         let out = model.loss(&ids, &mask, &attention, None).unwrap();
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();
-        let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
+        let grads = loss.backward().unwrap();
         let grads: Vec<Tensor> = opt
             .params()
             .iter()

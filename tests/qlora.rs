@@ -99,7 +99,7 @@ fn a_qlora_step_matches_peft_over_bitsandbytes() {
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();
         let err = rel_err(&loss, &step["loss"]);
         assert!(err < 1e-5, "loss differs from PEFT's by {err}");
-        let grads = peft_sft::ops::checkpoint::backward(&loss).unwrap();
+        let grads = loss.backward().unwrap();
         let trainable = model.trainable();
         assert_eq!(trainable.len(), 28);
         assert_peft_gradients(&step, &grads, &trainable, 1e-4);

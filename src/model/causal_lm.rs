@@ -40,8 +40,8 @@ pub struct CausalLm {
     pub dtype: DType,
     /// Device holding the weights.
     pub device: Device,
-    /// Recompute each decoder layer in the backward pass instead of keeping its activations (use
-    /// [`crate::ops::checkpoint::backward`] for the loss). With a frozen base and selective
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations. With
+    /// a frozen base and selective
     /// checkpointing on, the decoder stack runs as one op that keeps only the layer inputs (in
     /// host memory with `offload_activations` on an accelerator) and runs each MLP by chunks of
     /// rows (see [`super::selective`]).
@@ -50,8 +50,8 @@ pub struct CausalLm {
     /// [`super::selective::mlp_chunk_rows`] of the intermediate size.
     pub checkpoint_chunk_rows: usize,
     /// Run each LoRA/QLoRA decoder layer as one op that keeps only what its backward needs and
-    /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way the
-    /// loss must be differentiated with [`crate::ops::checkpoint::backward`].
+    /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way
+    /// `loss.backward()` returns every trainable tensor's gradient.
     pub selective_checkpointing: bool,
     /// With selective checkpointing, keep each layer's saved tensors in host memory until the
     /// backward (`--offload-activations`; what the model holds on an accelerator shrinks to one

@@ -7,9 +7,9 @@
 //! op-by-op graph keeps only as some op's input (normalised inputs, rotated q/k, the SwiGLU
 //! product, the projections' outputs before each residual add) stays alive.
 //!
-//! The op's graph inputs are the layer input and one LoRA matrix that anchors it in the graph;
-//! the backward hands every LoRA gradient to the store through `park`, so the loss must be
-//! differentiated with [`crate::ops::checkpoint::backward`].
+//! The op's graph input is the layer input; the backward computes every LoRA gradient with the
+//! input's and they reach candle's store through the op's carriers
+//! ([`crate::ops::graft::graft_carrying`]): a plain `loss.backward()` holds them all.
 //!
 //! On the CPU in f32 the op runs the native kernels (flash attention keeps its log-sum-exp). With
 //! `--offload-activations` (any device) it runs candle's kernels instead: the saved tensors move
@@ -23,10 +23,9 @@
 use super::layers::{DecoderLayer, ForwardContext, Linear, Norm};
 use crate::lora::layer::LoraLayer;
 use crate::ops::attention::{attention_tokens, flash_applies, AttentionMask};
-use crate::ops::checkpoint::park;
 use crate::ops::cpu::{is_cpu_f32, tensor, Held};
 use crate::ops::flash::{self, Dims};
-use crate::ops::graft::{grad_enabled, graft_anchored, without_grad, Output};
+use crate::ops::graft::{grad_enabled, graft_carrying, park, without_grad, Output};
 use crate::ops::linear::{
     dense, input_gradient, lora_hidden, lora_input, lora_rows, lora_weight_grads, FrozenWeight,
     InputShare, LoraBase, LoraHidden,
@@ -90,11 +89,7 @@ pub(crate) fn forward(
     let x_rows = x.detach().reshape((b * t, hidden))?.contiguous()?;
     let (out, saved) = plan.forward(&x_rows)?;
     let out = out.reshape((b, t, hidden))?;
-    let anchor = plan
-        .projs
-        .iter()
-        .find_map(|p| p.lora.as_ref())
-        .map(|lora| lora.a.as_tensor().clone());
+    let carried = lora_vars(&plan.projs);
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let (x_rows, g) = (x.reshape((b * t, hidden))?, g.reshape((b * t, hidden))?);
         let moved;
@@ -107,9 +102,7 @@ pub(crate) fn forward(
         let grad = plan.backward(saved, &x_rows, &g.contiguous()?, needs_x)?;
         grad.map(|g| g.reshape((b, t, hidden))).transpose()
     };
-    // A LoRA matrix anchors the op even when x is not tracked; its gradient is parked like the
-    // others, not returned.
-    graft_anchored("decoder-layer", x, anchor.as_ref(), out, Box::new(backward))
+    graft_carrying("decoder-layer", x, &carried, out, Box::new(backward))
 }
 
 /// Gradient checkpointing of the whole decoder stack as one op (`--gradient-checkpointing` with a
@@ -148,11 +141,10 @@ pub(crate) fn checkpointed_stack(
         h = next;
     }
     let out = h.reshape((b, t, hidden))?;
-    let anchor = plans
+    let carried: Vec<Tensor> = plans
         .iter()
-        .flat_map(|plan| &plan.projs)
-        .find_map(|p| p.lora.as_ref())
-        .map(|lora| lora.a.as_tensor().clone());
+        .flat_map(|plan| lora_vars(&plan.projs))
+        .collect();
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let mut g = g.reshape((b * t, hidden))?.contiguous()?;
         for (i, (plan, input)) in plans.iter().zip(&inputs).enumerate().rev() {
@@ -164,13 +156,16 @@ pub(crate) fn checkpointed_stack(
         }
         Ok(Some(g.reshape((b, t, hidden))?))
     };
-    graft_anchored(
-        "checkpointed-decoder",
-        x,
-        anchor.as_ref(),
-        out,
-        Box::new(backward),
-    )
+    graft_carrying("checkpointed-decoder", x, &carried, out, Box::new(backward))
+}
+
+/// The LoRA matrices of `projs`, whose gradients the op's backward computes.
+fn lora_vars(projs: &[Proj]) -> Vec<Tensor> {
+    projs
+        .iter()
+        .filter_map(|p| p.lora.as_ref())
+        .flat_map(|lora| [lora.a.as_tensor().clone(), lora.b.as_tensor().clone()])
+        .collect()
 }
 
 /// Rows per MLP chunk under [`checkpointed_stack`]: as many as keep one `[rows, intermediate]`

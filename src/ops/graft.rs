@@ -6,7 +6,7 @@
 //! gradients only for the inputs that are tracked, so no frozen tensor ever receives one.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, TensorId,
 };
 use std::sync::Mutex;
 
@@ -32,7 +32,8 @@ pub type Backward3 = Box<
         + Sync,
 >;
 
-/// Backward of an op grafted onto one input and an anchor (see [`graft_anchored`]):
+/// Backward of an op grafted onto one input that also uses trainable tensors it does not take as
+/// inputs (see [`graft_carrying`]):
 /// `(input, grad_out, input_tracked) -> grad_input`.
 pub type BackwardAnchored =
     Box<dyn Fn(&Tensor, &Tensor, bool) -> Result<Option<Tensor>> + Send + Sync>;
@@ -314,27 +315,131 @@ pub fn graft1(
     })
 }
 
-/// [`graft1`] onto `x`, also anchored on `anchor` when given: a trainable tensor the op uses, which
-/// keeps the op in the graph even when `x` is not tracked (the first decoder layer's input comes
-/// from a frozen embedding). The anchor receives no gradient from the op: the backward hands the
-/// gradients of the op's weights to the store another way (`checkpoint::park`).
-pub fn graft_anchored(
+/// [`graft1`] onto `x` for an op that also uses trainable tensors `vars` it does not take as
+/// inputs (a decoder layer's LoRA pairs, a checkpointed block's weights). Its backward computes
+/// their gradients along with `x`'s and hands each to [`park`]; they reach candle's gradient store
+/// through the graph itself: the op also reads a scalar that `vars` feed through identity ops
+/// ("carriers"), whose backward (run after the op's, as they come before it) returns the parked
+/// gradients as theirs. So a plain `loss.backward()` holds every gradient, and the op stays in
+/// the graph even when `x` is not tracked (the first layer's input comes from a frozen embedding).
+pub fn graft_carrying(
     name: &'static str,
     x: &Tensor,
-    anchor: Option<&Tensor>,
+    vars: &[Tensor],
     out: impl Into<Output>,
     backward: BackwardAnchored,
 ) -> Result<Tensor> {
-    match anchor {
-        Some(anchor) => graft2(
-            name,
-            x,
-            anchor,
-            out,
-            Box::new(move |x, _, g, needs| Ok((backward(x, g, needs[0])?, None))),
-        ),
-        None => graft1(name, x, out, Box::new(move |x, g| backward(x, g, true))),
+    if vars.is_empty() || !grad_enabled() {
+        return graft1(name, x, out, Box::new(move |x, g| backward(x, g, true)));
     }
+    let slot = GradSlot::default();
+    let carried = carrier(vars, &slot)?;
+    graft2(
+        name,
+        x,
+        &carried,
+        out,
+        Box::new(move |x, carried, g, needs| {
+            let grad_x = slot.collect(|| backward(x, g, needs[0]))?;
+            // The carriers' backward runs only when their output received a gradient.
+            Ok((grad_x, Some(carried.zeros_like()?)))
+        }),
+    )
+}
+
+/// Gradients an op's backward computed for tensors it does not take as inputs, waiting for the
+/// carriers ([`graft_carrying`]) to hand them to candle. Keyed by the tensor's id.
+#[derive(Clone, Default)]
+struct GradSlot(std::sync::Arc<Mutex<Vec<(TensorId, Tensor)>>>);
+
+thread_local! {
+    /// The slot of the op whose backward is running on this thread (innermost first).
+    static COLLECTING: std::cell::RefCell<Vec<GradSlot>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl GradSlot {
+    /// Runs `f` (an op's backward) with [`park`] adding to this slot.
+    fn collect<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        COLLECTING.with(|c| c.borrow_mut().push(self.clone()));
+        let out = f();
+        COLLECTING.with(|c| c.borrow_mut().pop());
+        out
+    }
+
+    /// Adds `grad` to what the slot holds for `id`.
+    fn add(&self, id: TensorId, grad: Tensor) -> Result<()> {
+        let mut held = self.lock()?;
+        match held.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, total)) => *total = (&*total + &grad)?,
+            None => held.push((id, grad)),
+        }
+        Ok(())
+    }
+
+    /// Takes the gradient held for `id`, if any.
+    fn take(&self, id: TensorId) -> Result<Option<Tensor>> {
+        let mut held = self.lock()?;
+        Ok(held
+            .iter()
+            .position(|(i, _)| *i == id)
+            .map(|at| held.swap_remove(at).1))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(TensorId, Tensor)>>> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient slot: poisoned lock".into()))
+    }
+}
+
+/// Hands the gradient of `var` (a trainable tensor the running op uses without taking it as an
+/// input) to that op's carriers ([`graft_carrying`]). A second gradient of the same tensor
+/// (chunks of rows) is added to the first at once, so a slot holds one copy per tensor. Called
+/// outside such an op's backward, it is an error: the gradient would be lost.
+pub(crate) fn park(var: &Tensor, grad: Tensor) -> Result<()> {
+    let slot = COLLECTING.with(|c| c.borrow().last().cloned());
+    match slot {
+        Some(slot) => slot.add(var.id(), grad),
+        None => candle_core::bail!(
+            "a weight gradient was computed outside the backward of the op that uses the weight"
+        ),
+    }
+}
+
+/// A scalar (zero) that `vars` feed through identity ops whose backward returns, for each of
+/// them, what the op's backward parked in `slot`: two tensors per carrier.
+fn carrier(vars: &[Tensor], slot: &GradSlot) -> Result<Tensor> {
+    let mut carried = Tensor::zeros((), DType::F32, vars[0].device())?;
+    for pair in vars.chunks(2) {
+        let s = slot.clone();
+        carried = match pair {
+            [a, b] => {
+                let (ia, ib) = (a.id(), b.id());
+                graft3(
+                    "carry-gradients",
+                    &carried,
+                    a,
+                    b,
+                    carried.clone(),
+                    Box::new(move |_, _, _, g, needs| {
+                        Ok((needs[0].then(|| g.clone()), s.take(ia)?, s.take(ib)?))
+                    }),
+                )?
+            }
+            [a] => {
+                let ia = a.id();
+                graft2(
+                    "carry-gradients",
+                    &carried,
+                    a,
+                    carried.clone(),
+                    Box::new(move |_, _, g, needs| Ok((needs[0].then(|| g.clone()), s.take(ia)?))),
+                )?
+            }
+            _ => unreachable!("chunks of two"),
+        };
+    }
+    Ok(carried)
 }
 
 /// Two-input version of [`graft1`]; the backward's gradients for untracked inputs are dropped.
@@ -400,4 +505,58 @@ fn apply3(
             backward,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A weight gradient handed over outside an op's backward would be lost: an error.
+    #[test]
+    fn parking_outside_a_carrying_op_is_an_error() {
+        let w = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        assert!(park(w.as_tensor(), w.as_tensor().ones_like().unwrap()).is_err());
+    }
+
+    /// The weight an op uses without taking it as an input gets its gradient from a plain
+    /// `backward()`, once per use summed, and the input's gradient is the op's.
+    #[test]
+    fn a_carrying_op_delivers_its_weight_gradients_through_backward() {
+        let dev = Device::Cpu;
+        let x = Var::new(&[1f32, 2.0, 3.0], &dev).unwrap();
+        let (w, v) = (
+            Var::new(&[0.5f32, -1.0, 2.0], &dev).unwrap(),
+            Var::new(&[3f32], &dev).unwrap(),
+        );
+        // y = x * w * v, computed outside the graph.
+        let y = ((x.as_tensor() * w.as_tensor()).unwrap() * 3.0).unwrap();
+        let (wc, vc) = (w.as_tensor().clone(), v.as_tensor().clone());
+        let out = graft_carrying(
+            "test",
+            x.as_tensor(),
+            &[wc.clone(), vc.clone()],
+            y,
+            Box::new(move |x, g, _| {
+                // Parked in two halves: the slot sums them.
+                let gw = ((x * g)? * 3.0)?;
+                park(&wc, (&gw * 0.25)?)?;
+                park(&wc, (&gw * 0.75)?)?;
+                let gv = (x * &wc)?.mul(g)?.sum_all()?.reshape(1)?;
+                park(&vc, gv)?;
+                Ok(Some(((g * &wc)? * 3.0)?))
+            }),
+        )
+        .unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let got = |t: &Var| grads.get(t).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got(&x), [1.5, -3.0, 6.0]);
+        assert_eq!(got(&w), [3.0, 6.0, 9.0]);
+        assert_eq!(got(&v), [4.5]);
+        assert_eq!(
+            grads.get_ids().count(),
+            3,
+            "only the variables keep gradients"
+        );
+    }
 }

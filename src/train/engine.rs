@@ -19,7 +19,6 @@ use crate::io::write_json;
 use crate::lora::{self, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained_with, CausalLm, Pretrained};
-use crate::ops::checkpoint::backward;
 use crate::report::Tracking;
 use crate::rng::{hash_str, key, Rng};
 use crate::{Error, Result};
@@ -353,7 +352,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             let batch = collate(&examples.iter().collect::<Vec<_>>(), pad_id, &device)?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
             let out = model.batch_loss(&batch, Some(dropout_key))?;
-            let store = backward(&(&out.loss_sum / step_loss_tokens.max(1.0))?)?;
+            let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
             for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
                 if let Some(g) = store.get(var) {
                     *slot = Some(match slot.take() {
@@ -371,11 +370,17 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             });
             tokens += batch.num_tokens;
         }
+        // A trainable tensor the loss did not reach would silently stop training: an error.
         let grads = grads
             .into_iter()
             .zip(optimizer.params())
-            .map(|(g, (_, v))| g.map_or_else(|| v.zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(g, (name, _))| {
+                g.ok_or_else(|| Error::Tensor {
+                    name: name.clone(),
+                    message: "received no gradient from the loss (a bug: please report it with the command line)".into(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let (grad_norm, grads) = clip_grad_norm(grads, config.max_grad_norm)?;
         optimizer.step(&grads, lr_at(step))?;
         let done = step + 1;
