@@ -1,6 +1,7 @@
 //! The LoRA layer's weights and math (PEFT's `LoraLayer`): `y = W x + scale * B A dropout(x)`.
 
-use crate::rng::{dropout_mask_from, hash_str, key, Rng};
+use crate::ops::dropout::dropout_mask_from;
+use crate::rng::{hash_str, key, Rng};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// The dtype of every LoRA weight, its gradient and its optimizer state: float32 whatever the base's

@@ -5,7 +5,7 @@ use super::layers::{
     Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
 };
 use super::param::Param;
-use super::selective::{checkpointed_stack, stack_applies};
+use super::selective::{self, checkpointed_stack, stack_applies};
 use super::tokens::TrainableTokens;
 use super::weights::Weights;
 use crate::data::Batch;
@@ -334,10 +334,10 @@ impl CausalLm {
                         selective,
                         offload,
                     };
-                    layer.forward(h, &ctx, None)
+                    layer_forward(&layer, h, &ctx, None)
                 })?
             } else {
-                layer.forward(&x, ctx, cache)?
+                layer_forward(layer, &x, ctx, cache)?
             };
         }
         Ok(self.norm.forward(&x)?)
@@ -506,4 +506,18 @@ impl CausalLm {
         out.extend(self.trainable_token_tensors());
         out
     }
+}
+
+/// One decoder layer: as one op (selective checkpointing, [`super::selective`]) when it applies,
+/// else op by op. x: [b, t, hidden] -> [b, t, hidden]
+fn layer_forward(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    ctx: &ForwardContext<'_>,
+    cache: Option<&mut KvCache>,
+) -> candle_core::Result<Tensor> {
+    if ctx.selective && cache.is_none() && selective::applies(layer, x, ctx.mask, ctx.offload)? {
+        return selective::forward(layer, x, ctx);
+    }
+    layer.forward(x, ctx, cache)
 }

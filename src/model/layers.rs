@@ -315,19 +315,13 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// x: [b, t, hidden] -> [b, t, hidden]
+    /// The layer op by op. x: [b, t, hidden] -> [b, t, hidden]
     pub fn forward(
         &self,
         x: &Tensor,
         ctx: &ForwardContext<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        if ctx.selective
-            && cache.is_none()
-            && super::selective::applies(self, x, ctx.mask, ctx.offload)?
-        {
-            return super::selective::forward(self, x, ctx);
-        }
         let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx, cache)?;

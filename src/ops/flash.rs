@@ -11,9 +11,9 @@
 //! parallel on rayon's pool. The backward follows FlashAttention-2: per query head and chunk of
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
-use super::attention::AttentionMask;
 use super::cpu::{matmul, par_filled, par_zeroed, Held, Threads};
 use super::graft::{graft3_with_output, Output};
+use super::mask::AttentionMask;
 use super::simd;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;

@@ -177,7 +177,7 @@ fn sigmoid(x: f32) -> f32 {
 dispatch! {
     /// Inverted-dropout mask entries `start..start + out.len()` for `key`: entry i is 0 when the
     /// top 53 bits of `mix64(key ^ mix64(i))` are below `threshold`, else `keep`
-    /// ([`crate::rng::dropout_mask`]).
+    /// ([`crate::ops::dropout::dropout_mask`]).
     fn dropout_fill(out: &mut [f32], start: u64, key: u64, threshold: u64, keep: f32) {
         for (j, m) in out.iter_mut().enumerate() {
             let bits = crate::rng::mix64(key ^ crate::rng::mix64(start + j as u64));
