@@ -18,12 +18,14 @@
 #    strips them and compresses them with xz into the bundle folder (ignored by git).
 #
 # Environment: PEFT_SFT_CUDA_CACHE (compiler cache, default ~/.cache/peft-sft/cuda-13.0),
-# CUDA_COMPUTE_CAP (default 90), PEFT_SFT_CUDA_TARGET (cargo target folder, default target/cuda).
+# CUDA_COMPUTE_CAP (default 90), PEFT_SFT_CUDA_TARGET (cargo target folder, default
+# ~/.cache/peft-sft/cuda-target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 cache=${PEFT_SFT_CUDA_CACHE:-$HOME/.cache/peft-sft/cuda-13.0}
-target=${PEFT_SFT_CUDA_TARGET:-$root/target/cuda}
+# Outside the checkout, so a later checkout on this machine rebuilds in minutes, not 16.
+target=${PEFT_SFT_CUDA_TARGET:-$HOME/.cache/peft-sft/cuda-target}
 bundle=$root/gpu-bundle
 cap=${CUDA_COMPUTE_CAP:-90}
 
@@ -52,7 +54,7 @@ candle_core=$(cargo metadata --format-version 1 | python3 -c '
 import json, sys
 m = json.load(sys.stdin)
 print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "candle-core").rsplit("/", 1)[0])')
-patched=$target/patch/$(basename "$candle_core")
+patched=$cache/patch/$(basename "$candle_core")
 if [[ ! -f "$patched/Cargo.toml" ]] || ! grep -q '"dynamic-loading"' "$patched/Cargo.toml"; then
   rm -rf "$patched"
   mkdir -p "$(dirname "$patched")"

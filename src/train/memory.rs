@@ -813,14 +813,17 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
         dt,
     };
     let weights = weight_bytes(c, options.method, options.dtype);
-    // Parameters (compute dtype) + AdamW's two f32 moments; the gradient (compute dtype) exists
-    // from the backward pass to the update, twice while clipping makes its scaled copy.
-    let (trainable_params, param_bytes) = match options.method {
-        Method::Full => (params.total, 0),
-        _ => (params.lora, params.lora * dt),
+    // Parameters + AdamW's two f32 moments; the gradient exists from the backward pass to the
+    // update, twice while clipping makes its scaled copy. Full fine-tuning trains the weights in
+    // the compute dtype (counted with the weights); adapters are f32 whatever the base's dtype
+    // (`lora::layer::ADAPTER_DTYPE`), and so are their gradients.
+    let adapter_bytes = crate::lora::layer::ADAPTER_DTYPE.size_in_bytes() as u64;
+    let (trainable_params, param_bytes, grad_bytes) = match options.method {
+        Method::Full => (params.total, 0, dt),
+        _ => (params.lora, params.lora * adapter_bytes, adapter_bytes),
     };
     let state = param_bytes + trainable_params * 8;
-    let grads = trainable_params * dt;
+    let grads = trainable_params * grad_bytes;
     // On the CPU freed memory stays with the process (`alloc.rs`), and each AdamW update writes
     // fresh moments into the heap the step's activations have just freed: from the second step
     // on, the step's own tensors sit above them, so its phases hold the moments twice. Counted for
