@@ -70,6 +70,15 @@ pub enum Error {
     /// The Hugging Face Hub could not be reached or refused a request.
     #[error("hub: {0}")]
     Hub(String),
+    /// A merge whose written model would not answer like the adapter on its base (on the probe):
+    /// nothing was written.
+    #[error("{report}; above --max-merge-error {limit}: the merged model would not answer like the adapter did; nothing written (pass --force to write it anyway)")]
+    MergeCheck {
+        /// What was merged and how far the merged model strays, in words.
+        report: String,
+        /// The largest fraction allowed.
+        limit: f64,
+    },
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

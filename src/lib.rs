@@ -54,6 +54,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod hub;
 pub mod io;

@@ -1,10 +1,10 @@
 //! `peft-sft export-adapter`: a PEFT LoRA adapter as a llama.cpp LoRA GGUF (`llama-cli --lora`).
 
 use clap::{Arg, ArgMatches, Command};
+use peft_sft::export::gguf::export_adapter;
 use peft_sft::hub::resolve_model;
 use peft_sft::lora::LoraConfig;
 use peft_sft::model::ModelConfig;
-use peft_sft::quant::gguf_export::export_adapter;
 use std::path::Path;
 
 use super::text;

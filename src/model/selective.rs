@@ -16,7 +16,7 @@
 //! to host memory after the forward and back, one layer at a time, in the backward, and attention
 //! is recomputed from the saved q, k and v on its own graph.
 //!
-//! With gradient checkpointing the same code serves [`checkpointed_stack`]: the whole decoder
+//! With gradient checkpointing the same code serves `checkpointed_stack`: the whole decoder
 //! stack is one op that keeps only the layer inputs and, in the backward, rebuilds each layer from
 //! its input and differentiates it at once, the MLP by chunks of rows.
 
@@ -168,7 +168,7 @@ fn lora_vars(projs: &[Proj]) -> Vec<Tensor> {
         .collect()
 }
 
-/// Rows per MLP chunk under [`checkpointed_stack`]: as many as keep one `[rows, intermediate]`
+/// Rows per MLP chunk under `checkpointed_stack`: as many as keep one `[rows, intermediate]`
 /// tensor within 2^24 elements (64 MiB in f32), a multiple of 64, at least 64.
 pub fn mlp_chunk_rows(intermediate: usize) -> usize {
     ((1usize << 24) / intermediate.max(1) / 64).max(1) * 64

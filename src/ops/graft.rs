@@ -317,7 +317,7 @@ pub fn graft1(
 
 /// [`graft1`] onto `x` for an op that also uses trainable tensors `vars` it does not take as
 /// inputs (a decoder layer's LoRA pairs, a checkpointed block's weights). Its backward computes
-/// their gradients along with `x`'s and hands each to [`park`]; they reach candle's gradient store
+/// their gradients along with `x`'s and hands each to `park`; they reach candle's gradient store
 /// through the graph itself: the op also reads a scalar that `vars` feed through identity ops
 /// ("carriers"), whose backward (run after the op's, as they come before it) returns the parked
 /// gradients as theirs. So a plain `loss.backward()` holds every gradient, and the op stays in

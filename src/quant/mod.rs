@@ -6,7 +6,6 @@ pub mod blockwise;
 pub mod bnb;
 pub mod codebook;
 pub mod gguf;
-pub mod gguf_export;
 
 use crate::Result;
 use candle_core::quantized::QTensor;

@@ -12,10 +12,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::gguf::{gguf_name, permute_rows};
 use crate::data::ChatTokenizer;
 use crate::model::{CausalLm, Family, ModelConfig};
 use crate::ops::rope::{RopeScaling, RotaryEmbedding};
+use crate::quant::gguf::{gguf_name, permute_rows};
 use crate::{Error, Result};
 
 /// The text llama.cpp's converter encodes to recognise a tokenizer's pre-tokenization
@@ -61,6 +61,19 @@ pub enum ExportType {
     /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for `attn_v`/`ffn_down` of some layers and for the
     /// output matrix.
     Q4KM,
+}
+
+impl std::fmt::Display for ExportType {
+    /// The name `--quantize` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExportType::F32 => "f32",
+            ExportType::F16 => "f16",
+            ExportType::Q8_0 => "q8_0",
+            ExportType::Q4_0 => "q4_0",
+            ExportType::Q4KM => "q4_k_m",
+        })
+    }
 }
 
 impl std::str::FromStr for ExportType {
