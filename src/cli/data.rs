@@ -2,7 +2,7 @@
 //! a histogram of lengths, and the counts of truncated, skipped and unusable rows.
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
-use peft_sft::data::{prepare_dataset, ChatTokenizer, Example, PreparedDataset};
+use peft_sft::data::{marked, prepare_dataset, ChatTokenizer, PreparedDataset};
 use peft_sft::hub::resolve_model;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -117,31 +117,4 @@ fn print_summary(data: &PreparedDataset) {
             (b + 1) * width
         );
     }
-}
-
-/// The example's text with each run of loss tokens marked (green on a terminal, `[[ ]]` otherwise).
-pub fn marked(tok: &ChatTokenizer, e: &Example, color: bool) -> anyhow::Result<String> {
-    let (open, close) = if color {
-        ("\x1b[32m", "\x1b[0m")
-    } else {
-        ("[[", "]]")
-    };
-    let mut out = String::new();
-    let mut start = 0;
-    while start < e.len() {
-        let bit = e.loss_mask[start];
-        let end = (start..e.len())
-            .find(|&i| e.loss_mask[i] != bit)
-            .unwrap_or(e.len());
-        let text = tok.decode(&e.input_ids[start..end], false)?;
-        if bit == 1 {
-            out.push_str(open);
-            out.push_str(&text);
-            out.push_str(close);
-        } else {
-            out.push_str(&text);
-        }
-        start = end;
-    }
-    Ok(out)
 }

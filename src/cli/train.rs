@@ -408,128 +408,25 @@ fn tracked_files(config: &SftConfig) -> String {
     files.iter().map(|f| format!(", {f}")).collect()
 }
 
-/// `--sanity-check`: a short run on a few rows, then what a user should look at before a long run
-/// (seed 003's checklist): did the loss fall, what the model is trained on, what it now says.
-fn sanity_check(mut config: SftConfig) -> anyhow::Result<()> {
-    config.max_steps = 15;
-    config.logging_steps = 1;
-    config.save_steps = usize::MAX;
-    config.eval_dataset = None;
-    config.eval_split_ratio = None;
-    config.load_best_model_at_end = false;
-    config.report_to = vec!["jsonl".into()];
-    config.max_train_samples = Some(config.max_train_samples.unwrap_or(100).min(100));
-    config.output_dir = Path::new(&config.output_dir)
-        .join("sanity-check")
-        .to_string_lossy()
-        .into_owned();
-    let outcome = train(&config, Reporting { progress: false })?;
-    let losses: Vec<f64> = std::fs::read_to_string(outcome.output_dir.join("metrics.jsonl"))?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v.get("loss").and_then(Value::as_f64))
-        .collect();
-    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
-    let k = (losses.len() / 3).max(1);
-    let (first, last) = (
-        mean(&losses[..k.min(losses.len())]),
-        mean(&losses[losses.len().saturating_sub(k)..]),
-    );
-    if last < 0.95 * first {
-        println!("sanity check: the loss fell from {first:.4} to {last:.4} over {} steps: training works", losses.len());
+/// `--sanity-check`: the short run's verdict, the first example and what the model now says.
+fn sanity_check(config: SftConfig) -> anyhow::Result<()> {
+    let report = peft_sft::train::sanity_check(&config)?;
+    let (first, last, steps) = (report.first, report.last, report.losses.len());
+    if report.learned() {
+        println!("sanity check: the loss fell from {first:.4} to {last:.4} over {steps} steps: training works");
     } else {
         println!(
-            "sanity check: WARNING the loss did not fall ({first:.4} -> {last:.4} over {} steps): check --learning-rate and the loss masks (peft-sft data inspect)",
-            losses.len()
+            "sanity check: WARNING the loss did not fall ({first:.4} -> {last:.4} over {steps} steps): check --learning-rate and the loss masks (peft-sft data inspect)"
         );
     }
-    let device = peft_sft::device::select_device(&config.device)?;
-    let options = peft_sft::model::LoadOptions {
-        trainable: false,
-        ..config.load_options()?
-    };
-    // A full fine-tune wrote a model folder; LoRA/QLoRA an adapter over the base.
-    let full = config.mode == peft_sft::config::Mode::Full;
-    let trained = outcome.output_dir.to_string_lossy().into_owned();
-    let spec = if full {
-        &trained
-    } else {
-        &config.model_name_or_path
-    };
-    let mut loaded = peft_sft::model::load_pretrained_with(spec, options, &device)?;
-    if let Some(template) = config.chat_template()? {
-        loaded.tokenizer = loaded.tokenizer.with_chat_template(template);
-    }
-    if !full {
-        peft_sft::lora::load_adapter(&mut loaded.model, &outcome.output_dir)?;
-    }
-    let data = peft_sft::data::prepare_dataset(
-        Path::new(&config.dataset_name),
-        &loaded.tokenizer,
-        &config.tokenize_options(),
-    )?;
-    let Some(example) = (!data.examples.is_empty()).then(|| data.examples.get(0)) else {
+    let Some(example) = &report.first_example else {
         return Ok(());
     };
     println!("\nfirst training example (loss tokens in [[ ]]):");
-    println!(
-        "{}",
-        super::data::marked(&loaded.tokenizer, &example, false)?
-    );
-    let prompt = first_prompt(&config, &loaded.tokenizer, &example)?;
-    let opts = peft_sft::generate::GenerateOptions {
-        max_new_tokens: 32,
-        stop_ids: loaded.stop_ids(),
-        ..Default::default()
-    };
-    let new = peft_sft::generate::generate(&loaded.model, &prompt, &opts)?;
-    println!(
-        "\ngeneration after {} steps, from the first row's prompt (new text in [[ ]]):",
-        losses.len()
-    );
-    println!(
-        "{}[[{}]]",
-        loaded.tokenizer.decode(&prompt, false)?,
-        loaded.tokenizer.decode(&new, false)?
-    );
+    println!("{example}");
+    println!("\ngeneration after {steps} steps, from the first row's prompt (new text in [[ ]]):");
+    println!("{}[[{}]]", report.prompt, report.generated);
     Ok(())
-}
-
-/// The first dataset row's prompt as the model would see it at inference: a conversation up to its
-/// last assistant turn with the generation prompt, a prompt column, or (plain text) the tokens
-/// before the example's first loss token.
-fn first_prompt(
-    config: &SftConfig,
-    tok: &peft_sft::data::ChatTokenizer,
-    example: &peft_sft::data::Example,
-) -> anyhow::Result<Vec<u32>> {
-    use peft_sft::data::{load_rows, parse_sample, Sample};
-    let path = Path::new(&config.dataset_name);
-    let rows = load_rows(path)?;
-    let row = config.field_mapping().apply(&rows[0], path)?;
-    Ok(match parse_sample(&row, path)? {
-        Sample::Messages(messages) => {
-            let last_assistant = messages
-                .iter()
-                .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
-                .unwrap_or(messages.len());
-            let context = &messages[..last_assistant.max(1)];
-            tok.encode(&tok.apply_chat_template(context, true)?, false)?
-        }
-        Sample::ConversationalPromptCompletion { prompt, .. } => {
-            tok.encode(&tok.apply_chat_template(&prompt, true)?, false)?
-        }
-        Sample::PromptCompletion { prompt, .. } => tok.encode(&prompt, true)?,
-        Sample::Text(_) => {
-            let n = example
-                .loss_mask
-                .iter()
-                .position(|&b| b == 1)
-                .unwrap_or(0)
-                .max(1);
-            example.input_ids[..n.clamp(1, 8)].to_vec()
-        }
-    })
 }
 
 #[cfg(test)]

@@ -28,5 +28,5 @@ pub use pack::{bfd_bins, pack_bfd, pack_dataset};
 pub use prepare::{default_cache_dir, prepare_dataset, prepare_dataset_split, PreparedDataset};
 pub use store::{Examples, TokenStore};
 pub use template::ChatTemplate;
-pub use tokenize::{tokenize_sample, Example, TokenizeOptions};
+pub use tokenize::{marked, tokenize_sample, Example, TokenizeOptions};
 pub use tokenizer::ChatTokenizer;

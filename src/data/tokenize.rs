@@ -334,6 +334,33 @@ fn common_prefix_length(ids: &[u32], other_ids: &[u32]) -> usize {
         .count()
 }
 
+/// The example's text with each run of loss tokens marked (green on a terminal, `[[ ]]` otherwise).
+pub fn marked(tok: &ChatTokenizer, e: &Example, color: bool) -> Result<String> {
+    let (open, close) = if color {
+        ("\x1b[32m", "\x1b[0m")
+    } else {
+        ("[[", "]]")
+    };
+    let mut out = String::new();
+    let mut start = 0;
+    while start < e.len() {
+        let bit = e.loss_mask[start];
+        let end = (start..e.len())
+            .find(|&i| e.loss_mask[i] != bit)
+            .unwrap_or(e.len());
+        let text = tok.decode(&e.input_ids[start..end], false)?;
+        if bit == 1 {
+            out.push_str(open);
+            out.push_str(&text);
+            out.push_str(close);
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tokenizer::test_support::{bos_tokenizer, chatml_tokenizer};

@@ -8,6 +8,8 @@ pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod plan;
+pub mod sanity;
 pub mod schedule;
 
 pub use engine::{train, Reporting, TrainOutcome};
+pub use sanity::{sanity_check, SanityReport};
