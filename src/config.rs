@@ -469,12 +469,7 @@ impl SftConfig {
 
     /// The PEFT LoRA config these settings describe.
     pub fn lora_config(&self) -> LoraConfig {
-        let targets = match self.lora_target_modules.as_slice() {
-            [one] if one == "all-linear" || one.contains(['*', '(', '|', '\\', '$', '^']) => {
-                TargetModules::Pattern(one.clone())
-            }
-            many => TargetModules::List(many.to_vec()),
-        };
+        let targets = TargetModules::from_names(&self.lora_target_modules);
         LoraConfig {
             base_model_name_or_path: Some(self.model_name_or_path.clone()),
             r: self.lora_r,

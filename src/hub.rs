@@ -26,6 +26,42 @@ pub(crate) fn hub_id(spec: &str) -> Option<(&str, &str)> {
     (valid(owner) && valid(name) && !spec.starts_with('.')).then_some((owner, name))
 }
 
+/// The config.json that `spec` names: a file as is, a folder's, or a Hub model repo's (only
+/// config.json is downloaded), for what needs no weights (`peft-sft plan`).
+pub fn resolve_config(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let config = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        let Some((owner, name)) = hub_id(spec) else {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                hint: "give config.json, a model folder or a Hugging Face Hub id like HuggingFaceTB/SmolLM2-135M".into(),
+            });
+        };
+        let client = hf_hub::HFClientSync::new()
+            .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+        client
+            .model(owner, name)
+            .snapshot_download()
+            .allow_patterns(vec!["config.json".to_string()])
+            .local_files_only(offline())
+            .send()
+            .map_err(|e| Error::Hub(format!("cannot fetch config.json of `{spec}` from the Hub ({e}); check the id, your network and HF_TOKEN, or pass a local config.json")))?
+            .join("config.json")
+    };
+    if !config.exists() {
+        return Err(Error::MissingFile {
+            path: config,
+            hint: "a model folder needs its config.json".into(),
+        });
+    }
+    Ok(config)
+}
+
 /// A local folder as is, or the snapshot folder of a Hub model repo (downloaded if needed).
 pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(spec);

@@ -3,16 +3,20 @@
 //! beyond the config.
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+use peft_sft::config::SftConfig;
+use peft_sft::hub::resolve_config;
 use peft_sft::lora::TargetModules;
+use peft_sft::model::load::default_dtype;
 use peft_sft::model::ModelConfig;
 use peft_sft::train::memory::{
     cpu_baseline_bytes, largest_max_length, plan, Breakdown, MemoryPlan, Method, Phase, PlanDevice,
     PlanOptions, CUDA_BASELINE_BYTES,
 };
-use std::path::{Path, PathBuf};
 
 /// The `plan` subcommand's definition.
 pub fn command() -> Command {
+    // train's defaults.
+    let train = SftConfig::default();
     Command::new("plan")
         .about("Predict the peak memory of a training step (weights, LoRA + optimizer, activations, workspace)")
         .arg(
@@ -38,23 +42,23 @@ pub fn command() -> Command {
         .arg(
             Arg::new("max_length")
                 .long("max-length")
-                .default_value("1024")
+                .default_value(train.max_length.to_string())
                 .value_parser(value_parser!(usize))
                 .help("Tokens per row (the planner assumes full rows)"),
         )
         .arg(
             Arg::new("lora_r")
                 .long("lora-r")
-                .default_value("16")
+                .default_value(train.lora_r.to_string())
                 .value_parser(value_parser!(usize))
                 .help("LoRA rank"),
         )
         .arg(
             Arg::new("batch_size")
                 .long("per-device-train-batch-size")
-                .default_value("8")
+                .default_value(train.per_device_train_batch_size.to_string())
                 .value_parser(value_parser!(usize))
-                .help("Rows per micro-batch (train's default 8)"),
+                .help("Rows per micro-batch"),
         )
         .arg(
             Arg::new("gradient_checkpointing")
@@ -71,15 +75,15 @@ pub fn command() -> Command {
         .arg(
             Arg::new("lora_target_modules")
                 .long("lora-target-modules")
-                .default_value("all-linear")
+                .default_value(train.lora_target_modules.join(","))
                 .help("all-linear, a regex, or a comma-separated list of module names"),
         )
         .arg(
             Arg::new("lora_dropout")
                 .long("lora-dropout")
-                .default_value("0.05")
+                .default_value(train.lora_dropout.to_string())
                 .value_parser(value_parser!(f64))
-                .help("LoRA dropout (train's default 0.05; 0 keeps no masks)"),
+                .help("LoRA dropout (0 keeps no masks)"),
         )
         .arg(
             Arg::new("device")
@@ -114,33 +118,6 @@ pub fn command() -> Command {
         )
 }
 
-/// The config.json that `--model` names: a file, a folder's, or a Hub repo's (downloaded alone).
-fn config_path(spec: &str) -> anyhow::Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if path.is_dir() {
-        return Ok(path.join("config.json"));
-    }
-    let Some((owner, name)) = spec
-        .split_once('/')
-        .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
-    else {
-        anyhow::bail!("--model `{spec}`: give config.json, a model folder or a Hub id like HuggingFaceTB/SmolLM2-135M");
-    };
-    let client = hf_hub::HFClientSync::new()
-        .map_err(|e| anyhow::anyhow!("cannot set up the Hub client: {e}"))?;
-    let dir = client
-        .model(owner, name)
-        .snapshot_download()
-        .allow_patterns(vec!["config.json".to_string()])
-        .local_files_only(peft_sft::hub::offline())
-        .send()
-        .map_err(|e| anyhow::anyhow!("cannot fetch config.json of `{spec}` from the Hub ({e}); check the id, your network and HF_TOKEN, or pass a local config.json"))?;
-    Ok(dir.join("config.json"))
-}
-
 /// The plan's options from the flags.
 fn options(m: &ArgMatches, config: &ModelConfig) -> anyhow::Result<PlanOptions> {
     let method = if m.get_flag("qlora") {
@@ -158,33 +135,39 @@ fn options(m: &ArgMatches, config: &ModelConfig) -> anyhow::Result<PlanOptions> 
         Some("f32") => candle_core::DType::F32,
         Some("bf16") => candle_core::DType::BF16,
         Some("f16") => candle_core::DType::F16,
-        _ if device == PlanDevice::Cpu => candle_core::DType::F32,
-        // As `train` picks it (model/load.rs `compute_dtype`).
-        _ => match config.saved_dtype() {
-            Some("bfloat16") => candle_core::DType::BF16,
-            Some("float16") => candle_core::DType::F16,
-            _ => candle_core::DType::F32,
-        },
+        // As `train` picks it.
+        _ => default_dtype(config, device == PlanDevice::Cuda),
     };
     let baseline_bytes = match m.get_one::<f64>("baseline_mib") {
         Some(mib) => (mib * 1048576.0) as u64,
         None if device == PlanDevice::Cuda => CUDA_BASELINE_BYTES,
         None => cpu_baseline_bytes(config),
     };
-    let targets = super::text(m, "lora_target_modules");
-    let target_modules =
-        if targets == "all-linear" || targets.contains(['*', '(', '|', '\\', '$', '^']) {
-            TargetModules::Pattern(targets.to_string())
-        } else {
-            TargetModules::List(targets.split(',').map(|s| s.trim().to_string()).collect())
-        };
+    let targets: Vec<String> = super::text(m, "lora_target_modules")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    // train's defaults where a flag is absent.
+    let train = SftConfig::default();
     Ok(PlanOptions {
         method,
-        max_length: m.get_one::<usize>("max_length").copied().unwrap_or(1024),
-        batch_size: m.get_one::<usize>("batch_size").copied().unwrap_or(8),
-        lora_r: m.get_one::<usize>("lora_r").copied().unwrap_or(16),
-        target_modules,
-        lora_dropout: m.get_one::<f64>("lora_dropout").copied().unwrap_or(0.05),
+        max_length: m
+            .get_one::<usize>("max_length")
+            .copied()
+            .unwrap_or(train.max_length),
+        batch_size: m
+            .get_one::<usize>("batch_size")
+            .copied()
+            .unwrap_or(train.per_device_train_batch_size),
+        lora_r: m
+            .get_one::<usize>("lora_r")
+            .copied()
+            .unwrap_or(train.lora_r),
+        target_modules: TargetModules::from_names(&targets),
+        lora_dropout: m
+            .get_one::<f64>("lora_dropout")
+            .copied()
+            .unwrap_or(train.lora_dropout),
         gradient_checkpointing: m.get_flag("gradient_checkpointing"),
         offload_activations: m.get_flag("offload_activations"),
         checkpoint_chunk_rows: 0,
@@ -324,14 +307,7 @@ fn print_table(spec: &str, o: &PlanOptions, p: &MemoryPlan, fit: Option<(f64, Op
 /// Runs `peft-sft plan`.
 pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     let spec = super::text(m, "model");
-    let path = config_path(spec)?;
-    if !path.exists() {
-        anyhow::bail!(
-            "{}: file not found (a model folder needs its config.json)",
-            path.display()
-        );
-    }
-    let config = ModelConfig::from_file(&path)?;
+    let config = ModelConfig::from_file(&resolve_config(spec)?)?;
     let o = options(m, &config)?;
     if o.offload_activations && !o.gradient_checkpointing {
         anyhow::bail!(

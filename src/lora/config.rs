@@ -23,6 +23,19 @@ impl Default for TargetModules {
     }
 }
 
+impl TargetModules {
+    /// `--lora-target-modules` as given (comma-separated names): one `all-linear` or one regex
+    /// (it has `*`, `(`, `|`, `\`, `$` or `^`) is a pattern, anything else a list of names.
+    pub fn from_names(names: &[String]) -> Self {
+        match names {
+            [one] if one == "all-linear" || one.contains(['*', '(', '|', '\\', '$', '^']) => {
+                TargetModules::Pattern(one.clone())
+            }
+            many => TargetModules::List(many.to_vec()),
+        }
+    }
+}
+
 /// PEFT's `trainable_token_indices`: ids for the embedding, or ids per module name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

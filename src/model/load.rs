@@ -66,7 +66,12 @@ fn open_gguf(
 
 /// The compute dtype: f32 on CPU; the checkpoint's dtype (bf16/f16) on accelerators.
 pub fn compute_dtype(config: &ModelConfig, device: &Device) -> DType {
-    if device.is_cpu() {
+    default_dtype(config, !device.is_cpu())
+}
+
+/// [`compute_dtype`] for a device known only by kind (the memory planner's `--device`).
+pub fn default_dtype(config: &ModelConfig, accelerator: bool) -> DType {
+    if !accelerator {
         return DType::F32;
     }
     match config.saved_dtype() {
