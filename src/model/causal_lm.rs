@@ -1,5 +1,6 @@
 //! The decoder-only causal language model: embedding, decoder layers, final norm, LM head.
 
+use super::bnb;
 use super::config::{Family, ModelConfig};
 use super::layers::{
     Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
@@ -15,7 +16,7 @@ use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
 use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
 use crate::ops::rope::RotaryEmbedding;
-use crate::quant::{bnb, gguf, QuantScheme, QuantizedData, QuantizedWeight};
+use crate::quant::{gguf, QuantScheme, QuantizedData, QuantizedWeight};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::Arc;

@@ -1,6 +1,7 @@
-//! Hugging Face decoder models: config parsing, weights, the layers, the causal LM, loading and
-//! saving model folders.
+//! Hugging Face decoder models: config parsing, weights (incl. bitsandbytes 4-bit checkpoints),
+//! the layers, the causal LM, loading and saving model folders.
 
+pub mod bnb;
 pub mod causal_lm;
 pub mod config;
 pub mod layers;

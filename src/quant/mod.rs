@@ -3,7 +3,6 @@
 //! layer at a time, inside the frozen linear op's forward and backward.
 
 pub mod blockwise;
-pub mod bnb;
 pub mod codebook;
 pub mod gguf;
 

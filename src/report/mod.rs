@@ -1,13 +1,14 @@
 //! Tracking a run without Python: `metrics.jsonl`, TensorBoard event files under `OUTPUT/runs/`
 //! and `loss_curve.png`, chosen with `--report-to` (TRL's name), plus the end-of-run summary.
 
+pub mod jsonl;
 pub mod plot;
 pub mod summary;
 pub mod tensorboard;
 
 use crate::config::SftConfig;
-use crate::train::metrics::MetricsFile;
 use crate::{Error, Result};
+use jsonl::MetricsFile;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

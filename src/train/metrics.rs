@@ -1,11 +1,8 @@
 //! Training metrics as TRL logs them (`loss`, `grad_norm`, `learning_rate`, `epoch`, `num_tokens`,
 //! `mean_token_accuracy`, `entropy`, `eval_*`): averaged over each logging window, written to
-//! `OUTPUT/metrics.jsonl` and shown on a progress bar.
+//! `OUTPUT/metrics.jsonl` (`report::jsonl`) and shown on a progress bar.
 
-use crate::{Error, Result};
 use serde_json::{Map, Value};
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The metrics of one optimizer step.
@@ -82,32 +79,4 @@ impl Window {
 
 fn round(x: f64) -> Value {
     Value::from((x * 1e6).round() / 1e6)
-}
-
-/// Appends log entries to `metrics.jsonl`.
-pub struct MetricsFile {
-    path: PathBuf,
-}
-
-impl MetricsFile {
-    /// Starts `dir/metrics.jsonl` with `history` (the entries up to a resumed checkpoint, or none).
-    pub fn create(dir: &Path, history: &[Value]) -> Result<Self> {
-        let path = dir.join("metrics.jsonl");
-        let mut text = String::new();
-        for entry in history {
-            text.push_str(&entry.to_string());
-            text.push('\n');
-        }
-        crate::io::write_bytes(&path, text.as_bytes())?;
-        Ok(MetricsFile { path })
-    }
-
-    /// Appends one entry.
-    pub fn append(&self, entry: &Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?;
-        writeln!(f, "{entry}").map_err(|e| Error::io(&self.path, e))
-    }
 }

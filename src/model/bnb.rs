@@ -3,8 +3,8 @@
 //! double quantization `weight.nested_absmax` and `weight.nested_quant_map`, plus a JSON quant
 //! state in the U8 tensor `weight.quant_state.bitsandbytes__nf4` (or `__fp4`).
 
-use super::{Absmax, FourBit, FourBitType, NestedAbsmax, QuantizedData, QuantizedWeight};
-use crate::model::weights::{json_dims, Weights};
+use super::weights::{json_dims, Weights};
+use crate::quant::{Absmax, FourBit, FourBitType, NestedAbsmax, QuantizedData, QuantizedWeight};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
