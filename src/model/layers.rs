@@ -2,10 +2,10 @@
 //! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
 
 use super::param::Param;
-use crate::lora::layer::LoraLayer;
 use crate::ops::attention::{attention, attention_tokens, AttentionMask};
 use crate::ops::cpu::is_cpu_f32;
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
+use crate::ops::lora::LoraLayer;
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
 use crate::ops::rope::{apply_rope, apply_rope_tokens};

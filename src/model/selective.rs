@@ -21,7 +21,6 @@
 //! its input and differentiates it at once, the MLP by chunks of rows.
 
 use super::layers::{DecoderLayer, ForwardContext, Linear, Norm};
-use crate::lora::layer::LoraLayer;
 use crate::ops::attention::{attention_tokens, flash_applies, AttentionMask};
 use crate::ops::cpu::{is_cpu_f32, tensor, Held};
 use crate::ops::flash::{self, Dims};
@@ -30,6 +29,7 @@ use crate::ops::linear::{
     dense, input_gradient, lora_hidden, lora_input, lora_rows, lora_weight_grads, FrozenWeight,
     InputShare, LoraBase, LoraHidden,
 };
+use crate::ops::lora::LoraLayer;
 use crate::ops::norm::{rms_norm_forward, rms_norm_grad_x};
 use crate::ops::residual::sum_cpu;
 use crate::ops::rope::rotate_tokens;

@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod flash;
 pub mod graft;
 pub mod linear;
+pub mod lora;
 pub mod mask;
 pub(crate) mod narrow;
 pub mod norm;

@@ -816,8 +816,8 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
     // Parameters + AdamW's two f32 moments; the gradient exists from the backward pass to the
     // update, twice while clipping makes its scaled copy. Full fine-tuning trains the weights in
     // the compute dtype (counted with the weights); adapters are f32 whatever the base's dtype
-    // (`lora::layer::ADAPTER_DTYPE`), and so are their gradients.
-    let adapter_bytes = crate::lora::layer::ADAPTER_DTYPE.size_in_bytes() as u64;
+    // (`ops::lora::ADAPTER_DTYPE`), and so are their gradients.
+    let adapter_bytes = crate::ops::lora::ADAPTER_DTYPE.size_in_bytes() as u64;
     let (trainable_params, param_bytes, grad_bytes) = match options.method {
         Method::Full => (params.total, 0, dt),
         _ => (params.lora, params.lora * adapter_bytes, adapter_bytes),
