@@ -59,6 +59,7 @@ pub mod generate;
 pub mod hub;
 pub mod io;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod push;

@@ -6,12 +6,12 @@ use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use peft_sft::config::SftConfig;
 use peft_sft::hub::resolve_config;
 use peft_sft::lora::TargetModules;
-use peft_sft::model::load::default_dtype;
-use peft_sft::model::ModelConfig;
-use peft_sft::train::memory::{
+use peft_sft::memory::{
     cpu_baseline_bytes, largest_max_length, plan, Breakdown, MemoryPlan, Method, Phase, PlanDevice,
     PlanOptions, CUDA_BASELINE_BYTES,
 };
+use peft_sft::model::load::default_dtype;
+use peft_sft::model::ModelConfig;
 
 /// The `plan` subcommand's definition.
 pub fn command() -> Command {

@@ -14,7 +14,7 @@ use super::graft::graft3;
 use candle_core::{Result, Tensor, D};
 
 /// Rows of queries (and columns of keys) per block.
-const BLOCK: usize = 256;
+pub(crate) const BLOCK: usize = 256;
 
 fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..len)

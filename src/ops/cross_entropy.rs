@@ -35,7 +35,7 @@ pub struct LossOutput {
 }
 
 /// Rows per chunk so that one chunk's logits stay near 16M values.
-fn chunk_rows(vocab: usize) -> usize {
+pub(crate) fn chunk_rows(vocab: usize) -> usize {
     (16 * 1024 * 1024 / vocab.max(1)).max(1)
 }
 

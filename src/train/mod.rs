@@ -1,10 +1,9 @@
 //! Training: the loop, optimizer, schedules, step planning, metrics, evaluation, checkpoints and
-//! the memory planner.
+//! the sanity check. (The memory planner is `crate::memory`.)
 
 pub mod checkpoint;
 pub mod engine;
 pub mod eval;
-pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod plan;

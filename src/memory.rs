@@ -4,15 +4,17 @@
 //! keeps for the backward pass, the largest transient buffers, and a fixed process baseline.
 //!
 //! The counts follow the code: `model/layers.rs` for the layer's dataflow and `ops/*.rs` for what
-//! each op's backward captures. Everything is in the compute dtype except AdamW's moments (f32) and
-//! the loss chunks (f32 logits). On the CPU in f32 the ops run native kernels (flash attention,
+//! each op's backward captures; the kernels' block and chunk sizes are theirs (`ops::attention::
+//! BLOCK`, `ops::cross_entropy::chunk_rows`), not copies. Everything is in the compute dtype
+//! except the LoRA weights and their gradients, AdamW's moments and the loss chunks' logits (f32). On the CPU in f32 the ops run native kernels (flash attention,
 //! one-buffer linears, SwiGLU, RMSNorm and loss chunks) that keep and allocate less than the
 //! candle-op kernels every other device and dtype runs; the counts follow each.
 
 use crate::lora::target::select;
 use crate::lora::TargetModules;
 use crate::model::{Family, ModelConfig};
-use crate::ops::attention::KEEP_PROBABILITIES_BYTES;
+use crate::ops::attention::{BLOCK as ATTENTION_BLOCK, KEEP_PROBABILITIES_BYTES};
+use crate::ops::cross_entropy::chunk_rows as loss_chunk_rows;
 use crate::{Error, Result};
 use candle_core::DType;
 use std::collections::HashSet;
@@ -36,15 +38,6 @@ pub fn cpu_baseline_bytes(c: &ModelConfig) -> u64 {
 /// The process baseline on a CUDA device: context, module images and cuBLAS workspace. An
 /// assumption (not measured on candle): CUDA contexts of recent drivers take 300–600 MiB.
 pub const CUDA_BASELINE_BYTES: u64 = 512 * MIB;
-
-/// Rows per chunk of the chunked LM head + cross-entropy (`ops/cross_entropy.rs`): one chunk's
-/// logits stay near 16M values.
-fn loss_chunk_rows(vocab: usize) -> usize {
-    (16 * 1024 * 1024 / vocab.max(1)).max(1)
-}
-
-/// Query rows (and key columns) per block of the blocked attention kernel (`ops/attention.rs`).
-const ATTENTION_BLOCK: usize = 256;
 
 /// Key chunks per head of the CPU flash backward (`ops/flash.rs`, `backward`): each chunk is a task
 /// writing its own dQ part.
