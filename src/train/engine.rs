@@ -94,16 +94,15 @@ fn split_eval(n: usize, ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// What of the tokenizer is saved with the weights.
-#[derive(Clone, Copy)]
-enum TokenizerFiles<'a> {
+enum TokenizerFiles {
     /// Nothing: the base's tokenizer applies.
     None,
     /// The chat template trained with (`--chat-template FILE`), as `chat_template.jinja`, which
     /// `generate`/`eval` with `--adapter` and transformers then use.
-    Template(&'a str),
+    Template(String),
     /// The whole tokenizer (`--chat-template chatml` added tokens to it), as transformers'
     /// `Trainer.save_model` writes it; PEFT's `AutoPeftModelForCausalLM` resizes the base from it.
-    All(&'a crate::data::ChatTokenizer),
+    All(Box<crate::data::ChatTokenizer>),
 }
 
 /// Saves the trainable weights into `dir`: the PEFT adapter, or a full model folder, with the
@@ -113,7 +112,7 @@ fn save_weights(
     lora: Option<&LoraConfig>,
     base_dir: &Path,
     dir: &Path,
-    tokenizer: TokenizerFiles,
+    tokenizer: &TokenizerFiles,
 ) -> Result<()> {
     match lora {
         Some(config) => lora::save_adapter(model, config, dir)?,
@@ -177,9 +176,68 @@ fn write_card(
     )
 }
 
-/// Runs supervised fine-tuning as `config` describes.
+/// Runs supervised fine-tuning as `config` describes: `prepare` (model, data, adapters,
+/// optimizer, resumed state), the steps, then `finish` (weights, card, push).
 pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
+    let mut run = prepare(config)?;
+    write_json(&run.output_dir.join("training_config.json"), config)?;
+    let resumed_at = run.resumed.then_some(run.state.global_step);
+    let log = Log {
+        tracking: Tracking::open(config, &run.output_dir, &run.state.log_history, resumed_at)?,
+        bar: reporting
+            .progress
+            .then(|| progress_bar(run.total, run.state.global_step)),
+    };
+    let mut window = Window::default();
+    for step in run.state.global_step..run.total {
+        let metrics = run.step(config, step)?;
+        let done = step + 1;
+        window.add(&metrics);
+        log.progress(&metrics, run.lr_at(config, step), &window);
+        if done % config.logging_steps == 0 || done == run.total {
+            // transformers logs the scheduler's rate after its step, i.e. the next step's rate.
+            let lr = run.lr_at(config, done);
+            let entry = window.flush(lr, run.state.epoch, run.state.num_input_tokens_seen, done);
+            log.write(entry, &mut run.state)?;
+        }
+        if run.eval_set.is_some() && (done % run.eval_steps == 0 || done == run.total) {
+            run.evaluate(config, done, &log)?;
+        }
+        if done % config.save_steps == 0 {
+            run.save_checkpoint(config, done)?;
+        }
+    }
+    finish(run, config, log)
+}
+
+/// Everything a run holds from one step to the next.
+struct Run {
+    device: candle_core::Device,
+    output_dir: PathBuf,
+    /// The base model's folder (a full fine-tune saves beside its files).
+    base_dir: PathBuf,
+    model: CausalLm,
+    tokenizer_files: TokenizerFiles,
+    train_set: PreparedDataset,
+    eval_set: Option<PreparedDataset>,
+    pad_id: u32,
+    /// The adapter's config; None for full fine-tuning.
+    lora_config: Option<LoraConfig>,
+    plan: StepPlan,
+    schedule: Schedule,
+    warmup: usize,
+    total: usize,
+    eval_steps: usize,
+    optimizer: AdamW,
+    state: TrainerState,
+    resumed: bool,
+}
+
+/// Loads the model and tokenizer (from the checkpoint when resuming a full fine-tune), sets up
+/// ChatML when asked, tokenizes (and splits, packs) the data, injects or reloads the adapter,
+/// and builds the step plan, schedule, optimizer and trainer state (restored when resuming).
+fn prepare(config: &SftConfig) -> Result<Run> {
     let device = select_device(&config.device)?;
     let output_dir = PathBuf::from(&config.output_dir);
     std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
@@ -221,42 +279,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     } else {
         None
     };
-    let tokenizer_files = match (&chat_setup, &custom_template) {
-        (Some(_), _) => TokenizerFiles::All(&tokenizer),
-        (None, Some(template)) => TokenizerFiles::Template(template),
-        (None, None) => TokenizerFiles::None,
-    };
-    let mut train_set = load_data(
-        &config.dataset_name,
-        &config.dataset_train_split,
-        &tokenizer,
-        config,
-    )?;
-    let mut eval_set = config
-        .eval_dataset
-        .as_deref()
-        .map(|p| load_data(p, &config.dataset_test_split, &tokenizer, config))
-        .transpose()?;
-    if let Some(n) = config.max_train_samples {
-        train_set.examples.truncate(n);
-    }
-    if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
-        let (train, held_out) = split_eval(train_set.examples.len(), ratio, config.seed);
-        eval_set = Some(PreparedDataset {
-            examples: train_set.examples.select(&held_out),
-            skipped_no_loss_tokens: 0,
-            truncated: 0,
-            bad_rows: Vec::new(),
-            ..train_set.clone()
-        });
-        train_set.examples = train_set.examples.select(&train);
-    }
-    if config.packing {
-        // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
-        for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
-            set.examples = set.examples.pack(config.max_length);
-        }
-    }
+    let (train_set, eval_set) = prepare_data(config, &tokenizer)?;
     let pad_id = tokenizer.pad_token_id().ok_or_else(|| {
         Error::Config(format!(
             "{}: the tokenizer has neither a pad nor an eos token",
@@ -278,6 +301,11 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             model.train_token_rows(setup.new_token_ids.clone())?;
         }
     }
+    let tokenizer_files = match (&chat_setup, custom_template) {
+        (Some(_), _) => TokenizerFiles::All(Box::new(tokenizer)),
+        (None, Some(template)) => TokenizerFiles::Template(template),
+        (None, None) => TokenizerFiles::None,
+    };
 
     let plan = StepPlan::new(
         train_set.examples.len(),
@@ -288,10 +316,6 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         config.seed,
     );
     let total = plan.total_steps();
-    let schedule = Schedule::parse(&config.lr_scheduler_type)?;
-    let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, total);
-    let lr_at = |step: usize| config.learning_rate * schedule.factor(step, warmup, total);
-    let eval_steps = config.eval_steps.unwrap_or(config.logging_steps);
     let mut optimizer = AdamW::new(
         model.trainable(),
         AdamWParams {
@@ -301,6 +325,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             weight_decay: config.weight_decay,
         },
     )?;
+    let eval_steps = config.eval_steps.unwrap_or(config.logging_steps);
     let mut state = TrainerState {
         max_steps: total,
         logging_steps: config.logging_steps,
@@ -318,42 +343,100 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         state.best_metric = saved.best_metric;
         state.best_model_checkpoint = saved.best_model_checkpoint;
     }
-    write_json(&output_dir.join("training_config.json"), config)?;
-    let resumed_at = resume_dir.is_some().then_some(state.global_step);
-    let tracking = Tracking::open(config, &output_dir, &state.log_history, resumed_at)?;
-    let bar = reporting
-        .progress
-        .then(|| progress_bar(total, state.global_step));
-    let log = |entry: serde_json::Map<String, Value>, state: &mut TrainerState| -> Result<()> {
-        let entry = Value::Object(entry);
-        tracking.log(&entry)?;
-        match &bar {
-            Some(bar) if !bar.is_hidden() => bar.println(entry.to_string()),
-            Some(_) => eprintln!("{entry}"),
-            None => {}
-        }
-        state.log_history.push(entry);
-        Ok(())
-    };
+    Ok(Run {
+        device,
+        output_dir,
+        base_dir,
+        model,
+        tokenizer_files,
+        train_set,
+        eval_set,
+        pad_id,
+        lora_config,
+        plan,
+        schedule: Schedule::parse(&config.lr_scheduler_type)?,
+        warmup: warmup_steps(config.warmup_steps, config.warmup_ratio, total),
+        total,
+        eval_steps,
+        optimizer,
+        state,
+        resumed: resume_dir.is_some(),
+    })
+}
 
-    let mut window = Window::default();
-    for step in state.global_step..total {
-        let micro_batches: Vec<Vec<Example>> = plan
+/// The training set and the evaluation set (`--eval-dataset`, or `--eval-split-ratio` of the
+/// training rows), truncated to `--max-train-samples` and packed with `--packing`.
+fn prepare_data(
+    config: &SftConfig,
+    tokenizer: &crate::data::ChatTokenizer,
+) -> Result<(PreparedDataset, Option<PreparedDataset>)> {
+    let mut train_set = load_data(
+        &config.dataset_name,
+        &config.dataset_train_split,
+        tokenizer,
+        config,
+    )?;
+    let mut eval_set = config
+        .eval_dataset
+        .as_deref()
+        .map(|p| load_data(p, &config.dataset_test_split, tokenizer, config))
+        .transpose()?;
+    if let Some(n) = config.max_train_samples {
+        train_set.examples.truncate(n);
+    }
+    if let (Some(ratio), None) = (config.eval_split_ratio, &eval_set) {
+        let (train, held_out) = split_eval(train_set.examples.len(), ratio, config.seed);
+        eval_set = Some(PreparedDataset {
+            examples: train_set.examples.select(&held_out),
+            skipped_no_loss_tokens: 0,
+            truncated: 0,
+            bad_rows: Vec::new(),
+            ..train_set.clone()
+        });
+        train_set.examples = train_set.examples.select(&train);
+    }
+    if config.packing {
+        // TRL packs the evaluation set too (`eval_packing` defaults to `packing`).
+        for set in std::iter::once(&mut train_set).chain(eval_set.as_mut()) {
+            set.examples = set.examples.pack(config.max_length);
+        }
+    }
+    Ok((train_set, eval_set))
+}
+
+impl Run {
+    /// The learning rate at `step`.
+    fn lr_at(&self, config: &SftConfig, step: usize) -> f64 {
+        config.learning_rate * self.schedule.factor(step, self.warmup, self.total)
+    }
+
+    /// One optimizer step: each micro-batch forward and backward (the loss normalised by the
+    /// loss tokens of the whole step, as transformers does), gradients summed, clipped, AdamW.
+    fn step(&mut self, config: &SftConfig, step: usize) -> Result<StepMetrics> {
+        let micro_batches: Vec<Vec<Example>> = self
+            .plan
             .step(step)
             .iter()
-            .map(|ids| ids.iter().map(|&i| train_set.examples.get(i)).collect())
+            .map(|ids| {
+                ids.iter()
+                    .map(|&i| self.train_set.examples.get(i))
+                    .collect()
+            })
             .collect();
-        // transformers normalises by the loss tokens of all micro-batches of the step.
         let step_loss_tokens: f64 = micro_batches.iter().flatten().map(loss_tokens).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params().len()];
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.params().len()];
         let mut totals = LossTotals::default();
         let mut tokens = 0;
         for (micro, examples) in micro_batches.iter().enumerate() {
-            let batch = collate(&examples.iter().collect::<Vec<_>>(), pad_id, &device)?;
+            let batch = collate(
+                &examples.iter().collect::<Vec<_>>(),
+                self.pad_id,
+                &self.device,
+            )?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
-            let out = model.batch_loss(&batch, Some(dropout_key))?;
+            let out = self.model.batch_loss(&batch, Some(dropout_key))?;
             let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
-            for (slot, (_, var)) in grads.iter_mut().zip(optimizer.params()) {
+            for (slot, (_, var)) in grads.iter_mut().zip(self.optimizer.params()) {
                 if let Some(g) = store.get(var) {
                     *slot = Some(match slot.take() {
                         Some(acc) => (acc + g)?,
@@ -373,7 +456,7 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
         // A trainable tensor the loss did not reach would silently stop training: an error.
         let grads = grads
             .into_iter()
-            .zip(optimizer.params())
+            .zip(self.optimizer.params())
             .map(|(g, (name, _))| {
                 g.ok_or_else(|| Error::Tensor {
                     name: name.clone(),
@@ -382,125 +465,164 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
             })
             .collect::<Result<Vec<_>>>()?;
         let (grad_norm, grads) = clip_grad_norm(grads, config.max_grad_norm)?;
-        optimizer.step(&grads, lr_at(step))?;
+        let lr = self.lr_at(config, step);
+        self.optimizer.step(&grads, lr)?;
         let done = step + 1;
-        state.global_step = done;
-        state.epoch = plan.epoch_at(done);
-        state.num_input_tokens_seen += tokens;
-        window.add(&StepMetrics {
+        self.state.global_step = done;
+        self.state.epoch = self.plan.epoch_at(done);
+        self.state.num_input_tokens_seen += tokens;
+        Ok(StepMetrics {
             loss: totals.loss(),
             grad_norm,
             accuracy: totals.accuracy(),
             entropy: totals.entropy(),
             tokens,
-        });
-        if let Some(bar) = &bar {
+        })
+    }
+
+    /// Evaluates after step `done`, logs the `eval_*` entry and redraws the loss curve. As
+    /// transformers: the best is the checkpoint with the lowest eval loss, so only evaluations at
+    /// a save step compete (an unsaved step cannot be loaded back).
+    fn evaluate(&mut self, config: &SftConfig, done: usize, log: &Log) -> Result<()> {
+        let Some(eval_set) = &self.eval_set else {
+            return Ok(());
+        };
+        let totals = evaluate(
+            &self.model,
+            &eval_set.examples,
+            config.per_device_eval_batch_size,
+            self.pad_id,
+        )?;
+        let mut entry = totals.eval_metrics();
+        entry.insert("epoch".into(), self.state.epoch.into());
+        entry.insert("step".into(), done.into());
+        let saving = done.is_multiple_of(config.save_steps);
+        if saving && self.state.best_metric.is_none_or(|b| totals.loss() < b) {
+            self.state.best_metric = Some(totals.loss());
+            let dir = checkpoint::checkpoint_dir(&self.output_dir, done);
+            self.state.best_model_checkpoint = Some(dir.to_string_lossy().into_owned());
+        }
+        log.write(entry, &mut self.state)?;
+        log.tracking.draw(&self.state.log_history)
+    }
+
+    /// Writes `checkpoint-<done>` whole or not at all (weights, optimizer, scheduler, RNG scheme,
+    /// config, trainer state), pushes it with `--hub-strategy every_save`, and rotates old ones.
+    fn save_checkpoint(&self, config: &SftConfig, done: usize) -> Result<()> {
+        let saved = checkpoint::save(&self.output_dir, done, |dir| {
+            self.save_weights(dir)?;
+            self.optimizer.save(dir)?;
+            write_json(
+                &dir.join("scheduler.json"),
+                &serde_json::json!({
+                    "last_epoch": done,
+                    "lr_scheduler_type": config.lr_scheduler_type,
+                    "warmup_steps": self.warmup,
+                    "total_steps": self.total,
+                    "base_learning_rate": config.learning_rate,
+                }),
+            )?;
+            write_json(
+                &dir.join("rng_state.json"),
+                &serde_json::json!({
+                    "seed": config.seed,
+                    "scheme": "counter-based: shuffle = permutation(seed, epoch); dropout = mix(seed, step, micro_batch, module)",
+                    "next_step": done,
+                }),
+            )?;
+            write_json(&dir.join("training_config.json"), config)?;
+            checkpoint::write_state(dir, &self.state)
+        })?;
+        if config.push_to_hub && config.hub_strategy == "every_save" {
+            push(config, &saved, format!("Training in progress, step {done}"))?;
+        }
+        if let Some(limit) = config.save_total_limit {
+            checkpoint::rotate(
+                &self.output_dir,
+                limit,
+                self.state.best_model_checkpoint.as_deref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The adapter (or full model) and its tokenizer files into `dir`.
+    fn save_weights(&self, dir: &Path) -> Result<()> {
+        save_weights(
+            &self.model,
+            self.lora_config.as_ref(),
+            &self.base_dir,
+            dir,
+            &self.tokenizer_files,
+        )
+    }
+}
+
+/// Saves the final weights (or the best checkpoint's with `--load-best-model-at-end`), redraws
+/// the loss curve, writes the model card and trainer state, and pushes with `--push-to-hub`.
+fn finish(run: Run, config: &SftConfig, log: Log) -> Result<TrainOutcome> {
+    if let Some(bar) = &log.bar {
+        bar.finish_and_clear();
+    }
+    run.save_weights(&run.output_dir)?;
+    if let (true, Some(best)) = (
+        config.load_best_model_at_end,
+        &run.state.best_model_checkpoint,
+    ) {
+        crate::report::summary::load_best_model(Path::new(best), &run.output_dir)?;
+    }
+    log.tracking.draw(&run.state.log_history)?;
+    write_card(
+        config,
+        run.lora_config.as_ref(),
+        &run.output_dir,
+        &run.state.log_history,
+    )?;
+    checkpoint::write_state(&run.output_dir, &run.state)?;
+    if config.push_to_hub {
+        push(config, &run.output_dir, "End of training".to_string())?;
+    }
+    Ok(TrainOutcome {
+        global_step: run.state.global_step,
+        log_history: run.state.log_history,
+        output_dir: run.output_dir,
+        skipped_rows: run.train_set.skipped_no_loss_tokens,
+        bad_rows: run.train_set.bad_rows,
+    })
+}
+
+/// Where log entries go: the tracking files and the progress bar (or stderr).
+struct Log {
+    tracking: Tracking,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Log {
+    /// Writes `entry` to the tracking files, prints it, and adds it to the run's history.
+    fn write(&self, entry: serde_json::Map<String, Value>, state: &mut TrainerState) -> Result<()> {
+        let entry = Value::Object(entry);
+        self.tracking.log(&entry)?;
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(entry.to_string()),
+            Some(_) => eprintln!("{entry}"),
+            None => {}
+        }
+        state.log_history.push(entry);
+        Ok(())
+    }
+
+    /// Advances the progress bar by one step.
+    fn progress(&self, metrics: &StepMetrics, lr: f64, window: &Window) {
+        if let Some(bar) = &self.bar {
             bar.set_message(format!(
                 "loss {:.4} lr {:.2e} {:.0} tok/s",
-                totals.loss(),
-                lr_at(step),
+                metrics.loss,
+                lr,
                 window.tokens_per_second()
             ));
             bar.inc(1);
         }
-        if done % config.logging_steps == 0 || done == total {
-            // transformers logs the scheduler's rate after its step, i.e. the next step's rate.
-            let entry = window.flush(lr_at(done), state.epoch, state.num_input_tokens_seen, done);
-            log(entry, &mut state)?;
-        }
-        if let Some(eval_set) = &eval_set {
-            if done % eval_steps == 0 || done == total {
-                let totals = evaluate(
-                    &model,
-                    &eval_set.examples,
-                    config.per_device_eval_batch_size,
-                    pad_id,
-                )?;
-                let mut entry = totals.eval_metrics();
-                entry.insert("epoch".into(), state.epoch.into());
-                entry.insert("step".into(), done.into());
-                // As transformers: the best is the checkpoint with the lowest eval loss, so only
-                // evaluations at a save step compete (an unsaved step cannot be loaded back).
-                let saving = done % config.save_steps == 0;
-                if saving && state.best_metric.is_none_or(|b| totals.loss() < b) {
-                    state.best_metric = Some(totals.loss());
-                    let dir = checkpoint::checkpoint_dir(&output_dir, done);
-                    state.best_model_checkpoint = Some(dir.to_string_lossy().into_owned());
-                }
-                log(entry, &mut state)?;
-                tracking.draw(&state.log_history)?;
-            }
-        }
-        if done % config.save_steps == 0 {
-            let saved = checkpoint::save(&output_dir, done, |dir| {
-                save_weights(
-                    &model,
-                    lora_config.as_ref(),
-                    &base_dir,
-                    dir,
-                    tokenizer_files,
-                )?;
-                optimizer.save(dir)?;
-                write_json(
-                    &dir.join("scheduler.json"),
-                    &serde_json::json!({
-                        "last_epoch": done,
-                        "lr_scheduler_type": config.lr_scheduler_type,
-                        "warmup_steps": warmup,
-                        "total_steps": total,
-                        "base_learning_rate": config.learning_rate,
-                    }),
-                )?;
-                write_json(
-                    &dir.join("rng_state.json"),
-                    &serde_json::json!({
-                        "seed": config.seed,
-                        "scheme": "counter-based: shuffle = permutation(seed, epoch); dropout = mix(seed, step, micro_batch, module)",
-                        "next_step": done,
-                    }),
-                )?;
-                write_json(&dir.join("training_config.json"), config)?;
-                checkpoint::write_state(dir, &state)
-            })?;
-            if config.push_to_hub && config.hub_strategy == "every_save" {
-                push(config, &saved, format!("Training in progress, step {done}"))?;
-            }
-            if let Some(limit) = config.save_total_limit {
-                checkpoint::rotate(&output_dir, limit, state.best_model_checkpoint.as_deref())?;
-            }
-        }
     }
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    save_weights(
-        &model,
-        lora_config.as_ref(),
-        &base_dir,
-        &output_dir,
-        tokenizer_files,
-    )?;
-    if let (true, Some(best)) = (config.load_best_model_at_end, &state.best_model_checkpoint) {
-        crate::report::summary::load_best_model(Path::new(best), &output_dir)?;
-    }
-    tracking.draw(&state.log_history)?;
-    write_card(
-        config,
-        lora_config.as_ref(),
-        &output_dir,
-        &state.log_history,
-    )?;
-    checkpoint::write_state(&output_dir, &state)?;
-    if config.push_to_hub {
-        push(config, &output_dir, "End of training".to_string())?;
-    }
-    Ok(TrainOutcome {
-        global_step: state.global_step,
-        log_history: state.log_history,
-        output_dir,
-        skipped_rows: train_set.skipped_no_loss_tokens,
-        bad_rows: train_set.bad_rows.clone(),
-    })
 }
 
 fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
