@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
-def quantize_linears(model, dtype):
+def quantize_linears(model, dtype, device):
     import bitsandbytes as bnb
 
     for _, parent in list(model.named_modules()):
@@ -38,7 +38,7 @@ def quantize_linears(model, dtype):
                                              compress_statistics=True, quant_type="nf4")
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, q.to("cuda"))
+                setattr(parent, name, q.to(device))
                 del child
     torch.cuda.empty_cache()
 
@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--qlora", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script without a GPU")
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -63,10 +64,17 @@ def main():
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     config._attn_implementation = "sdpa"
     load_start = time.time()
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with dev:
+        try:  # transformers >= 4.56 names it `dtype`, earlier ones `torch_dtype`
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        except TypeError:
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
+    model = model.to(dtype)
     if args.qlora:
-        quantize_linears(model, dtype)
+        quantize_linears(model, dtype, dev)
         model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=args.gradient_checkpointing,
@@ -82,28 +90,30 @@ def main():
     model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    torch.cuda.synchronize()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    sync()
     load_seconds = time.time() - load_start
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), device="cuda", generator=g)
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), device=dev, generator=g)
     times = []
     timed_start = None
     for step in range(args.steps + 1):
         if step == 1:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             timed_start = time.time()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if step > 0:
             times.append(time.perf_counter() - t0)
     timed_end = time.time()
@@ -115,9 +125,13 @@ def main():
         "load_seconds": load_seconds,
         "step_seconds": step_seconds, "step_seconds_all": times,
         "tokens_per_second": args.seq_len / step_seconds,
-        "torch_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-        "torch_max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
-        "loss": float(out.loss),
+        "torch_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "torch_max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
+        "loss": float(out.loss.detach()),
+        "adapter_dtype": str(params[0].dtype),
+        "four_bit_linears": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+        "base_dtype": str(next(p.dtype for n, p in model.named_parameters() if "lora_" not in n
+                               and p.dtype != torch.uint8)),
         "timed_start": timed_start, "timed_end": timed_end,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__},
