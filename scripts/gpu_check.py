@@ -32,8 +32,12 @@ BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "470"))
 BIN = f"{WORK}/peft-sft"
 BENCH = f"{WORK}/bench_lora_step"
 TESTS = f"{WORK}/gpu-tests"
-SMOL_17B = f"{REPO}/tests/fixtures/configs/smollm2-1.7b.json"
-LLAMA_8B = f"{REPO}/tests/fixtures/configs/llama-3.1-8b.json"
+SMOL_17B = os.environ.get("GPU_CHECK_SMALL_CONFIG", f"{REPO}/tests/fixtures/configs/smollm2-1.7b.json")
+LLAMA_8B = os.environ.get("GPU_CHECK_BIG_CONFIG", f"{REPO}/tests/fixtures/configs/llama-3.1-8b.json")
+# cuda; cpu with small configs tries this script without a GPU (GPU_CHECK_LENGTHS=a,b,c,d shrinks
+# every length list to those).
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+LENGTHS = os.environ.get("GPU_CHECK_LENGTHS")
 GIB16 = 16 * 1024
 
 report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(START)), "sections": {}}
@@ -192,13 +196,17 @@ def tests_section():
 
 
 def ours(config, lens, rank, mode, steps=2, timeout=240):
+    if LENGTHS:
+        lens = ",".join(LENGTHS.split(",")[:len(lens.split(","))])
     return run_measured(f"peft-sft {mode} {lens}", [BENCH, config, lens, str(steps), str(rank), mode],
-                        env={"DEVICE": "cuda", "DTYPE": "bf16"}, timeout=timeout)
+                        env={"DEVICE": DEVICE, "DTYPE": "bf16"}, timeout=timeout)
 
 
 def hf(config, seq_len, rank, qlora=False, gc=False, steps=2, timeout=240):
+    if LENGTHS:
+        seq_len = int(LENGTHS.split(",")[0 if seq_len <= 2048 else 1])
     cmd = [sys.executable, f"{REPO}/scripts/bench_peft_gpu.py", "--config", config, "--seq-len", str(seq_len),
-           "--lora-r", str(rank), "--steps", str(steps)]
+           "--lora-r", str(rank), "--steps", str(steps), "--device", DEVICE]
     cmd += ["--qlora"] * qlora + ["--gradient-checkpointing"] * gc
     return run_measured(f"hf+peft {seq_len} qlora={qlora} gc={gc}", cmd, timeout=timeout)
 
