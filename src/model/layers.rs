@@ -2,8 +2,7 @@
 //! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
 
 use super::param::Param;
-use crate::ops::attention::{attention, attention_tokens, AttentionMask};
-use crate::ops::cpu::is_cpu_f32;
+use crate::ops::attention::{attention, attention_tokens, prefers_token_layout, AttentionMask};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::lora::LoraLayer;
 use crate::ops::norm::rms_norm;
@@ -202,7 +201,7 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        if cache.is_none() && is_cpu_f32(x) {
+        if cache.is_none() && prefers_token_layout(x) {
             return self.forward_tokens(x, ctx);
         }
         let q = self.heads_first(

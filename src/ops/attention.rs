@@ -107,6 +107,13 @@ pub fn attention_tokens(
     .transpose(1, 2)
 }
 
+/// Whether a layer should hand attention its inputs token-major ([`attention_tokens`]): where the
+/// kernel for `x`'s device and dtype reads that layout directly (the CPU flash kernel, f32), which
+/// saves the heads-first copies. The model asks this instead of checking the device itself.
+pub fn prefers_token_layout(x: &Tensor) -> bool {
+    is_cpu_f32(x)
+}
+
 /// Whether the CPU flash kernel runs this call: f32 on the CPU, with document ids (if any) for
 /// each of q's batch rows.
 pub(crate) fn flash_applies(q: &Tensor, mask: &AttentionMask) -> Result<bool> {
