@@ -85,21 +85,21 @@ pub(crate) fn forward(
     ctx: &ForwardContext<'_>,
 ) -> Result<Tensor> {
     let (b, t, hidden) = x.dims3()?;
-    let plan = LayerPlan::new(layer, ctx, x, ctx.offload, 0)?;
+    let op = LayerOp::new(layer, ctx, x, ctx.offload, 0)?;
     let x_rows = x.detach().reshape((b * t, hidden))?.contiguous()?;
-    let (out, saved) = plan.forward(&x_rows)?;
+    let (out, saved) = op.forward(&x_rows)?;
     let out = out.reshape((b, t, hidden))?;
-    let carried = lora_vars(&plan.projs);
+    let carried = lora_vars(&op.projs);
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let (x_rows, g) = (x.reshape((b * t, hidden))?, g.reshape((b * t, hidden))?);
         let moved;
-        let saved = if plan.offload {
+        let saved = if op.offload {
             moved = saved.to_device(x.device())?;
             &moved
         } else {
             &saved
         };
-        let grad = plan.backward(saved, &x_rows, &g.contiguous()?, needs_x)?;
+        let grad = op.backward(saved, &x_rows, &g.contiguous()?, needs_x)?;
         grad.map(|g| g.reshape((b, t, hidden))).transpose()
     };
     graft_carrying("decoder-layer", x, &carried, out, Box::new(backward))
@@ -108,7 +108,7 @@ pub(crate) fn forward(
 /// Gradient checkpointing of the whole decoder stack as one op (`--gradient-checkpointing` with a
 /// frozen base, any device): the forward keeps only each layer's input — in host memory with
 /// `offload` on an accelerator — and the backward rebuilds one layer at a time from its input,
-/// last layer first ([`LayerPlan::recompute_backward`]); `offload` also runs candle's kernels, as
+/// last layer first ([`LayerOp::recompute_backward`]); `offload` also runs candle's kernels, as
 /// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in
 /// chunks of `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's
 /// activations nor its gradients ever exist for all rows at once; the recomputation skips the
@@ -124,15 +124,15 @@ pub(crate) fn checkpointed_stack(
     chunk_rows: usize,
 ) -> Result<Tensor> {
     let (b, t, hidden) = x.dims3()?;
-    let plans = layers
+    let layer_ops = layers
         .iter()
         .zip(contexts)
-        .map(|(layer, ctx)| LayerPlan::new(layer, ctx, x, offload, chunk_rows))
+        .map(|(layer, ctx)| LayerOp::new(layer, ctx, x, offload, chunk_rows))
         .collect::<Result<Vec<_>>>()?;
     let mut h = x.detach().reshape((b * t, hidden))?.contiguous()?;
-    let mut inputs = Vec::with_capacity(plans.len());
-    for plan in &plans {
-        let next = plan.forward_chunked(&h)?;
+    let mut inputs = Vec::with_capacity(layer_ops.len());
+    for op in &layer_ops {
+        let next = op.forward_chunked(&h)?;
         inputs.push(if offload && !h.device().is_cpu() {
             h.to_device(&Device::Cpu)?
         } else {
@@ -141,15 +141,15 @@ pub(crate) fn checkpointed_stack(
         h = next;
     }
     let out = h.reshape((b, t, hidden))?;
-    let carried: Vec<Tensor> = plans
+    let carried: Vec<Tensor> = layer_ops
         .iter()
-        .flat_map(|plan| lora_vars(&plan.projs))
+        .flat_map(|op| lora_vars(&op.projs))
         .collect();
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let mut g = g.reshape((b * t, hidden))?.contiguous()?;
-        for (i, (plan, input)) in plans.iter().zip(&inputs).enumerate().rev() {
+        for (i, (op, input)) in layer_ops.iter().zip(&inputs).enumerate().rev() {
             let input = input.to_device(x.device())?;
-            match plan.recompute_backward(&input, &g, i > 0 || needs_x)? {
+            match op.recompute_backward(&input, &g, i > 0 || needs_x)? {
                 Some(grad) => g = grad,
                 None => return Ok(None),
             }
@@ -341,7 +341,7 @@ impl NormPlan {
 }
 
 /// Everything the op reads besides its input, shared by forward and backward.
-struct LayerPlan {
+struct LayerOp {
     /// q, k, v, o, gate, up, down.
     projs: Vec<Proj>,
     input_norm: NormPlan,
@@ -429,8 +429,8 @@ const V: usize = 2;
 const O: usize = 3;
 const GATE: usize = 4;
 
-impl LayerPlan {
-    /// The plan of `layer` for input `x`; `offload` moves what [`Self::forward`] keeps to the
+impl LayerOp {
+    /// The op of `layer` for input `x`; `offload` moves what [`Self::forward`] keeps to the
     /// host (and runs candle's kernels); `chunk_rows` as [`checkpointed_stack`] reads it.
     fn new(
         layer: &DecoderLayer,
@@ -442,7 +442,7 @@ impl LayerPlan {
         let (b, t, _) = x.dims3()?;
         let attn = &layer.self_attn;
         let intermediate = layer.mlp.gate_proj.weight.dims().0;
-        Ok(LayerPlan {
+        Ok(LayerOp {
             projs: layer
                 .linears()
                 .into_iter()

@@ -3,11 +3,11 @@
 //! clip, update, log, evaluate and checkpoint. `--full`, `--lora` and `--qlora` differ only in
 //! which tensors train and what is saved.
 
+use super::batches::StepBatches;
 use super::checkpoint::{self, TrainerState};
 use super::eval::{evaluate, LossTotals};
 use super::metrics::{StepMetrics, Window};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
-use super::plan::StepPlan;
 use super::schedule::{warmup_steps, Schedule};
 use crate::card::{CardInfo, CardKind};
 use crate::config::{Mode, SftConfig};
@@ -224,7 +224,7 @@ struct Run {
     pad_id: u32,
     /// The adapter's config; None for full fine-tuning.
     lora_config: Option<LoraConfig>,
-    plan: StepPlan,
+    batches: StepBatches,
     schedule: Schedule,
     warmup: usize,
     total: usize,
@@ -236,7 +236,7 @@ struct Run {
 
 /// Loads the model and tokenizer (from the checkpoint when resuming a full fine-tune), sets up
 /// ChatML when asked, tokenizes (and splits, packs) the data, injects or reloads the adapter,
-/// and builds the step plan, schedule, optimizer and trainer state (restored when resuming).
+/// and builds the step batches, schedule, optimizer and trainer state (restored when resuming).
 fn prepare(config: &SftConfig) -> Result<Run> {
     let device = select_device(&config.device)?;
     let output_dir = PathBuf::from(&config.output_dir);
@@ -307,7 +307,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         (None, None) => TokenizerFiles::None,
     };
 
-    let plan = StepPlan::new(
+    let batches = StepBatches::new(
         train_set.examples.len(),
         config.per_device_train_batch_size,
         config.gradient_accumulation_steps,
@@ -315,7 +315,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         config.max_steps,
         config.seed,
     );
-    let total = plan.total_steps();
+    let total = batches.total_steps();
     let mut optimizer = AdamW::new(
         model.trainable(),
         AdamWParams {
@@ -353,7 +353,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         eval_set,
         pad_id,
         lora_config,
-        plan,
+        batches,
         schedule: Schedule::parse(&config.lr_scheduler_type)?,
         warmup: warmup_steps(config.warmup_steps, config.warmup_ratio, total),
         total,
@@ -414,7 +414,7 @@ impl Run {
     /// loss tokens of the whole step, as transformers does), gradients summed, clipped, AdamW.
     fn step(&mut self, config: &SftConfig, step: usize) -> Result<StepMetrics> {
         let micro_batches: Vec<Vec<Example>> = self
-            .plan
+            .batches
             .step(step)
             .iter()
             .map(|ids| {
@@ -469,7 +469,7 @@ impl Run {
         self.optimizer.step(&grads, lr)?;
         let done = step + 1;
         self.state.global_step = done;
-        self.state.epoch = self.plan.epoch_at(done);
+        self.state.epoch = self.batches.epoch_at(done);
         self.state.num_input_tokens_seen += tokens;
         Ok(StepMetrics {
             loss: totals.loss(),

@@ -1,12 +1,12 @@
 //! Training: the loop, optimizer, schedules, step planning, metrics, evaluation, checkpoints and
 //! the sanity check. (The memory planner is `crate::memory`.)
 
+pub mod batches;
 pub mod checkpoint;
 pub mod engine;
 pub mod eval;
 pub mod metrics;
 pub mod optimizer;
-pub mod plan;
 pub mod sanity;
 pub mod schedule;
 

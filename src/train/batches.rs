@@ -6,13 +6,13 @@ use crate::rng::{key, Rng};
 
 /// The micro-batches of every optimizer step.
 #[derive(Debug, Clone)]
-pub struct StepPlan {
+pub struct StepBatches {
     steps: Vec<Vec<Vec<usize>>>,
     /// Optimizer steps in one epoch.
     pub steps_per_epoch: usize,
 }
 
-impl StepPlan {
+impl StepBatches {
     /// Plans `max_steps` steps when positive, else `ceil(epochs * steps_per_epoch)`, over `n` examples.
     pub fn new(
         n: usize,
@@ -43,7 +43,7 @@ impl StepPlan {
             }
             epoch += 1;
         }
-        StepPlan {
+        StepBatches {
             steps,
             steps_per_epoch,
         }
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn every_example_once_per_epoch() {
-        let plan = StepPlan::new(10, 3, 2, 2.0, -1, 1);
+        let plan = StepBatches::new(10, 3, 2, 2.0, -1, 1);
         assert_eq!(plan.steps_per_epoch, 2);
         assert_eq!(plan.total_steps(), 4);
         let mut first: Vec<usize> = (0..2).flat_map(|s| plan.step(s).concat()).collect();
@@ -86,7 +86,7 @@ mod tests {
 
     #[test]
     fn max_steps_overrides_epochs_and_wraps_around() {
-        let plan = StepPlan::new(4, 2, 1, 1.0, 5, 3);
+        let plan = StepBatches::new(4, 2, 1, 1.0, 5, 3);
         assert_eq!(plan.total_steps(), 5);
         assert_eq!(plan.epoch_at(5), 2.5);
     }
