@@ -2,6 +2,7 @@
 //! the optimizer state, the scheduler step, the RNG state and `trainer_state.json` with the log
 //! history. Each is written to a temporary folder and renamed into place.
 
+use crate::config::SftConfig;
 use crate::io::{read_json, write_json};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,48 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 /// Writes `trainer_state.json`.
 pub fn write_state(dir: &Path, state: &TrainerState) -> Result<()> {
     write_json(&dir.join(STATE_FILE), state)
+}
+
+/// Where the learning-rate schedule stands at a checkpoint (`scheduler.json`).
+#[derive(Debug, Clone, Copy)]
+pub struct ScheduleAt {
+    /// Optimizer steps done (`last_epoch`, as torch's schedulers count).
+    pub step: usize,
+    /// Warm-up steps.
+    pub warmup_steps: usize,
+    /// Planned steps.
+    pub total_steps: usize,
+}
+
+/// Writes a checkpoint's files besides the weights and the optimizer state: `scheduler.json`,
+/// `rng_state.json` (the counter-based scheme: nothing to restore but the step),
+/// `training_config.json` and `trainer_state.json`.
+pub fn write_run_files(
+    dir: &Path,
+    config: &SftConfig,
+    schedule: ScheduleAt,
+    state: &TrainerState,
+) -> Result<()> {
+    write_json(
+        &dir.join("scheduler.json"),
+        &serde_json::json!({
+            "last_epoch": schedule.step,
+            "lr_scheduler_type": config.lr_scheduler_type,
+            "warmup_steps": schedule.warmup_steps,
+            "total_steps": schedule.total_steps,
+            "base_learning_rate": config.learning_rate,
+        }),
+    )?;
+    write_json(
+        &dir.join("rng_state.json"),
+        &serde_json::json!({
+            "seed": config.seed,
+            "scheme": "counter-based: shuffle = permutation(seed, epoch); dropout = mix(seed, step, micro_batch, module)",
+            "next_step": schedule.step,
+        }),
+    )?;
+    write_json(&dir.join("training_config.json"), config)?;
+    write_state(dir, state)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! which tensors train and what is saved.
 
 use super::batches::StepBatches;
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint::{self, ScheduleAt, TrainerState};
 use super::eval::{evaluate, LossTotals};
 use super::metrics::{StepMetrics, Window};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
@@ -509,29 +509,15 @@ impl Run {
     /// Writes `checkpoint-<done>` whole or not at all (weights, optimizer, scheduler, RNG scheme,
     /// config, trainer state), pushes it with `--hub-strategy every_save`, and rotates old ones.
     fn save_checkpoint(&self, config: &SftConfig, done: usize) -> Result<()> {
+        let schedule = ScheduleAt {
+            step: done,
+            warmup_steps: self.warmup,
+            total_steps: self.total,
+        };
         let saved = checkpoint::save(&self.output_dir, done, |dir| {
             self.save_weights(dir)?;
             self.optimizer.save(dir)?;
-            write_json(
-                &dir.join("scheduler.json"),
-                &serde_json::json!({
-                    "last_epoch": done,
-                    "lr_scheduler_type": config.lr_scheduler_type,
-                    "warmup_steps": self.warmup,
-                    "total_steps": self.total,
-                    "base_learning_rate": config.learning_rate,
-                }),
-            )?;
-            write_json(
-                &dir.join("rng_state.json"),
-                &serde_json::json!({
-                    "seed": config.seed,
-                    "scheme": "counter-based: shuffle = permutation(seed, epoch); dropout = mix(seed, step, micro_batch, module)",
-                    "next_step": done,
-                }),
-            )?;
-            write_json(&dir.join("training_config.json"), config)?;
-            checkpoint::write_state(dir, &self.state)
+            checkpoint::write_run_files(dir, config, schedule, &self.state)
         })?;
         if config.push_to_hub && config.hub_strategy == "every_save" {
             push(config, &saved, format!("Training in progress, step {done}"))?;
