@@ -293,7 +293,7 @@ impl SftConfig {
                 "set --max-steps or a positive --num-train-epochs".into(),
             ));
         }
-        crate::train::schedule::Schedule::parse(&self.lr_scheduler_type)?;
+        crate::schedule::Schedule::parse(&self.lr_scheduler_type)?;
         self.quantization()?;
         if !matches!(self.on_bad_row.as_str(), "error" | "skip") {
             return Err(Error::Config(format!(

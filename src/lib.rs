@@ -66,6 +66,7 @@ pub mod push;
 pub mod quant;
 pub mod report;
 pub mod rng;
+pub mod schedule;
 pub mod serve;
 pub mod train;
 

@@ -107,40 +107,13 @@ fn greedy_generation_and_logits_equal_the_cpus() {
     assert_eq!(runs[1].0, runs[0].0, "greedy tokens differ");
 }
 
-/// `train --lora` for 20 steps on `device` with `extra` flags; the logged losses.
+/// `train --lora` (dropout 0.05) for 20 steps on `device` with `extra` flags; the logged losses.
 fn train_losses(device: &str, extra: &[&str]) -> Vec<f64> {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let model = fixture("models/qwen2");
-    let data = fixture("data/qa_chat.jsonl");
-    let mut args = vec![
-        "train",
-        "--lora",
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "20",
-        "--per-device-train-batch-size",
-        "4",
-        "--learning-rate",
-        "5e-3",
-        "--lr-scheduler-type",
-        "constant",
-        "--lora-dropout",
-        "0.05",
-        "--logging-steps",
-        "1",
-        "--seed",
-        "7",
-        "--device",
-        device,
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, err) = run_cli(&args);
+    let mut flags = vec!["--lora", "--lora-dropout", "0.05"];
+    flags.extend_from_slice(extra);
+    let (ok, _, err) = run_cli(&train_args(device, out.to_str().unwrap(), "20", &flags));
     assert!(ok, "train on {device} {extra:?} failed: {err}");
     let losses = logged(&out, "loss");
     assert_eq!(losses.len(), 20, "{device}: expected 20 logged losses");

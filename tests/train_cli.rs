@@ -51,34 +51,6 @@ fn correct(model: &Path, adapter: Option<&Path>) -> usize {
         .count()
 }
 
-fn train_args<'a>(out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "train",
-        "--model",
-        "tests/fixtures/models/qwen2",
-        "--dataset",
-        "tests/fixtures/data/qa_chat.jsonl",
-        "--output-dir",
-        out,
-        "--max-steps",
-        steps,
-        "--per-device-train-batch-size",
-        "4",
-        "--learning-rate",
-        "5e-3",
-        "--lr-scheduler-type",
-        "constant",
-        "--logging-steps",
-        "1",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -99,6 +71,7 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
     let out = tmp.path().join("run");
     let out_s = out.to_str().unwrap();
     let args = train_args(
+        "cpu",
         out_s,
         "160",
         &[
@@ -210,7 +183,7 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
         "2",
     ];
     for dir in [&a, &b] {
-        let (ok, _, err) = run_cli(&train_args(dir.to_str().unwrap(), "6", &extra));
+        let (ok, _, err) = run_cli(&train_args("cpu", dir.to_str().unwrap(), "6", &extra));
         assert!(ok, "{err}");
     }
     let (ma, mb) = (metrics(&a), metrics(&b));
@@ -224,7 +197,7 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), c.join("checkpoint-3").join(entry.file_name())).unwrap();
     }
-    let mut args = train_args(c.to_str().unwrap(), "6", &extra);
+    let mut args = train_args("cpu", c.to_str().unwrap(), "6", &extra);
     args.extend(["--resume-from-checkpoint", "latest"]);
     let (ok, _, err) = run_cli(&args);
     assert!(ok, "{err}");
@@ -253,6 +226,7 @@ fn full_fine_tuning_lowers_the_loss_and_writes_a_loadable_model() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("full");
     let (ok, _, err) = run_cli(&train_args(
+        "cpu",
         out.to_str().unwrap(),
         "20",
         &["--full", "--learning-rate", "1e-3"],
@@ -354,6 +328,7 @@ fn bf16_mixed_precision_follows_the_f32_run() {
         let out = tmp.path().join(name);
         let out_s = out.to_str().unwrap();
         let args = train_args(
+            "cpu",
             out_s,
             "20",
             &["--lora", "--lora-dropout", "0.05", "--bf16", extra],

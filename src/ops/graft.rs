@@ -35,7 +35,7 @@ pub type Backward3 = Box<
 /// Backward of an op grafted onto one input that also uses trainable tensors it does not take as
 /// inputs (see [`graft_carrying`]):
 /// `(input, grad_out, input_tracked) -> grad_input`.
-pub type BackwardAnchored =
+pub type BackwardCarrying =
     Box<dyn Fn(&Tensor, &Tensor, bool) -> Result<Option<Tensor>> + Send + Sync>;
 
 /// Backward of a three-input op that reads its own output:
@@ -327,7 +327,7 @@ pub fn graft_carrying(
     x: &Tensor,
     vars: &[Tensor],
     out: impl Into<Output>,
-    backward: BackwardAnchored,
+    backward: BackwardCarrying,
 ) -> Result<Tensor> {
     if vars.is_empty() || !grad_enabled() {
         return graft1(name, x, out, Box::new(move |x, g| backward(x, g, true)));

@@ -1,4 +1,4 @@
-//! Training: the loop, optimizer, schedules, step planning, metrics, evaluation, checkpoints and
+//! Training: the loop, optimizer, step batches, metrics, evaluation, checkpoints and
 //! the sanity check. (The memory planner is `crate::memory`.)
 
 pub mod batches;
@@ -8,7 +8,6 @@ pub mod eval;
 pub mod metrics;
 pub mod optimizer;
 pub mod sanity;
-pub mod schedule;
 
 pub use engine::{train, Reporting, TrainOutcome};
 pub use sanity::{sanity_check, SanityReport};

@@ -156,3 +156,38 @@ pub fn logged(dir: &Path, key: &str) -> Vec<f64> {
         .filter_map(|v| v.get(key).and_then(serde_json::Value::as_f64))
         .collect()
 }
+
+/// `train` on the qwen2 fixture with the QA chat data: `steps` steps of batch 4, learning rate
+/// 5e-3 constant, a log entry every step, seed 3, on `device`, into `out`; then `extra`.
+pub fn train_args<'a>(
+    device: &'a str,
+    out: &'a str,
+    steps: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        out,
+        "--max-steps",
+        steps,
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "5e-3",
+        "--lr-scheduler-type",
+        "constant",
+        "--logging-steps",
+        "1",
+        "--seed",
+        "3",
+        "--device",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
