@@ -15,6 +15,7 @@ use crate::lora::TargetModules;
 use crate::model::{Family, ModelConfig};
 use crate::ops::attention::{BLOCK as ATTENTION_BLOCK, KEEP_PROBABILITIES_BYTES};
 use crate::ops::cross_entropy::chunk_rows as loss_chunk_rows;
+use crate::ops::kernel::Kernel;
 use crate::{Error, Result};
 use candle_core::DType;
 use std::collections::HashSet;
@@ -42,15 +43,16 @@ pub const CUDA_BASELINE_BYTES: u64 = 512 * MIB;
 /// Key chunks per head of the CPU flash backward (`ops/flash.rs`, `backward`): each chunk is a task
 /// writing its own dQ part.
 fn flash_key_chunks(batch_heads: usize, t_k: usize, threads: usize) -> u64 {
-    let chunk_rows = crate::ops::flash::key_chunk_rows(batch_heads, t_k, threads);
+    let chunk_rows = crate::ops::cpu::flash::key_chunk_rows(batch_heads, t_k, threads);
     t_k.div_ceil(chunk_rows.max(1)).max(1) as u64
 }
 
-/// Whether the step runs the native CPU f32 kernels (`ops/flash.rs`, `ops/cpu.rs`): flash
-/// attention, linears writing one buffer, SwiGLU and RMSNorm in one pass, and loss chunks turned
-/// into their gradient in place. Every other device and dtype runs the candle-op kernels.
+/// Whether the step runs the native CPU kernels (`ops/cpu/`): flash attention, linears writing
+/// one buffer, SwiGLU and RMSNorm in one pass, and loss chunks turned into their gradient in
+/// place. The answer is the ops' own dispatch rule ([`Kernel::for_run`]); every other device
+/// and dtype runs the candle-op kernels.
 fn native_cpu(options: &PlanOptions) -> bool {
-    options.device == PlanDevice::Cpu && options.dtype == DType::F32
+    Kernel::for_run(options.device == PlanDevice::Cpu, options.dtype).is_cpu()
 }
 
 /// Whether each decoder layer runs as one op that keeps only what its backward needs (selective

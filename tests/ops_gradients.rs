@@ -7,8 +7,8 @@ use common::rel_err;
 use peft_sft::ops::attention::{
     attention, attention_blocked, attention_keeping_probabilities, attention_tokens, AttentionMask,
 };
+use peft_sft::ops::cpu::flash::attention_flash_cpu;
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
-use peft_sft::ops::flash::attention_flash_cpu;
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::residual::residual_add;

@@ -2,6 +2,7 @@
 //! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
 
 use super::param::Param;
+use super::steps::{self, LayerSteps, NormAt, Proj};
 use crate::ops::attention::{attention, attention_tokens, prefers_token_layout, AttentionMask};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::lora::LoraLayer;
@@ -183,42 +184,44 @@ pub struct Attention {
 pub type KvCache = Option<(Tensor, Tensor)>;
 
 impl Attention {
-    fn heads_first(&self, x: &Tensor, heads: usize, norm: Option<&Norm>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let x = x.reshape((b, t, heads, self.head_dim))?;
-        let x = match norm {
-            Some(n) => n.forward(&x)?,
-            None => x,
-        };
-        x.transpose(1, 2)?.contiguous()
-    }
-
-    /// x: [b, t, hidden] -> [b, t, hidden]; `cache` (generation) holds earlier keys/values.
-    pub fn forward(
+    /// Attention of the projected `q: [b, t, heads · d]`, `k`, `v: [b, t, kv_heads · d]`: per-head
+    /// q/k norms, RoPE, attention, and the output `[b, t, heads · d]` as o_proj reads it. `cache`
+    /// (generation) holds earlier keys and values. Without a cache, where attention's kernel reads
+    /// the token-major layout (see [`prefers_token_layout`]), q, k and v stay as the projections
+    /// produce them (`[b, t, heads, d]` views) and the output is o_proj's input as is; otherwise
+    /// they go heads-first.
+    pub fn attend(
         &self,
-        x: &Tensor,
+        (q, k, v): (Tensor, Tensor, Tensor),
         ctx: &ForwardContext<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        if cache.is_none() && prefers_token_layout(x) {
-            return self.forward_tokens(x, ctx);
+        let (b, t, _) = q.dims3()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let split = |x: &Tensor, heads: usize, norm: Option<&Norm>| -> Result<Tensor> {
+            let x = x.reshape((b, t, heads, self.head_dim))?;
+            match norm {
+                Some(n) => n.forward(&x),
+                None => Ok(x),
+            }
+        };
+        let q = split(&q, self.heads, self.q_norm.as_ref())?;
+        let k = split(&k, self.kv_heads, self.k_norm.as_ref())?;
+        let v = split(&v, self.kv_heads, None)?;
+        if cache.is_none() && prefers_token_layout(&q) {
+            let (q, k) = if self.use_rope {
+                (
+                    apply_rope_tokens(&q, ctx.cos, ctx.sin)?,
+                    apply_rope_tokens(&k, ctx.cos, ctx.sin)?,
+                )
+            } else {
+                (q, k)
+            };
+            let out = attention_tokens(&q, &k, &v, ctx.mask, scale)?;
+            return out.reshape((b, t, self.heads * self.head_dim));
         }
-        let q = self.heads_first(
-            &self.q_proj.forward(x, ctx.dropout_key)?,
-            self.heads,
-            self.q_norm.as_ref(),
-        )?;
-        let k = self.heads_first(
-            &self.k_proj.forward(x, ctx.dropout_key)?,
-            self.kv_heads,
-            self.k_norm.as_ref(),
-        )?;
-        let v = self.heads_first(
-            &self.v_proj.forward(x, ctx.dropout_key)?,
-            self.kv_heads,
-            None,
-        )?;
+        let heads_first = |x: Tensor| x.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
         let (q, k) = if self.use_rope {
             (
                 apply_rope(&q, ctx.cos, ctx.sin)?,
@@ -238,45 +241,9 @@ impl Attention {
             }
             None => (k, v),
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(&q, &k, &v, ctx.mask, scale)?;
-        let out = out
+        attention(&q, &k, &v, ctx.mask, scale)?
             .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
-        self.o_proj.forward(&out, ctx.dropout_key)
-    }
-
-    /// The forward without a cache in the token-major layout (CPU f32): q, k and v stay as the
-    /// projections produce them (`[b, t, heads, d]` views), RoPE and the flash kernel work on that
-    /// layout, and the output is o_proj's input as is — no heads-first copies.
-    fn forward_tokens(&self, x: &Tensor, ctx: &ForwardContext<'_>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let split = |proj: &Linear, heads: usize, norm: Option<&Norm>| -> Result<Tensor> {
-            let y = proj
-                .forward(x, ctx.dropout_key)?
-                .reshape((b, t, heads, self.head_dim))?;
-            match norm {
-                Some(n) => n.forward(&y),
-                None => Ok(y),
-            }
-        };
-        let q = split(&self.q_proj, self.heads, self.q_norm.as_ref())?;
-        let k = split(&self.k_proj, self.kv_heads, self.k_norm.as_ref())?;
-        let v = split(&self.v_proj, self.kv_heads, None)?;
-        let (q, k) = if self.use_rope {
-            (
-                apply_rope_tokens(&q, ctx.cos, ctx.sin)?,
-                apply_rope_tokens(&k, ctx.cos, ctx.sin)?,
-            )
-        } else {
-            (q, k)
-        };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention_tokens(&q, &k, &v, ctx.mask, scale)?;
-        self.o_proj.forward(
-            &out.reshape((b, t, self.heads * self.head_dim))?,
-            ctx.dropout_key,
-        )
+            .reshape((b, t, self.heads * self.head_dim))
     }
 }
 
@@ -289,15 +256,6 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// Down projection.
     pub down_proj: Linear,
-}
-
-impl Mlp {
-    /// x: [b, t, hidden] -> [b, t, hidden]
-    pub fn forward(&self, x: &Tensor, dropout_key: Option<u64>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, dropout_key)?;
-        let up = self.up_proj.forward(x, dropout_key)?;
-        self.down_proj.forward(&swiglu(&gate, &up)?, dropout_key)
-    }
 }
 
 /// One pre-norm decoder layer.
@@ -314,21 +272,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// The layer op by op. x: [b, t, hidden] -> [b, t, hidden]
+    /// The layer op by op ([`steps::layer`] on tracked tensors). x: [b, t, hidden] ->
+    /// [b, t, hidden]; `cache` (generation) holds earlier keys and values.
     pub fn forward(
         &self,
         x: &Tensor,
         ctx: &ForwardContext<'_>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?;
-        let x = residual_add(x, &attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout_key)?;
-        residual_add(&x, &mlp)
+        let mut tracked = Tracked {
+            layer: self,
+            ctx,
+            cache,
+        };
+        steps::layer(&mut tracked, x)
     }
 
     /// Every trainable tensor the layer uses: LoRA pairs, and its weights when fully fine-tuning.
@@ -383,5 +340,45 @@ impl DecoderLayer {
         n.extend(self.self_attn.q_norm.iter());
         n.extend(self.self_attn.k_norm.iter());
         n
+    }
+}
+
+/// The op-by-op form of the layer's steps: tracked tensors, each step a differentiable op.
+struct Tracked<'a, 'c> {
+    layer: &'a DecoderLayer,
+    ctx: &'a ForwardContext<'a>,
+    cache: Option<&'c mut KvCache>,
+}
+
+impl LayerSteps for Tracked<'_, '_> {
+    type T = Tensor;
+    type Out = Tensor;
+
+    fn norm(&mut self, which: NormAt, x: &Tensor) -> Result<Tensor> {
+        match which {
+            NormAt::Input => self.layer.input_layernorm.forward(x),
+            NormAt::PostAttention => self.layer.post_attention_layernorm.forward(x),
+        }
+    }
+
+    fn project(&mut self, which: Proj, x: &Tensor) -> Result<Tensor> {
+        self.layer.linears()[which.index()].forward(x, self.ctx.dropout_key)
+    }
+
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let cache = self.cache.as_deref_mut();
+        self.layer.self_attn.attend((q, k, v), self.ctx, cache)
+    }
+
+    fn swiglu(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        swiglu(gate, up)
+    }
+
+    fn add(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {
+        residual_add(stream, branch)
+    }
+
+    fn output(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {
+        residual_add(stream, branch)
     }
 }

@@ -21,20 +21,20 @@
 //! its input and differentiates it at once, the MLP by chunks of rows.
 
 use super::layers::{DecoderLayer, ForwardContext, Linear, Norm};
-use crate::ops::attention::{attention_tokens, flash_applies, AttentionMask};
-use crate::ops::cpu::{is_cpu_f32, tensor, Held};
-use crate::ops::flash::{self, Dims};
-use crate::ops::graft::{grad_enabled, graft_carrying, park, without_grad, Output};
+use super::steps::{self, LayerSteps, NormAt, Proj as StepProj};
+use crate::ops::attention::{self, AttentionMask, Kept};
+use crate::ops::graft::{grad_enabled, graft_carrying, park, Output};
+use crate::ops::kernel::Kernel;
 use crate::ops::linear::{
     dense, input_gradient, lora_hidden, lora_input, lora_rows, lora_weight_grads, FrozenWeight,
     InputShare, LoraBase, LoraHidden,
 };
 use crate::ops::lora::LoraLayer;
 use crate::ops::norm::{rms_norm_forward, rms_norm_grad_x};
-use crate::ops::residual::sum_cpu;
+use crate::ops::residual::sum;
 use crate::ops::rope::rotate_tokens;
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 
 /// Whether `layer` runs as one op on `x`: training (gradients recorded) with every weight, bias
@@ -64,18 +64,10 @@ fn frozen(layer: &DecoderLayer) -> bool {
         && layer.norms().iter().all(|n| n.weight.var().is_none())
 }
 
-/// Whether the native CPU kernels run the layer.
+/// Whether the native CPU kernels run the layer: attention's dispatch point picks its flash
+/// kernel, which keeps the log-sum-exp its backward reads.
 fn native(x: &Tensor, mask: &AttentionMask) -> Result<bool> {
-    Ok(is_cpu_f32(x) && flash_applies(x, mask)?)
-}
-
-/// `a + b` of untracked tensors (one parallel pass on the CPU in f32).
-fn sum(a: &Tensor, b: &Tensor) -> Result<Output> {
-    if is_cpu_f32(a) && is_cpu_f32(b) {
-        Ok(Output::host(sum_cpu(a, b)?, a.dims()))
-    } else {
-        Ok((a + b)?.into())
-    }
+    Ok(attention::kernel(x, mask)?.is_cpu())
 }
 
 /// The layer as one op: x `[b, t, hidden]` -> `[b, t, hidden]`, equal to the op-by-op forward.
@@ -133,7 +125,8 @@ pub(crate) fn checkpointed_stack(
     let mut inputs = Vec::with_capacity(layer_ops.len());
     for op in &layer_ops {
         let next = op.forward_chunked(&h)?;
-        inputs.push(if offload && !h.device().is_cpu() {
+        // Into host memory (a no-op on the CPU).
+        inputs.push(if offload {
             h.to_device(&Device::Cpu)?
         } else {
             h
@@ -340,6 +333,15 @@ impl NormPlan {
     }
 }
 
+/// Sizes of the layer's attention: batch rows, tokens per row, query heads, head width.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    heads: usize,
+    d: usize,
+}
+
 /// Everything the op reads besides its input, shared by forward and backward.
 struct LayerOp {
     /// q, k, v, o, gate, up, down.
@@ -355,8 +357,9 @@ struct LayerOp {
     cos: Tensor,
     sin: Tensor,
     key: Option<u64>,
-    /// Native CPU kernels (else candle ops, attention recomputed in the backward).
-    native: bool,
+    /// Attention's kernel: the native one, or (offloading, or off the CPU in f32) candle's,
+    /// recomputed in the backward.
+    attention: Kernel,
     /// Move what the forward keeps to host memory until the backward.
     offload: bool,
     /// Rows per MLP chunk in [`Self::forward_chunked`] and [`Self::recompute_backward`].
@@ -369,8 +372,8 @@ struct AttentionSaved {
     k: Tensor,
     v: Tensor,
     attn: Tensor,
-    /// The flash kernel's log-sum-exp (native kernels only).
-    lse: Vec<f32>,
+    /// What attention's kernel keeps besides its output (the flash kernel's log-sum-exp).
+    lse: Kept,
     /// The residual stream between attention and MLP.
     resid: Tensor,
     /// LoRA hiddens of q, k, v and o.
@@ -423,11 +426,12 @@ impl Saved {
     }
 }
 
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
+// Positions in `LayerOp::projs` (the order of `DecoderLayer::linears`).
+const Q: usize = StepProj::Q as usize;
+const K: usize = StepProj::K as usize;
+const V: usize = StepProj::V as usize;
+const O: usize = StepProj::O as usize;
+const GATE: usize = StepProj::Gate as usize;
 
 impl LayerOp {
     /// The op of `layer` for input `x`; `offload` moves what [`Self::forward`] keeps to the
@@ -454,10 +458,8 @@ impl LayerOp {
             k_norm: attn.k_norm.as_ref().map(NormPlan::new),
             dims: Dims {
                 b,
+                t,
                 heads: attn.heads,
-                kv_heads: attn.kv_heads,
-                t_q: t,
-                t_k: t,
                 d: attn.head_dim,
             },
             use_rope: attn.use_rope,
@@ -468,7 +470,10 @@ impl LayerOp {
             key: ctx.dropout_key,
             // Offloading runs candle's kernels everywhere (on the CPU, where activations are in
             // host memory already, only tests ask for it).
-            native: native(x, ctx.mask)? && !offload,
+            attention: match native(x, ctx.mask)? && !offload {
+                true => Kernel::Cpu,
+                false => Kernel::Composed,
+            },
             offload,
             chunk_rows: match chunk_rows {
                 0 => mlp_chunk_rows(intermediate),
@@ -480,8 +485,8 @@ impl LayerOp {
     /// Queries or keys as attention reads them: `[b, t, heads, d]`, per-head normalised (Qwen3)
     /// and rotated. x: [n, heads * d]
     fn rotated(&self, x: &Tensor, norm: Option<&NormPlan>) -> Result<Tensor> {
-        let Dims { b, t_q, d, .. } = self.dims;
-        let x = x.reshape((b, t_q, (), d))?;
+        let Dims { b, t, d, .. } = self.dims;
+        let x = x.reshape((b, t, (), d))?;
         let x = match norm {
             Some(n) => n.forward(&x)?,
             None => x,
@@ -496,8 +501,8 @@ impl LayerOp {
     /// The gradient of the projection output `x: [n, heads * d]` for the gradient `g` of
     /// [`Self::rotated`]'s result (token-major elements).
     fn unrotated(&self, x: &Tensor, g: &Tensor, norm: Option<&NormPlan>) -> Result<Tensor> {
-        let Dims { b, t_q, d, .. } = self.dims;
-        let x = x.reshape((b, t_q, (), d))?;
+        let Dims { b, t, d, .. } = self.dims;
+        let x = x.reshape((b, t, (), d))?;
         let mut g = g.reshape(x.dims())?;
         if self.use_rope {
             g = rotate_tokens(&g, &self.cos, &self.sin, true)?;
@@ -540,10 +545,14 @@ impl LayerOp {
 
     /// x: [n, hidden] -> (the output's elements, what the backward keeps)
     fn forward(&self, x: &Tensor) -> Result<(Output, Saved)> {
-        let attention = self.attention_forward(x)?;
-        let (down, mlp) = self.mlp_forward(&self.projs[GATE..], &attention.resid, 0)?;
-        let out = sum(&attention.resid, &down)?;
-        let saved = Saved { attention, mlp };
+        let mut steps = Recorder::new(self, &self.projs[GATE..], 0, true);
+        let resid = steps::attention_half(&mut steps, x)?;
+        let attention = steps.attention_saved(resid.clone())?;
+        let out = steps::mlp_half(&mut steps, &resid)?;
+        let saved = Saved {
+            attention,
+            mlp: steps.mlp_saved(true)?,
+        };
         let saved = if self.offload {
             saved.to_device(&Device::Cpu)?
         } else {
@@ -554,14 +563,14 @@ impl LayerOp {
 
     /// The layer's output alone, keeping nothing, the MLP by chunks of rows. x: [n, hidden]
     fn forward_chunked(&self, x: &Tensor) -> Result<Tensor> {
-        let resid = self.attention_forward(x)?.resid;
+        let resid = steps::attention_half(&mut Recorder::new(self, &[], 0, false), x)?;
         let n = resid.dim(0)?;
         let mlp = self.mlp_projections(n)?;
         let mut outs = Vec::new();
         for (first, rows) in self.chunks(n) {
             let r = resid.narrow(0, first, rows)?;
-            let (down, _) = self.mlp_forward(&mlp, &r, first)?;
-            outs.push(sum(&r, &down)?.into_tensor()?);
+            let mut steps = Recorder::new(self, &mlp, first, false);
+            outs.push(steps::mlp_half(&mut steps, &r)?.into_tensor()?);
         }
         concat_rows(outs)
     }
@@ -571,14 +580,19 @@ impl LayerOp {
     /// (each chunk's activations rebuilt and differentiated before the next) — parking the LoRA
     /// gradients and returning x's gradient when `needs_x`.
     fn recompute_backward(&self, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
-        let attention = self.attention_forward(x)?;
+        let mut steps = Recorder::new(self, &[], 0, true);
+        let resid = steps::attention_half(&mut steps, x)?;
+        let attention = steps.attention_saved(resid)?;
+        drop(steps);
         let n = x.dim(0)?;
         let mlp = self.mlp_projections(n)?;
         let mut grads = Vec::new();
         for (first, rows) in self.chunks(n) {
             let r = attention.resid.narrow(0, first, rows)?;
+            let mut steps = Recorder::new(self, &mlp, first, true);
+            let act = steps::mlp_activation(&mut steps, &r)?;
+            let mut saved = steps.mlp_saved(false)?;
             // The down projection's frozen product is skipped: only its LoRA hidden is needed.
-            let (act, mut saved) = self.mlp_activation(&mlp, &r, first)?;
             saved.hidden.push(mlp[2].hidden(&act, first, self.key)?);
             let g = g.narrow(0, first, rows)?;
             grads.push(self.mlp_backward(&mlp, &saved, Some(act), &r, &g, first)?);
@@ -587,154 +601,36 @@ impl LayerOp {
         self.attention_half_backward(&attention, x, &grad_resid, needs_x)
     }
 
-    /// Norm, q/k/v, attention, o and the residual add. x: [n, hidden]
-    fn attention_forward(&self, x: &Tensor) -> Result<AttentionSaved> {
-        let p = &self.projs;
-        let key = self.key;
-        let mut hidden: Vec<Option<LoraHidden>> = Vec::with_capacity(4);
-        let mut project = |i: usize, x: &Tensor| -> Result<Tensor> {
-            let (y, h) = p[i].forward(x, 0, key)?;
-            hidden.push(h);
-            Ok(y)
-        };
-        let normed = self.input_norm.forward(x)?;
-        let q = project(Q, &normed)?;
-        let k = project(K, &normed)?;
-        let v = project(V, &normed)?;
-        drop(normed);
-        let (lse, attn) = {
-            let q_rot = self.rotated(&q, self.q_norm.as_ref())?;
-            let k_rot = self.rotated(&k, self.k_norm.as_ref())?;
-            let v4 = v.reshape(k_rot.dims())?;
-            self.attention(&q_rot, &k_rot, &v4)?
-        };
-        let o = project(O, &attn)?;
-        let resid = sum(x, &o)?.into_tensor()?;
-        Ok(AttentionSaved {
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            resid,
-            hidden,
-        })
-    }
-
-    /// The MLP (`mlp`: gate, up and down, see [`Self::mlp_projections`]) on rows `first..` of
-    /// the residual stream, `resid: [rows, hidden]`: the down projection's output and what the
-    /// backward keeps.
-    fn mlp_forward(
-        &self,
-        mlp: &[Proj],
-        resid: &Tensor,
-        first: usize,
-    ) -> Result<(Tensor, MlpSaved)> {
-        let (act, mut saved) = self.mlp_activation(mlp, resid, first)?;
-        let (down, down_hidden) = mlp[2].forward(&act, first, self.key)?;
-        saved.hidden.push(down_hidden);
-        Ok((down, saved))
-    }
-
-    /// The MLP up to the down projection's input, the SwiGLU product `[rows, intermediate]`,
-    /// with gate and up and their LoRA hiddens (the down projection's still to come).
-    fn mlp_activation(
-        &self,
-        mlp: &[Proj],
-        resid: &Tensor,
-        first: usize,
-    ) -> Result<(Tensor, MlpSaved)> {
-        let key = self.key;
-        let normed = self.post_norm.forward(resid)?;
-        let (gate, gate_hidden) = mlp[0].forward(&normed, first, key)?;
-        let (up, up_hidden) = mlp[1].forward(&normed, first, key)?;
-        drop(normed);
-        let act = swiglu_forward(&gate, &up)?.into_tensor()?;
-        let hidden = vec![gate_hidden, up_hidden];
-        Ok((act, MlpSaved { gate, up, hidden }))
-    }
-
-    /// Attention over rotated q `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]`: the flash
-    /// kernel's log-sum-exp (native kernels; empty otherwise) and the output `[n, heads · d]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Vec<f32>, Tensor)> {
-        let width = self.dims.heads * self.dims.d;
-        let n = self.dims.b * self.dims.t_q;
-        if !self.native {
-            let out = without_grad(|| attention_tokens(q, k, v, &self.mask, self.scale))?;
-            return Ok((Vec::new(), out.reshape((n, width))?.contiguous()?));
-        }
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let held = [Held::new(&q)?, Held::new(&k)?, Held::new(&v)?];
-        let (out, lse) = flash::forward(
-            held[0].slice()?,
-            held[1].slice()?,
-            held[2].slice()?,
-            self.dims,
-            &self.mask,
-            self.scale as f32,
-        );
-        Ok((lse, tensor(out, &[n, width])?))
+    /// Attention over rotated q `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]`: what the
+    /// kernel keeps for the backward and the output `[n, heads · d]`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Kept, Tensor)> {
+        let Dims { b, t, heads, d } = self.dims;
+        let (out, kept) =
+            attention::forward_untracked(self.attention, (q, k, v), &self.mask, self.scale)?;
+        Ok((kept, out.reshape((b * t, heads * d))?.contiguous()?))
     }
 
     /// `(dq, dk, dv)` (like q, k, v) for the output gradient `g: [n, heads · d]`: the flash
     /// backward from the saved log-sum-exp, or attention recomputed on its own graph.
     fn attention_backward(
         &self,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        qkv: (&Tensor, &Tensor, &Tensor),
         s: &AttentionSaved,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        if !self.native {
-            let vars = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
-            let [qv, kv, vv] = vars;
-            let (qv, kv, vv) = (qv?, kv?, vv?);
-            let out = attention_tokens(&qv, &kv, &vv, &self.mask, self.scale)?;
-            let grads = (out * g.reshape(q.dims())?.detach())?
-                .sum_all()?
-                .backward()?;
-            let grad = |var: &Var| {
-                grads.get(var).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg("attention recomputation: no gradient".into())
-                })
-            };
-            return Ok((grad(&qv)?, grad(&kv)?, grad(&vv)?));
-        }
-        let (q, k, v, g) = (
-            q.contiguous()?,
-            k.contiguous()?,
-            v.contiguous()?,
-            g.contiguous()?,
-        );
-        let held = [
-            Held::new(&q)?,
-            Held::new(&k)?,
-            Held::new(&v)?,
-            Held::new(&s.attn)?,
-            Held::new(&g)?,
-        ];
-        let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
-        let (dq, dk, dv) = flash::backward(
-            flash::Saved {
-                q: qs?,
-                k: ks?,
-                v: vs?,
-                out: os?,
-                lse: &s.lse,
-            },
-            gs?,
-            self.dims,
+        let shape = qkv.0.dims();
+        attention::backward_untracked(
+            self.attention,
+            qkv,
+            (&s.attn.reshape(shape)?, &s.lse),
+            &g.reshape(shape)?,
             &self.mask,
-            self.scale as f32,
-        );
-        Ok((
-            tensor(dq, q.dims())?,
-            tensor(dk, k.dims())?,
-            tensor(dv, v.dims())?,
-        ))
+            self.scale,
+        )
     }
 
     /// The gradient of the MLP's input rows `first..` (`resid: [rows, hidden]`, the residual
-    /// stream) for the layer output's gradient `g` on those rows (`mlp` as [`Self::mlp_forward`]
+    /// stream) for the layer output's gradient `g` on those rows (`mlp` as [`steps::mlp_half`]
     /// reads it; `act`, the SwiGLU product, when the caller has it, else rebuilt from gate and
     /// up); the MLP's LoRA gradients parked.
     fn mlp_backward(
@@ -820,6 +716,125 @@ impl LayerOp {
         let grad_resid =
             self.mlp_backward(&self.projs[GATE..], &s.mlp, None, &s.attention.resid, g, 0)?;
         self.attention_half_backward(&s.attention, x, &grad_resid, needs_x)
+    }
+}
+
+/// The one-op and checkpointed forms of the layer's steps ([`super::steps`]): untracked rows
+/// `[n, width]` (rows `first..` of the op's input), run with the kernels the ops' dispatch points
+/// pick, keeping (when `keep`) what the hand-written backward reads: the projected q, k and v,
+/// attention's output and what its kernel kept, gate and up, and each LoRA branch's hidden.
+struct Recorder<'a> {
+    op: &'a LayerOp,
+    /// Gate, up and down as this pass reads them ([`LayerOp::mlp_projections`]).
+    mlp: &'a [Proj],
+    first: usize,
+    keep: bool,
+    hidden: [Option<LoraHidden>; 7],
+    qkv: Vec<Tensor>,
+    attention: Option<(Kept, Tensor)>,
+    gate_up: Option<(Tensor, Tensor)>,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(op: &'a LayerOp, mlp: &'a [Proj], first: usize, keep: bool) -> Self {
+        Recorder {
+            op,
+            mlp,
+            first,
+            keep,
+            hidden: Default::default(),
+            qkv: Vec::new(),
+            attention: None,
+            gate_up: None,
+        }
+    }
+
+    /// What the attention half kept, with `resid`, its result.
+    fn attention_saved(&mut self, resid: Tensor) -> Result<AttentionSaved> {
+        let missing = || candle_core::Error::Msg("decoder layer: attention did not run".into());
+        let (lse, attn) = self.attention.take().ok_or_else(missing)?;
+        let [q, k, v]: [Tensor; 3] = std::mem::take(&mut self.qkv)
+            .try_into()
+            .map_err(|_| missing())?;
+        let hidden = (Q..=O).map(|i| self.hidden[i].take()).collect();
+        Ok(AttentionSaved {
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            resid,
+            hidden,
+        })
+    }
+
+    /// What the MLP kept: gate, up, and the LoRA hiddens of gate, up and (`with_down`) down.
+    fn mlp_saved(&mut self, with_down: bool) -> Result<MlpSaved> {
+        let (gate, up) = self
+            .gate_up
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("decoder layer: the MLP did not run".into()))?;
+        let mut hidden = vec![self.hidden[GATE].take(), self.hidden[GATE + 1].take()];
+        if with_down {
+            hidden.push(self.hidden[GATE + 2].take());
+        }
+        Ok(MlpSaved { gate, up, hidden })
+    }
+}
+
+impl LayerSteps for Recorder<'_> {
+    type T = Tensor;
+    type Out = Output;
+
+    fn norm(&mut self, which: NormAt, x: &Tensor) -> Result<Tensor> {
+        match which {
+            NormAt::Input => self.op.input_norm.forward(x),
+            NormAt::PostAttention => self.op.post_norm.forward(x),
+        }
+    }
+
+    fn project(&mut self, which: StepProj, x: &Tensor) -> Result<Tensor> {
+        let i = which.index();
+        let proj = if i >= GATE {
+            &self.mlp[i - GATE]
+        } else {
+            &self.op.projs[i]
+        };
+        let (y, hidden) = proj.forward(x, self.first, self.op.key)?;
+        if self.keep {
+            self.hidden[i] = hidden;
+            if i < O {
+                self.qkv.push(y.clone());
+            }
+        }
+        Ok(y)
+    }
+
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let op = self.op;
+        let q_rot = op.rotated(&q, op.q_norm.as_ref())?;
+        let k_rot = op.rotated(&k, op.k_norm.as_ref())?;
+        let v4 = v.reshape(k_rot.dims())?;
+        let (kept, out) = op.attention(&q_rot, &k_rot, &v4)?;
+        if self.keep {
+            self.attention = Some((kept, out.clone()));
+        }
+        Ok(out)
+    }
+
+    fn swiglu(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.keep {
+            self.gate_up = Some((gate.clone(), up.clone()));
+        }
+        swiglu_forward(gate, up)?.into_tensor()
+    }
+
+    fn add(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {
+        sum(stream, branch)?.into_tensor()
+    }
+
+    fn output(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Output> {
+        sum(stream, branch)
     }
 }
 

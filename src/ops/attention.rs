@@ -5,13 +5,15 @@
 //! `[t, t]` probabilities for the backward; the blocked one takes queries in blocks that only meet
 //! the keys the causal (and window) mask lets them see, keeps only the output and each row's
 //! log-sum-exp, and recomputes the probabilities block by block in the backward — once by query
-//! blocks for dQ, once by key blocks for dK and dV. [`attention`] picks by size.
+//! blocks for dQ, once by key blocks for dK and dV. [`attention`] picks by size. For f32 on the
+//! CPU the flash kernel ([`cpu::flash`]) runs instead; [`kernel`] is the dispatch point.
 
 pub use super::mask::AttentionMask;
 
-use super::cpu::is_cpu_f32;
-use super::graft::graft3;
-use candle_core::{Result, Tensor, D};
+use super::cpu;
+use super::graft::{graft3, without_grad};
+use super::kernel::Kernel;
+use candle_core::{Result, Tensor, Var, D};
 
 /// Rows of queries (and columns of keys) per block.
 pub(crate) const BLOCK: usize = 256;
@@ -71,8 +73,8 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, t_q, _) = q.dims4()?;
-    if flash_applies(q, mask)? {
-        return super::flash::attention_flash_cpu(q, k, v, mask, scale);
+    if kernel(q, mask)?.is_cpu() {
+        return cpu::flash::attention_flash_cpu(q, k, v, mask, scale);
     }
     let bytes = b * h * t_q * k.dim(2)? * q.dtype().size_in_bytes();
     if bytes <= KEEP_PROBABILITIES_BYTES {
@@ -93,8 +95,8 @@ pub fn attention_tokens(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    if flash_applies(q, mask)? {
-        return super::flash::attention_flash_cpu_tokens(q, k, v, mask, scale);
+    if kernel(q, mask)?.is_cpu() {
+        return cpu::flash::attention_flash_cpu_tokens(q, k, v, mask, scale);
     }
     let heads_first = |x: &Tensor| x.transpose(1, 2)?.contiguous();
     attention(
@@ -111,14 +113,69 @@ pub fn attention_tokens(
 /// kernel for `x`'s device and dtype reads that layout directly (the CPU flash kernel, f32), which
 /// saves the heads-first copies. The model asks this instead of checking the device itself.
 pub fn prefers_token_layout(x: &Tensor) -> bool {
-    is_cpu_f32(x)
+    Kernel::of(&[x]).is_cpu()
 }
 
-/// Whether the CPU flash kernel runs this call: f32 on the CPU, with document ids (if any) for
-/// each of q's batch rows.
-pub(crate) fn flash_applies(q: &Tensor, mask: &AttentionMask) -> Result<bool> {
+/// Attention's dispatch point: the CPU flash kernel ([`cpu::flash`]) for f32 on the CPU with
+/// document ids (if any) for each of q's batch rows, else the kernels composed of candle ops.
+pub(crate) fn kernel(q: &Tensor, mask: &AttentionMask) -> Result<Kernel> {
     let b = q.dim(0)?;
-    Ok(is_cpu_f32(q) && mask.document_rows().is_none_or(|r| r == b))
+    Ok(match Kernel::of(&[q]) {
+        Kernel::Cpu if mask.document_rows().is_none_or(|r| r == b) => Kernel::Cpu,
+        _ => Kernel::Composed,
+    })
+}
+
+/// What [`forward_untracked`] keeps for [`backward_untracked`] besides q, k, v and the output:
+/// the flash kernel's log-sum-exp per query (empty for candle's kernels, whose backward
+/// recomputes the attention on its own graph).
+pub(crate) type Kept = Vec<f32>;
+
+/// Attention on untracked token-major q `[b, t_q, heads, d]`, k, v `[b, t_k, kv_heads, d]`, for
+/// an op that writes its own backward, with the `kernel` the op chose (see [`kernel`]; an op
+/// offloading its activations runs candle's): the output `[b, t_q, heads, d]` and what the
+/// backward needs.
+pub(crate) fn forward_untracked(
+    kernel: Kernel,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<(Tensor, Kept)> {
+    match kernel {
+        Kernel::Cpu => cpu::flash::forward_untracked(q, k, v, mask, scale),
+        Kernel::Composed => Ok((
+            without_grad(|| attention_tokens(q, k, v, mask, scale))?,
+            Vec::new(),
+        )),
+    }
+}
+
+/// `(dq, dk, dv)` (like q, k, v) for the gradient `g` of [`forward_untracked`]'s output `out`,
+/// from what it kept: the flash backward, or attention recomputed on its own graph.
+pub(crate) fn backward_untracked(
+    kernel: Kernel,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (out, kept): (&Tensor, &Kept),
+    g: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if kernel.is_cpu() {
+        return cpu::flash::backward_untracked((q, k, v), out, kept, g, mask, scale);
+    }
+    let [qv, kv, vv] = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
+    let (qv, kv, vv) = (qv?, kv?, vv?);
+    let out = attention_tokens(&qv, &kv, &vv, mask, scale)?;
+    let grads = (out * g.reshape(q.dims())?.detach())?
+        .sum_all()?
+        .backward()?;
+    let grad = |var: &Var| {
+        grads
+            .get(var)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("attention recomputation: no gradient".into()))
+    };
+    Ok((grad(&qv)?, grad(&kv)?, grad(&vv)?))
 }
 
 /// Largest probability matrix (bytes, all heads) that [`attention`] keeps for the backward:

@@ -2,11 +2,10 @@
 //! never held; each chunk of rows is projected, reduced, and recomputed in the backward.
 //! The same pass yields TRL's `mean_token_accuracy` and `entropy`.
 
-use super::cpu::{is_cpu_f32, matmul, matmul_new, par_zeroed, tensor, Held, Threads};
+use super::cpu::{self, cross_entropy::ChunkSums};
 use super::graft::{grad_enabled, graft2};
-use super::simd;
+use super::kernel::Kernel;
 use candle_core::{DType, Result, Tensor, D};
-use rayon::prelude::*;
 
 /// Per-row targets of a flattened batch.
 #[derive(Debug, Clone)]
@@ -61,11 +60,7 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
     let grad = grad_enabled();
     let (want_grad_h, want_grad_w) = (grad && hidden.track_op(), grad && head.track_op());
     let wanted = (want_grad_h, want_grad_w);
-    let sums = if is_cpu_f32(&hd) && is_cpu_f32(&wd) {
-        chunks_cpu(&hd, &wd, targets, wanted, chunk_rows(wd.dim(0)?))?
-    } else {
-        chunks_candle(&hd, &wd, targets, wanted, chunk_rows(wd.dim(0)?))?
-    };
+    let sums = chunks(&hd, &wd, targets, wanted, chunk_rows(wd.dim(0)?))?;
     let ChunkSums {
         loss_sum,
         correct,
@@ -101,13 +96,24 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
     })
 }
 
-/// What the chunks add up to: loss, correct and entropy sums, and the gradients when wanted.
-struct ChunkSums {
-    loss_sum: f64,
-    correct: f64,
-    entropy_sum: f64,
-    grad_h: Option<Tensor>,
-    grad_w: Option<Tensor>,
+/// The loss's dispatch point: the chunk loop in the native kernel for f32 on the CPU, in candle
+/// ops elsewhere.
+fn chunks(
+    hd: &Tensor,
+    wd: &Tensor,
+    targets: &LossTargets,
+    wanted: (bool, bool),
+    chunk: usize,
+) -> Result<ChunkSums> {
+    match Kernel::of(&[hd, wd]) {
+        Kernel::Cpu => cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk),
+        Kernel::Composed => chunks_candle(hd, wd, targets, wanted, chunk),
+    }
+}
+
+/// The targets as the native kernel reads them: ids, loss weights, entropy weights.
+fn rows_of(t: &LossTargets) -> (&[u32], &[f32], &[f32]) {
+    (&t.target_ids, &t.loss_weight, &t.entropy_weight)
 }
 
 /// The chunk loop with candle ops (every device).
@@ -179,97 +185,6 @@ fn chunks_candle(
     })
 }
 
-/// The chunk loop on the CPU in f32: each chunk's logits in one buffer, reduced row by row in one
-/// vectorized pass that also turns them into the weighted `softmax - onehot` gradient in place;
-/// `d hidden` rows are written straight into the whole output.
-fn chunks_cpu(
-    hd: &Tensor,
-    wd: &Tensor,
-    targets: &LossTargets,
-    (want_grad_h, want_grad_w): (bool, bool),
-    chunk: usize,
-) -> Result<ChunkSums> {
-    let (n, h) = hd.dims2()?;
-    let vocab = wd.dim(0)?;
-    let (hd, wd) = (hd.contiguous()?, wd.contiguous()?);
-    let (hh, wh) = (Held::new(&hd)?, Held::new(&wd)?);
-    let (hs, ws) = (hh.slice()?, wh.slice()?);
-    if let Some(&bad) = targets.target_ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("lm_head_loss: target id {bad} is outside the vocabulary of {vocab}");
-    }
-    let mut sums = [0f64; 3];
-    let mut grad_h = want_grad_h.then(|| par_zeroed(n * h));
-    let mut grad_w = want_grad_w.then(|| par_zeroed(vocab * h));
-    // One buffer for every chunk's logits, made by the first (largest) chunk's product.
-    let mut logits: Vec<f32> = Vec::new();
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
-        let h_chunk = &hs[start * h..(start + len) * h];
-        let (dims, a, b) = ((len, vocab, h), (h_chunk, h, 1), (ws, 1, h));
-        if logits.is_empty() {
-            logits = matmul_new(dims, a, b, 1.0, Threads::All);
-        } else {
-            matmul(dims, (&mut logits, vocab), false, a, b, 1.0, Threads::All);
-        }
-        let logits = &mut logits[..len * vocab];
-        let grad = want_grad_h || want_grad_w;
-        let rows: Vec<[f64; 3]> = logits
-            .par_chunks_mut(vocab)
-            .enumerate()
-            .map(|(r, row)| {
-                let i = start + r;
-                let target = targets.target_ids[i] as usize;
-                let (loss_w, ent_w) = (targets.loss_weight[i], targets.entropy_weight[i]);
-                let stats = simd::softmax_row_stats(row, target, grad.then_some(loss_w));
-                [
-                    stats.cross_entropy as f64 * loss_w as f64,
-                    if stats.argmax == target {
-                        loss_w as f64
-                    } else {
-                        0.0
-                    },
-                    stats.entropy as f64 * ent_w as f64,
-                ]
-            })
-            .collect();
-        for row in rows {
-            sums.iter_mut().zip(row).for_each(|(s, r)| *s += r);
-        }
-        if let Some(gh) = grad_h.as_mut() {
-            let out = &mut gh[start * h..(start + len) * h];
-            matmul(
-                (len, h, vocab),
-                (out, h),
-                false,
-                (logits, vocab, 1),
-                (ws, h, 1),
-                1.0,
-                Threads::All,
-            );
-        }
-        if let Some(gw) = grad_w.as_mut() {
-            // d head += logits_grad^T @ h_chunk
-            let accumulate = start > 0;
-            matmul(
-                (vocab, h, len),
-                (gw, h),
-                accumulate,
-                (logits, 1, vocab),
-                (h_chunk, h, 1),
-                1.0,
-                Threads::All,
-            );
-        }
-    }
-    Ok(ChunkSums {
-        loss_sum: sums[0],
-        correct: sums[1],
-        entropy_sum: sums[2],
-        grad_h: grad_h.map(|g| tensor(g, &[n, h])).transpose()?,
-        grad_w: grad_w.map(|g| tensor(g, &[vocab, h])).transpose()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,7 +201,7 @@ mod tests {
             entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
         };
         let want = (true, true);
-        let ours = chunks_cpu(&hd, &wd, &targets, want, 10)?;
+        let ours = cpu::cross_entropy::chunks(&hd, &wd, rows_of(&targets), want, 10)?;
         let reference = chunks_candle(&hd, &wd, &targets, want, 10)?;
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
         assert!(close(ours.loss_sum, reference.loss_sum));

@@ -1,8 +1,8 @@
 //! LoRA dropout masks: keyed, so a mask is drawn again in the backward (or a chunk of rows at a
 //! time) without being kept, filled on all cores by the vectorized kernel.
 
+use crate::ops::cpu::simd::dropout_fill;
 use crate::ops::cpu::PIECE;
-use crate::ops::simd::dropout_fill;
 use rayon::prelude::*;
 
 /// Inverted-dropout mask with `n` entries for drop probability `p`: each entry is 0 with probability

@@ -152,18 +152,21 @@ impl Pending {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        // A fresh affine result is contiguous, starts at offset 0 and owns exactly its elements.
+        use candle_core::backend::{BackendDevice, BackendStorage};
         let Ready::Tensor(out) = self.take()? else {
             candle_core::bail!("grafted op: a CPU kernel's result reached a cuda op")
         };
-        let out = out.affine(1.0, 0.0)?;
         let shape = out.shape().clone();
         let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("grafted op: expected a cuda tensor"),
-        }
+        let candle_core::Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("grafted op: expected a cuda tensor")
+        };
+        // One device copy of exactly the output's elements, whatever its layout (a strided
+        // copy into a fresh buffer; the result's storage cannot be moved out of its tensor).
+        // SAFETY: `copy_strided_src` writes every element of the buffer before it is read.
+        let mut copy = unsafe { s.device().alloc_uninit(&shape, out.dtype())? };
+        s.copy_strided_src(&mut copy, 0, layout)?;
+        Ok((copy, shape))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Linear layers over frozen weights, with and without a LoRA branch.
 
-use super::cpu::{is_cpu_f32, matmul, matmul_new, par_filled, Held, Threads, PIECE};
+use super::cpu::{self, narrow::MAX_WIDTH};
 use super::graft::{graft1, graft3, Output};
-use super::narrow::{add_narrow_product, matmul_narrow, transposed_matmul_narrow, MAX_WIDTH};
+use super::kernel::Kernel;
+use super::product::Product;
 use super::rows;
 use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor};
@@ -30,141 +31,50 @@ impl FrozenWeight {
     }
 }
 
-/// One term `lhs @ rhs` (or `lhs @ rhs^T`) of a [`sum_of_products`].
-struct Product<'a> {
-    lhs: &'a Tensor,
-    rhs: &'a Tensor,
-    transposed: bool,
-    /// A dropout mask `[n, out]` the product is multiplied by (a LoRA input-gradient term).
-    mask: Option<&'a Tensor>,
-}
-
-impl<'a> Product<'a> {
-    /// `lhs @ rhs^T` (rhs: [out, k]).
-    fn t(lhs: &'a Tensor, rhs: &'a Tensor) -> Self {
-        Product {
-            lhs,
-            rhs,
-            transposed: true,
-            mask: None,
-        }
-    }
-
-    /// `lhs @ rhs` (rhs: [k, out]).
-    fn n(lhs: &'a Tensor, rhs: &'a Tensor) -> Self {
-        Product {
-            lhs,
-            rhs,
-            transposed: false,
-            mask: None,
-        }
-    }
-
-    /// This product multiplied elementwise by `mask`.
-    fn masked(self, mask: &'a Tensor) -> Self {
-        Product {
-            mask: Some(mask),
-            ..self
-        }
-    }
-
-    fn out_width(&self) -> Result<usize> {
-        self.rhs.dim(if self.transposed { 0 } else { 1 })
-    }
-}
-
-/// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`. On the CPU in f32 every product
-/// accumulates into one buffer (no intermediate sums); elsewhere candle's matmul and add.
+/// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`: the linear op's dispatch point.
+/// The native CPU kernel accumulates every product into one buffer (no intermediate sums); a
+/// masked term needs its narrow kernel (which applies the mask as it adds), so a masked term wider
+/// than [`MAX_WIDTH`] (rank) sends the whole sum to candle's matmul and add.
 fn sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Output> {
-    let native = terms.iter().all(|p| {
-        is_cpu_f32(p.lhs) && is_cpu_f32(p.rhs) && p.mask.is_none_or(is_cpu_f32)
-            // A masked term needs the narrow kernel (which applies the mask as it adds); a wider
-            // one (rank past MAX_WIDTH) takes candle's ops with the rest of the sum.
-            && (p.mask.is_none() || p.lhs.dim(1).is_ok_and(|k| k <= MAX_WIDTH))
-    }) && bias.is_none_or(is_cpu_f32);
-    if !native {
-        let mut acc: Option<Tensor> = None;
-        for p in terms {
-            let rhs = if p.transposed {
-                p.rhs.t()?
-            } else {
-                p.rhs.clone()
-            };
-            let y = p.lhs.matmul(&rhs)?;
-            let y = match p.mask {
-                Some(mask) => y.mul(mask)?,
-                None => y,
-            };
-            acc = Some(match acc {
-                Some(a) => (a + y)?,
-                None => y,
-            });
-        }
-        let acc = acc.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
-        return Ok(match bias {
-            Some(b) => acc.broadcast_add(b)?,
-            None => acc,
-        }
-        .into());
+    let mut operands: Vec<&Tensor> = terms
+        .iter()
+        .flat_map(|p| [p.lhs, p.rhs].into_iter().chain(p.mask))
+        .collect();
+    operands.extend(bias);
+    let narrow_masks = terms
+        .iter()
+        .all(|p| p.mask.is_none() || p.lhs.dim(1).is_ok_and(|k| k <= MAX_WIDTH));
+    match Kernel::of(&operands) {
+        Kernel::Cpu if narrow_masks => cpu::linear::sum_of_products(bias, terms),
+        _ => composed_sum_of_products(bias, terms),
     }
-    let n = terms[0].lhs.dim(0)?;
-    let width = terms[0].out_width()?;
-    // The sum's buffer: the bias rows, else made by the first (full) product, which writes it
-    // without zeroing it first.
-    let mut out = match bias {
-        Some(b) => {
-            let b = b.contiguous()?;
-            let held = Held::new(&b)?;
-            let b = held.slice()?;
-            let rows = (PIECE / width.max(1)).max(1);
-            Some(par_filled(n * width, rows * width, |_, piece| {
-                piece
-                    .chunks_exact_mut(width)
-                    .for_each(|row| row.copy_from_slice(b))
-            }))
-        }
-        None => None,
-    };
+}
+
+/// [`sum_of_products`] in candle ops.
+fn composed_sum_of_products(bias: Option<&Tensor>, terms: &[Product<'_>]) -> Result<Output> {
+    let mut acc: Option<Tensor> = None;
     for p in terms {
-        let (lhs, rhs) = (p.lhs.contiguous()?, p.rhs.contiguous()?);
-        let k = lhs.dim(1)?;
-        if lhs.dim(0)? != n || p.out_width()? != width || p.rhs.elem_count() != k * width {
-            candle_core::bail!(
-                "sum of products: shapes {:?} and {:?} do not fit",
-                lhs.dims(),
-                rhs.dims()
-            );
-        }
-        if k <= MAX_WIDTH && (k < width || p.mask.is_some()) {
-            // A LoRA term (`hidden Bᵀ`, `grad_hidden A` with its dropout mask): the narrow kernel
-            // adds it in place.
-            let m = if p.transposed {
-                rhs.t()?.contiguous()?
-            } else {
-                rhs
-            };
-            let mask = p.mask.map(Tensor::contiguous).transpose()?;
-            let (lh, mh) = (Held::new(&lhs)?, Held::new(&m)?);
-            let mask_held = mask.as_ref().map(Held::new).transpose()?;
-            let mask = mask_held.as_ref().map(Held::slice).transpose()?;
-            let out = out.get_or_insert_with(|| vec![0f32; n * width]);
-            add_narrow_product(out, width, (lh.slice()?, k), mh.slice()?, mask);
-            continue;
-        }
-        let (lh, rh) = (Held::new(&lhs)?, Held::new(&rhs)?);
-        let b = if p.transposed {
-            (rh.slice()?, 1, k)
+        let rhs = if p.transposed {
+            p.rhs.t()?
         } else {
-            (rh.slice()?, width, 1)
+            p.rhs.clone()
         };
-        let a = (lh.slice()?, k, 1);
-        match out.as_mut() {
-            Some(out) => matmul((n, width, k), (out, width), true, a, b, 1.0, Threads::All),
-            None => out = Some(matmul_new((n, width, k), a, b, 1.0, Threads::All)),
-        }
+        let y = p.lhs.matmul(&rhs)?;
+        let y = match p.mask {
+            Some(mask) => y.mul(mask)?,
+            None => y,
+        };
+        acc = Some(match acc {
+            Some(a) => (a + y)?,
+            None => y,
+        });
     }
-    let out = out.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
-    Ok(Output::host(out, (n, width)))
+    let acc = acc.ok_or_else(|| candle_core::Error::Msg("no products to sum".into()))?;
+    Ok(match bias {
+        Some(b) => acc.broadcast_add(b)?,
+        None => acc,
+    }
+    .into())
 }
 
 /// `x @ w^T + bias` for a frozen `w: [out, in]`; backward returns only the input gradient `g @ w`.
@@ -226,6 +136,24 @@ impl LoraHidden {
         Ok(LoraHidden {
             hidden: self.hidden.to_device(device)?,
         })
+    }
+}
+
+/// `x @ m` for a narrow `m` (a LoRA rank wide), the narrow products' dispatch point: the native
+/// kernel for f32 on the CPU up to [`MAX_WIDTH`] columns, candle's matmul otherwise.
+/// x: [n, k], m: [k, r] -> [n, r]
+fn matmul_narrow(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    match Kernel::of(&[x, m]) {
+        Kernel::Cpu if m.dim(1)? <= MAX_WIDTH => cpu::narrow::matmul(x, m),
+        _ => x.matmul(m),
+    }
+}
+
+/// `qᵀ @ p` for a narrow `q`, dispatched as [`matmul_narrow`]. q: [n, r], p: [n, w] -> [r, w]
+fn transposed_matmul_narrow(q: &Tensor, p: &Tensor) -> Result<Tensor> {
+    match Kernel::of(&[q, p]) {
+        Kernel::Cpu if q.dim(1)? <= MAX_WIDTH => cpu::narrow::transposed_matmul(q, p),
+        _ => q.t()?.matmul(p),
     }
 }
 
@@ -387,4 +315,28 @@ pub fn lora_linear(
             Ok((grad_x, grad_a, grad_b))
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_wrappers_equal_candle_matmul() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (50, 24), &dev)?;
+        let m = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
+        let q = Tensor::randn(0f32, 1.0, (50, 16), &dev)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(diff(&matmul_narrow(&x, &m)?, &x.matmul(&m)?)? < 1e-4);
+        assert!(diff(&transposed_matmul_narrow(&q, &x)?, &q.t()?.matmul(&x)?)? < 1e-4);
+        // A non-contiguous operand and a width past the kernels' limit take their paths too.
+        let wide = Tensor::randn(0f32, 1.0, (24, 80), &dev)?;
+        assert!(diff(&matmul_narrow(&x, &wide)?, &x.matmul(&wide)?)? < 1e-4);
+        let mt = Tensor::randn(0f32, 1.0, (16, 24), &dev)?;
+        assert!(diff(&matmul_narrow(&x, &mt.t()?)?, &x.matmul(&mt.t()?)?)? < 1e-4);
+        Ok(())
+    }
 }

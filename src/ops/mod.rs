@@ -1,22 +1,24 @@
-//! Differentiable kernels for training. Each op computes its forward with candle (fused candle-nn
-//! kernels where they exist) and carries its own backward, which returns gradients only for tracked
-//! inputs: frozen weights never receive a gradient and never enter candle's autograd as operands.
+//! Differentiable kernels for training. Each op has one dispatch point that picks its
+//! implementation once from the operands' device and dtype ([`kernel::Kernel`]): a native CPU
+//! kernel ([`cpu`]), a CUDA kernel (`ops/cuda/`, to come), or candle ops (fused candle-nn kernels
+//! where they exist), which every device runs. Each op carries its own backward, which returns
+//! gradients only for tracked inputs: frozen weights never receive a gradient and never enter
+//! candle's autograd as operands.
 
 pub mod attention;
 pub mod checkpoint;
-pub(crate) mod cpu;
+pub mod cpu;
 pub mod cross_entropy;
 pub mod dropout;
-pub mod flash;
 pub mod graft;
+pub mod kernel;
 pub mod linear;
 pub mod lora;
 pub mod mask;
-pub(crate) mod narrow;
 pub mod norm;
+pub(crate) mod product;
 pub mod residual;
 pub mod rope;
-pub(crate) mod simd;
 pub mod swiglu;
 
 use candle_core::{Result, Tensor};

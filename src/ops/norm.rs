@@ -1,9 +1,9 @@
 //! RMSNorm as Llama/Qwen/Mistral use it: `w * x / sqrt(mean(x^2) + eps)`, computed in f32.
 
-use super::cpu::{is_cpu_f32, par_filled, tensor, Held, PIECE};
+use super::cpu::{self, tensor};
 use super::graft::{graft2, Output};
+use super::kernel::Kernel;
 use super::rows;
-use super::simd;
 use candle_core::{Result, Tensor};
 
 /// RMS-normalises the last dimension of `x` and scales by `w`. The weight gets a gradient only
@@ -19,9 +19,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Box::new(move |x, w, g, needs| {
             // The native kernel gives the input gradient; candle ops give the rest, in one pass
             // over the normalised rows.
-            let native = needs[0] && is_cpu_f32(x) && is_cpu_f32(w);
+            let native = needs[0] && kernel(x, w).is_cpu();
             let grad_x = native
-                .then(|| tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims()))
+                .then(|| tensor(cpu::norm::rms_norm(x, w, Some(g), eps)?, x.dims()))
                 .transpose()?;
             let (composed_x, grad_w) =
                 composed_grads(x, w, g, eps, [needs[0] && !native, needs[1]])?;
@@ -30,21 +30,28 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
+/// RMSNorm's dispatch point: the native kernel for f32 on the CPU, candle ops elsewhere.
+fn kernel(x: &Tensor, w: &Tensor) -> Kernel {
+    Kernel::of(&[x, w])
+}
+
 /// The forward on untracked tensors: the native kernel on the CPU in f32, candle-nn's elsewhere.
 /// x: [.., d], w: [d] -> [.., d]
 pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Output> {
     let x = x.contiguous()?;
-    if is_cpu_f32(&x) && is_cpu_f32(w) {
-        Ok(Output::host(rms_norm_cpu(&x, w, None, eps)?, x.dims()))
-    } else {
-        Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.into())
+    match kernel(&x, w) {
+        Kernel::Cpu => Ok(Output::host(
+            cpu::norm::rms_norm(&x, w, None, eps)?,
+            x.dims(),
+        )),
+        Kernel::Composed => Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.into()),
     }
 }
 
 /// The gradient of x for the output gradient g (like x), on untracked tensors.
 pub(crate) fn rms_norm_grad_x(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
-    if is_cpu_f32(x) && is_cpu_f32(w) {
-        return tensor(rms_norm_cpu(x, w, Some(g), eps)?, x.dims());
+    if kernel(x, w).is_cpu() {
+        return tensor(cpu::norm::rms_norm(x, w, Some(g), eps)?, x.dims());
     }
     composed_grads(x, w, g, eps, [true, false])?
         .0
@@ -76,26 +83,4 @@ fn composed_grads(
         })
         .transpose()?;
     Ok((grad_x, grad_w))
-}
-
-/// The CPU kernel over all rows of a contiguous x `[.., d]`: the forward (`grad` None) or the
-/// input gradient for `grad` (like x).
-fn rms_norm_cpu(x: &Tensor, w: &Tensor, grad: Option<&Tensor>, eps: f64) -> Result<Vec<f32>> {
-    let (x_c, w_c) = (x.contiguous()?, w.contiguous()?);
-    let grad_c = grad.map(Tensor::contiguous).transpose()?;
-    let (xh, wh) = (Held::new(&x_c)?, Held::new(&w_c)?);
-    let gh = grad_c.as_ref().map(Held::new).transpose()?;
-    let (xs, ws) = (xh.slice()?, wh.slice()?);
-    let d = ws.len();
-    // Whole rows per task.
-    let piece = (PIECE / d.max(1)).max(1) * d;
-    let eps = eps as f32;
-    let gs = gh.as_ref().map(Held::slice).transpose()?;
-    Ok(par_filled(xs.len(), piece, |i, o| {
-        let x = &xs[i * piece..][..o.len()];
-        match gs {
-            None => simd::rms_norm_forward(x, ws, eps, o),
-            Some(gs) => simd::rms_norm_backward(x, ws, &gs[i * piece..][..o.len()], eps, o),
-        }
-    }))
 }

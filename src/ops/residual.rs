@@ -1,7 +1,8 @@
 //! Residual addition that never hands a gradient to an untracked operand.
 
-use super::cpu::{par_filled, Held, PIECE};
-use super::graft::graft2;
+use super::cpu;
+use super::graft::{graft2, Output};
+use super::kernel::Kernel;
 use candle_core::{Result, Tensor};
 
 /// `a + b`. candle's own add stores a gradient for both operands even when one is untracked (the
@@ -20,18 +21,11 @@ pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// `a + b` of two f32 CPU tensors of one shape (made contiguous), in parallel: the elements.
-pub(crate) fn sum_cpu(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
-    if a.dims() != b.dims() {
-        candle_core::bail!("residual sum: shapes {:?} and {:?}", a.dims(), b.dims());
+/// `a + b` of untracked tensors of one shape, the sum's dispatch point: one parallel pass for f32
+/// on the CPU, candle's add elsewhere.
+pub(crate) fn sum(a: &Tensor, b: &Tensor) -> Result<Output> {
+    match Kernel::of(&[a, b]) {
+        Kernel::Cpu => Ok(Output::host(cpu::sum(a, b)?, a.dims())),
+        Kernel::Composed => Ok((a + b)?.into()),
     }
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let (ah, bh) = (Held::new(&a)?, Held::new(&b)?);
-    let (xs, ys) = (ah.slice()?, bh.slice()?);
-    Ok(par_filled(xs.len(), PIECE, |i, o| {
-        let (x, y) = (&xs[i * PIECE..], &ys[i * PIECE..]);
-        o.iter_mut()
-            .zip(x.iter().zip(y))
-            .for_each(|(o, (x, y))| *o = x + y)
-    }))
 }

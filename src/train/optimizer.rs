@@ -2,7 +2,8 @@
 //! clipping by global norm, and its state saved to and restored from a checkpoint.
 
 use crate::io::{read_safetensors, write_safetensors};
-use crate::ops::cpu::{is_cpu_f32, par_filled, par_filled_pair, tensor, Held, PIECE};
+use crate::ops::cpu::{par_filled, par_filled_pair, tensor, Held, PIECE};
+use crate::ops::kernel::Kernel;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use std::path::Path;
@@ -182,13 +183,9 @@ impl AdamW {
         for (i, (_, var)) in self.params.iter().enumerate() {
             let p = var.as_tensor();
             let moments = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-            let native = [p, &grads[i], moments.0, moments.1]
-                .into_iter()
-                .all(is_cpu_f32);
-            let (p, m, v) = if native {
-                update_cpu(p, &grads[i], moments, rates)?
-            } else {
-                update_ops(p, &grads[i], moments, rates)?
+            let (p, m, v) = match Kernel::of(&[p, &grads[i], moments.0, moments.1]) {
+                Kernel::Cpu => update_cpu(p, &grads[i], moments, rates)?,
+                Kernel::Composed => update_ops(p, &grads[i], moments, rates)?,
             };
             var.set(&p.to_dtype(var.dtype())?)?;
             self.exp_avg[i] = m;

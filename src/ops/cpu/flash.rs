@@ -11,10 +11,9 @@
 //! parallel on rayon's pool. The backward follows FlashAttention-2: per query head and chunk of
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
-use super::cpu::{matmul, par_filled, par_zeroed, Held, Threads};
-use super::graft::{graft3_with_output, Output};
-use super::mask::AttentionMask;
-use super::simd;
+use super::{matmul, par_filled, par_zeroed, simd, tensor, Held, Threads};
+use crate::ops::graft::{graft3_with_output, Output};
+use crate::ops::mask::AttentionMask;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -77,7 +76,7 @@ enum TileKind {
 }
 
 /// `softmax(q k^T * scale + mask) v` on the CPU in f32 with the flash kernel, differentiable in q,
-/// k and v, in the heads-first layout of [`super::attention::attention`]: q `[b, heads, t_q, d]`,
+/// k and v, in the heads-first layout of [`crate::ops::attention::attention`]: q `[b, heads, t_q, d]`,
 /// k, v `[b, kv_heads, t_k, d]` -> `[b, heads, t_q, d]` (transposed to and from the kernel's layout).
 pub fn attention_flash_cpu(
     q: &Tensor,
@@ -99,34 +98,15 @@ pub fn attention_flash_cpu_tokens(
     mask: &AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, t_q, heads, d) = q.dims4()?;
-    let (kb, t_k, kv_heads, kd) = k.dims4()?;
-    if kb != b || kd != d || v.dims() != k.dims() || heads % kv_heads != 0 {
-        candle_core::bail!(
-            "flash attention: q {:?}, k {:?}, v {:?} do not fit together",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if mask.t_k() != t_k || mask.t_q() != t_q {
-        candle_core::bail!(
-            "flash attention: the mask is for {} queries over {} keys, the call has {t_q} over {t_k}",
-            mask.t_q(),
-            mask.t_k()
-        );
-    }
-    if mask.document_rows().is_some_and(|r| r != b) {
-        candle_core::bail!("flash attention: document ids for another batch size");
-    }
-    let dims = Dims {
+    let dims = call_dims(q, k, v, mask)?;
+    let Dims {
         b,
         heads,
         kv_heads,
         t_q,
         t_k,
         d,
-    };
+    } = dims;
     let (qd, kd, vd) = (
         q.detach().contiguous()?,
         k.detach().contiguous()?,
@@ -174,6 +154,97 @@ pub fn attention_flash_cpu_tokens(
             ))
         }),
     )
+}
+
+/// The sizes of a call: q `[b, t_q, heads, d]`, k and v `[b, t_k, kv_heads, d]`, checked against
+/// each other and the mask.
+fn call_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Dims> {
+    let (b, t_q, heads, d) = q.dims4()?;
+    let (kb, t_k, kv_heads, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims() != k.dims() || heads % kv_heads != 0 {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?}, v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if mask.t_k() != t_k || mask.t_q() != t_q {
+        candle_core::bail!(
+            "flash attention: the mask is for {} queries over {} keys, the call has {t_q} over {t_k}",
+            mask.t_q(),
+            mask.t_k()
+        );
+    }
+    if mask.document_rows().is_some_and(|r| r != b) {
+        candle_core::bail!("flash attention: document ids for another batch size");
+    }
+    Ok(Dims {
+        b,
+        heads,
+        kv_heads,
+        t_q,
+        t_k,
+        d,
+    })
+}
+
+/// The forward on untracked tensors, for an op that writes its own backward: the output
+/// `[b, t_q, heads, d]` and each query's log-sum-exp, which [`backward_untracked`] reads.
+pub(crate) fn forward_untracked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<(Tensor, Vec<f32>)> {
+    let dims = call_dims(q, k, v, mask)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let held = [Held::new(&q)?, Held::new(&k)?, Held::new(&v)?];
+    let (qs, ks, vs) = (held[0].slice()?, held[1].slice()?, held[2].slice()?);
+    let (out, lse) = forward(qs, ks, vs, dims, mask, scale as f32);
+    Ok((tensor(out, q.dims())?, lse))
+}
+
+/// `(dq, dk, dv)` (like q, k, v) for the output gradient `g` (like `out`), from what
+/// [`forward_untracked`] returned.
+pub(crate) fn backward_untracked(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Tensor,
+    lse: &[f32],
+    g: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = call_dims(q, k, v, mask)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (out, g) = (out.contiguous()?, g.contiguous()?);
+    let held = [
+        Held::new(&q)?,
+        Held::new(&k)?,
+        Held::new(&v)?,
+        Held::new(&out)?,
+        Held::new(&g)?,
+    ];
+    let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
+    let (dq, dk, dv) = backward(
+        Saved {
+            q: qs?,
+            k: ks?,
+            v: vs?,
+            out: os?,
+            lse,
+        },
+        gs?,
+        dims,
+        mask,
+        scale as f32,
+    );
+    Ok((
+        tensor(dq, q.dims())?,
+        tensor(dk, k.dims())?,
+        tensor(dv, v.dims())?,
+    ))
 }
 
 /// The forward pass: returns the output `[b, t_q, heads, d]` and each query's log-sum-exp

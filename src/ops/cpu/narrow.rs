@@ -3,8 +3,8 @@
 //! base output), and general gemm kernels tile them poorly: register-blocked loops over 16 lanes
 //! that keep a block of output rows in registers do them at several times the speed.
 
-use super::cpu::{is_cpu_f32, tensor, Held};
 use super::simd::{dispatch, LANES};
+use super::{tensor, Held};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -325,29 +325,17 @@ fn transposed_narrow_product(n: usize, w: usize, p: &[f32], q: &[f32], r: usize)
         .unwrap_or_else(|| vec![0f32; r * w])
 }
 
-/// Whether `t` (a matrix) is a CPU f32 tensor narrow enough in its last dimension for the kernels.
-fn narrow_cpu(t: &Tensor) -> Result<bool> {
-    Ok(is_cpu_f32(t) && t.dim(1)? <= MAX_WIDTH)
-}
-
-/// `x @ m` for `m` narrow. x: [n, k], m: [k, r] -> [n, r]; the native kernel on CPU f32 when
-/// `r ≤ MAX_WIDTH`, candle's matmul otherwise.
-pub(crate) fn matmul_narrow(x: &Tensor, m: &Tensor) -> Result<Tensor> {
-    if !(is_cpu_f32(x) && narrow_cpu(m)?) {
-        return x.matmul(m);
-    }
+/// `x @ m` for a narrow `m`, f32 CPU tensors. x: [n, k], m: [k, r ≤ MAX_WIDTH] -> [n, r]
+pub(crate) fn matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     let ((n, k), r) = (x.dims2()?, m.dim(1)?);
     let (x, m) = (x.contiguous()?, m.contiguous()?);
     let (xh, mh) = (Held::new(&x)?, Held::new(&m)?);
     tensor(narrow_product(n, k, xh.slice()?, mh.slice()?, r), &[n, r])
 }
 
-/// `qᵀ @ p` for `q` narrow: the sum over rows of outer products. q: [n, r], p: [n, w] -> [r, w];
-/// the native kernel on CPU f32 when `r ≤ MAX_WIDTH`, candle's matmul otherwise.
-pub(crate) fn transposed_matmul_narrow(q: &Tensor, p: &Tensor) -> Result<Tensor> {
-    if !(is_cpu_f32(p) && narrow_cpu(q)?) {
-        return q.t()?.matmul(p);
-    }
+/// `qᵀ @ p` for a narrow `q`, f32 CPU tensors: the sum over rows of outer products.
+/// q: [n, r ≤ MAX_WIDTH], p: [n, w] -> [r, w]
+pub(crate) fn transposed_matmul(q: &Tensor, p: &Tensor) -> Result<Tensor> {
     let ((n, w), r) = (p.dims2()?, q.dim(1)?);
     let (p, q) = (p.contiguous()?, q.contiguous()?);
     let (ph, qh) = (Held::new(&p)?, Held::new(&q)?);
@@ -459,24 +447,5 @@ mod tests {
             add_narrow_product(&mut c, w, (&h, r), &m, Some(&mask));
             assert_close(&c, &want, "masked sum");
         }
-    }
-
-    #[test]
-    fn tensor_wrappers_equal_candle_matmul() -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (50, 24), &dev)?;
-        let m = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
-        let q = Tensor::randn(0f32, 1.0, (50, 16), &dev)?;
-        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
-        assert!(diff(&matmul_narrow(&x, &m)?, &x.matmul(&m)?)? < 1e-4);
-        assert!(diff(&transposed_matmul_narrow(&q, &x)?, &q.t()?.matmul(&x)?)? < 1e-4);
-        // A non-contiguous operand and a width past the kernels' limit take their paths too.
-        let wide = Tensor::randn(0f32, 1.0, (24, 80), &dev)?;
-        assert!(diff(&matmul_narrow(&x, &wide)?, &x.matmul(&wide)?)? < 1e-4);
-        let mt = Tensor::randn(0f32, 1.0, (16, 24), &dev)?;
-        assert!(diff(&matmul_narrow(&x, &mt.t()?)?, &x.matmul(&mt.t()?)?)? < 1e-4);
-        Ok(())
     }
 }

@@ -1,14 +1,20 @@
-//! Host-memory access for the CPU kernels: reading a tensor's f32 elements in place, matrix
-//! products on slices (the `gemm` crate candle itself uses), and the test for when a kernel applies.
+//! The native CPU kernels (f32), one file per op, and what they share: reading a tensor's
+//! elements in place, buffers filled in parallel, and matrix products on slices (the `gemm` crate
+//! candle itself uses). [`super::kernel::Kernel`] decides when they run; each op's file in
+//! [`crate::ops`] is its dispatch point.
 
-use candle_core::{DType, Layout, Result, Storage, Tensor};
+pub(crate) mod cross_entropy;
+pub mod flash;
+pub(crate) mod linear;
+pub(crate) mod narrow;
+pub(crate) mod norm;
+pub(crate) mod rope;
+pub(crate) mod simd;
+pub(crate) mod swiglu;
+
+use candle_core::{Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-
-/// Whether the native CPU kernels apply: f32 on the CPU.
-pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
-}
 
 /// Elements per task of the elementwise kernels (64 KiB of f32): enough work to amortize a task,
 /// small enough to spread over every core.
@@ -296,6 +302,22 @@ unsafe fn product(
             threads.parallelism(),
         )
     }
+}
+
+/// `a + b` of two f32 CPU tensors of one shape (made contiguous), in parallel: the elements.
+pub(crate) fn sum(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("residual sum: shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (ah, bh) = (Held::new(&a)?, Held::new(&b)?);
+    let (xs, ys) = (ah.slice()?, bh.slice()?);
+    Ok(par_filled(xs.len(), PIECE, |i, o| {
+        let (x, y) = (&xs[i * PIECE..], &ys[i * PIECE..]);
+        o.iter_mut()
+            .zip(x.iter().zip(y))
+            .for_each(|(o, (x, y))| *o = x + y)
+    }))
 }
 
 #[cfg(test)]

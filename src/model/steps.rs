@@ -1,0 +1,115 @@
+//! The pre-norm decoder layer's steps, written once. Every form of the layer runs these
+//! functions with its own [`LayerSteps`]: the op-by-op graph ([`super::layers::DecoderLayer`],
+//! tracked tensors, generation's key/value cache), and the one-op and checkpointed forms
+//! ([`super::selective`], untracked tensors, keeping what their hand-written backward reads).
+//! The backward of the one-op form walks these steps in reverse.
+//!
+//! ```text
+//! x ─ input norm ─┬ q ┐
+//!                 ├ k ┼ attend (q/k norms, RoPE, attention) ─ o ─ + x ═ resid
+//!                 └ v ┘
+//! resid ─ post norm ─┬ gate ┐
+//!                    └ up ──┴ swiglu ═ act ─ down ─ + resid ═ out
+//! ```
+
+use candle_core::Result;
+
+/// The layer's two RMSNorms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NormAt {
+    /// Before attention.
+    Input,
+    /// Before the MLP.
+    PostAttention,
+}
+
+/// The layer's seven projections, in the order of `DecoderLayer::linears`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proj {
+    /// Query projection.
+    Q = 0,
+    /// Key projection.
+    K = 1,
+    /// Value projection.
+    V = 2,
+    /// Attention output projection.
+    O = 3,
+    /// MLP gate projection.
+    Gate = 4,
+    /// MLP up projection.
+    Up = 5,
+    /// MLP down projection.
+    Down = 6,
+}
+
+impl Proj {
+    /// The position in `DecoderLayer::linears`.
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How one form of the layer runs each step. `T` is its activation: a tensor, or rows of one.
+pub(crate) trait LayerSteps {
+    /// An activation.
+    type T;
+    /// The layer's output (the last residual add's result).
+    type Out;
+
+    /// RMSNorm `which` of `x`.
+    fn norm(&mut self, which: NormAt, x: &Self::T) -> Result<Self::T>;
+
+    /// Projection `which` of `x` (its LoRA branch included).
+    fn project(&mut self, which: Proj, x: &Self::T) -> Result<Self::T>;
+
+    /// Attention of the projected q, k and v: per-head q/k norms (Qwen3), RoPE, attention; the
+    /// output as the o projection reads it.
+    fn attend(&mut self, q: Self::T, k: Self::T, v: Self::T) -> Result<Self::T>;
+
+    /// `silu(gate) * up`.
+    fn swiglu(&mut self, gate: &Self::T, up: &Self::T) -> Result<Self::T>;
+
+    /// The residual add `stream + branch` after attention.
+    fn add(&mut self, stream: &Self::T, branch: &Self::T) -> Result<Self::T>;
+
+    /// The residual add `stream + branch` after the MLP: the layer's output.
+    fn output(&mut self, stream: &Self::T, branch: &Self::T) -> Result<Self::Out>;
+}
+
+/// The attention half: `x + o(attend(q(n), k(n), v(n)))` with `n = input_norm(x)`: the residual
+/// stream between attention and MLP.
+pub(crate) fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T> {
+    let normed = s.norm(NormAt::Input, x)?;
+    let q = s.project(Proj::Q, &normed)?;
+    let k = s.project(Proj::K, &normed)?;
+    let v = s.project(Proj::V, &normed)?;
+    drop(normed);
+    let attn = s.attend(q, k, v)?;
+    let o = s.project(Proj::O, &attn)?;
+    drop(attn);
+    s.add(x, &o)
+}
+
+/// The MLP up to the down projection's input: `swiglu(gate(n), up(n))` with
+/// `n = post_attention_norm(resid)`.
+pub(crate) fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::T> {
+    let normed = s.norm(NormAt::PostAttention, resid)?;
+    let gate = s.project(Proj::Gate, &normed)?;
+    let up = s.project(Proj::Up, &normed)?;
+    drop(normed);
+    s.swiglu(&gate, &up)
+}
+
+/// The MLP half: `resid + down(mlp_activation(resid))`, the layer's output.
+pub(crate) fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out> {
+    let act = mlp_activation(s, resid)?;
+    let down = s.project(Proj::Down, &act)?;
+    drop(act);
+    s.output(resid, &down)
+}
+
+/// The whole layer.
+pub(crate) fn layer<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::Out> {
+    let resid = attention_half(s, x)?;
+    mlp_half(s, &resid)
+}
