@@ -123,7 +123,7 @@ pub struct PlanOptions {
     /// wait in host memory (the CPU has nothing to move).
     pub offload_activations: bool,
     /// Rows per MLP chunk under gradient checkpointing (`CausalLm::checkpoint_chunk_rows`; 0: the
-    /// model's automatic size, `model::selective::mlp_chunk_rows`).
+    /// model's automatic size, `ops::layer::mlp_chunk_rows`).
     pub checkpoint_chunk_rows: usize,
     /// Compute dtype of weights and activations.
     pub dtype: DType,
@@ -479,7 +479,7 @@ impl Step<'_> {
     /// Rows of one MLP chunk of the checkpointed stack (at most all rows).
     fn chunk_rows(&self) -> u64 {
         let rows = match self.o.checkpoint_chunk_rows {
-            0 => crate::model::selective::mlp_chunk_rows(self.c.intermediate_size),
+            0 => crate::ops::layer::mlp_chunk_rows(self.c.intermediate_size),
             rows => rows,
         };
         (rows as u64).min(self.n)
@@ -1347,7 +1347,7 @@ mod tests {
         assert_eq!(a.activations - b.activations, inputs - t as u64 * 4096 * 2);
         // The default chunk of a 14336-wide MLP is 1152 rows; 128-row chunks leave the saved
         // tensors alone and shrink the MLP backward's workspace.
-        assert_eq!(crate::model::selective::mlp_chunk_rows(14336), 1152);
+        assert_eq!(crate::ops::layer::mlp_chunk_rows(14336), 1152);
         let small = plan(&c, &o(t, true, false, 128)).unwrap();
         let explicit = plan(&c, &o(t, true, false, 1152)).unwrap();
         assert_eq!(explicit.total(), gc.total());

@@ -48,7 +48,7 @@ pub struct CausalLm {
     /// rows (see [`super::selective`]).
     pub gradient_checkpointing: bool,
     /// Rows per MLP chunk under gradient checkpointing; 0 (the default) picks
-    /// [`super::selective::mlp_chunk_rows`] of the intermediate size.
+    /// [`crate::ops::layer::mlp_chunk_rows`] of the intermediate size.
     pub checkpoint_chunk_rows: usize,
     /// Run each LoRA/QLoRA decoder layer as one op that keeps only what its backward needs and
     /// recomputes the elementwise rest (on by default; see [`super::selective`]). Either way

@@ -2,8 +2,8 @@
 //! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
 
 use super::param::Param;
-use super::steps::{self, LayerSteps, NormAt, Proj};
 use crate::ops::attention::{attention, attention_tokens, prefers_token_layout, AttentionMask};
+use crate::ops::layer::steps::{self, LayerSteps, NormAt, Proj};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::lora::LoraLayer;
 use crate::ops::norm::rms_norm;

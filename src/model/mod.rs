@@ -9,7 +9,6 @@ pub mod load;
 pub mod param;
 pub mod save;
 pub mod selective;
-pub(crate) mod steps;
 pub mod tokens;
 pub mod weights;
 

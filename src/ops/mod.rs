@@ -12,6 +12,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod graft;
 pub mod kernel;
+pub mod layer;
 pub mod linear;
 pub mod lora;
 pub mod mask;

@@ -1,8 +1,8 @@
 //! The pre-norm decoder layer's steps, written once. Every form of the layer runs these
-//! functions with its own [`LayerSteps`]: the op-by-op graph ([`super::layers::DecoderLayer`],
+//! functions with its own [`LayerSteps`]: the op-by-op graph (`model::layers::DecoderLayer`,
 //! tracked tensors, generation's key/value cache), and the one-op and checkpointed forms
-//! ([`super::selective`], untracked tensors, keeping what their hand-written backward reads).
-//! The backward of the one-op form walks these steps in reverse.
+//! ([`super`], untracked tensors, keeping what their hand-written backward reads). The backward
+//! of the one-op form walks these steps in reverse.
 //!
 //! ```text
 //! x ─ input norm ─┬ q ┐
@@ -16,7 +16,7 @@ use candle_core::Result;
 
 /// The layer's two RMSNorms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NormAt {
+pub enum NormAt {
     /// Before attention.
     Input,
     /// Before the MLP.
@@ -25,7 +25,7 @@ pub(crate) enum NormAt {
 
 /// The layer's seven projections, in the order of `DecoderLayer::linears`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Proj {
+pub enum Proj {
     /// Query projection.
     Q = 0,
     /// Key projection.
@@ -44,13 +44,13 @@ pub(crate) enum Proj {
 
 impl Proj {
     /// The position in `DecoderLayer::linears`.
-    pub(crate) fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 }
 
 /// How one form of the layer runs each step. `T` is its activation: a tensor, or rows of one.
-pub(crate) trait LayerSteps {
+pub trait LayerSteps {
     /// An activation.
     type T;
     /// The layer's output (the last residual add's result).
@@ -78,7 +78,7 @@ pub(crate) trait LayerSteps {
 
 /// The attention half: `x + o(attend(q(n), k(n), v(n)))` with `n = input_norm(x)`: the residual
 /// stream between attention and MLP.
-pub(crate) fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T> {
+pub fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T> {
     let normed = s.norm(NormAt::Input, x)?;
     let q = s.project(Proj::Q, &normed)?;
     let k = s.project(Proj::K, &normed)?;
@@ -92,7 +92,7 @@ pub(crate) fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T>
 
 /// The MLP up to the down projection's input: `swiglu(gate(n), up(n))` with
 /// `n = post_attention_norm(resid)`.
-pub(crate) fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::T> {
+pub fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::T> {
     let normed = s.norm(NormAt::PostAttention, resid)?;
     let gate = s.project(Proj::Gate, &normed)?;
     let up = s.project(Proj::Up, &normed)?;
@@ -101,7 +101,7 @@ pub(crate) fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S
 }
 
 /// The MLP half: `resid + down(mlp_activation(resid))`, the layer's output.
-pub(crate) fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out> {
+pub fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out> {
     let act = mlp_activation(s, resid)?;
     let down = s.project(Proj::Down, &act)?;
     drop(act);
@@ -109,7 +109,7 @@ pub(crate) fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out>
 }
 
 /// The whole layer.
-pub(crate) fn layer<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::Out> {
+pub fn layer<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::Out> {
     let resid = attention_half(s, x)?;
     mlp_half(s, &resid)
 }
