@@ -6,7 +6,7 @@
 //! the keys the causal (and window) mask lets them see, keeps only the output and each row's
 //! log-sum-exp, and recomputes the probabilities block by block in the backward — once by query
 //! blocks for dQ, once by key blocks for dK and dV. [`attention`] picks by size. For f32 on the
-//! CPU the flash kernel ([`cpu::flash`]) runs instead; [`kernel`] is the dispatch point.
+//! CPU the flash kernel ([`cpu::flash`]) runs instead; `kernel` is the dispatch point.
 
 pub use super::mask::AttentionMask;
 

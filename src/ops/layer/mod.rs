@@ -121,7 +121,7 @@ pub fn forward(
 /// Gradient checkpointing of the whole decoder stack as one op (`--gradient-checkpointing` with a
 /// frozen base, any device): the forward keeps only each layer's input — in host memory with
 /// `offload` on an accelerator — and the backward rebuilds one layer at a time from its input,
-/// last layer first ([`LayerOp::recompute_backward`]); `offload` also runs candle's kernels, as
+/// last layer first (`LayerOp::recompute_backward`); `offload` also runs candle's kernels, as
 /// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in
 /// chunks of `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's
 /// activations nor its gradients ever exist for all rows at once; the recomputation skips the
