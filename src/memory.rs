@@ -253,22 +253,10 @@ pub fn nf4_double_quant_bytes(n: u64) -> u64 {
 }
 
 /// The decoder layer's linear modules as `(name, in_features, out_features)`, in the order of
-/// `DecoderLayer::linears`.
+/// `DecoderLayer::linears` (the model's own list, [`ModelConfig::layer_linears`]).
 fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (qd, kvd) = (
-        c.num_attention_heads * c.head_dim(),
-        c.kv_heads() * c.head_dim(),
-    );
-    [
-        ("self_attn.q_proj", h, qd),
-        ("self_attn.k_proj", h, kvd),
-        ("self_attn.v_proj", h, kvd),
-        ("self_attn.o_proj", qd, h),
-        ("mlp.gate_proj", h, i),
-        ("mlp.up_proj", h, i),
-        ("mlp.down_proj", i, h),
-    ]
+    c.layer_linears()
+        .map(|(name, in_f, out_f, _)| (name, in_f, out_f))
 }
 
 /// Which of each layer's seven linears carry an adapter (none when fully fine-tuning).
@@ -299,16 +287,12 @@ fn base_counts(c: &ModelConfig) -> ParamCounts {
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
     let layers = c.num_hidden_layers as u64;
     let linear_per_layer: u64 = shapes.iter().map(|(_, i, o)| (i * o) as u64).sum();
-    let mut bias_per_layer = 0u64;
-    if c.qkv_bias() {
-        bias_per_layer += shapes[..3].iter().map(|(_, _, o)| *o as u64).sum::<u64>();
-    }
-    if c.o_bias() {
-        bias_per_layer += h;
-    }
-    if c.mlp_bias {
-        bias_per_layer += shapes[4..].iter().map(|(_, _, o)| *o as u64).sum::<u64>();
-    }
+    let bias_per_layer: u64 = c
+        .layer_linears()
+        .iter()
+        .filter(|(_, _, _, bias)| *bias)
+        .map(|(_, _, o, _)| *o as u64)
+        .sum();
     let mut norms_per_layer = 2 * h;
     if matches!(c.family(), Ok(Family::Qwen3)) {
         norms_per_layer += 2 * c.head_dim() as u64;
@@ -462,15 +446,11 @@ impl Step<'_> {
         }
         if self.o.method == Method::Full {
             // A trained linear with a bias keeps its matmul output for the bias add.
-            let shapes = linear_shapes(c);
-            let biased = |k: usize| match k {
-                0..=2 => c.qkv_bias(),
-                3 => c.o_bias(),
-                _ => c.mlp_bias,
-            };
-            e += (0..7)
-                .filter(|&k| biased(k))
-                .map(|k| shapes[k].2 as u64)
+            e += c
+                .layer_linears()
+                .iter()
+                .filter(|(_, _, _, bias)| *bias)
+                .map(|(_, _, o, _)| *o as u64)
                 .sum::<u64>();
         }
         e

@@ -186,31 +186,15 @@ impl CausalLm {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let qk_norm = family == Family::Qwen3;
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
+                config.layer_linears().map(|(name, in_f, out_f, bias)| {
+                    l.linear(&format!("{p}.{name}"), in_f, out_f, bias)
+                });
             let self_attn = Attention {
-                q_proj: l.linear(
-                    &format!("{p}.self_attn.q_proj"),
-                    h,
-                    heads * hd,
-                    config.qkv_bias(),
-                )?,
-                k_proj: l.linear(
-                    &format!("{p}.self_attn.k_proj"),
-                    h,
-                    kv * hd,
-                    config.qkv_bias(),
-                )?,
-                v_proj: l.linear(
-                    &format!("{p}.self_attn.v_proj"),
-                    h,
-                    kv * hd,
-                    config.qkv_bias(),
-                )?,
-                o_proj: l.linear(
-                    &format!("{p}.self_attn.o_proj"),
-                    heads * hd,
-                    h,
-                    config.o_bias(),
-                )?,
+                q_proj: q_proj?,
+                k_proj: k_proj?,
+                v_proj: v_proj?,
+                o_proj: o_proj?,
                 q_norm: qk_norm
                     .then(|| l.norm(&format!("{p}.self_attn.q_norm"), hd, eps))
                     .transpose()?,
@@ -222,11 +206,10 @@ impl CausalLm {
                 head_dim: hd,
                 use_rope: config.layer_uses_rope(i),
             };
-            let inter = config.intermediate_size;
             let mlp = Mlp {
-                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), h, inter, config.mlp_bias)?,
-                up_proj: l.linear(&format!("{p}.mlp.up_proj"), h, inter, config.mlp_bias)?,
-                down_proj: l.linear(&format!("{p}.mlp.down_proj"), inter, h, config.mlp_bias)?,
+                gate_proj: gate_proj?,
+                up_proj: up_proj?,
+                down_proj: down_proj?,
             };
             layers.push(DecoderLayer {
                 input_layernorm: l.norm(&format!("{p}.input_layernorm"), h, eps)?,

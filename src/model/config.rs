@@ -208,6 +208,25 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// The decoder layer's linear modules as `(name under the layer, in_features, out_features,
+    /// bias)`, in the order of `DecoderLayer::linears`: what `CausalLm::load` builds and the memory
+    /// planner counts.
+    pub fn layer_linears(&self) -> [(&'static str, usize, usize, bool); 7] {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim();
+        let kv = self.kv_heads() * self.head_dim();
+        let (qkv_bias, o_bias, mlp_bias) = (self.qkv_bias(), self.o_bias(), self.mlp_bias);
+        [
+            ("self_attn.q_proj", h, q, qkv_bias),
+            ("self_attn.k_proj", h, kv, qkv_bias),
+            ("self_attn.v_proj", h, kv, qkv_bias),
+            ("self_attn.o_proj", q, h, o_bias),
+            ("mlp.gate_proj", h, i, mlp_bias),
+            ("mlp.up_proj", h, i, mlp_bias),
+            ("mlp.down_proj", i, h, mlp_bias),
+        ]
+    }
+
     /// Whether q/k/v projections carry a bias.
     pub fn qkv_bias(&self) -> bool {
         matches!(self.family(), Ok(Family::Qwen2)) || self.attention_bias
