@@ -17,7 +17,9 @@
 # 4. Builds (release, sm_90) the CLI, the GPU correctness tests (tests/gpu.rs) and the step benchmark,
 #    strips them and compresses them with xz into the bundle folder (ignored by git).
 #
-# Environment: PEFT_SFT_CUDA_CACHE (compiler cache, default ~/.cache/peft-sft/cuda-13.0),
+# Environment: PEFT_SFT_CUDA_CLIPPY=1 also lints the CUDA build (`cargo clippy --features cuda
+# --all-targets -D warnings`: the CPU CI never compiles the CUDA code);
+# PEFT_SFT_CUDA_CACHE (compiler cache, default ~/.cache/peft-sft/cuda-13.0),
 # CUDA_COMPUTE_CAP (default 90), PEFT_SFT_CUDA_TARGET (cargo target folder, default
 # ~/.cache/peft-sft/cuda-target).
 set -euo pipefail
@@ -80,6 +82,9 @@ mkdir -p "$target"
 cp Cargo.lock "$target/Cargo.lock.keep"
 trap 'cp "$target/Cargo.lock.keep" Cargo.lock' EXIT
 patch_arg="patch.crates-io.candle-core.path=\"$patched\""
+if [[ "${PEFT_SFT_CUDA_CLIPPY:-0}" == 1 ]]; then
+  cargo clippy --release --features cuda --config "$patch_arg" --all-targets -- -D warnings
+fi
 cargo build --release --features cuda --config "$patch_arg" --bin peft-sft --example bench_lora_step
 tests_exe=$(cargo test --release --features cuda --config "$patch_arg" --test gpu --no-run \
   --message-format=json | python3 -c '

@@ -6,6 +6,8 @@
 //! tolerances against the same transformers/PEFT/bitsandbytes fixtures as on the CPU. The tests
 //! in this file compare the two devices directly: merge, greedy generation, evaluation and a
 //! 20-step training run on CUDA against the same on the CPU, and `--bf16` against f32 on CUDA.
+// Each included test file declares its own `mod common` (the helpers they share on the CPU).
+#![allow(clippy::duplicate_mod)]
 
 #[path = "autograd_frozen.rs"]
 mod autograd_frozen;
@@ -180,4 +182,98 @@ fn eval_on_cuda_equals_eval_on_the_cpu() {
         losses[1],
         losses[0]
     );
+}
+
+/// The output and the gradients of `x` and `w` of `op(x, w)` on `device` in `dtype`, read back
+/// as f32 on the CPU; the loss is `sum(op(x, w) * r)` for a fixed random `r`.
+fn forward_and_grads(
+    op: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    (x, w, r): (&Tensor, &Tensor, &Tensor),
+    device: &Device,
+    dtype: DType,
+) -> [Tensor; 3] {
+    let var = |t: &Tensor| {
+        candle_core::Var::from_tensor(&t.to_device(device).unwrap().to_dtype(dtype).unwrap())
+            .unwrap()
+    };
+    let (xv, wv) = (var(x), var(w));
+    let out = op(xv.as_tensor(), wv.as_tensor()).unwrap();
+    let r = r.to_device(device).unwrap().to_dtype(dtype).unwrap();
+    let grads = (&out * &r)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let back = |t: &Tensor| on_cpu(&t.to_dtype(DType::F32).unwrap());
+    [
+        back(&out),
+        back(grads.get(xv.as_tensor()).expect("x gradient")),
+        back(
+            grads
+                .get(wv.as_tensor())
+                .expect("second operand's gradient"),
+        ),
+    ]
+}
+
+/// Largest `|a - b|` relative to the largest `|b|`.
+fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let size = b.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / size.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// The CUDA kernels (RMSNorm, SwiGLU: forward and backward, f32 and bf16) against the CPU's
+/// native f32 kernels, through the ops' dispatch points. The bf16 run's reference sees the same
+/// bf16-rounded inputs, so what is left is the kernels' one rounding of each result (the RMSNorm
+/// weight's gradient is candle's bf16 reduction over the rows, hence its wider bound). On the CPU
+/// (a dry run) only f32 is compared: there bf16 runs candle's ops, which this test is not about.
+#[test]
+fn cuda_rms_norm_and_swiglu_kernels_equal_the_cpu_kernels() {
+    let cpu = Device::Cpu;
+    // Rows of a width that is not a multiple of the block (576: SmolLM2's hidden size).
+    let x = Tensor::randn(0f32, 1.0, (3, 37, 576), &cpu).unwrap();
+    let w = Tensor::randn(1f32, 0.1, 576, &cpu).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 37, 576), &cpu).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (3, 37, 576), &cpu).unwrap();
+    let norm = |x: &Tensor, w: &Tensor| peft_sft::ops::norm::rms_norm(x, w, 1e-5);
+    let swiglu = |g: &Tensor, u: &Tensor| peft_sft::ops::swiglu::swiglu(g, u);
+    let rounded =
+        |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    let mut runs = vec![("f32", DType::F32, [1e-5, 1e-5, 1e-5])];
+    if device().is_cuda() {
+        runs.push(("bf16", DType::BF16, [1e-2, 1e-2, 3e-2]));
+    }
+    for (what, dtype, tolerances) in runs {
+        let (x, up, w, r) = (
+            rounded(&x, dtype),
+            rounded(&up, dtype),
+            rounded(&w, dtype),
+            rounded(&r, dtype),
+        );
+        for (op, name, second) in [
+            (
+                &norm as &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+                "rms-norm",
+                &w,
+            ),
+            (&swiglu, "swiglu", &up),
+        ] {
+            let want = forward_and_grads(op, (&x, second, &r), &cpu, DType::F32);
+            let got = forward_and_grads(op, (&x, second, &r), &device(), dtype);
+            let parts = ["output", "d x", "d second"];
+            for ((part, tolerance), (g, w)) in
+                parts.iter().zip(tolerances).zip(got.iter().zip(&want))
+            {
+                let err = relative_error(g, w);
+                assert!(
+                    err <= tolerance,
+                    "{name} {what} {part}: relative error {err}"
+                );
+            }
+        }
+    }
 }

@@ -107,7 +107,7 @@ fn chunks(
 ) -> Result<ChunkSums> {
     match Kernel::of(&[hd, wd]) {
         Kernel::Cpu => cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk),
-        Kernel::Composed => chunks_candle(hd, wd, targets, wanted, chunk),
+        _ => chunks_candle(hd, wd, targets, wanted, chunk),
     }
 }
 

@@ -4,8 +4,8 @@
 //! point where it has only one) that asks [`Kernel::of`] and runs, in this order of preference:
 //!
 //! 1. [`Kernel::Cpu`]: a native kernel in [`super::cpu`], for f32 tensors on the CPU;
-//! 2. a CUDA kernel under `ops/cuda/` — none yet: the GPU kernels issue adds a `Cuda` variant here
-//!    and its arm at each dispatch point;
+//! 2. `Kernel::Cuda` (the `cuda` feature): a CUDA kernel under `ops/cuda/`, for f32 or bf16 on a
+//!    GPU — RMSNorm and SwiGLU so far; the other dispatch points run candle's ops for it;
 //! 3. [`Kernel::Composed`]: candle ops, which every device and dtype runs (and which compute the
 //!    same function as the native kernels, checked by the tests).
 //!
@@ -21,22 +21,38 @@ use candle_core::{DType, Device, Tensor};
 pub enum Kernel {
     /// A native CPU kernel ([`super::cpu`]): f32 on the CPU.
     Cpu,
+    /// A CUDA kernel (`ops/cuda/`, the `cuda` feature): f32 or bf16 on one GPU. Ops without one
+    /// run [`Kernel::Composed`] for it.
+    #[cfg(feature = "cuda")]
+    Cuda,
     /// candle ops: any device, any dtype.
     Composed,
 }
 
 impl Kernel {
     /// The kernel for an op whose operands are `operands`: native on the CPU when every operand
-    /// is an f32 CPU tensor, else candle's ops.
+    /// is an f32 CPU tensor; CUDA when every operand is on one GPU in one dtype the CUDA kernels
+    /// take; else candle's ops.
     pub fn of(operands: &[&Tensor]) -> Kernel {
         if operands
             .iter()
             .all(|t| Kernel::on(t.device(), t.dtype()) == Kernel::Cpu)
         {
-            Kernel::Cpu
-        } else {
-            Kernel::Composed
+            return Kernel::Cpu;
         }
+        #[cfg(feature = "cuda")]
+        if let Some(first) = operands.first() {
+            let (device, dtype) = (first.device(), first.dtype());
+            if device.is_cuda()
+                && super::cuda::supports(dtype)
+                && operands
+                    .iter()
+                    .all(|t| t.dtype() == dtype && t.device().same_device(device))
+            {
+                return Kernel::Cuda;
+            }
+        }
+        Kernel::Composed
     }
 
     /// The kernel for tensors of `dtype` on `device` (what the memory planner asks for a run).
@@ -44,7 +60,8 @@ impl Kernel {
         Kernel::for_run(device.is_cpu(), dtype)
     }
 
-    /// The kernel for tensors of `dtype` on the CPU (`cpu`) or an accelerator.
+    /// The kernel for tensors of `dtype` on the CPU (`cpu`) or an accelerator, as the memory
+    /// planner counts it (the CUDA kernels' workspace is counted as candle's, an upper bound).
     pub fn for_run(cpu: bool, dtype: DType) -> Kernel {
         if cpu && dtype == DType::F32 {
             Kernel::Cpu

@@ -1,6 +1,6 @@
 //! Differentiable kernels for training. Each op has one dispatch point that picks its
 //! implementation once from the operands' device and dtype ([`kernel::Kernel`]): a native CPU
-//! kernel ([`cpu`]), a CUDA kernel (`ops/cuda/`, to come), or candle ops (fused candle-nn kernels
+//! kernel ([`cpu`]), a CUDA kernel (`ops/cuda/`, the `cuda` feature), or candle ops (fused candle-nn kernels
 //! where they exist), which every device runs. Each op carries its own backward, which returns
 //! gradients only for tracked inputs: frozen weights never receive a gradient and never enter
 //! candle's autograd as operands.
@@ -9,6 +9,8 @@ pub mod attention;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod dropout;
 pub mod graft;
 pub mod kernel;

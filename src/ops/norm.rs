@@ -19,10 +19,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Box::new(move |x, w, g, needs| {
             // The native kernel gives the input gradient; candle ops give the rest, in one pass
             // over the normalised rows.
-            let native = needs[0] && kernel(x, w).is_cpu();
-            let grad_x = native
-                .then(|| tensor(cpu::norm::rms_norm(x, w, Some(g), eps)?, x.dims()))
-                .transpose()?;
+            let native = needs[0] && kernel(x, w) != Kernel::Composed;
+            let grad_x = native.then(|| rms_norm_grad_x(x, w, g, eps)).transpose()?;
             let (composed_x, grad_w) =
                 composed_grads(x, w, g, eps, [needs[0] && !native, needs[1]])?;
             Ok((grad_x.or(composed_x), grad_w))
@@ -30,7 +28,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
-/// RMSNorm's dispatch point: the native kernel for f32 on the CPU, candle ops elsewhere.
+/// RMSNorm's dispatch point: the native kernel for f32 on the CPU, the CUDA kernel for f32 and
+/// bf16 on a GPU, candle ops elsewhere.
 fn kernel(x: &Tensor, w: &Tensor) -> Kernel {
     Kernel::of(&[x, w])
 }
@@ -44,14 +43,19 @@ pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Outpu
             cpu::norm::rms_norm(&x, w, None, eps)?,
             x.dims(),
         )),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => Ok(super::cuda::rms_norm(&x, w, eps)?.into()),
         Kernel::Composed => Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.into()),
     }
 }
 
 /// The gradient of x for the output gradient g (like x), on untracked tensors.
 pub(crate) fn rms_norm_grad_x(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
-    if kernel(x, w).is_cpu() {
-        return tensor(cpu::norm::rms_norm(x, w, Some(g), eps)?, x.dims());
+    match kernel(x, w) {
+        Kernel::Cpu => return tensor(cpu::norm::rms_norm(x, w, Some(g), eps)?, x.dims()),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => return super::cuda::rms_norm_grad_x(x, w, g, eps),
+        Kernel::Composed => {}
     }
     composed_grads(x, w, g, eps, [true, false])?
         .0

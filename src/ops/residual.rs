@@ -26,6 +26,6 @@ pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn sum(a: &Tensor, b: &Tensor) -> Result<Output> {
     match Kernel::of(&[a, b]) {
         Kernel::Cpu => Ok(Output::host(cpu::sum(a, b)?, a.dims())),
-        Kernel::Composed => Ok((a + b)?.into()),
+        _ => Ok((a + b)?.into()),
     }
 }

@@ -152,7 +152,7 @@ pub(crate) fn rotate_tokens(
     let x = x.contiguous()?;
     match Kernel::of(&[&x, cos, sin]) {
         Kernel::Cpu => cpu::rope::rotate_tokens(&x, cos, sin, inverse),
-        Kernel::Composed if inverse => candle_nn::rotary_emb::rope_thd(&x, cos, &sin.neg()?),
-        Kernel::Composed => candle_nn::rotary_emb::rope_thd(&x, cos, sin),
+        _ if inverse => candle_nn::rotary_emb::rope_thd(&x, cos, &sin.neg()?),
+        _ => candle_nn::rotary_emb::rope_thd(&x, cos, sin),
     }
 }

@@ -12,12 +12,13 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     graft2("swiglu", gate, up, out, Box::new(swiglu_backward))
 }
 
-/// SwiGLU's dispatch point: the native kernels for f32 on the CPU (gate and up of one shape),
-/// candle ops elsewhere.
+/// SwiGLU's dispatch point: the native kernels for f32 on the CPU, the CUDA kernels for f32 and
+/// bf16 on a GPU (gate and up of one shape for both), candle ops elsewhere.
 fn kernel(gate: &Tensor, up: &Tensor) -> Kernel {
     match Kernel::of(&[gate, up]) {
-        Kernel::Cpu if gate.dims() == up.dims() => Kernel::Cpu,
-        _ => Kernel::Composed,
+        Kernel::Composed => Kernel::Composed,
+        _ if gate.dims() != up.dims() => Kernel::Composed,
+        chosen => chosen,
     }
 }
 
@@ -25,6 +26,8 @@ fn kernel(gate: &Tensor, up: &Tensor) -> Kernel {
 pub(crate) fn swiglu_forward(gate: &Tensor, up: &Tensor) -> Result<Output> {
     match kernel(gate, up) {
         Kernel::Cpu => cpu::swiglu::forward(gate, up),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => Ok(super::cuda::swiglu(gate, up)?.into()),
         Kernel::Composed => Ok((candle_nn::ops::silu(gate)? * up)?.into()),
     }
 }
@@ -36,8 +39,13 @@ pub(crate) fn swiglu_backward(
     g: &Tensor,
     needs: [bool; 2],
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    if kernel(gate, up).is_cpu() {
-        let (d_gate, d_up) = cpu::swiglu::backward(gate, up, g)?;
+    let native = match kernel(gate, up) {
+        Kernel::Cpu => Some(cpu::swiglu::backward(gate, up, g)?),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => Some(super::cuda::swiglu_backward(gate, up, g)?),
+        Kernel::Composed => None,
+    };
+    if let Some((d_gate, d_up)) = native {
         return Ok((needs[0].then_some(d_gate), needs[1].then_some(d_up)));
     }
     let sig = candle_nn::ops::sigmoid(gate)?;

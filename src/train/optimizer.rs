@@ -185,7 +185,7 @@ impl AdamW {
             let moments = (&self.exp_avg[i], &self.exp_avg_sq[i]);
             let (p, m, v) = match Kernel::of(&[p, &grads[i], moments.0, moments.1]) {
                 Kernel::Cpu => update_cpu(p, &grads[i], moments, rates)?,
-                Kernel::Composed => update_ops(p, &grads[i], moments, rates)?,
+                _ => update_ops(p, &grads[i], moments, rates)?,
             };
             var.set(&p.to_dtype(var.dtype())?)?;
             self.exp_avg[i] = m;
