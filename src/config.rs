@@ -260,10 +260,22 @@ impl SftConfig {
         let object = value
             .as_object_mut()
             .ok_or_else(|| Error::Config("config is not an object".into()))?;
-        for (k, v) in overrides {
-            object.insert(k, v);
+        let base = object.clone();
+        for (k, v) in &overrides {
+            object.insert(k.clone(), v.clone());
         }
-        serde_json::from_value(value).map_err(|e| Error::Config(e.to_string()))
+        serde_json::from_value(value).map_err(|e| {
+            // Name the setting: try each override alone on the base to find the one refused.
+            let culprit = overrides.iter().find(|(k, v)| {
+                let mut one = base.clone();
+                one.insert((*k).clone(), (*v).clone());
+                serde_json::from_value::<SftConfig>(serde_json::Value::Object(one)).is_err()
+            });
+            match culprit {
+                Some((k, v)) => Error::Config(format!("--{} {v}: {e}", k.replace('_', "-"))),
+                None => Error::Config(e.to_string()),
+            }
+        })
     }
 
     /// Checks required fields and value ranges.
@@ -278,11 +290,17 @@ impl SftConfig {
         need(&self.model_name_or_path, "--model")?;
         need(&self.dataset_name, "--dataset")?;
         need(&self.output_dir, "--output-dir")?;
-        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+        if self.per_device_train_batch_size == 0
+            || self.per_device_eval_batch_size == 0
+            || self.gradient_accumulation_steps == 0
+        {
             return Err(Error::Config(
-                "--per-device-train-batch-size and --gradient-accumulation-steps must be at least 1".into(),
+                "--per-device-train-batch-size, --per-device-eval-batch-size and \
+                 --gradient-accumulation-steps must be at least 1"
+                    .into(),
             ));
         }
+        self.validate_ranges()?;
         if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
             return Err(Error::Config(
                 "--logging-steps, --eval-steps and --save-steps must be at least 1".into(),
@@ -333,6 +351,122 @@ impl SftConfig {
             self.lora_config().validate()?;
         }
         self.validate_reporting()
+    }
+
+    /// Checks that each number is in the range where it means something, naming the flag, the
+    /// value and the rule.
+    fn validate_ranges(&self) -> Result<()> {
+        let check = |ok: bool, flag: &str, value: &dyn std::fmt::Display, rule: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("--{flag} {value}: {rule}")))
+            }
+        };
+        let lr = self.learning_rate;
+        check(
+            lr.is_finite() && lr > 0.0,
+            "learning-rate",
+            &lr,
+            "must be a positive number (LoRA typically 1e-4 to 2e-4, full fine-tuning 1e-5)",
+        )?;
+        let epochs = self.num_train_epochs;
+        check(
+            epochs.is_finite() && epochs >= 0.0,
+            "num-train-epochs",
+            &epochs,
+            "must be 0 or more (fractions allowed)",
+        )?;
+        let ratio = self.warmup_ratio;
+        check(
+            (0.0..=1.0).contains(&ratio),
+            "warmup-ratio",
+            &ratio,
+            "must be a fraction of the run between 0 and 1",
+        )?;
+        if self.max_steps > 0 {
+            check(
+                self.warmup_steps as i64 <= self.max_steps,
+                "warmup-steps",
+                &self.warmup_steps,
+                &format!(
+                    "longer than the run (--max-steps {}): the learning rate would never reach \
+                     --learning-rate",
+                    self.max_steps
+                ),
+            )?;
+        }
+        let decay = self.weight_decay;
+        check(
+            decay.is_finite() && decay >= 0.0,
+            "weight-decay",
+            &decay,
+            "must be 0 or more",
+        )?;
+        for (flag, beta) in [
+            ("adam-beta1", self.adam_beta1),
+            ("adam-beta2", self.adam_beta2),
+        ] {
+            check(
+                (0.0..1.0).contains(&beta),
+                flag,
+                &beta,
+                "must be in [0, 1) (defaults 0.9 and 0.999)",
+            )?;
+        }
+        let eps = self.adam_epsilon;
+        check(
+            eps.is_finite() && eps > 0.0,
+            "adam-epsilon",
+            &eps,
+            "must be a positive number (default 1e-8)",
+        )?;
+        let clip = self.max_grad_norm;
+        check(
+            clip.is_finite() && clip >= 0.0,
+            "max-grad-norm",
+            &clip,
+            "must be 0 (no clipping) or more",
+        )?;
+        check(
+            self.max_length >= 2,
+            "max-length",
+            &self.max_length,
+            "must be at least 2 tokens (an input and the token it predicts)",
+        )?;
+        if let Some(limit) = self.save_total_limit {
+            check(
+                limit >= 1,
+                "save-total-limit",
+                &limit,
+                "keeps at least 1 checkpoint; leave it unset to keep them all",
+            )?;
+        }
+        if let Some(rows) = self.max_train_samples {
+            check(
+                rows >= 1,
+                "max-train-samples",
+                &rows,
+                "must be at least 1; leave it unset to train on every row",
+            )?;
+        }
+        if self.mode != Mode::Full {
+            let alpha = self.lora_alpha;
+            check(
+                alpha.is_finite() && alpha > 0.0,
+                "lora-alpha",
+                &alpha,
+                "must be a positive number (the LoRA update is scaled by alpha / r; commonly 2 r)",
+            )?;
+            let dropout = self.lora_dropout;
+            check(
+                (0.0..1.0).contains(&dropout),
+                "lora-dropout",
+                &dropout,
+                "must be in [0, 1)",
+            )?;
+        }
+        Ok(())
     }
 
     /// Checks `report_to` and what `load_best_model_at_end` needs.
@@ -495,4 +629,144 @@ pub fn four_bit_scheme(quant_type: &str, double_quant: bool) -> Result<QuantSche
         blocksize: 64,
         double_quant,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Map, Value};
+
+    /// A config that passes validation, with `overrides` (field -> JSON value) on top.
+    fn with(overrides: &[(&str, Value)]) -> Result<SftConfig> {
+        let mut fields: Map<String, Value> = [
+            ("model_name_or_path", json!("m")),
+            ("dataset_name", json!("d.jsonl")),
+            ("output_dir", json!("out")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        fields.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        SftConfig::default().with_overrides(fields)
+    }
+
+    #[test]
+    fn the_defaults_with_the_required_fields_validate() {
+        with(&[]).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn every_out_of_range_setting_is_refused_naming_its_flag_and_value() {
+        let cases: &[(&str, Value, &str)] = &[
+            (
+                "learning_rate",
+                json!(-1.0),
+                "--learning-rate -1: must be a positive number",
+            ),
+            (
+                "learning_rate",
+                json!(0.0),
+                "--learning-rate 0: must be a positive number",
+            ),
+            (
+                "num_train_epochs",
+                json!(-2.0),
+                "--num-train-epochs -2: must be 0 or more",
+            ),
+            (
+                "warmup_ratio",
+                json!(1.5),
+                "--warmup-ratio 1.5: must be a fraction",
+            ),
+            (
+                "weight_decay",
+                json!(-0.1),
+                "--weight-decay -0.1: must be 0 or more",
+            ),
+            (
+                "adam_beta1",
+                json!(1.0),
+                "--adam-beta1 1: must be in [0, 1)",
+            ),
+            (
+                "adam_beta2",
+                json!(-0.5),
+                "--adam-beta2 -0.5: must be in [0, 1)",
+            ),
+            (
+                "adam_epsilon",
+                json!(0.0),
+                "--adam-epsilon 0: must be a positive number",
+            ),
+            (
+                "max_grad_norm",
+                json!(-1.0),
+                "--max-grad-norm -1: must be 0 (no clipping) or more",
+            ),
+            (
+                "max_length",
+                json!(1),
+                "--max-length 1: must be at least 2 tokens",
+            ),
+            (
+                "save_total_limit",
+                json!(0),
+                "--save-total-limit 0: keeps at least 1 checkpoint",
+            ),
+            (
+                "max_train_samples",
+                json!(0),
+                "--max-train-samples 0: must be at least 1",
+            ),
+            (
+                "lora_alpha",
+                json!(0.0),
+                "--lora-alpha 0: must be a positive number",
+            ),
+            (
+                "lora_dropout",
+                json!(1.0),
+                "--lora-dropout 1: must be in [0, 1)",
+            ),
+            (
+                "per_device_eval_batch_size",
+                json!(0),
+                "--per-device-eval-batch-size",
+            ),
+        ];
+        for (field, value, want) in cases {
+            let err = with(&[(field, value.clone())])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{field} = {value}: {err}");
+        }
+        // Warm-up longer than the run.
+        let err = with(&[("max_steps", json!(10)), ("warmup_steps", json!(11))])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--warmup-steps 11: longer than the run (--max-steps 10)"),
+            "{err}"
+        );
+        // Full fine-tuning has no LoRA settings to check.
+        with(&[("mode", json!("full")), ("lora_alpha", json!(0.0))])
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_names_its_setting() {
+        let err = with(&[
+            ("learning_rate", json!(1e-4)),
+            ("per_device_train_batch_size", json!(-1)),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--per-device-train-batch-size -1:"), "{err}");
+    }
 }

@@ -218,3 +218,28 @@ fn sanity_check_reports_the_loss_an_example_and_a_generation() {
         .join("sanity-check/adapter_model.safetensors")
         .exists());
 }
+
+#[test]
+fn sanity_check_of_a_long_runs_recipe_shortens_its_warm_up_and_still_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, out, err) = run_cli(&[
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        tmp.path().to_str().unwrap(),
+        "--learning-rate",
+        "5e-3",
+        "--per-device-train-batch-size",
+        "4",
+        "--warmup-steps",
+        "100",
+        "--device",
+        "cpu",
+        "--sanity-check",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("the loss fell from"), "{out}");
+}

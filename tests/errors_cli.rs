@@ -231,3 +231,55 @@ fn options_that_cannot_apply_refuse_with_the_reason() {
     );
     assert!(!out.exists(), "a bad configuration writes nothing");
 }
+
+#[test]
+fn out_of_range_numbers_are_refused_naming_the_flag_and_the_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("data/qa_chat.jsonl");
+    for (flags, want) in [
+        (
+            &["--learning-rate", "-1"][..],
+            "--learning-rate -1: must be a positive number",
+        ),
+        (
+            &["--learning-rate=-1"],
+            "--learning-rate -1: must be a positive number",
+        ),
+        (
+            &["--per-device-train-batch-size", "-1"],
+            "--per-device-train-batch-size -1:",
+        ),
+        (
+            &["--per-device-train-batch-size", "0"],
+            "must be at least 1",
+        ),
+        (
+            &["--max-length", "1"],
+            "--max-length 1: must be at least 2 tokens",
+        ),
+        (
+            &["--warmup-ratio", "2"],
+            "--warmup-ratio 2: must be a fraction",
+        ),
+        (
+            &["--lora-alpha", "0"],
+            "--lora-alpha 0: must be a positive number",
+        ),
+        (
+            &["--lora-dropout", "1"],
+            "--lora-dropout 1: must be in [0, 1)",
+        ),
+        (
+            &["--warmup-steps", "5"],
+            "--warmup-steps 5: longer than the run (--max-steps 1)",
+        ),
+    ] {
+        let out = tmp.path().join("out");
+        let err = train_err(&model(), &data, &out, flags);
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(
+            !out.exists(),
+            "{flags:?}: a refused configuration writes nothing"
+        );
+    }
+}

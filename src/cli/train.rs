@@ -300,8 +300,12 @@ pub fn command() -> Command {
             "chat_template_path" => arg.visible_alias("chat-template"),
             _ => arg,
         };
-        if let Kind::Bool = kind {
-            arg = arg.num_args(0..=1).default_missing_value("true");
+        match kind {
+            Kind::Bool => arg = arg.num_args(0..=1).default_missing_value("true"),
+            // `--learning-rate -1` reaches the range check (which names the rule) instead of
+            // being refused by the parser as an unknown argument.
+            Kind::Int | Kind::Float => arg = arg.allow_negative_numbers(true),
+            Kind::Text | Kind::List => {}
         }
         cmd = cmd.arg(arg);
     }

@@ -47,8 +47,12 @@ impl SanityReport {
 /// checkpoints, metrics only) into `OUTPUT/sanity-check`, then loads the result and generates
 /// from the first row's prompt.
 pub fn sanity_check(config: &SftConfig) -> Result<SanityReport> {
+    // The user's settings as given (the short run below changes some of them).
+    config.validate()?;
     let mut config = config.clone();
     config.max_steps = SANITY_STEPS;
+    // A warm-up as long as the real run's would keep the short run's learning rate low.
+    config.warmup_steps = config.warmup_steps.min(SANITY_STEPS as usize / 3);
     config.logging_steps = 1;
     config.save_steps = usize::MAX;
     config.eval_dataset = None;
