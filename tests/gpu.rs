@@ -277,3 +277,146 @@ fn cuda_rms_norm_and_swiglu_kernels_equal_the_cpu_kernels() {
         }
     }
 }
+
+/// The CUDA RoPE kernel (token-major, forward and its inverse in the backward) against the CPU's
+/// native kernel, with tables shared by the batch and per batch row (packed documents restart
+/// their positions), f32 and (on a GPU) bf16 on the same rounded inputs.
+#[test]
+fn cuda_rope_kernel_equals_the_cpu_kernel() {
+    use peft_sft::ops::rope::{apply_rope_tokens, RopeScaling, RotaryEmbedding};
+    let cpu = Device::Cpu;
+    let (b, t, heads, d) = (2, 45, 3, 64);
+    let rope = RotaryEmbedding::new(d, 10000.0, &RopeScaling::Default);
+    let shared: Vec<Vec<u32>> = vec![(0..t as u32 + 7).collect()];
+    let per_row: Vec<Vec<u32>> = (0..b as u32)
+        .map(|r| (0..t as u32).map(|i| (i * (r + 1)) % 13).collect())
+        .collect();
+    let rounded =
+        |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    let mut runs = vec![(DType::F32, 1e-5)];
+    if device().is_cuda() {
+        runs.push((DType::BF16, 1e-2));
+    }
+    for (dtype, tolerance) in runs {
+        let x = rounded(
+            &Tensor::randn(0f32, 1.0, (b, t, heads, d), &cpu).unwrap(),
+            dtype,
+        );
+        let r = rounded(
+            &Tensor::randn(0f32, 1.0, (b, t, heads, d), &cpu).unwrap(),
+            dtype,
+        );
+        for positions in [&shared, &per_row] {
+            let run = |device: &Device, dtype: DType| {
+                let (cos, sin) = rope.tables(positions, dtype, device).unwrap();
+                let xv = candle_core::Var::from_tensor(
+                    &x.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+                )
+                .unwrap();
+                let out = apply_rope_tokens(xv.as_tensor(), &cos, &sin).unwrap();
+                let r = r.to_device(device).unwrap().to_dtype(dtype).unwrap();
+                let grads = (&out * &r)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let back = |t: &Tensor| on_cpu(&t.to_dtype(DType::F32).unwrap());
+                [
+                    back(&out),
+                    back(grads.get(xv.as_tensor()).expect("x gradient")),
+                ]
+            };
+            let want = run(&cpu, DType::F32);
+            let got = run(&device(), dtype);
+            for (part, (g, w)) in ["output", "d x"].iter().zip(got.iter().zip(&want)) {
+                let err = relative_error(g, w);
+                assert!(
+                    err <= tolerance,
+                    "rope {dtype:?} {part}: relative error {err}"
+                );
+            }
+        }
+    }
+}
+
+/// The loss on a GPU (logits by cuBLAS, the fused CUDA row pass) against the CPU's native chunk
+/// loop: loss, accuracy and entropy sums and the gradients of the hidden states and (full
+/// fine-tuning) the head, f32 and (on a GPU) bf16 on the same rounded inputs.
+#[test]
+fn cuda_loss_rows_equal_the_cpu_loss() {
+    use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
+    let cpu = Device::Cpu;
+    let (n, h, vocab) = (67, 48, 1000);
+    let targets = LossTargets {
+        target_ids: (0..n as u32).map(|i| (i * 37) % vocab as u32).collect(),
+        loss_weight: (0..n).map(|i| [0.0, 1.0, 0.5][i % 3]).collect(),
+        entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
+    };
+    let rounded =
+        |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    let mut runs = vec![(DType::F32, 1e-4)];
+    if device().is_cuda() {
+        runs.push((DType::BF16, 3e-2));
+    }
+    for (dtype, tolerance) in runs {
+        let hidden = rounded(&Tensor::randn(0f32, 1.0, (n, h), &cpu).unwrap(), dtype);
+        let head = rounded(&Tensor::randn(0f32, 0.2, (vocab, h), &cpu).unwrap(), dtype);
+        let run = |device: &Device, dtype: DType| {
+            let var = |t: &Tensor| {
+                candle_core::Var::from_tensor(
+                    &t.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+                )
+                .unwrap()
+            };
+            let (hv, wv) = (var(&hidden), var(&head));
+            let out = lm_head_loss(hv.as_tensor(), wv.as_tensor(), &targets).unwrap();
+            let loss = out.loss_sum.to_dtype(DType::F32).unwrap();
+            let grads = loss.backward().unwrap();
+            let back = |t: &Tensor| on_cpu(&t.to_dtype(DType::F32).unwrap());
+            let sums = [
+                loss.to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64,
+                out.correct_tokens,
+                out.entropy_sum,
+            ];
+            (
+                sums,
+                [
+                    back(grads.get(hv.as_tensor()).expect("d hidden")),
+                    back(grads.get(wv.as_tensor()).expect("d head")),
+                ],
+            )
+        };
+        let (want_sums, want_grads) = run(&cpu, DType::F32);
+        let (got_sums, got_grads) = run(&device(), dtype);
+        let (loss, entropy) = ((got_sums[0], want_sums[0]), (got_sums[2], want_sums[2]));
+        for (what, (g, w)) in [("loss", loss), ("entropy", entropy)] {
+            assert!(
+                (g - w).abs() <= tolerance * w.abs().max(1.0),
+                "{dtype:?} {what}: {g} vs {w}"
+            );
+        }
+        // bf16 logits can swap two near-equal top logits of a row: allow two such rows.
+        let hits = if dtype == DType::F32 { 0.0 } else { 2.0 };
+        let (g, w) = (got_sums[1], want_sums[1]);
+        assert!(
+            (g - w).abs() <= hits,
+            "{dtype:?} correct tokens: {g} vs {w}"
+        );
+        for (what, (g, w)) in ["d hidden", "d head"]
+            .iter()
+            .zip(got_grads.iter().zip(&want_grads))
+        {
+            let err = relative_error(g, w);
+            assert!(
+                err as f64 <= tolerance,
+                "{dtype:?} {what}: relative error {err}"
+            );
+        }
+    }
+}

@@ -96,8 +96,8 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
     })
 }
 
-/// The loss's dispatch point: the chunk loop in the native kernel for f32 on the CPU, in candle
-/// ops elsewhere.
+/// The loss's dispatch point: the chunk loop in the native kernel for f32 on the CPU, with the
+/// fused CUDA row pass on a GPU (f32 or bf16), in candle ops elsewhere.
 fn chunks(
     hd: &Tensor,
     wd: &Tensor,
@@ -107,13 +107,76 @@ fn chunks(
 ) -> Result<ChunkSums> {
     match Kernel::of(&[hd, wd]) {
         Kernel::Cpu => cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk),
-        _ => chunks_candle(hd, wd, targets, wanted, chunk),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => chunks_cuda(hd, wd, targets, wanted, chunk),
+        Kernel::Composed => chunks_candle(hd, wd, targets, wanted, chunk),
     }
 }
 
 /// The targets as the native kernel reads them: ids, loss weights, entropy weights.
 fn rows_of(t: &LossTargets) -> (&[u32], &[f32], &[f32]) {
     (&t.target_ids, &t.loss_weight, &t.entropy_weight)
+}
+
+/// The chunk loop on a GPU: each chunk's logits by candle's matmul (cuBLAS), in f32; one fused
+/// pass per row ([`super::cuda::cross_entropy_rows`]) for the loss, accuracy and entropy sums and,
+/// when wanted, the logits' gradient (instead of a dozen candle ops and their temporaries); the
+/// gradients' products by candle's matmul again.
+#[cfg(feature = "cuda")]
+fn chunks_cuda(
+    hd: &Tensor,
+    wd: &Tensor,
+    targets: &LossTargets,
+    (want_grad_h, want_grad_w): (bool, bool),
+    chunk: usize,
+) -> Result<ChunkSums> {
+    let (n, vocab) = (hd.dim(0)?, wd.dim(0)?);
+    if let Some(&bad) = targets.target_ids.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("lm_head_loss: target id {bad} is outside the vocabulary of {vocab}");
+    }
+    let device = hd.device().clone();
+    let mut sums = [0f64; 3];
+    let mut grad_h = Vec::new();
+    let mut grad_w: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk.max(1)) {
+        let len = chunk.min(n - start);
+        let rows = start..start + len;
+        let h_chunk = hd.narrow(0, start, len)?;
+        let logits = h_chunk.matmul(&wd.t()?)?.to_dtype(DType::F32)?;
+        let ids = Tensor::from_slice(&targets.target_ids[rows.clone()], len, &device)?;
+        let loss_w = Tensor::from_slice(&targets.loss_weight[rows.clone()], len, &device)?;
+        let ent_w = Tensor::from_slice(&targets.entropy_weight[rows], len, &device)?;
+        let (stats, grad_logits) = super::cuda::cross_entropy_rows(
+            &logits,
+            &ids,
+            (&loss_w, &ent_w),
+            want_grad_h || want_grad_w,
+        )?;
+        drop(logits);
+        for (sum, part) in sums.iter_mut().zip(stats.sum(0)?.to_vec1::<f32>()?) {
+            *sum += part as f64;
+        }
+        if let Some(grad_logits) = grad_logits {
+            let grad_logits = grad_logits.to_dtype(hd.dtype())?;
+            if want_grad_h {
+                grad_h.push(grad_logits.matmul(wd)?);
+            }
+            if want_grad_w {
+                let gw = grad_logits.t()?.matmul(&h_chunk)?;
+                grad_w = Some(match grad_w {
+                    Some(acc) => (acc + gw)?,
+                    None => gw,
+                });
+            }
+        }
+    }
+    Ok(ChunkSums {
+        loss_sum: sums[0],
+        correct: sums[1],
+        entropy_sum: sums[2],
+        grad_h: want_grad_h.then(|| Tensor::cat(&grad_h, 0)).transpose()?,
+        grad_w,
+    })
 }
 
 /// The chunk loop with candle ops (every device).

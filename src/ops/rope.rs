@@ -140,8 +140,8 @@ pub fn apply_rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     )
 }
 
-/// RoPE's dispatch point (token-major layout): the native kernel for f32 on the CPU, candle-nn's
-/// elsewhere. RoPE on untracked token-major rows `[b, t, heads, d]`, or its backward (the inverse rotation of
+/// RoPE's dispatch point (token-major layout): the native kernel for f32 on the CPU, the CUDA
+/// kernel for f32 and bf16 on a GPU, candle-nn's elsewhere. RoPE on untracked token-major rows `[b, t, heads, d]`, or its backward (the inverse rotation of
 /// a gradient) when `inverse`. cos/sin: `[t', d / 2]` or `[b, t', d / 2]` with `t' ≥ t`.
 pub(crate) fn rotate_tokens(
     x: &Tensor,
@@ -152,6 +152,8 @@ pub(crate) fn rotate_tokens(
     let x = x.contiguous()?;
     match Kernel::of(&[&x, cos, sin]) {
         Kernel::Cpu => cpu::rope::rotate_tokens(&x, cos, sin, inverse),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => super::cuda::rope_tokens(&x, cos, sin, inverse),
         _ if inverse => candle_nn::rotary_emb::rope_thd(&x, cos, &sin.neg()?),
         _ => candle_nn::rotary_emb::rope_thd(&x, cos, sin),
     }

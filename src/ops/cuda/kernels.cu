@@ -1,4 +1,5 @@
-// peft-sft's CUDA kernels: RMSNorm and SwiGLU, forward and backward, for f32 and bf16 tensors.
+// peft-sft's CUDA kernels: RMSNorm, SwiGLU and RoPE, forward and backward, for f32 and bf16
+// tensors, and the loss's fused row pass over f32 logits.
 // Compiled to PTX by build.rs (the `cuda` feature) with the pinned nvcc and loaded through
 // candle's custom-module cache (`ops/cuda/mod.rs`). Arithmetic is in f32 whatever the storage
 // type, as the composed candle path does; bf16 values are rounded once, on store.
@@ -82,6 +83,95 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* d_gate,
     }
 }
 
+
+// RoPE ("rotate half") on token-major rows x [b, t, heads, d], or its inverse (sign -1):
+// out1 = x1 cos - sign x2 sin, out2 = x2 cos + sign x1 sin over the two halves of each head.
+// cos/sin: [rows, d/2] shared by the batch, or [b, rows, d/2] (`batched`), rows >= t.
+template <typename T>
+__device__ void rope_tokens(const T* x, const T* cos, const T* sin, T* out, int64_t t, int64_t heads,
+                            int64_t d, int64_t rows, int batched, float sign, int64_t pairs) {
+    const int64_t half = d / 2;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < pairs; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t j = i % half;
+        const int64_t head_token = i / half;          // token * heads + head
+        const int64_t token = head_token / heads;     // bi * t + ti
+        const int64_t bi = token / t, ti = token % t;
+        const int64_t row = (batched ? bi * rows + ti : ti) * half + j;
+        const float c = load(cos, row), s = sign * load(sin, row);
+        const int64_t base = head_token * d + j;
+        const float x1 = load(x, base), x2 = load(x, base + half);
+        store(out, base, x1 * c - x2 * s);
+        store(out, base + half, x2 * c + x1 * s);
+    }
+}
+
+// The maximum of (value, index) pairs over the block, the smaller index on ties; every thread
+// gets it.
+__device__ void block_argmax(float& v, int64_t& idx) {
+    __shared__ float vals[32];
+    __shared__ int64_t idxs[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, v, o);
+        const int64_t oi = __shfl_xor_sync(0xffffffff, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { vals[warp] = v; idxs[warp] = idx; }
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+    v = lane < warps ? vals[lane] : -INFINITY;
+    idx = lane < warps ? idxs[lane] : INT64_MAX;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, v, o);
+        const int64_t oi = __shfl_xor_sync(0xffffffff, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+    __syncthreads();
+}
+
+// The loss's pass over one row of f32 logits [vocab] (one block per row): the weighted token
+// cross-entropy, whether the argmax hits the target (weighted), the weighted predictive entropy
+// -> stats[row * 3 + 0..3]; with `grad`, the row's gradient (softmax - onehot(target)) * loss_w
+// -> grad[row * vocab ..]. out holds grad (rows * vocab values, when asked) then the stats.
+extern "C" __global__ void ce_rows_f32(const float* logits, const uint32_t* ids, const float* loss_w,
+                                       const float* ent_w, float* out, int64_t vocab, int64_t rows,
+                                       int grad) {
+    const int64_t row = blockIdx.x;
+    const float* l = logits + row * vocab;
+    float m = -INFINITY;
+    int64_t arg = INT64_MAX;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float v = l[j];
+        if (v > m || (v == m && j < arg)) { m = v; arg = j; }
+    }
+    block_argmax(m, arg);
+    float se = 0.0f, sel = 0.0f;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float e = __expf(l[j] - m);
+        se += e;
+        sel += e * l[j];
+    }
+    se = block_sum(se);
+    sel = block_sum(sel);
+    const float lse = m + logf(se);
+    const uint32_t target = ids[row];
+    const float w = loss_w[row];
+    if (threadIdx.x == 0) {
+        float* stats = out + (grad ? rows * vocab : 0) + row * 3;
+        stats[0] = (lse - l[target]) * w;
+        stats[1] = (int64_t)target == arg ? w : 0.0f;
+        stats[2] = (lse - sel / se) * ent_w[row];
+    }
+    if (grad) {
+        float* g = out + row * vocab;
+        const float inv = 1.0f / se;
+        for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const float p = __expf(l[j] - m) * inv;
+            g[j] = (p - ((int64_t)target == j ? 1.0f : 0.0f)) * w;
+        }
+    }
+}
+
 #define DEFINE(NAME, T)                                                                                   \
     extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, const T* w, T* out, int64_t d, float eps) { \
         rms_norm_fwd(x, w, out, d, eps);                                                                  \
@@ -96,6 +186,11 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* d_gate,
     extern "C" __global__ void swiglu_bwd_##NAME(const T* gate, const T* up, const T* grad, T* d_gate,    \
                                                  T* d_up, int64_t n) {                                    \
         swiglu_bwd(gate, up, grad, d_gate, d_up, n);                                                      \
+    }                                                                                                     \
+    extern "C" __global__ void rope_tokens_##NAME(const T* x, const T* cos, const T* sin, T* out,         \
+                                                  int64_t t, int64_t heads, int64_t d, int64_t rows,      \
+                                                  int batched, float sign, int64_t pairs) {               \
+        rope_tokens(x, cos, sin, out, t, heads, d, rows, batched, sign, pairs);                           \
     }
 
 DEFINE(f32, float)

@@ -1,6 +1,7 @@
 //! The CUDA kernels (`kernels.cu`, compiled to PTX by `build.rs` and loaded once per device
 //! through candle's custom-module cache), each a candle custom op whose `cuda_fwd` launches it:
-//! RMSNorm forward and input gradient, SwiGLU forward and backward, for f32 and bf16.
+//! RMSNorm forward and input gradient, SwiGLU forward and backward, RoPE and its inverse on the
+//! token-major layout, for f32 and bf16; and the loss's fused pass over a chunk's f32 logits.
 //! [`super::kernel::Kernel`] picks them for contiguous-able CUDA operands of those dtypes; each
 //! op's dispatch point calls the functions here. Arithmetic is in f32 (as the composed path's).
 
@@ -54,6 +55,39 @@ pub(crate) fn swiglu_backward(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<
         &SwigluBackward,
     )?;
     Ok((both.get(0)?, both.get(1)?))
+}
+
+/// RoPE on token-major rows `x: [b, t, heads, d]`, or its inverse (the backward) when `inverse`.
+/// cos/sin: `[t', d / 2]` or `[b, t', d / 2]` with `t' ≥ t`.
+pub(crate) fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope { inverse })
+}
+
+/// The loss's pass over one chunk's f32 `logits: [n, vocab]` against per-row target `ids` (u32),
+/// loss weights and entropy weights (f32, `[n]` each, on the logits' device): per row the weighted
+/// cross-entropy, the weighted argmax hit and the weighted entropy (`[n, 3]`), and with `grad`
+/// the gradient of the weighted loss sum, `(softmax - onehot) * loss_weight` (`[n, vocab]`).
+pub(crate) fn cross_entropy_rows(
+    logits: &Tensor,
+    ids: &Tensor,
+    weights: (&Tensor, &Tensor),
+    grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (n, vocab) = logits.dims2()?;
+    let (loss_w, ent_w) = weights;
+    let packed = Tensor::stack(&[loss_w, ent_w], 0)?;
+    let out = logits.contiguous()?.apply_op3_no_bwd(
+        &ids.contiguous()?,
+        &packed,
+        &CrossEntropyRows { grad },
+    )?;
+    let grad_len = if grad { n * vocab } else { 0 };
+    let stats = out.narrow(0, grad_len, 3 * n)?.reshape((n, 3))?;
+    let gradient = grad
+        .then(|| out.narrow(0, 0, n * vocab)?.reshape((n, vocab)))
+        .transpose()?;
+    Ok((stats, gradient))
 }
 
 /// The elements of a contiguous operand, or an error naming the op.
@@ -113,6 +147,17 @@ enum Scalars {
     Rows { d: i64, eps: f32 },
     /// An elementwise kernel's element count.
     Len(i64),
+    /// RoPE's sizes: tokens per row, heads, head width, table rows, whether the tables are per
+    /// batch row, the rotation's sign and the number of element pairs.
+    Rope {
+        t: i64,
+        heads: i64,
+        d: i64,
+        rows: i64,
+        batched: i32,
+        sign: f32,
+        pairs: i64,
+    },
 }
 
 /// Launches `name` (typed `T`) over `blocks` blocks with the operands' views, one fresh output of
@@ -143,6 +188,23 @@ fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
         }
         Scalars::Len(n) => {
             builder.arg(n);
+        }
+        Scalars::Rope {
+            t,
+            heads,
+            d,
+            rows,
+            batched,
+            sign,
+            pairs,
+        } => {
+            builder.arg(t);
+            builder.arg(heads);
+            builder.arg(d);
+            builder.arg(rows);
+            builder.arg(batched);
+            builder.arg(sign);
+            builder.arg(pairs);
         }
     }
     // SAFETY: the argument list matches the kernel's signature in kernels.cu.
@@ -400,4 +462,142 @@ fn swiglu_backward_launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
         unsafe { builder.launch(config(elementwise_blocks(n))) }.map_err(driver)?;
     }
     Ok(out)
+}
+
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "cuda-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, t, heads, d) = xl.shape().dims4()?;
+        let half = d / 2;
+        let table = cl.dims();
+        let fits = d == 2 * half
+            && table.last() == Some(&half)
+            && match table.len() {
+                2 => table[0] >= t,
+                3 => table[0] == b && table[1] >= t,
+                _ => false,
+            };
+        if !fits || sl.dims() != table {
+            candle_core::bail!(
+                "rope: tables {:?} and {:?} do not fit x {:?}",
+                table,
+                sl.dims(),
+                xl.dims()
+            );
+        }
+        let n = xl.shape().elem_count();
+        let dtype = same_dtype(&[x, cos, sin], self.name())?;
+        let name = format!("rope_tokens_{}", suffix(dtype, self.name())?);
+        let pairs = n / 2;
+        let scalars = Scalars::Rope {
+            t: t as i64,
+            heads: heads as i64,
+            d: d as i64,
+            rows: table[table.len() - 2] as i64,
+            batched: i32::from(table.len() == 3),
+            sign: if self.inverse { -1.0 } else { 1.0 },
+            pairs: pairs as i64,
+        };
+        let (dev, blocks) = (x.device(), elementwise_blocks(pairs));
+        let inputs = [(x, xl), (cos, cl), (sin, sl)];
+        let slice = match dtype {
+            DType::F32 => {
+                CudaStorageSlice::F32(launch::<f32>(dev, &name, &inputs, (n, blocks), scalars)?)
+            }
+            _ => CudaStorageSlice::BF16(launch::<bf16>(dev, &name, &inputs, (n, blocks), scalars)?),
+        };
+        Ok((wrap(slice, dev), xl.shape().clone()))
+    }
+}
+
+struct CrossEntropyRows {
+    grad: bool,
+}
+
+impl CustomOp3 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "cuda-cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        ll: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+        weights: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, vocab) = ll.shape().dims2()?;
+        if il.dims() != [n] || wl.dims() != [2, n] {
+            candle_core::bail!(
+                "cross-entropy rows: logits {:?}, ids {:?}, weights {:?} do not fit",
+                ll.dims(),
+                il.dims(),
+                wl.dims()
+            );
+        }
+        let op = self.name();
+        let dev = logits.device();
+        let func = dev.get_or_load_custom_func("ce_rows_f32", MODULE, PTX)?;
+        let logits = view(logits.as_cuda_slice::<f32>()?, ll, op)?;
+        let ids = view(ids.as_cuda_slice::<u32>()?, il, op)?;
+        let weights = view(weights.as_cuda_slice::<f32>()?, wl, op)?;
+        let (loss_w, ent_w) = (weights.slice(..n), weights.slice(n..));
+        let len = if self.grad { n * vocab + 3 * n } else { 3 * n };
+        // SAFETY: the kernel writes every row's stats and, with `grad`, every gradient value.
+        let mut out = unsafe { dev.alloc::<f32>(len)? };
+        let (vocab_arg, rows_arg, grad_arg) = (vocab as i64, n as i64, i32::from(self.grad));
+        let mut builder = func.builder();
+        builder.arg(&logits);
+        builder.arg(&ids);
+        builder.arg(&loss_w);
+        builder.arg(&ent_w);
+        builder.arg(&mut out);
+        builder.arg(&vocab_arg);
+        builder.arg(&rows_arg);
+        builder.arg(&grad_arg);
+        // SAFETY: the argument list matches `ce_rows_f32` in kernels.cu.
+        unsafe { builder.launch(config(n)) }.map_err(driver)?;
+        Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(len)))
+    }
 }
