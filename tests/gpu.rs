@@ -420,3 +420,42 @@ fn cuda_loss_rows_equal_the_cpu_loss() {
         }
     }
 }
+
+/// The CUDA 4-bit dequantization (the frozen QLoRA base) against the CPU's, value for value:
+/// NF4 with double-quantized absmax and FP4 with plain absmax, from f32 and bf16 weights, with
+/// a final block that is not full.
+#[test]
+fn cuda_4bit_dequantization_is_bit_exact_with_the_cpus() {
+    use peft_sft::ops::linear::FrozenWeight;
+    use peft_sft::quant::{FourBitType, QuantScheme, QuantizedWeight};
+    use std::sync::Arc;
+    let cpu = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (96, 77), &cpu).unwrap();
+    for (quant_type, double_quant) in [(FourBitType::Nf4, true), (FourBitType::Fp4, false)] {
+        for source in [DType::F32, DType::BF16] {
+            let scheme = QuantScheme::FourBit {
+                quant_type,
+                blocksize: 64,
+                double_quant,
+            };
+            let dense = |device: &Device| {
+                let w = w.to_dtype(source).unwrap();
+                let q = QuantizedWeight::quantize(&w, scheme, DType::F32, device).unwrap();
+                on_cpu(&FrozenWeight::Quantized(Arc::new(q)).dense().unwrap())
+            };
+            let (want, got) = (dense(&cpu), dense(&device()));
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(
+                diff, 0.0,
+                "{quant_type:?} double_quant={double_quant} from {source:?}"
+            );
+        }
+    }
+}

@@ -30,33 +30,30 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel for an op whose operands are `operands`: native on the CPU when every operand
-    /// is an f32 CPU tensor; CUDA when every operand is on one GPU in one dtype the CUDA kernels
-    /// take; else candle's ops.
+    /// The kernel for an op whose operands are `operands`: the kernel for their device and dtype
+    /// ([`Kernel::on`]) when they share both, else candle's ops.
     pub fn of(operands: &[&Tensor]) -> Kernel {
+        let Some(first) = operands.first() else {
+            return Kernel::Composed;
+        };
+        let (device, dtype) = (first.device(), first.dtype());
         if operands
             .iter()
-            .all(|t| Kernel::on(t.device(), t.dtype()) == Kernel::Cpu)
+            .all(|t| t.dtype() == dtype && t.device().same_device(device))
         {
-            return Kernel::Cpu;
+            Kernel::on(device, dtype)
+        } else {
+            Kernel::Composed
         }
-        #[cfg(feature = "cuda")]
-        if let Some(first) = operands.first() {
-            let (device, dtype) = (first.device(), first.dtype());
-            if device.is_cuda()
-                && super::cuda::supports(dtype)
-                && operands
-                    .iter()
-                    .all(|t| t.dtype() == dtype && t.device().same_device(device))
-            {
-                return Kernel::Cuda;
-            }
-        }
-        Kernel::Composed
     }
 
-    /// The kernel for tensors of `dtype` on `device` (what the memory planner asks for a run).
+    /// The kernel for tensors of `dtype` on `device`: native for f32 on the CPU; CUDA (with the
+    /// `cuda` feature) for a dtype the CUDA kernels take on a GPU; else candle's ops.
     pub fn on(device: &Device, dtype: DType) -> Kernel {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && super::cuda::supports(dtype) {
+            return Kernel::Cuda;
+        }
         Kernel::for_run(device.is_cpu(), dtype)
     }
 

@@ -24,11 +24,35 @@ impl FrozenWeight {
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             FrozenWeight::Dense(w) => Ok(w.clone()),
-            FrozenWeight::Quantized(q) => q
-                .dequantize()
-                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+            FrozenWeight::Quantized(q) => dequantize(q),
         }
     }
+}
+
+/// A frozen quantized weight, dequantized: the dispatch point of dequantization. 4-bit codes on
+/// a GPU whose source dtype the CUDA kernels take run the CUDA kernel (bit for bit the CPU's
+/// values); everything else is `quant`'s own (a host loop on the CPU, candle ops elsewhere).
+fn dequantize(q: &QuantizedWeight) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let crate::quant::QuantizedData::FourBit(f) = &q.data {
+        if Kernel::on(f.packed.device(), f.source_dtype) == Kernel::Cuda {
+            let absmax = f
+                .absmax
+                .values()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let (o, i) = q.shape;
+            let dense = super::cuda::dequantize_4bit(
+                &f.packed,
+                &absmax,
+                &f.code,
+                (o * i, f.blocksize),
+                f.source_dtype,
+            )?;
+            return dense.reshape((o, i))?.to_dtype(q.dtype);
+        }
+    }
+    q.dequantize()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// `bias + Σ lhs_i @ rhs_i` (each lhs `[n, k_i]`) -> `[n, out]`: the linear op's dispatch point.

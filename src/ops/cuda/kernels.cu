@@ -1,5 +1,5 @@
 // peft-sft's CUDA kernels: RMSNorm, SwiGLU and RoPE, forward and backward, for f32 and bf16
-// tensors, and the loss's fused row pass over f32 logits.
+// tensors, the loss's fused row pass over f32 logits, and 4-bit (NF4/FP4) dequantization.
 // Compiled to PTX by build.rs (the `cuda` feature) with the pinned nvcc and loaded through
 // candle's custom-module cache (`ops/cuda/mod.rs`). Arithmetic is in f32 whatever the storage
 // type, as the composed candle path does; bf16 values are rounded once, on store.
@@ -172,6 +172,19 @@ extern "C" __global__ void ce_rows_f32(const float* logits, const uint32_t* ids,
     }
 }
 
+// bitsandbytes' 4-bit dequantization: value i = code[nibble i] * absmax[i / blocksize], the first
+// value of each byte in its high nibble; one rounding to the output type, as the CPU path (no
+// fused multiply-add to differ from it).
+template <typename T>
+__device__ void dequant_4bit(const uint8_t* packed, const float* absmax, const float* code, T* out,
+                             int64_t n, int64_t blocksize) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint8_t byte = packed[i / 2];
+        const int c = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+        store(out, i, __fmul_rn(code[c], absmax[i / blocksize]));
+    }
+}
+
 #define DEFINE(NAME, T)                                                                                   \
     extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, const T* w, T* out, int64_t d, float eps) { \
         rms_norm_fwd(x, w, out, d, eps);                                                                  \
@@ -191,6 +204,11 @@ extern "C" __global__ void ce_rows_f32(const float* logits, const uint32_t* ids,
                                                   int64_t t, int64_t heads, int64_t d, int64_t rows,      \
                                                   int batched, float sign, int64_t pairs) {               \
         rope_tokens(x, cos, sin, out, t, heads, d, rows, batched, sign, pairs);                           \
+    }                                                                                                     \
+    extern "C" __global__ void dequant_4bit_##NAME(const uint8_t* packed, const float* absmax,            \
+                                                   const float* code, T* out, int64_t n,                  \
+                                                   int64_t blocksize) {                                   \
+        dequant_4bit(packed, absmax, code, out, n, blocksize);                                            \
     }
 
 DEFINE(f32, float)

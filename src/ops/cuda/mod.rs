@@ -1,7 +1,8 @@
 //! The CUDA kernels (`kernels.cu`, compiled to PTX by `build.rs` and loaded once per device
 //! through candle's custom-module cache), each a candle custom op whose `cuda_fwd` launches it:
 //! RMSNorm forward and input gradient, SwiGLU forward and backward, RoPE and its inverse on the
-//! token-major layout, for f32 and bf16; and the loss's fused pass over a chunk's f32 logits.
+//! token-major layout, for f32 and bf16; the loss's fused pass over a chunk's f32 logits; and
+//! 4-bit (NF4/FP4) dequantization.
 //! [`super::kernel::Kernel`] picks them for contiguous-able CUDA operands of those dtypes; each
 //! op's dispatch point calls the functions here. Arithmetic is in f32 (as the composed path's).
 
@@ -88,6 +89,29 @@ pub(crate) fn cross_entropy_rows(
         .then(|| out.narrow(0, 0, n * vocab)?.reshape((n, vocab)))
         .transpose()?;
     Ok((stats, gradient))
+}
+
+/// The first `n` values of a 4-bit weight (`packed` U8 codes, two per byte; `absmax` f32 per block
+/// of `blocksize`; `code` the 16 f32 values), dequantized into `dtype` (f32 or bf16): bitsandbytes'
+/// `code * absmax`, bit for bit the CPU path's.
+pub(crate) fn dequantize_4bit(
+    packed: &Tensor,
+    absmax: &Tensor,
+    code: &[f32; 16],
+    (n, blocksize): (usize, usize),
+    dtype: DType,
+) -> Result<Tensor> {
+    let code = Tensor::new(code, packed.device())?;
+    let absmax = absmax.to_dtype(DType::F32)?.contiguous()?;
+    packed.contiguous()?.apply_op3_no_bwd(
+        &absmax,
+        &code,
+        &Dequantize4Bit {
+            n,
+            blocksize,
+            dtype,
+        },
+    )
 }
 
 /// The elements of a contiguous operand, or an error naming the op.
@@ -600,4 +624,90 @@ impl CustomOp3 for CrossEntropyRows {
         unsafe { builder.launch(config(n)) }.map_err(driver)?;
         Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(len)))
     }
+}
+
+struct Dequantize4Bit {
+    n: usize,
+    blocksize: usize,
+    dtype: DType,
+}
+
+impl CustomOp3 for Dequantize4Bit {
+    fn name(&self) -> &'static str {
+        "cuda-dequantize-4bit"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        packed: &CudaStorage,
+        pl: &Layout,
+        absmax: &CudaStorage,
+        al: &Layout,
+        code: &CudaStorage,
+        cl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, bs) = (self.n, self.blocksize.max(1));
+        if pl.shape().elem_count() < n.div_ceil(2)
+            || al.shape().elem_count() < n.div_ceil(bs)
+            || cl.shape().elem_count() != 16
+        {
+            candle_core::bail!(
+                "4-bit dequantize: {} codes, {} absmax values for {n} values in blocks of {bs}",
+                pl.shape().elem_count(),
+                al.shape().elem_count()
+            );
+        }
+        let op = self.name();
+        let dev = packed.device();
+        let name = format!("dequant_4bit_{}", suffix(self.dtype, op)?);
+        let operands = (
+            view(packed.as_cuda_slice::<u8>()?, pl, op)?,
+            view(absmax.as_cuda_slice::<f32>()?, al, op)?,
+            view(code.as_cuda_slice::<f32>()?, cl, op)?,
+        );
+        let slice = match self.dtype {
+            DType::F32 => CudaStorageSlice::F32(dequantize_launch(dev, &name, &operands, (n, bs))?),
+            _ => CudaStorageSlice::BF16(dequantize_launch(dev, &name, &operands, (n, bs))?),
+        };
+        Ok((wrap(slice, dev), Shape::from(n)))
+    }
+}
+
+/// Launches `dequant_4bit_*` over `(packed, absmax, code)` into a fresh buffer of `n` values.
+fn dequantize_launch<T: DeviceRepr>(
+    device: &CudaDevice,
+    name: &str,
+    (packed, absmax, code): &(
+        candle_core::cuda_backend::cudarc::driver::CudaView<'_, u8>,
+        candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+        candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+    ),
+    (n, blocksize): (usize, usize),
+) -> Result<CudaSlice<T>> {
+    let func = device.get_or_load_custom_func(name, MODULE, PTX)?;
+    // SAFETY: the kernel writes all n values before anything reads them.
+    let mut out = unsafe { device.alloc::<T>(n)? };
+    let (n_arg, bs_arg) = (n as i64, blocksize as i64);
+    let mut builder = func.builder();
+    builder.arg(packed);
+    builder.arg(absmax);
+    builder.arg(code);
+    builder.arg(&mut out);
+    builder.arg(&n_arg);
+    builder.arg(&bs_arg);
+    // SAFETY: the argument list matches `dequant_4bit_*` in kernels.cu.
+    unsafe { builder.launch(config(elementwise_blocks(n))) }.map_err(driver)?;
+    Ok(out)
 }
