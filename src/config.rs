@@ -149,6 +149,9 @@ pub struct SftConfig {
     pub use_rslora: bool,
     /// DoRA.
     pub use_dora: bool,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): the B matrices learn at this multiple of the
+    /// learning rate (the LoRA+ paper suggests 16); None trains both at the learning rate.
+    pub loraplus_lr_ratio: Option<f64>,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
     /// Push the result to the Hugging Face Hub (TRL's `push_to_hub`).
@@ -227,6 +230,7 @@ impl Default for SftConfig {
             lora_target_modules: vec!["all-linear".into()],
             use_rslora: false,
             use_dora: false,
+            loraplus_lr_ratio: None,
             device: "auto".into(),
             push_to_hub: false,
             hub_model_id: None,
@@ -464,6 +468,20 @@ impl SftConfig {
                 "lora-dropout",
                 &dropout,
                 "must be in [0, 1)",
+            )?;
+        }
+        if let Some(ratio) = self.loraplus_lr_ratio {
+            check(
+                self.mode != Mode::Full,
+                "loraplus-lr-ratio",
+                &ratio,
+                "sets the learning rate of LoRA's B matrices; --full trains no adapters",
+            )?;
+            check(
+                ratio.is_finite() && ratio > 0.0,
+                "loraplus-lr-ratio",
+                &ratio,
+                "must be a positive number (the LoRA+ paper suggests 16)",
             )?;
         }
         Ok(())
@@ -752,6 +770,12 @@ mod tests {
             err.contains("--warmup-steps 11: longer than the run (--max-steps 10)"),
             "{err}"
         );
+        let err = with(&[("mode", json!("full")), ("loraplus_lr_ratio", json!(16.0))])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--full trains no adapters"), "{err}");
         // Full fine-tuning has no LoRA settings to check.
         with(&[("mode", json!("full")), ("lora_alpha", json!(0.0))])
             .unwrap()

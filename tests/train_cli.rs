@@ -361,3 +361,40 @@ fn bf16_mixed_precision_follows_the_f32_run() {
     }
     assert!(differ, "--bf16 trained the same adapter as f32");
 }
+
+/// LoRA+ (`--loraplus-lr-ratio 16`, PEFT's create_loraplus_optimizer): after one AdamW step from
+/// PEFT's initialisation (B = 0, so A's first gradient is zero), every B matrix has moved exactly
+/// 16 times as far as without LoRA+ (Adam's step is proportional to its learning rate), and A is
+/// the same.
+#[test]
+fn loraplus_moves_the_b_matrices_ratio_times_as_far() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let out_s = out.to_str().unwrap().to_string();
+        let mut extra = extra.to_vec();
+        extra.extend_from_slice(&["--lora-dropout", "0"]);
+        let (ok, _, err) = run_cli(&train_args("cpu", &out_s, "1", &extra));
+        assert!(ok, "{err}");
+        tensors(&out.join("adapter_model.safetensors"))
+    };
+    let plain = run("plain", &[]);
+    let plus = run("plus", &["--loraplus-lr-ratio", "16"]);
+    assert_eq!(plain.len(), plus.len());
+    let mut b_matrices = 0;
+    for (name, p) in &plain {
+        let q = &plus[name];
+        if name.contains("lora_B") {
+            b_matrices += 1;
+            let scaled = (p * 16.0).unwrap();
+            assert!(max_abs_diff(q, &scaled) <= 1e-6, "{name}");
+            assert!(
+                max_abs_diff(p, &p.zeros_like().unwrap()) > 0.0,
+                "{name} moved"
+            );
+        } else {
+            assert_eq!(max_abs_diff(q, p), 0.0, "{name}");
+        }
+    }
+    assert!(b_matrices > 0);
+}

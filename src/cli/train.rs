@@ -198,6 +198,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ),
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
+    (
+        "loraplus_lr_ratio",
+        Kind::Float,
+        "LoRA+: the B matrices learn at this multiple of --learning-rate, as PEFT's create_loraplus_optimizer (the paper suggests 16) [off]",
+    ),
     ("lora_dropout", Kind::Float, "LoRA dropout [0.05]"),
     (
         "lora_target_modules",

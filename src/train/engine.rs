@@ -325,6 +325,9 @@ fn prepare(config: &SftConfig) -> Result<Run> {
             weight_decay: config.weight_decay,
         },
     )?;
+    if let Some(ratio) = config.loraplus_lr_ratio {
+        optimizer.set_loraplus_ratio(ratio);
+    }
     let eval_steps = config.eval_steps.unwrap_or(config.logging_steps);
     let mut state = TrainerState {
         max_steps: total,

@@ -128,6 +128,8 @@ fn update_cpu(
 /// AdamW over named variables.
 pub struct AdamW {
     params: Vec<(String, Var)>,
+    /// Each variable's learning rate as a multiple of the step's (1, or LoRA+'s ratio).
+    lr_scale: Vec<f64>,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     step: usize,
@@ -150,12 +152,26 @@ impl AdamW {
             .map(|(_, v)| zeros(v))
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
+            lr_scale: vec![1.0; params.len()],
             params,
             exp_avg,
             exp_avg_sq,
             step: 0,
             hyper,
         })
+    }
+
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): the LoRA B matrices, and any 1-D trainable
+    /// tensor, learn at `ratio` × the learning rate; the rest at the learning rate. Weight decay
+    /// is decoupled with each variable's own rate, as torch's AdamW does per parameter group.
+    pub fn set_loraplus_ratio(&mut self, ratio: f64) {
+        for ((name, var), scale) in self.params.iter().zip(&mut self.lr_scale) {
+            *scale = if name.contains("lora_B") || var.rank() == 1 {
+                ratio
+            } else {
+                1.0
+            };
+        }
     }
 
     /// The optimized variables, in order.
@@ -174,13 +190,13 @@ impl AdamW {
         let h = self.hyper;
         let bias1 = 1.0 - h.beta1.powi(self.step as i32);
         let bias2 = 1.0 - h.beta2.powi(self.step as i32);
-        let rates = Rates {
-            lr,
-            bias1,
-            bias2,
-            hyper: h,
-        };
         for (i, (_, var)) in self.params.iter().enumerate() {
+            let rates = Rates {
+                lr: lr * self.lr_scale[i],
+                bias1,
+                bias2,
+                hyper: h,
+            };
             let p = var.as_tensor();
             let moments = (&self.exp_avg[i], &self.exp_avg_sq[i]);
             let (p, m, v) = match Kernel::of(&[p, &grads[i], moments.0, moments.1]) {
