@@ -79,6 +79,25 @@ pub enum Error {
         /// The largest fraction allowed.
         limit: f64,
     },
+    /// Another process holds the folder (a run or a merge writing into it).
+    #[error("{path}: in use by another peft-sft process ({holder}); wait for it to finish or choose another folder")]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
+    /// A training step produced a NaN or infinite loss or gradient: the run stopped before the
+    /// optimizer applied it.
+    #[error("step {step}: {what} is not finite (NaN or inf); the step was not applied and nothing of it was saved; {checkpoint}. Lower --learning-rate or --max-grad-norm, or look at the data with `peft-sft data inspect`")]
+    NonFinite {
+        /// The optimizer step (1-based).
+        step: usize,
+        /// What went non-finite: the loss, or the gradient of a named tensor.
+        what: String,
+        /// The last checkpoint to resume from, in words.
+        checkpoint: String,
+    },
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -100,3 +100,46 @@ pub fn read_safetensors(
         message: format!("cannot read safetensors: {e}"),
     })
 }
+
+/// The lock file a run or a merge holds in the folder it writes ([`lock_dir`]).
+pub const LOCK_FILE: &str = ".peft-sft.lock";
+
+/// An exclusive hold on a folder for as long as it lives ([`lock_dir`]).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `dir` (created if missing) for one process: an exclusive advisory lock (`flock`) on
+/// `dir/.peft-sft.lock`, which names the holder (`what`, its pid). Another process asking for the
+/// same folder gets [`Error::Busy`] at once. The operating system drops the lock when the process
+/// ends, however it ends, so a killed run never leaves the folder stuck. A no-op hold where
+/// `flock` does not exist (not Unix).
+pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::Busy {
+                path: dir.to_path_buf(),
+                holder: holder.trim().to_string(),
+            });
+        }
+    }
+    file.set_len(0).map_err(|e| Error::io(&path, e))?;
+    write!(file, "{what}, pid {}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+    Ok(DirLock { _file: file })
+}

@@ -283,3 +283,82 @@ fn out_of_range_numbers_are_refused_naming_the_flag_and_the_rule() {
         );
     }
 }
+
+#[test]
+fn a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_it_free() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let out_s = out.to_str().unwrap().to_string();
+    // A long run, killed once it holds the folder.
+    let mut first = std::process::Command::new(bin())
+        .args(train_args(
+            "cpu",
+            &out_s,
+            "100000",
+            &["--save-steps", "100000"],
+        ))
+        .current_dir(repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(peft_sft::io::LOCK_FILE);
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains("pid")) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the first run never took the folder"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (ok, _, err) = run_cli(&train_args("cpu", &out_s, "1", &[]));
+    assert!(!ok, "a second run on a folder in use must stop");
+    assert!(
+        err.contains("in use by another peft-sft process") && err.contains("peft-sft train, pid"),
+        "{err}"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The lock died with the killed process: the folder is free again.
+    let (ok, _, err) = run_cli(&train_args("cpu", &out_s, "1", &[]));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture("models/qwen2")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    // One frozen weight poisoned with a NaN: the first step's loss is NaN.
+    let weights = model.join("model.safetensors");
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        peft_sft::io::read_safetensors(&weights, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in tensors.iter_mut() {
+        if name == "model.layers.0.mlp.down_proj.weight" {
+            *t = (t.clone() * f64::NAN).unwrap();
+        }
+    }
+    peft_sft::io::write_safetensors(&weights, &tensors).unwrap();
+    let out = tmp.path().join("out");
+    let err = train_err(
+        model.to_str().unwrap(),
+        &fixture("data/qa_chat.jsonl"),
+        &out,
+        &[],
+    );
+    assert!(
+        err.contains("step 1: the loss (NaN) is not finite")
+            && err.contains("no checkpoint was saved before it"),
+        "{err}"
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+}

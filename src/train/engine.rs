@@ -232,6 +232,8 @@ struct Run {
     optimizer: AdamW,
     state: TrainerState,
     resumed: bool,
+    /// The output folder, held for this run ([`crate::io::lock_dir`]) until the run is dropped.
+    _lock: crate::io::DirLock,
 }
 
 /// Loads the model and tokenizer (from the checkpoint when resuming a full fine-tune), sets up
@@ -240,7 +242,8 @@ struct Run {
 fn prepare(config: &SftConfig) -> Result<Run> {
     let device = select_device(&config.device)?;
     let output_dir = PathBuf::from(&config.output_dir);
-    std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
+    // Created and held first: a second run on the same folder stops here, before reading anything.
+    let lock = crate::io::lock_dir(&output_dir, "peft-sft train")?;
     let resume_dir = config
         .resume_from_checkpoint
         .as_deref()
@@ -364,6 +367,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         optimizer,
         state,
         resumed: resume_dir.is_some(),
+        _lock: lock,
     })
 }
 
@@ -468,6 +472,10 @@ impl Run {
             })
             .collect::<Result<Vec<_>>>()?;
         let (grad_norm, grads) = clip_grad_norm(grads, config.max_grad_norm)?;
+        let loss = totals.loss();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(self.non_finite(step + 1, loss, &grads));
+        }
         let lr = self.lr_at(config, step);
         self.optimizer.step(&grads, lr)?;
         let done = step + 1;
@@ -481,6 +489,41 @@ impl Run {
             entropy: totals.entropy(),
             tokens,
         })
+    }
+
+    /// The error for step `step` whose loss or gradients are not finite: names the loss or the
+    /// first tensor whose gradient is not, and the checkpoint to resume from.
+    fn non_finite(&self, step: usize, loss: f64, grads: &[Tensor]) -> Error {
+        let finite = |g: &Tensor| {
+            g.sqr()
+                .and_then(|s| s.sum_all())
+                .and_then(|s| s.to_dtype(DType::F64))
+                .and_then(|s| s.to_scalar::<f64>())
+                .is_ok_and(f64::is_finite)
+        };
+        let what = if !loss.is_finite() {
+            format!("the loss ({loss})")
+        } else {
+            grads
+                .iter()
+                .zip(self.optimizer.params())
+                .find(|(g, _)| !finite(g))
+                .map_or("the gradient norm".to_string(), |(_, (name, _))| {
+                    format!("the gradient of `{name}`")
+                })
+        };
+        let checkpoint = match checkpoint::list(&self.output_dir).last() {
+            Some((_, dir)) => format!(
+                "the last checkpoint, {}, resumes with --resume-from-checkpoint latest",
+                dir.display()
+            ),
+            None => "no checkpoint was saved before it".to_string(),
+        };
+        Error::NonFinite {
+            step,
+            what,
+            checkpoint,
+        }
     }
 
     /// Evaluates after step `done`, logs the `eval_*` entry and redraws the loss curve. As
