@@ -1,5 +1,6 @@
 //! Three AdamW steps with gradient clipping on a LoRA model equal torch's (losses, pre-clip grad
-//! norms and final adapter weights), starting from the same PEFT-written adapter.
+//! norms and final adapter weights), starting from the same PEFT-written adapter: plain AdamW, and
+//! PEFT's LoRA+ optimizer (`create_loraplus_optimizer`).
 
 mod common;
 use candle_core::{DType, Tensor};
@@ -10,7 +11,22 @@ use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 
 #[test]
 fn adamw_steps_match_torch() {
-    let dir = fixture("train/llama_adamw");
+    replay("train/llama_adamw", AdamWParams::default(), None);
+}
+
+/// LoRA+ at ratio 16 with PEFT's `loraplus_weight_decay` 0.01 (scripts/make_loraplus_fixture.py).
+#[test]
+fn loraplus_steps_match_peft() {
+    let hyper = AdamWParams {
+        weight_decay: 0.01,
+        ..AdamWParams::default()
+    };
+    replay("train/llama_loraplus", hyper, Some(16.0));
+}
+
+/// Replays a fixture's three steps with `hyper` (and LoRA+ at `loraplus`) and compares.
+fn replay(fixture_dir: &str, hyper: AdamWParams, loraplus: Option<f64>) {
+    let dir = fixture(fixture_dir);
     let mut model = load_model(&fixture("models/llama"), false);
     load_adapter(&mut model, &dir.join("initial_adapter")).unwrap();
     let batch = tensors(&dir.join("batch.safetensors"));
@@ -22,7 +38,10 @@ fn adamw_steps_match_torch() {
     let steps: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("steps.json")).unwrap()).unwrap();
     let steps = steps.as_array().expect("steps.json is a list");
-    let mut opt = AdamW::new(model.trainable(), AdamWParams::default()).unwrap();
+    let mut opt = AdamW::new(model.trainable(), hyper).unwrap();
+    if let Some(ratio) = loraplus {
+        opt.set_loraplus_ratio(ratio);
+    }
     for (i, expected) in steps.iter().enumerate() {
         let out = model.loss(&ids, &mask, &attention, None).unwrap();
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();

@@ -201,7 +201,7 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     (
         "loraplus_lr_ratio",
         Kind::Float,
-        "LoRA+: the B matrices learn at this multiple of --learning-rate, as PEFT's create_loraplus_optimizer (the paper suggests 16) [off]",
+        "LoRA+: the B matrices learn at this multiple of --learning-rate, as PEFT's create_loraplus_optimizer (the paper suggests 16); --weight-decay is its loraplus_weight_decay [off]",
     ),
     ("lora_dropout", Kind::Float, "LoRA dropout [0.05]"),
     (
