@@ -362,3 +362,41 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
     );
     assert!(!out.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn an_adapter_with_non_finite_values_is_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let source = fixture("peft/qwen2/adapter");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, adapter.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = adapter.join("adapter_model.safetensors");
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        peft_sft::io::read_safetensors(&weights, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let poisoned = tensors[0].0.clone();
+    tensors[0].1 = (tensors[0].1.clone() * f64::INFINITY).unwrap();
+    peft_sft::io::write_safetensors(&weights, &tensors).unwrap();
+    let out = tmp.path().join("merged");
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        &model(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&poisoned) && err.contains("NaN or infinite values"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+}

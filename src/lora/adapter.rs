@@ -107,6 +107,15 @@ impl Adapter {
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         let mut rows: BTreeMap<String, Tensor> = BTreeMap::new();
         for (key, t) in tensors {
+            if !all_finite(&t)? {
+                return Err(Error::Tensor {
+                    name: key,
+                    message: format!(
+                        "in {}: holds NaN or infinite values (saved from a run that diverged); retrain, e.g. with a lower --learning-rate",
+                        path.display()
+                    ),
+                });
+            }
             if let Some(module) = key
                 .strip_prefix(PREFIX)
                 .and_then(|k| k.strip_suffix(".token_adapter.trainable_tokens_delta"))
@@ -194,6 +203,16 @@ pub fn remove_adapters(model: &mut CausalLm) {
     for lin in model.linears_mut() {
         lin.lora = None;
     }
+}
+
+/// Whether every value of `t` is finite (a NaN or inf makes the sum of squares non-finite).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let sum = t
+        .to_dtype(candle_core::DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(sum.is_finite())
 }
 
 /// Loads a PEFT LoRA adapter folder into `model`, replacing any adapter it has. Nothing changes
