@@ -149,6 +149,9 @@ pub struct SftConfig {
     pub use_rslora: bool,
     /// DoRA.
     pub use_dora: bool,
+    /// Steps whose loss or gradients are NaN or inf that the run may skip (no update, logged)
+    /// before it stops; 0 stops at the first.
+    pub skip_nonfinite_steps: usize,
     /// LoRA+ (PEFT's `create_loraplus_optimizer`): the B matrices learn at this multiple of the
     /// learning rate (the LoRA+ paper suggests 16); None trains both at the learning rate.
     pub loraplus_lr_ratio: Option<f64>,
@@ -231,6 +234,7 @@ impl Default for SftConfig {
             use_rslora: false,
             use_dora: false,
             loraplus_lr_ratio: None,
+            skip_nonfinite_steps: 0,
             device: "auto".into(),
             push_to_hub: false,
             hub_model_id: None,

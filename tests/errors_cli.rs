@@ -325,16 +325,14 @@ fn a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_it_free() 
     assert!(ok, "{err}");
 }
 
-#[test]
-fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
+/// A copy of the qwen2 fixture model with a NaN in one frozen weight: every step's loss is NaN.
+fn poisoned_model(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
     for entry in std::fs::read_dir(fixture("models/qwen2")).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
     }
-    // One frozen weight poisoned with a NaN: the first step's loss is NaN.
     let weights = model.join("model.safetensors");
     let mut tensors: Vec<(String, candle_core::Tensor)> =
         peft_sft::io::read_safetensors(&weights, &candle_core::Device::Cpu)
@@ -348,6 +346,13 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
         }
     }
     peft_sft::io::write_safetensors(&weights, &tensors).unwrap();
+    model
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = poisoned_model(tmp.path());
     let out = tmp.path().join("out");
     let err = train_err(
         model.to_str().unwrap(),
@@ -399,4 +404,55 @@ fn an_adapter_with_non_finite_values_is_refused_naming_the_tensor() {
         "{err}"
     );
     assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn skip_nonfinite_steps_skips_that_many_then_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = poisoned_model(tmp.path());
+    let data = fixture("data/qa_chat.jsonl");
+    let run = |out: &Path, skip: &str| {
+        run_cli(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--logging-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--skip-nonfinite-steps",
+            skip,
+        ])
+    };
+    let out = tmp.path().join("skip2");
+    let (ok, _, err) = run(&out, "2");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("skipped 2 steps whose values were not finite (--skip-nonfinite-steps 2); first at step 1: the loss (NaN)"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.matches("skipped_nonfinite").count(), 2, "{log}");
+    // Nothing was applied: the saved adapter is PEFT's initialisation, finite.
+    let adapter = tensors(&out.join("adapter_model.safetensors"));
+    assert!(adapter.values().all(|t| t
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .is_finite()));
+    let (ok, _, err) = run(&tmp.path().join("skip1"), "1");
+    assert!(!ok);
+    assert!(
+        err.contains("step 2: the loss (NaN) is not finite"),
+        "{err}"
+    );
 }

@@ -199,6 +199,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
     (
+        "skip_nonfinite_steps",
+        Kind::Int,
+        "Steps with a NaN/inf loss or gradient to skip (no update, logged) before stopping [0: stop at the first]",
+    ),
+    (
         "loraplus_lr_ratio",
         Kind::Float,
         "LoRA+: the B matrices learn at this multiple of --learning-rate, as PEFT's create_loraplus_optimizer (the paper suggests 16); --weight-decay is its loraplus_weight_decay [off]",
@@ -369,6 +374,13 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             outcome.bad_rows.len(),
             config.dataset_name,
             file.display()
+        );
+    }
+    if let Some((step, what)) = outcome.skipped_steps.first() {
+        eprintln!(
+            "skipped {} steps whose values were not finite (--skip-nonfinite-steps {}); first at step {step}: {what}",
+            outcome.skipped_steps.len(),
+            config.skip_nonfinite_steps
         );
     }
     if outcome.skipped_rows > 0 {

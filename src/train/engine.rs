@@ -39,6 +39,8 @@ pub struct TrainOutcome {
     pub skipped_rows: usize,
     /// Training rows skipped as unusable (`--on-bad-row skip`): (file, line, reason).
     pub bad_rows: Vec<(PathBuf, usize, String)>,
+    /// Steps skipped for non-finite values (`--skip-nonfinite-steps`): (step, what).
+    pub skipped_steps: Vec<(usize, String)>,
 }
 
 /// Options that affect only how a run reports, not what it computes.
@@ -191,11 +193,22 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     };
     let mut window = Window::default();
     for step in run.state.global_step..run.total {
-        let metrics = run.step(config, step)?;
         let done = step + 1;
-        window.add(&metrics);
-        log.progress(&metrics, run.lr_at(config, step), &window);
-        if done % config.logging_steps == 0 || done == run.total {
+        match run.step(config, step) {
+            Ok(metrics) => {
+                window.add(&metrics);
+                log.progress(&metrics, run.lr_at(config, step), &window);
+            }
+            Err(Error::NonFinite { what, .. })
+                if run.skipped_steps.len() < config.skip_nonfinite_steps =>
+            {
+                let entry = run.skip_step(done, what);
+                log.write(entry, &mut run.state)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let window_due = done % config.logging_steps == 0 || done == run.total;
+        if window_due && !window.is_empty() {
             // transformers logs the scheduler's rate after its step, i.e. the next step's rate.
             let lr = run.lr_at(config, done);
             let entry = window.flush(lr, run.state.epoch, run.state.num_input_tokens_seen, done);
@@ -232,6 +245,8 @@ struct Run {
     optimizer: AdamW,
     state: TrainerState,
     resumed: bool,
+    /// Steps skipped for non-finite values: (step, what).
+    skipped_steps: Vec<(usize, String)>,
     /// The output folder, held for this run ([`crate::io::lock_dir`]) until the run is dropped.
     _lock: crate::io::DirLock,
 }
@@ -367,6 +382,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         optimizer,
         state,
         resumed: resume_dir.is_some(),
+        skipped_steps: Vec::new(),
         _lock: lock,
     })
 }
@@ -489,6 +505,19 @@ impl Run {
             entropy: totals.entropy(),
             tokens,
         })
+    }
+
+    /// Counts step `done` as taken without its update (`--skip-nonfinite-steps`): its batch is
+    /// consumed, nothing is applied; the log entry says what was not finite.
+    fn skip_step(&mut self, done: usize, what: String) -> serde_json::Map<String, Value> {
+        self.state.global_step = done;
+        self.state.epoch = self.batches.epoch_at(done);
+        let mut entry = serde_json::Map::new();
+        entry.insert("skipped_nonfinite".into(), Value::from(what.clone()));
+        entry.insert("epoch".into(), Value::from(self.state.epoch));
+        entry.insert("step".into(), Value::from(done));
+        self.skipped_steps.push((done, what));
+        entry
     }
 
     /// The error for step `step` whose loss or gradients are not finite: names the loss or the
@@ -620,6 +649,7 @@ fn finish(run: Run, config: &SftConfig, log: Log) -> Result<TrainOutcome> {
         output_dir: run.output_dir,
         skipped_rows: run.train_set.skipped_no_loss_tokens,
         bad_rows: run.train_set.bad_rows,
+        skipped_steps: run.skipped_steps,
     })
 }
 

@@ -44,6 +44,11 @@ impl Window {
         self.tokens += m.tokens;
     }
 
+    /// Whether no step was added since the last flush.
+    pub fn is_empty(&self) -> bool {
+        self.steps == 0
+    }
+
     /// Tokens per second since the window opened.
     pub fn tokens_per_second(&self) -> f64 {
         let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
