@@ -432,3 +432,62 @@ fn cli_push_and_train_push_to_hub_upload_the_adapter() {
     assert!(!out2.status.success());
     assert!(String::from_utf8_lossy(&out2.stderr).contains("HF_TOKEN"));
 }
+
+#[test]
+fn the_token_never_reaches_a_file_a_log_or_an_error() {
+    let hub = FakeHub::start(Behaviour::Ok);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let wrong = "hf_secret_wrong_token";
+    let run = |token: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_TOKEN", token)
+            .env("NO_PROXY", "127.0.0.1")
+            .env("PEFT_SFT_CACHE", tmp.path().join("cache"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let train = [
+        "train",
+        "--model",
+        "tests/fixtures/models/qwen2",
+        "--dataset",
+        "tests/fixtures/data/qa_chat.jsonl",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--push-to-hub",
+        "true",
+        "--hub-model-id",
+        "alice/tiny-sft",
+        "--hub-strategy",
+        "every_save",
+    ];
+    let (ok, text) = run(TOKEN, &train);
+    assert!(ok, "{text}");
+    assert!(!text.contains(TOKEN), "the token in the output: {text}");
+    // A refused token: the error says what to do, never the token.
+    let (ok, text) = run(wrong, &train);
+    assert!(!ok);
+    assert!(text.contains("HF_TOKEN") && !text.contains(wrong), "{text}");
+    for (name, bytes) in snapshot(&out) {
+        let content = String::from_utf8_lossy(&bytes);
+        assert!(
+            !content.contains(TOKEN) && !content.contains(wrong),
+            "{name} holds the token"
+        );
+    }
+}
