@@ -149,6 +149,9 @@ pub struct SftConfig {
     pub use_rslora: bool,
     /// DoRA.
     pub use_dora: bool,
+    /// The token loss (TRL's `loss_type`): `nll` (cross-entropy) or `dft` (Dynamic Fine-Tuning:
+    /// each token's loss weighed by its detached probability).
+    pub loss_type: String,
     /// Steps whose loss or gradients are NaN or inf that the run may skip (no update, logged)
     /// before it stops; 0 stops at the first.
     pub skip_nonfinite_steps: usize,
@@ -235,6 +238,7 @@ impl Default for SftConfig {
             use_dora: false,
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
+            loss_type: "nll".into(),
             device: "auto".into(),
             push_to_hub: false,
             hub_model_id: None,
@@ -320,6 +324,7 @@ impl SftConfig {
             ));
         }
         crate::schedule::Schedule::parse(&self.lr_scheduler_type)?;
+        self.loss_kind()?;
         self.quantization()?;
         if !matches!(self.on_bad_row.as_str(), "error" | "skip") {
             return Err(Error::Config(format!(
@@ -359,6 +364,18 @@ impl SftConfig {
             self.lora_config().validate()?;
         }
         self.validate_reporting()
+    }
+
+    /// The token loss `loss_type` names.
+    pub fn loss_kind(&self) -> Result<crate::ops::cross_entropy::LossKind> {
+        use crate::ops::cross_entropy::LossKind;
+        match self.loss_type.as_str() {
+            "nll" => Ok(LossKind::Nll),
+            "dft" => Ok(LossKind::Dft),
+            other => Err(Error::Config(format!(
+                "--loss-type `{other}`: expected nll (cross-entropy) or dft (Dynamic Fine-Tuning)"
+            ))),
+        }
     }
 
     /// Checks that each number is in the range where it means something, naming the flag, the

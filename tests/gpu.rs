@@ -354,6 +354,7 @@ fn cuda_loss_rows_equal_the_cpu_loss() {
         target_ids: (0..n as u32).map(|i| (i * 37) % vocab as u32).collect(),
         loss_weight: (0..n).map(|i| [0.0, 1.0, 0.5][i % 3]).collect(),
         entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
+        kind: Default::default(),
     };
     let rounded =
         |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();

@@ -247,6 +247,7 @@ fn lm_head_loss_matches_composed_cross_entropy() -> Result<()> {
         target_ids: vec![1, 4, 10, 0, 3, 3, 9],
         loss_weight: vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0],
         entropy_weight: vec![1.0; 7],
+        kind: Default::default(),
     };
     let out = lm_head_loss(&h, &w, &targets)?;
     let logits = h.matmul(&w.t()?)?;

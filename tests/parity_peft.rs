@@ -64,3 +64,27 @@ fn llama_adapter_matches_peft() {
 fn qwen2_rslora_adapter_matches_peft() {
     check("qwen2");
 }
+
+/// TRL's DFT loss (`--loss-type dft`: each token's `-log p` weighed by its detached `p`) and every
+/// LoRA gradient, against the formula TRL's SFTTrainer computes (scripts/make_dft_fixture.py).
+#[test]
+fn llama_dft_loss_and_gradients_match_trl() {
+    let dir = fixture("peft/llama");
+    let reference = tensors(&dir.join("dft_reference.safetensors"));
+    let ids = input_ids(&tensors(&dir.join("reference.safetensors")));
+    let mut model = load_model(&fixture("models/llama"), false);
+    load_adapter(&mut model, &dir.join("adapter")).unwrap();
+    model.loss_kind = peft_sft::ops::cross_entropy::LossKind::Dft;
+    let mask = loss_mask(&ids);
+    let ones = mask.ones_like().unwrap();
+    let out = model.loss(&ids, &mask, &ones, None).unwrap();
+    let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+    let err = rel_err(&loss, &reference["loss"]);
+    assert!(err < 1e-5, "DFT loss differs from TRL's by {err}");
+    let grads = loss.backward().unwrap();
+    assert_peft_gradients(&reference, &grads, &model.trainable(), 1e-4);
+    // The plain loss is larger: DFT down-weighs unlikely tokens.
+    model.loss_kind = Default::default();
+    let nll = model.loss(&ids, &mask, &ones, None).unwrap();
+    assert!(nll.loss_sum.to_scalar::<f32>().unwrap() > out.loss_sum.to_scalar::<f32>().unwrap());
+}

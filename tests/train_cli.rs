@@ -398,3 +398,30 @@ fn loraplus_moves_the_b_matrices_ratio_times_as_far() {
     }
     assert!(b_matrices > 0);
 }
+
+/// `--loss-type dft` reaches the loss: the logged loss is TRL's DFT loss, below the NLL of the
+/// same first step (each token's loss weighed by its probability, below 1).
+#[test]
+fn loss_type_dft_trains_with_the_dft_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first_loss = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let out_s = out.to_str().unwrap().to_string();
+        let (ok, _, err) = run_cli(&train_args("cpu", &out_s, "1", extra));
+        assert!(ok, "{err}");
+        logged(&out, "loss")[0]
+    };
+    let nll = first_loss("nll", &[]);
+    let dft = first_loss("dft", &["--loss-type", "dft"]);
+    assert!(dft > 0.0 && dft < nll, "dft {dft} vs nll {nll}");
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        tmp.path().join("bad").to_str().unwrap(),
+        "1",
+        &["--loss-type", "kto"],
+    ));
+    assert!(
+        !ok && err.contains("--loss-type `kto`: expected nll"),
+        "{err}"
+    );
+}

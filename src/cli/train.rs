@@ -199,6 +199,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
     (
+        "loss_type",
+        Kind::Text,
+        "Token loss: nll (cross-entropy) or dft (Dynamic Fine-Tuning, as TRL's loss_type) [nll]",
+    ),
+    (
         "skip_nonfinite_steps",
         Kind::Int,
         "Steps with a NaN/inf loss or gradient to skip (no update, logged) before stopping [0: stop at the first]",

@@ -12,7 +12,7 @@ use super::weights::Weights;
 use crate::data::Batch;
 use crate::ops::attention::AttentionMask;
 use crate::ops::checkpoint::checkpoint;
-use crate::ops::cross_entropy::{lm_head_loss, LossOutput, LossTargets};
+use crate::ops::cross_entropy::{lm_head_loss, LossKind, LossOutput, LossTargets};
 use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
 use crate::ops::rope::RotaryEmbedding;
@@ -47,6 +47,8 @@ pub struct CausalLm {
     /// host memory with `offload_activations` on an accelerator) and runs each MLP by chunks of
     /// rows (see [`super::selective`]).
     pub gradient_checkpointing: bool,
+    /// The token loss the model's loss functions compute (TRL's `loss_type`).
+    pub loss_kind: LossKind,
     /// Rows per MLP chunk under gradient checkpointing; 0 (the default) picks
     /// [`crate::ops::layer::mlp_chunk_rows`] of the intermediate size.
     pub checkpoint_chunk_rows: usize,
@@ -241,6 +243,7 @@ impl CausalLm {
             dtype,
             device: device.clone(),
             gradient_checkpointing: false,
+            loss_kind: LossKind::Nll,
             checkpoint_chunk_rows: 0,
             selective_checkpointing: true,
             offload_activations: false,
@@ -398,6 +401,7 @@ impl CausalLm {
             target_ids: Vec::with_capacity(b * t),
             loss_weight: Vec::with_capacity(b * t),
             entropy_weight: Vec::with_capacity(b * t),
+            kind: self.loss_kind,
         };
         for row in 0..b {
             for i in 0..t {

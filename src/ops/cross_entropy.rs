@@ -7,6 +7,17 @@ use super::graft::{grad_enabled, graft2};
 use super::kernel::Kernel;
 use candle_core::{DType, Result, Tensor, D};
 
+/// Which token loss the LM head trains with (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossKind {
+    /// Negative log-likelihood (cross-entropy), TRL's `nll`.
+    #[default]
+    Nll,
+    /// Dynamic Fine-Tuning (TRL's `dft`): each token's `-log p` weighed by its probability `p`,
+    /// detached (arXiv 2508.05629).
+    Dft,
+}
+
 /// Per-row targets of a flattened batch.
 #[derive(Debug, Clone)]
 pub struct LossTargets {
@@ -16,6 +27,8 @@ pub struct LossTargets {
     pub loss_weight: Vec<f32>,
     /// Weight of each row in the entropy average (TRL averages over attended tokens).
     pub entropy_weight: Vec<f32>,
+    /// The token loss.
+    pub kind: LossKind,
 }
 
 /// The result of [`lm_head_loss`].
@@ -106,7 +119,10 @@ fn chunks(
     chunk: usize,
 ) -> Result<ChunkSums> {
     match Kernel::of(&[hd, wd]) {
-        Kernel::Cpu => cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk),
+        Kernel::Cpu => {
+            let dft = targets.kind == LossKind::Dft;
+            cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk, dft)
+        }
         #[cfg(feature = "cuda")]
         Kernel::Cuda => chunks_cuda(hd, wd, targets, wanted, chunk),
         Kernel::Composed => chunks_candle(hd, wd, targets, wanted, chunk),
@@ -150,7 +166,7 @@ fn chunks_cuda(
             &logits,
             &ids,
             (&loss_w, &ent_w),
-            want_grad_h || want_grad_w,
+            (want_grad_h || want_grad_w, targets.kind == LossKind::Dft),
         )?;
         drop(logits);
         for (sum, part) in sums.iter_mut().zip(stats.sum(0)?.to_vec1::<f32>()?) {
@@ -209,7 +225,12 @@ fn chunks_candle(
         let lse = (sum_exp.log()? + &max)?;
         let target_logit = logits.gather(&ids, 1)?;
         let ce = (&lse - target_logit)?;
-        loss_sum += (&ce * &loss_w)?.sum_all()?.to_scalar::<f32>()? as f64;
+        // DFT weighs each token's loss (and its gradient) by its detached probability exp(-ce).
+        let trained_w = match targets.kind {
+            LossKind::Nll => loss_w.clone(),
+            LossKind::Dft => (&loss_w * ce.neg()?.exp()?)?,
+        };
+        loss_sum += (&ce * &trained_w)?.sum_all()?.to_scalar::<f32>()? as f64;
         let hits = logits
             .argmax(D::Minus1)?
             .eq(&ids.squeeze(1)?)?
@@ -225,7 +246,7 @@ fn chunks_candle(
             let minus_one = Tensor::full(-1f32, (len, 1), &device)?;
             let grad_logits = probs
                 .scatter_add(&ids, &minus_one, 1)?
-                .broadcast_mul(&loss_w)?
+                .broadcast_mul(&trained_w)?
                 .to_dtype(hd.dtype())?;
             if want_grad_h {
                 grad_h.push(grad_logits.matmul(wd)?);
@@ -258,26 +279,33 @@ mod tests {
         let (n, h, vocab) = (37, 8, 50);
         let hd = Tensor::randn(0f32, 1.0, (n, h), &Device::Cpu)?;
         let wd = Tensor::randn(0f32, 1.0, (vocab, h), &Device::Cpu)?;
-        let targets = LossTargets {
-            target_ids: (0..n as u32).map(|i| (i * 7) % vocab as u32).collect(),
-            loss_weight: (0..n).map(|i| (i % 3) as f32 * 0.5).collect(),
-            entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
-        };
-        let want = (true, true);
-        let ours = cpu::cross_entropy::chunks(&hd, &wd, rows_of(&targets), want, 10)?;
-        let reference = chunks_candle(&hd, &wd, &targets, want, 10)?;
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
-        assert!(close(ours.loss_sum, reference.loss_sum));
-        assert!(close(ours.entropy_sum, reference.entropy_sum));
-        assert_eq!(ours.correct, reference.correct);
-        for (a, b) in [
-            (ours.grad_h, reference.grad_h),
-            (ours.grad_w, reference.grad_w),
-        ] {
-            let (a, b) = (a.expect("gradient"), b.expect("gradient"));
-            let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let size = b.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff <= 1e-5 * size, "gradient differs by {diff} of {size}");
+        for kind in [LossKind::Nll, LossKind::Dft] {
+            let targets = LossTargets {
+                target_ids: (0..n as u32).map(|i| (i * 7) % vocab as u32).collect(),
+                loss_weight: (0..n).map(|i| (i % 3) as f32 * 0.5).collect(),
+                entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
+                kind,
+            };
+            let want = (true, true);
+            let dft = kind == LossKind::Dft;
+            let ours = cpu::cross_entropy::chunks(&hd, &wd, rows_of(&targets), want, 10, dft)?;
+            let reference = chunks_candle(&hd, &wd, &targets, want, 10)?;
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+            assert!(close(ours.loss_sum, reference.loss_sum), "{kind:?}");
+            assert!(close(ours.entropy_sum, reference.entropy_sum));
+            assert_eq!(ours.correct, reference.correct);
+            for (a, b) in [
+                (ours.grad_h, reference.grad_h),
+                (ours.grad_w, reference.grad_w),
+            ] {
+                let (a, b) = (a.expect("gradient"), b.expect("gradient"));
+                let diff = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let size = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff <= 1e-5 * size,
+                    "{kind:?}: gradient differs by {diff} of {size}"
+                );
+            }
         }
         Ok(())
     }

@@ -320,13 +320,17 @@ pub struct RowStats {
     pub entropy: f32,
     /// The first index of the largest logit.
     pub argmax: usize,
+    /// The target's probability `exp(logit[target] - lse)`.
+    pub target_probability: f32,
 }
 
 dispatch! {
-    /// Cross-entropy, entropy and argmax of one row of logits; with `grad_weight` the row is
-    /// replaced by `(softmax - onehot(target)) · grad_weight`, the weighted gradient of the
-    /// cross-entropy with respect to the logits (else it holds `exp(logit - max)`).
-    fn softmax_row_stats(row: &mut [f32], target: usize, grad_weight: Option<f32>) -> RowStats {
+    /// Cross-entropy, entropy, argmax and target probability of one row of logits; with
+    /// `grad_weight` the row is replaced by `(softmax - onehot(target)) · grad_weight`, the
+    /// weighted gradient of the cross-entropy with respect to the logits (else it holds
+    /// `exp(logit - max)`). With `dft` the weight is also multiplied by the target's probability
+    /// (TRL's DFT loss, `-log p · p` with p detached).
+    fn softmax_row_stats(row: &mut [f32], target: usize, grad_weight: Option<f32>, dft: bool) -> RowStats {
         let mut argmax = 0;
         let mut max = f32::NEG_INFINITY;
         for (i, &x) in row.iter().enumerate() {
@@ -356,7 +360,9 @@ dispatch! {
         let sum = lane_sum(sum) + sum_rest;
         let weighted = lane_sum(weighted) + weighted_rest;
         let lse = max + sum.ln();
+        let target_probability = (target_logit - lse).exp();
         if let Some(w) = grad_weight {
+            let w = if dft { w * target_probability } else { w };
             let scale = w / sum;
             row.iter_mut().for_each(|x| *x *= scale);
             row[target] -= w;
@@ -365,6 +371,7 @@ dispatch! {
             cross_entropy: lse - target_logit,
             entropy: lse - weighted / sum,
             argmax,
+            target_probability,
         }
     }
 }

@@ -135,7 +135,7 @@ __device__ void block_argmax(float& v, int64_t& idx) {
 // -> grad[row * vocab ..]. out holds grad (rows * vocab values, when asked) then the stats.
 extern "C" __global__ void ce_rows_f32(const float* logits, const uint32_t* ids, const float* loss_w,
                                        const float* ent_w, float* out, int64_t vocab, int64_t rows,
-                                       int grad) {
+                                       int grad, int dft) {
     const int64_t row = blockIdx.x;
     const float* l = logits + row * vocab;
     float m = -INFINITY;
@@ -155,11 +155,12 @@ extern "C" __global__ void ce_rows_f32(const float* logits, const uint32_t* ids,
     sel = block_sum(sel);
     const float lse = m + logf(se);
     const uint32_t target = ids[row];
-    const float w = loss_w[row];
+    // TRL's DFT weighs the token's loss and gradient by its (detached) probability.
+    const float w = loss_w[row] * (dft ? expf(l[target] - lse) : 1.0f);
     if (threadIdx.x == 0) {
         float* stats = out + (grad ? rows * vocab : 0) + row * 3;
         stats[0] = (lse - l[target]) * w;
-        stats[1] = (int64_t)target == arg ? w : 0.0f;
+        stats[1] = (int64_t)target == arg ? loss_w[row] : 0.0f;
         stats[2] = (lse - sel / se) * ent_w[row];
     }
     if (grad) {

@@ -68,12 +68,13 @@ pub(crate) fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool)
 /// The loss's pass over one chunk's f32 `logits: [n, vocab]` against per-row target `ids` (u32),
 /// loss weights and entropy weights (f32, `[n]` each, on the logits' device): per row the weighted
 /// cross-entropy, the weighted argmax hit and the weighted entropy (`[n, 3]`), and with `grad`
-/// the gradient of the weighted loss sum, `(softmax - onehot) * loss_weight` (`[n, vocab]`).
+/// the gradient of the weighted loss sum, `(softmax - onehot) * loss_weight` (`[n, vocab]`); with
+/// `dft` the loss and gradient weights are multiplied by the target's probability (TRL's DFT).
 pub(crate) fn cross_entropy_rows(
     logits: &Tensor,
     ids: &Tensor,
     weights: (&Tensor, &Tensor),
-    grad: bool,
+    (grad, dft): (bool, bool),
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (n, vocab) = logits.dims2()?;
     let (loss_w, ent_w) = weights;
@@ -81,7 +82,7 @@ pub(crate) fn cross_entropy_rows(
     let out = logits.contiguous()?.apply_op3_no_bwd(
         &ids.contiguous()?,
         &packed,
-        &CrossEntropyRows { grad },
+        &CrossEntropyRows { grad, dft },
     )?;
     let grad_len = if grad { n * vocab } else { 0 };
     let stats = out.narrow(0, grad_len, 3 * n)?.reshape((n, 3))?;
@@ -563,6 +564,8 @@ impl CustomOp3 for Rope {
 
 struct CrossEntropyRows {
     grad: bool,
+    /// TRL's DFT: each row's loss and gradient weighed by the target's probability.
+    dft: bool,
 }
 
 impl CustomOp3 for CrossEntropyRows {
@@ -610,7 +613,8 @@ impl CustomOp3 for CrossEntropyRows {
         let len = if self.grad { n * vocab + 3 * n } else { 3 * n };
         // SAFETY: the kernel writes every row's stats and, with `grad`, every gradient value.
         let mut out = unsafe { dev.alloc::<f32>(len)? };
-        let (vocab_arg, rows_arg, grad_arg) = (vocab as i64, n as i64, i32::from(self.grad));
+        let (vocab_arg, rows_arg) = (vocab as i64, n as i64);
+        let (grad_arg, dft_arg) = (i32::from(self.grad), i32::from(self.dft));
         let mut builder = func.builder();
         builder.arg(&logits);
         builder.arg(&ids);
@@ -620,6 +624,7 @@ impl CustomOp3 for CrossEntropyRows {
         builder.arg(&vocab_arg);
         builder.arg(&rows_arg);
         builder.arg(&grad_arg);
+        builder.arg(&dft_arg);
         // SAFETY: the argument list matches `ce_rows_f32` in kernels.cu.
         unsafe { builder.launch(config(n)) }.map_err(driver)?;
         Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(len)))
