@@ -89,6 +89,7 @@ fn bench_ops(c: &mut Criterion) {
         target_ids: (0..T as u32).map(|i| (i * 97) % 49152).collect(),
         loss_weight: vec![1.0; T],
         entropy_weight: vec![1.0; T],
+        kind: Default::default(),
     };
     g.bench_function("lm_head_cross_entropy_v49152", |b| {
         b.iter(|| {
