@@ -149,6 +149,9 @@ pub struct SftConfig {
     pub use_rslora: bool,
     /// DoRA.
     pub use_dora: bool,
+    /// NEFTune (transformers' `neftune_noise_alpha`): uniform noise of magnitude
+    /// `alpha / sqrt(L · d)` on the input embeddings while training; None adds none.
+    pub neftune_noise_alpha: Option<f64>,
     /// The token loss (TRL's `loss_type`): `nll` (cross-entropy) or `dft` (Dynamic Fine-Tuning:
     /// each token's loss weighed by its detached probability).
     pub loss_type: String,
@@ -239,6 +242,7 @@ impl Default for SftConfig {
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
             loss_type: "nll".into(),
+            neftune_noise_alpha: None,
             device: "auto".into(),
             push_to_hub: false,
             hub_model_id: None,
@@ -489,6 +493,14 @@ impl SftConfig {
                 "lora-dropout",
                 &dropout,
                 "must be in [0, 1)",
+            )?;
+        }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            check(
+                alpha.is_finite() && alpha > 0.0,
+                "neftune-noise-alpha",
+                &alpha,
+                "must be a positive number (the NEFTune paper uses 5 to 15)",
             )?;
         }
         if let Some(ratio) = self.loraplus_lr_ratio {

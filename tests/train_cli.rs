@@ -425,3 +425,22 @@ fn loss_type_dft_trains_with_the_dft_loss() {
         "{err}"
     );
 }
+
+/// `--neftune-noise-alpha` reaches the training forward (the first step's loss moves) and the
+/// noise is keyed (the same run twice logs the same loss).
+#[test]
+fn neftune_noise_changes_the_training_loss_reproducibly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first_loss = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let out_s = out.to_str().unwrap().to_string();
+        let (ok, _, err) = run_cli(&train_args("cpu", &out_s, "1", extra));
+        assert!(ok, "{err}");
+        logged(&out, "loss")[0]
+    };
+    let plain = first_loss("plain", &[]);
+    let noisy = first_loss("noisy", &["--neftune-noise-alpha", "15"]);
+    let again = first_loss("again", &["--neftune-noise-alpha", "15"]);
+    assert_ne!(plain, noisy);
+    assert_eq!(noisy, again);
+}

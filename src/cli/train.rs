@@ -199,6 +199,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     ("lora_r", Kind::Int, "LoRA rank [16]"),
     ("lora_alpha", Kind::Float, "LoRA alpha [32]"),
     (
+        "neftune_noise_alpha",
+        Kind::Float,
+        "NEFTune: uniform noise of alpha / sqrt(length x hidden) on the input embeddings while training, as transformers' neftune_noise_alpha [off]",
+    ),
+    (
         "loss_type",
         Kind::Text,
         "Token loss: nll (cross-entropy) or dft (Dynamic Fine-Tuning, as TRL's loss_type) [nll]",

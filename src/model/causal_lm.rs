@@ -49,6 +49,9 @@ pub struct CausalLm {
     pub gradient_checkpointing: bool,
     /// The token loss the model's loss functions compute (TRL's `loss_type`).
     pub loss_kind: LossKind,
+    /// NEFTune's alpha: noise on the input embeddings in training forwards (those with a
+    /// dropout key), as transformers' `neftune_noise_alpha`; None adds none.
+    pub neftune_noise_alpha: Option<f64>,
     /// Rows per MLP chunk under gradient checkpointing; 0 (the default) picks
     /// [`crate::ops::layer::mlp_chunk_rows`] of the intermediate size.
     pub checkpoint_chunk_rows: usize,
@@ -244,6 +247,7 @@ impl CausalLm {
             device: device.clone(),
             gradient_checkpointing: false,
             loss_kind: LossKind::Nll,
+            neftune_noise_alpha: None,
             checkpoint_chunk_rows: 0,
             selective_checkpointing: true,
             offload_activations: false,
@@ -283,6 +287,9 @@ impl CausalLm {
         let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
         let ids = input_ids.flatten_all()?;
         let mut x = self.embed(&ids)?.reshape((b, t, self.config.hidden_size))?;
+        if let (Some(alpha), Some(key)) = (self.neftune_noise_alpha, dropout_key) {
+            x = crate::ops::noise::neftune(&x, alpha, key)?;
+        }
         let mut contexts = Vec::with_capacity(self.layers.len());
         for w in &windows {
             let mask = masks.iter().find(|(m, _)| m == w).map(|(_, m)| m);

@@ -18,6 +18,7 @@ pub mod layer;
 pub mod linear;
 pub mod lora;
 pub mod mask;
+pub mod noise;
 pub mod norm;
 pub(crate) mod product;
 pub mod residual;

@@ -278,6 +278,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
     } = load_pretrained_with(&model_spec, config.load_options()?, &device)?;
     model.gradient_checkpointing = config.gradient_checkpointing;
     model.loss_kind = config.loss_kind()?;
+    model.neftune_noise_alpha = config.neftune_noise_alpha;
     // On the CPU activations live in host memory already: the flag would only cost time.
     model.offload_activations = config.offload_activations && !model.device.is_cpu();
     let custom_template = config.chat_template()?;
