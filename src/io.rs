@@ -117,6 +117,11 @@ pub struct DirLock {
 /// `flock` does not exist (not Unix).
 pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
     use std::io::Write;
+    if dir.exists() && !dir.is_dir() {
+        let kind = std::io::ErrorKind::AlreadyExists;
+        let message = "exists and is not a folder: choose another output folder";
+        return Err(Error::io(dir, std::io::Error::new(kind, message)));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(LOCK_FILE);
     let mut file = std::fs::OpenOptions::new()

@@ -456,3 +456,87 @@ fn skip_nonfinite_steps_skips_that_many_then_stops() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_files_and_folders_get_one_clear_line_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy_model = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for entry in std::fs::read_dir(fixture("models/qwen2")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+        dir
+    };
+    let data = fixture("data/qa_chat.jsonl");
+    // A truncated tokenizer.json.
+    let m = copy_model("truncated");
+    let text = std::fs::read(m.join("tokenizer.json")).unwrap();
+    std::fs::write(m.join("tokenizer.json"), &text[..500]).unwrap();
+    let err = train_err(m.to_str().unwrap(), &data, &tmp.path().join("o1"), &[]);
+    assert!(
+        err.contains("tokenizer.json: cannot load the tokenizer"),
+        "{err}"
+    );
+    // Only PyTorch .bin weights: never unpickled, the conversion named.
+    let m = copy_model("bin");
+    std::fs::remove_file(m.join("model.safetensors")).unwrap();
+    std::fs::write(m.join("pytorch_model.bin"), b"pickle").unwrap();
+    let err = train_err(m.to_str().unwrap(), &data, &tmp.path().join("o2"), &[]);
+    assert!(err.contains("safe_serialization=True"), "{err}");
+    // A safetensors header whose offsets run past the data.
+    let m = copy_model("lying");
+    let path = m.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__")
+        .unwrap()
+        .clone();
+    let end = header[&name]["data_offsets"][1].as_u64().unwrap();
+    header[&name]["data_offsets"][1] = (end + 1_000_000_000).into();
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let err = train_err(m.to_str().unwrap(), &data, &tmp.path().join("o3"), &[]);
+    assert!(
+        err.contains("model.safetensors") && err.contains(&name),
+        "{err}"
+    );
+    // A chat template that raises: the row and the template's message.
+    let m = copy_model("raises");
+    std::fs::write(
+        m.join("chat_template.jinja"),
+        "{{ raise_exception('no system messages') }}",
+    )
+    .unwrap();
+    let err = train_err(m.to_str().unwrap(), &data, &tmp.path().join("o4"), &[]);
+    assert!(
+        err.contains("qa_chat.jsonl:1: chat template: no system messages"),
+        "{err}"
+    );
+    // Data that is not UTF-8: file and line.
+    let bad = tmp.path().join("latin1.jsonl");
+    std::fs::write(&bad, b"{\"text\": \"ok\"}\n{\"text\": \"\xff\xfe\"}\n").unwrap();
+    let err = train_err(&model(), &bad, &tmp.path().join("o5"), &[]);
+    assert!(err.contains("latin1.jsonl:2: not valid UTF-8"), "{err}");
+    // An empty dataset.
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, b"").unwrap();
+    let err = train_err(&model(), &empty, &tmp.path().join("o6"), &[]);
+    assert!(err.contains("the dataset has no rows"), "{err}");
+    // An output "folder" that is a file: named, and the file left as it was.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"precious").unwrap();
+    let err = train_err(&model(), &data, &file, &[]);
+    assert!(err.contains("exists and is not a folder"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+}

@@ -97,7 +97,14 @@ fn read_json_lines(path: &Path, sink: &mut impl FnMut(Row) -> Result<()>) -> Res
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
     for (index, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| Error::io(path, e))?;
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::Parse {
+                path: path.to_path_buf(),
+                line: Some(index + 1),
+                message: "not valid UTF-8: save the file as UTF-8".into(),
+            },
+            _ => Error::io(path, e),
+        })?;
         let line = if index == 0 {
             line.strip_prefix('\u{feff}').unwrap_or(&line)
         } else {
