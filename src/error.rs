@@ -79,6 +79,12 @@ pub enum Error {
         /// The largest fraction allowed.
         limit: f64,
     },
+    /// The device holding a file ran out of space while it was written.
+    #[error("{path}: no space left on the device; free space there or choose another folder (what was written before is intact)")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+    },
     /// Another process holds the folder (a run or a merge writing into it).
     #[error("{path}: in use by another peft-sft process ({holder}); wait for it to finish or choose another folder")]
     Busy {
@@ -109,6 +115,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::StorageFull {
+            return Error::NoSpace { path: path.into() };
+        }
         Error::Io {
             path: path.into(),
             source,

@@ -26,7 +26,13 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    // Name the file being written, not its temporary.
+    result.map_err(|e| match e {
+        Error::NoSpace { .. } => Error::NoSpace {
+            path: path.to_path_buf(),
+        },
+        e => e,
+    })
 }
 
 /// Writes bytes atomically.
@@ -75,10 +81,13 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
             Some(metadata),
             tmp,
         )
-        .map_err(|e| Error::Parse {
-            path: tmp.to_path_buf(),
-            line: None,
-            message: format!("cannot write safetensors: {e}"),
+        .map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => Error::io(tmp, io),
+            e => Error::Parse {
+                path: tmp.to_path_buf(),
+                line: None,
+                message: format!("cannot write safetensors: {e}"),
+            },
         })
     })
 }

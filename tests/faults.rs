@@ -114,3 +114,80 @@ fn a_half_written_checkpoint_is_never_the_latest() {
         "resumed from checkpoint-2, not the half-written ones"
     );
 }
+
+#[test]
+fn a_full_disk_stops_the_run_naming_the_file_and_leaves_a_resumable_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, copy) = (tmp.path().join("mnt"), tmp.path().join("copy"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&copy).unwrap();
+    // The output folder on a 1 MiB tmpfs in a private mount namespace (no root needed); what the
+    // run left there is copied out before the namespace goes.
+    let mut run: Vec<String> = vec![bin().to_string()];
+    run.extend(
+        args(&mnt)
+            .into_iter()
+            .map(|a| if a == "6" { "200".into() } else { a }),
+    );
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs {m} || exit 99; {run}; rc=$?; cp -a {m}/. {c}/; exit $rc",
+        m = mnt.display(),
+        c = copy.display(),
+        run = run.join(" ")
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .current_dir(repo())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "cannot mount a tmpfs in a user namespace here (unshare -rm): {err}"
+    );
+    assert!(
+        !out.status.success(),
+        "the run filled 1 MiB without failing"
+    );
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("no space left on the device"),
+        "{err}"
+    );
+    // Nothing half-written stays, and the newest complete checkpoint resumes elsewhere.
+    let mut stack = vec![copy.clone()];
+    let mut checkpoints = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(!name.contains(".tmp"), "a partial file was left: {name}");
+            if entry.path().is_dir() {
+                checkpoints += usize::from(entry.path().join("trainer_state.json").exists());
+                stack.push(entry.path());
+            }
+        }
+    }
+    assert!(
+        checkpoints > 0,
+        "no complete checkpoint before the disk filled"
+    );
+    let mut resume: Vec<String> = args(&copy)
+        .into_iter()
+        .map(|a| if a == "6" { "200".into() } else { a })
+        .collect();
+    resume.extend(
+        [
+            "--save-total-limit",
+            "1",
+            "--resume-from-checkpoint",
+            "latest",
+        ]
+        .map(String::from),
+    );
+    assert!(
+        spawn(&resume).wait().unwrap().success(),
+        "the checkpoint did not resume"
+    );
+}

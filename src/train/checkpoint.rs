@@ -56,7 +56,14 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write(&tmp)?;
+    if let Err(e) = write(&tmp) {
+        // Nothing half-written stays behind (a full disk gets its space back).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(match e {
+            Error::NoSpace { .. } => Error::NoSpace { path: dir },
+            e => e,
+        });
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
