@@ -540,3 +540,26 @@ fn bad_files_and_folders_get_one_clear_line_each() {
     assert!(err.contains("exists and is not a folder"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
 }
+
+#[test]
+fn a_merge_into_a_folder_in_use_is_refused_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    // This process holds the folder, as a running train or merge would.
+    let _held = peft_sft::io::lock_dir(&out, "a test").unwrap();
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        &model(),
+        "--adapter",
+        fixture("peft/qwen2/adapter").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("in use by another peft-sft process (a test, pid"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+}

@@ -177,6 +177,8 @@ fn merge_to_folder(
             .config
             .set_special_ids(tok.bos_token_id(), tok.eos_token_id(), tok.pad_token_id());
     }
+    // Held while the folder is written: a run or another merge writing it stops at once.
+    let _lock = crate::io::lock_dir(out, "peft-sft merge")?;
     save_pretrained(&model, &source_dir, out, MAX_SHARD_BYTES)?;
     if let Some(tok) = &adapter_tokenizer {
         save_tokenizer(tok, out)?;
