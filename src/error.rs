@@ -80,10 +80,12 @@ pub enum Error {
         limit: f64,
     },
     /// The device holding a file ran out of space while it was written.
-    #[error("{path}: no space left on the device; free space there or choose another folder (what was written before is intact)")]
+    #[error("{path}: no space left on the device{}; free space there or choose another folder (what was written before is intact)", needed_mib.map(|m| format!(" (it needs about {m} MiB, as much as the previous checkpoint)")).unwrap_or_default())]
     NoSpace {
-        /// The file being written.
+        /// The file or checkpoint folder being written.
         path: PathBuf,
+        /// About how much it needs, when known (a checkpoint: the previous one's size).
+        needed_mib: Option<u64>,
     },
     /// Another process holds the folder (a run or a merge writing into it).
     #[error("{path}: in use by another peft-sft process ({holder}); wait for it to finish or choose another folder")]
@@ -116,7 +118,10 @@ impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::StorageFull {
-            return Error::NoSpace { path: path.into() };
+            return Error::NoSpace {
+                path: path.into(),
+                needed_mib: None,
+            };
         }
         Error::Io {
             path: path.into(),

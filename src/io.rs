@@ -28,8 +28,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     }
     // Name the file being written, not its temporary.
     result.map_err(|e| match e {
-        Error::NoSpace { .. } => Error::NoSpace {
+        Error::NoSpace { needed_mib, .. } => Error::NoSpace {
             path: path.to_path_buf(),
+            needed_mib,
         },
         e => e,
     })

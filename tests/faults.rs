@@ -156,6 +156,13 @@ fn a_full_disk_stops_the_run_naming_the_file_and_leaves_a_resumable_checkpoint()
         last.starts_with("error: ") && last.contains("no space left on the device"),
         "{err}"
     );
+    // A checkpoint that does not fit says about how much it needs.
+    if last.contains("/checkpoint-") {
+        assert!(
+            last.contains("MiB, as much as the previous checkpoint"),
+            "{last}"
+        );
+    }
     // Nothing half-written stays, and the newest complete checkpoint resumes elsewhere.
     let mut stack = vec![copy.clone()];
     let mut checkpoints = 0;

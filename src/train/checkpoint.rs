@@ -60,7 +60,12 @@ pub fn save(
         // Nothing half-written stays behind (a full disk gets its space back).
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(match e {
-            Error::NoSpace { .. } => Error::NoSpace { path: dir },
+            Error::NoSpace { .. } => Error::NoSpace {
+                needed_mib: list(output_dir)
+                    .last()
+                    .map(|(_, previous)| folder_bytes(previous).div_ceil(1 << 20)),
+                path: dir,
+            },
             e => e,
         });
     }
@@ -69,6 +74,18 @@ pub fn save(
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
+}
+
+/// Bytes of the files directly in `dir` (a checkpoint folder has no subfolders).
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Checkpoint folders in `output_dir`, oldest step first.
