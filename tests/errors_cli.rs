@@ -325,27 +325,35 @@ fn a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_it_free() 
     assert!(ok, "{err}");
 }
 
-/// A copy of the qwen2 fixture model with a NaN in one frozen weight: every step's loss is NaN.
-fn poisoned_model(dir: &Path) -> std::path::PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(fixture("models/qwen2")).unwrap() {
+/// A copy (files only) of the fixture folder `rel` at `dir/name`.
+fn fixture_copy(rel: &str, dir: &Path, name: &str) -> std::path::PathBuf {
+    let copy = dir.join(name);
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(fixture(rel)).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
     }
-    let weights = model.join("model.safetensors");
+    copy
+}
+
+/// Multiplies the tensor `name` of the safetensors file `path` by `factor` (NaN, inf) in place.
+fn scale_tensor(path: &Path, name: &str, factor: f64) {
     let mut tensors: Vec<(String, candle_core::Tensor)> =
-        peft_sft::io::read_safetensors(&weights, &candle_core::Device::Cpu)
+        peft_sft::io::read_safetensors(path, &candle_core::Device::Cpu)
             .unwrap()
             .into_iter()
             .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in tensors.iter_mut() {
-        if name == "model.layers.0.mlp.down_proj.weight" {
-            *t = (t.clone() * f64::NAN).unwrap();
-        }
-    }
-    peft_sft::io::write_safetensors(&weights, &tensors).unwrap();
+    let t = &mut tensors.iter_mut().find(|(n, _)| n == name).unwrap().1;
+    *t = (t.clone() * factor).unwrap();
+    peft_sft::io::write_safetensors(path, &tensors).unwrap();
+}
+
+/// A copy of the qwen2 fixture model with a NaN in one frozen weight: every step's loss is NaN.
+fn poisoned_model(dir: &Path) -> std::path::PathBuf {
+    let model = fixture_copy("models/qwen2", dir, "model");
+    let weights = model.join("model.safetensors");
+    scale_tensor(&weights, "model.layers.0.mlp.down_proj.weight", f64::NAN);
     model
 }
 
@@ -371,23 +379,12 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing() {
 #[test]
 fn an_adapter_with_non_finite_values_is_refused_naming_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
-    let adapter = tmp.path().join("adapter");
-    std::fs::create_dir(&adapter).unwrap();
-    let source = fixture("peft/qwen2/adapter");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, adapter.join(path.file_name().unwrap())).unwrap();
-    }
+    let adapter = fixture_copy("peft/qwen2/adapter", tmp.path(), "adapter");
     let weights = adapter.join("adapter_model.safetensors");
-    let mut tensors: Vec<(String, candle_core::Tensor)> =
-        peft_sft::io::read_safetensors(&weights, &candle_core::Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let poisoned = tensors[0].0.clone();
-    tensors[0].1 = (tensors[0].1.clone() * f64::INFINITY).unwrap();
-    peft_sft::io::write_safetensors(&weights, &tensors).unwrap();
+    let mut names: Vec<String> = tensors(&weights).into_keys().collect();
+    names.sort();
+    let poisoned = names[0].clone();
+    scale_tensor(&weights, &poisoned, f64::INFINITY);
     let out = tmp.path().join("merged");
     let (ok, _, err) = run_cli(&[
         "merge",
@@ -460,15 +457,7 @@ fn skip_nonfinite_steps_skips_that_many_then_stops() {
 #[test]
 fn bad_files_and_folders_get_one_clear_line_each() {
     let tmp = tempfile::tempdir().unwrap();
-    let copy_model = |name: &str| {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        for entry in std::fs::read_dir(fixture("models/qwen2")).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-        dir
-    };
+    let copy_model = |name: &str| fixture_copy("models/qwen2", tmp.path(), name);
     let data = fixture("data/qa_chat.jsonl");
     // A truncated tokenizer.json.
     let m = copy_model("truncated");

@@ -14,7 +14,7 @@
 use super::{matmul, par_filled, par_zeroed, simd, tensor, Held, Threads};
 use crate::ops::graft::{graft3_with_output, Output};
 use crate::ops::mask::AttentionMask;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Queries per tile.
@@ -99,58 +99,33 @@ pub fn attention_flash_cpu_tokens(
     scale: f64,
 ) -> Result<Tensor> {
     let dims = call_dims(q, k, v, mask)?;
-    let Dims {
-        b,
-        heads,
-        kv_heads,
-        t_q,
-        t_k,
-        d,
-    } = dims;
     let (qd, kd, vd) = (
         q.detach().contiguous()?,
         k.detach().contiguous()?,
         v.detach().contiguous()?,
     );
-    let scale = scale as f32;
     let (out, lse) = {
         let (qs, ks, vs) = (Held::new(&qd)?, Held::new(&kd)?, Held::new(&vd)?);
-        forward(qs.slice()?, ks.slice()?, vs.slice()?, dims, mask, scale)
+        forward(
+            qs.slice()?,
+            ks.slice()?,
+            vs.slice()?,
+            dims,
+            mask,
+            scale as f32,
+        )
     };
     let mask = mask.clone();
     graft3_with_output(
         "flash attention",
         (q, k, v),
-        Output::host(out, (b, t_q, heads, d)),
+        Output::host(out, (dims.b, dims.t_q, dims.heads, dims.d)),
         Box::new(move |_, _, _, out, g, needs| {
-            let (out, g) = (out.contiguous()?, g.contiguous()?);
-            let held = [
-                Held::new(&qd)?,
-                Held::new(&kd)?,
-                Held::new(&vd)?,
-                Held::new(&out)?,
-                Held::new(&g)?,
-            ];
-            let [qs, ks, vs, os, gs] = [0, 1, 2, 3, 4].map(|i| held[i].slice());
-            let (dq, dk, dv) = backward(
-                Saved {
-                    q: qs?,
-                    k: ks?,
-                    v: vs?,
-                    out: os?,
-                    lse: &lse,
-                },
-                gs?,
-                dims,
-                &mask,
-                scale,
-            );
-            let tensor =
-                |x: Vec<f32>, t: usize, h: usize| Tensor::from_vec(x, (b, t, h, d), &Device::Cpu);
+            let (dq, dk, dv) = backward_untracked((&qd, &kd, &vd), out, &lse, g, &mask, scale)?;
             Ok((
-                needs[0].then(|| tensor(dq, t_q, heads)).transpose()?,
-                needs[1].then(|| tensor(dk, t_k, kv_heads)).transpose()?,
-                needs[2].then(|| tensor(dv, t_k, kv_heads)).transpose()?,
+                needs[0].then_some(dq),
+                needs[1].then_some(dk),
+                needs[2].then_some(dv),
             ))
         }),
     )

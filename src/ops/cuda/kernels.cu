@@ -72,9 +72,12 @@ __device__ void swiglu_fwd(const T* gate, const T* up, T* out, int64_t n) {
     }
 }
 
-// d_gate = grad * up * s * (1 + g * (1 - s)), s = sigmoid(g); d_up = grad * g * s.
+// d_gate = grad * up * s * (1 + g * (1 - s)), s = sigmoid(g); d_up = grad * g * s: d_gate into
+// out[0, n), d_up into out[n, 2n).
 template <typename T>
-__device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* d_gate, T* d_up, int64_t n) {
+__device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* out, int64_t n) {
+    T* d_gate = out;
+    T* d_up = out + n;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float g = load(gate, i), u = load(up, i), dy = load(grad, i);
         const float s = sigmoid(g);
@@ -197,9 +200,9 @@ __device__ void dequant_4bit(const uint8_t* packed, const float* absmax, const f
     extern "C" __global__ void swiglu_fwd_##NAME(const T* gate, const T* up, T* out, int64_t n) {         \
         swiglu_fwd(gate, up, out, n);                                                                     \
     }                                                                                                     \
-    extern "C" __global__ void swiglu_bwd_##NAME(const T* gate, const T* up, const T* grad, T* d_gate,    \
-                                                 T* d_up, int64_t n) {                                    \
-        swiglu_bwd(gate, up, grad, d_gate, d_up, n);                                                      \
+    extern "C" __global__ void swiglu_bwd_##NAME(const T* gate, const T* up, const T* grad, T* out,       \
+                                                 int64_t n) {                                             \
+        swiglu_bwd(gate, up, grad, out, n);                                                               \
     }                                                                                                     \
     extern "C" __global__ void rope_tokens_##NAME(const T* x, const T* cos, const T* sin, T* out,         \
                                                   int64_t t, int64_t heads, int64_t d, int64_t rows,      \

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
@@ -185,9 +185,32 @@ enum Scalars {
     },
 }
 
-/// Launches `name` (typed `T`) over `blocks` blocks with the operands' views, one fresh output of
-/// `len` values, and `scalars`.
-fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+/// Launches `{root}_f32` or `{root}_bf16` for operands of `dtype` over `blocks` blocks, with the
+/// operands' views, one fresh output of `len` values and `scalars`: the output's storage.
+fn launch(
+    device: &CudaDevice,
+    root: &str,
+    dtype: DType,
+    inputs: &[(&CudaStorage, &Layout)],
+    sizes: (usize, usize),
+    scalars: Scalars,
+) -> Result<CudaStorage> {
+    let name = format!("{root}_{}", suffix(dtype, root)?);
+    let dev = device.clone();
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(
+            launch_as::<f32>(device, &name, inputs, sizes, scalars)?,
+            dev,
+        ),
+        _ => CudaStorage::wrap_cuda_slice(
+            launch_as::<bf16>(device, &name, inputs, sizes, scalars)?,
+            dev,
+        ),
+    })
+}
+
+/// [`launch`] of the kernel `name`, typed `T`.
+fn launch_as<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
     device: &CudaDevice,
     name: &str,
     inputs: &[(&CudaStorage, &Layout)],
@@ -237,13 +260,6 @@ fn launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
     Ok(out)
 }
 
-fn wrap(slice: CudaStorageSlice, device: &CudaDevice) -> CudaStorage {
-    CudaStorage {
-        slice,
-        device: device.clone(),
-    }
-}
-
 struct RmsNorm {
     eps: f32,
 }
@@ -280,20 +296,14 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let dtype = same_dtype(&[x, w], self.name())?;
-        let name = format!("rms_norm_fwd_{}", suffix(dtype, self.name())?);
         let (dev, rows) = (x.device(), n / d.max(1));
         let inputs = [(x, xl), (w, wl)];
         let scalars = Scalars::Rows {
             d: d as i64,
             eps: self.eps,
         };
-        let slice = match dtype {
-            DType::F32 => {
-                CudaStorageSlice::F32(launch::<f32>(dev, &name, &inputs, (n, rows), scalars)?)
-            }
-            _ => CudaStorageSlice::BF16(launch::<bf16>(dev, &name, &inputs, (n, rows), scalars)?),
-        };
-        Ok((wrap(slice, dev), xl.shape().clone()))
+        let out = launch(dev, "rms_norm_fwd", dtype, &inputs, (n, rows), scalars)?;
+        Ok((out, xl.shape().clone()))
     }
 }
 
@@ -338,20 +348,14 @@ impl CustomOp3 for RmsNormGradX {
             );
         }
         let dtype = same_dtype(&[x, w, g], self.name())?;
-        let name = format!("rms_norm_bwd_{}", suffix(dtype, self.name())?);
         let (dev, rows) = (x.device(), n / d.max(1));
         let inputs = [(x, xl), (w, wl), (g, gl)];
         let scalars = Scalars::Rows {
             d: d as i64,
             eps: self.eps,
         };
-        let slice = match dtype {
-            DType::F32 => {
-                CudaStorageSlice::F32(launch::<f32>(dev, &name, &inputs, (n, rows), scalars)?)
-            }
-            _ => CudaStorageSlice::BF16(launch::<bf16>(dev, &name, &inputs, (n, rows), scalars)?),
-        };
-        Ok((wrap(slice, dev), xl.shape().clone()))
+        let out = launch(dev, "rms_norm_bwd", dtype, &inputs, (n, rows), scalars)?;
+        Ok((out, xl.shape().clone()))
     }
 }
 
@@ -384,17 +388,11 @@ impl CustomOp2 for Swiglu {
         }
         let n = gl.shape().elem_count();
         let dtype = same_dtype(&[g, u], self.name())?;
-        let name = format!("swiglu_fwd_{}", suffix(dtype, self.name())?);
         let (dev, blocks) = (g.device(), elementwise_blocks(n));
         let inputs = [(g, gl), (u, ul)];
         let scalars = Scalars::Len(n as i64);
-        let slice = match dtype {
-            DType::F32 => {
-                CudaStorageSlice::F32(launch::<f32>(dev, &name, &inputs, (n, blocks), scalars)?)
-            }
-            _ => CudaStorageSlice::BF16(launch::<bf16>(dev, &name, &inputs, (n, blocks), scalars)?),
-        };
-        Ok((wrap(slice, dev), gl.shape().clone()))
+        let out = launch(dev, "swiglu_fwd", dtype, &inputs, (n, blocks), scalars)?;
+        Ok((out, gl.shape().clone()))
     }
 }
 
@@ -436,57 +434,21 @@ impl CustomOp3 for SwigluBackward {
         }
         let n = gl.shape().elem_count();
         let dtype = same_dtype(&[g, u, d], self.name())?;
-        let name = format!("swiglu_bwd_{}", suffix(dtype, self.name())?);
-        let dev = g.device();
-        let slice = match dtype {
-            DType::F32 => CudaStorageSlice::F32(swiglu_backward_launch::<f32>(
-                dev,
-                &name,
-                [(g, gl), (u, ul), (d, dl)],
-                n,
-            )?),
-            _ => CudaStorageSlice::BF16(swiglu_backward_launch::<bf16>(
-                dev,
-                &name,
-                [(g, gl), (u, ul), (d, dl)],
-                n,
-            )?),
-        };
+        let (dev, blocks) = (g.device(), elementwise_blocks(n));
+        let inputs = [(g, gl), (u, ul), (d, dl)];
+        // d_gate in the first n values, d_up in the next n.
+        let out = launch(
+            dev,
+            "swiglu_bwd",
+            dtype,
+            &inputs,
+            (2 * n, blocks),
+            Scalars::Len(n as i64),
+        )?;
         let mut dims = vec![2];
         dims.extend_from_slice(gl.dims());
-        Ok((wrap(slice, dev), Shape::from(dims)))
+        Ok((out, Shape::from(dims)))
     }
-}
-
-/// SwiGLU's backward writes two outputs: `d_gate` into the first half of one `2n` buffer and
-/// `d_up` into the second.
-fn swiglu_backward_launch<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-    device: &CudaDevice,
-    name: &str,
-    inputs: [(&CudaStorage, &Layout); 3],
-    n: usize,
-) -> Result<CudaSlice<T>> {
-    let func = device.get_or_load_custom_func(name, MODULE, PTX)?;
-    let views = inputs
-        .iter()
-        .map(|(s, l)| view(s.as_cuda_slice::<T>()?, l, name))
-        .collect::<Result<Vec<_>>>()?;
-    // SAFETY: the kernel writes all 2n elements (both halves) before anything reads them.
-    let mut out = unsafe { device.alloc::<T>(2 * n)? };
-    {
-        let (mut d_gate, mut d_up) = out.split_at_mut(n);
-        let len = n as i64;
-        let mut builder = func.builder();
-        for v in &views {
-            builder.arg(v);
-        }
-        builder.arg(&mut d_gate);
-        builder.arg(&mut d_up);
-        builder.arg(&len);
-        // SAFETY: the argument list matches `swiglu_bwd_*` in kernels.cu.
-        unsafe { builder.launch(config(elementwise_blocks(n))) }.map_err(driver)?;
-    }
-    Ok(out)
 }
 
 struct Rope {
@@ -539,7 +501,6 @@ impl CustomOp3 for Rope {
         }
         let n = xl.shape().elem_count();
         let dtype = same_dtype(&[x, cos, sin], self.name())?;
-        let name = format!("rope_tokens_{}", suffix(dtype, self.name())?);
         let pairs = n / 2;
         let scalars = Scalars::Rope {
             t: t as i64,
@@ -552,13 +513,8 @@ impl CustomOp3 for Rope {
         };
         let (dev, blocks) = (x.device(), elementwise_blocks(pairs));
         let inputs = [(x, xl), (cos, cl), (sin, sl)];
-        let slice = match dtype {
-            DType::F32 => {
-                CudaStorageSlice::F32(launch::<f32>(dev, &name, &inputs, (n, blocks), scalars)?)
-            }
-            _ => CudaStorageSlice::BF16(launch::<bf16>(dev, &name, &inputs, (n, blocks), scalars)?),
-        };
-        Ok((wrap(slice, dev), xl.shape().clone()))
+        let out = launch(dev, "rope_tokens", dtype, &inputs, (n, blocks), scalars)?;
+        Ok((out, xl.shape().clone()))
     }
 }
 
@@ -627,7 +583,10 @@ impl CustomOp3 for CrossEntropyRows {
         builder.arg(&dft_arg);
         // SAFETY: the argument list matches `ce_rows_f32` in kernels.cu.
         unsafe { builder.launch(config(n)) }.map_err(driver)?;
-        Ok((wrap(CudaStorageSlice::F32(out), dev), Shape::from(len)))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len),
+        ))
     }
 }
 
@@ -682,11 +641,17 @@ impl CustomOp3 for Dequantize4Bit {
             view(absmax.as_cuda_slice::<f32>()?, al, op)?,
             view(code.as_cuda_slice::<f32>()?, cl, op)?,
         );
-        let slice = match self.dtype {
-            DType::F32 => CudaStorageSlice::F32(dequantize_launch(dev, &name, &operands, (n, bs))?),
-            _ => CudaStorageSlice::BF16(dequantize_launch(dev, &name, &operands, (n, bs))?),
+        let out = match self.dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(
+                dequantize_launch::<f32>(dev, &name, &operands, (n, bs))?,
+                dev.clone(),
+            ),
+            _ => CudaStorage::wrap_cuda_slice(
+                dequantize_launch::<bf16>(dev, &name, &operands, (n, bs))?,
+                dev.clone(),
+            ),
         };
-        Ok((wrap(slice, dev), Shape::from(n)))
+        Ok((out, Shape::from(n)))
     }
 }
 
