@@ -1,11 +1,11 @@
 //! Times LoRA training steps (forward, backward, AdamW) on a model folder with random token ids and
 //! prints one JSON line: tokens/s, seconds per step and peak RSS. Used by scripts/bench_vs_peft.sh.
 //!
-//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN[,SEQ_LEN...]] [STEPS] [RANK] [lora|qlora][+gc][+ops] [BATCH] [LORA_DROPOUT]
+//! cargo run --release --example bench_lora_step -- MODEL_DIR [SEQ_LEN[,SEQ_LEN...]] [STEPS] [RANK] [lora|qlora][+gc][+ops][+dora] [BATCH] [LORA_DROPOUT]
 //!
 //! `qlora` quantizes the decoder's linear weights to NF4 with double quantization while loading;
 //! `+gc` turns on gradient checkpointing (`+gc+offload`: its layer inputs in host memory); `+ops` turns off selective checkpointing (the op-by-op
-//! graph, for comparison); `BATCH` rows of `SEQ_LEN` tokens each (default 1); `LORA_DROPOUT`
+//! graph, for comparison); `+dora` trains DoRA adapters; `BATCH` rows of `SEQ_LEN` tokens each (default 1); `LORA_DROPOUT`
 //! (default 0) draws a new mask per step; `load_rss_mib` is the peak RSS once the model is loaded
 //! (before any step). The environment variable `CHUNK_ROWS` sets the rows per MLP chunk under
 //! gradient checkpointing (default: the model's automatic size).
@@ -54,8 +54,11 @@ fn main() -> anyhow::Result<()> {
     let mut parts = mode.split('+');
     let base = parts.next().unwrap_or("lora");
     let flags: Vec<&str> = parts.collect();
-    if let Some(f) = flags.iter().find(|f| !["gc", "ops", "offload"].contains(f)) {
-        anyhow::bail!("mode suffix `+{f}`: expected +gc, +ops or +offload");
+    if let Some(f) = flags
+        .iter()
+        .find(|f| !["gc", "ops", "offload", "dora"].contains(f))
+    {
+        anyhow::bail!("mode suffix `+{f}`: expected +gc, +ops, +offload or +dora");
     }
     let checkpointing = flags.contains(&"gc");
     let quantize = match base {
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         r: rank,
         lora_alpha: 2.0 * rank as f64,
         lora_dropout,
+        use_dora: flags.contains(&"dora"),
         ..LoraConfig::default()
     };
     inject(&mut model, &lora, 0)?;

@@ -69,6 +69,7 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
     let mut s = String::new();
     let adapter = matches!(info.kind, CardKind::Adapter { .. });
     let qlora = matches!(info.kind, CardKind::Adapter { qlora: true, .. });
+    let dora = matches!(info.kind, CardKind::Adapter { lora, .. } if lora.use_dora);
     let repo = info.repo_id.unwrap_or("<your-repo-id>");
     s.push_str("---\n");
     let _ = writeln!(s, "base_model: {}", yaml_str(info.base_model));
@@ -104,6 +105,9 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
     if qlora {
         s.push_str("- 4-bit\n");
     }
+    if dora {
+        s.push_str("- dora\n");
+    }
     s.push_str("---\n\n");
 
     let name = info
@@ -114,6 +118,9 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
     let what = match info.kind {
         CardKind::Adapter { qlora: true, .. } => {
             "a QLoRA adapter (LoRA over the 4-bit NF4 quantized base)"
+        }
+        CardKind::Adapter { .. } if dora => {
+            "a DoRA adapter (LoRA with a trained magnitude per output row)"
         }
         CardKind::Adapter { .. } => "a LoRA adapter",
         CardKind::Model { merged: true } => "a LoRA fine-tune merged into its base model",
@@ -199,6 +206,9 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
             if lora.use_rslora {
                 row("use_rslora", "true".into());
             }
+            if lora.use_dora {
+                row("use_dora", "true".into());
+            }
             if qlora {
                 row(
                     "quantization",
@@ -268,6 +278,7 @@ mod tests {
         let lora = LoraConfig {
             r: 16,
             lora_alpha: 32.0,
+            use_dora: true,
             ..LoraConfig::default()
         };
         let config = SftConfig {
@@ -313,6 +324,7 @@ mod tests {
         assert!(card.contains("--adapter me/smol-sft --qlora"));
         assert!(card.contains("| learning_rate | 0.0002 |"));
         assert!(card.contains("| lora_r | 16 |"));
+        assert!(card.contains("| use_dora | true |") && card.contains("\n- dora\n"));
         assert!(card.contains("| train loss | 2.5000 |"));
         assert!(card.contains("| eval loss | 2.2500 |"));
         assert!(card.contains("| tokens seen | 1000 |"));

@@ -3,6 +3,7 @@
 //! A TOML recipe uses the same keys; command-line flags (kebab-case) override the recipe.
 
 use crate::data::{FieldMapping, TokenizeOptions};
+use crate::lora::config::{LayerIndices, OneOrMany};
 use crate::lora::{LoraConfig, TargetModules};
 use crate::model::LoadOptions;
 use crate::quant::{FourBitType, QuantScheme};
@@ -149,6 +150,14 @@ pub struct SftConfig {
     pub use_rslora: bool,
     /// DoRA.
     pub use_dora: bool,
+    /// PEFT's `layers_to_transform`: only the target modules of these decoder layers get
+    /// adapters; empty: every layer.
+    pub layers_to_transform: Vec<usize>,
+    /// PEFT's `layers_pattern`: the module list holding the layers (`layers`); empty: PEFT's
+    /// default (the first `<name>.<number>.` of a module's path).
+    pub layers_pattern: Vec<String>,
+    /// PEFT's `exclude_modules`: names (matched as suffixes) or one regex never adapted.
+    pub exclude_modules: Vec<String>,
     /// NEFTune (transformers' `neftune_noise_alpha`): uniform noise of magnitude
     /// `alpha / sqrt(L · d)` on the input embeddings while training; None adds none.
     pub neftune_noise_alpha: Option<f64>,
@@ -239,6 +248,9 @@ impl Default for SftConfig {
             lora_target_modules: vec!["all-linear".into()],
             use_rslora: false,
             use_dora: false,
+            layers_to_transform: Vec::new(),
+            layers_pattern: Vec::new(),
+            exclude_modules: Vec::new(),
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
             loss_type: "nll".into(),
@@ -503,6 +515,12 @@ impl SftConfig {
                 "must be a positive number (the NEFTune paper uses 5 to 15)",
             )?;
         }
+        check(
+            !(self.use_dora && self.mode == Mode::Full),
+            "use-dora",
+            &self.use_dora,
+            "DoRA rescales a LoRA adapter's weight; --full trains the weights themselves (use --lora or --qlora)",
+        )?;
         if let Some(ratio) = self.loraplus_lr_ratio {
             check(
                 self.mode != Mode::Full,
@@ -663,6 +681,12 @@ impl SftConfig {
             target_modules: targets,
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
+            layers_to_transform: (!self.layers_to_transform.is_empty())
+                .then(|| LayerIndices::Many(self.layers_to_transform.clone())),
+            layers_pattern: (!self.layers_pattern.is_empty())
+                .then(|| OneOrMany::Many(self.layers_pattern.clone())),
+            exclude_modules: (!self.exclude_modules.is_empty())
+                .then(|| TargetModules::from_names(&self.exclude_modules)),
             ..LoraConfig::default()
         }
     }
@@ -809,6 +833,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--full trains no adapters"), "{err}");
+        let err = with(&[("mode", json!("full")), ("use_dora", json!(true))])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--use-dora true: DoRA rescales"), "{err}");
         // Full fine-tuning has no LoRA settings to check.
         with(&[("mode", json!("full")), ("lora_alpha", json!(0.0))])
             .unwrap()

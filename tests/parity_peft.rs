@@ -1,5 +1,5 @@
-//! LoRA against PEFT itself: logits with a PEFT-written adapter, the loss and every LoRA gradient,
-//! and merge_and_unload's weights and logits.
+//! LoRA and DoRA against PEFT itself: logits with a PEFT-written adapter, the loss and every
+//! trainable tensor's gradient, and merge_and_unload's weights and logits.
 
 mod common;
 use candle_core::{DType, Tensor};
@@ -13,10 +13,11 @@ fn loss_mask(ids: &Tensor) -> Tensor {
     Tensor::from_vec(row.repeat(b), (b, t), &device()).unwrap()
 }
 
-fn check(name: &str) {
+/// The adapter in `peft/{name}` on `models/{base}` against PEFT's logits, loss, gradients and merge.
+fn check(name: &str, base: &str) {
     let dir = fixture(&format!("peft/{name}"));
     let reference = tensors(&dir.join("reference.safetensors"));
-    let mut model = load_model(&fixture(&format!("models/{name}")), false);
+    let mut model = load_model(&fixture(&format!("models/{base}")), false);
     load_adapter(&mut model, &dir.join("adapter")).unwrap();
     let ids = input_ids(&reference);
 
@@ -37,8 +38,11 @@ fn check(name: &str) {
     let trainable = model.trainable();
     assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
 
-    let merged = merge_and_unload(&mut model).unwrap();
-    assert_eq!(merged, trainable.len() / 2);
+    let modules = trainable
+        .iter()
+        .filter(|(n, _)| n.ends_with("lora_A.weight"))
+        .count();
+    assert_eq!(merged_modules(&mut model), modules);
     let merged_ref = tensors(&dir.join("merged/model.safetensors"));
     for (n, p) in model.named_weights() {
         let expected = merged_ref
@@ -55,14 +59,72 @@ fn check(name: &str) {
     assert!(err < 1e-4, "{name}: merged logits differ by {err}");
 }
 
+fn merged_modules(model: &mut peft_sft::model::CausalLm) -> usize {
+    merge_and_unload(model).unwrap()
+}
+
 #[test]
 fn llama_adapter_matches_peft() {
-    check("llama");
+    check("llama", "llama");
 }
 
 #[test]
 fn qwen2_rslora_adapter_matches_peft() {
-    check("qwen2");
+    check("qwen2", "qwen2");
+}
+
+/// DoRA (scripts/make_dora_fixture.py): magnitude vectors moved off their initial norms, so the
+/// logits, every A/B/magnitude gradient and the merge all depend on them.
+#[test]
+fn llama_dora_adapter_matches_peft() {
+    check("llama_dora", "llama");
+}
+
+/// A fresh DoRA adapter starts equal to the base (B is zero, the magnitude is ‖W‖ per row), as
+/// PEFT's `get_peft_model(use_dora=True)` does; its magnitude gradient is non-zero.
+#[test]
+fn a_fresh_dora_adapter_starts_at_the_base_model() {
+    let reference = tensors(&fixture("peft/llama_dora/reference.safetensors"));
+    let ids = input_ids(&reference);
+    let mut model = load_model(&fixture("models/llama"), false);
+    let base = model.forward(&ids).unwrap();
+    let config = peft_sft::lora::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        use_dora: true,
+        ..Default::default()
+    };
+    peft_sft::lora::inject(&mut model, &config, 7).unwrap();
+    let err = rel_err(&model.forward(&ids).unwrap(), &base);
+    assert!(err < 1e-6, "fresh DoRA differs from the base by {err}");
+    let mask = loss_mask(&ids);
+    let out = model
+        .loss(&ids, &mask, &mask.ones_like().unwrap(), None)
+        .unwrap();
+    let grads = (&out.loss_sum / out.loss_tokens)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let trainable = model.trainable();
+    assert_eq!(trainable.len(), 14 * 3);
+    for (name, var) in &trainable {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // A's gradient is zero while B is (PEFT's init); B's and the magnitude's are not.
+        assert_eq!(
+            norm == 0.0,
+            name.ends_with("lora_A.weight"),
+            "{name}: |grad|² = {norm}"
+        );
+    }
 }
 
 /// TRL's DFT loss (`--loss-type dft`: each token's `-log p` weighed by its detached `p`) and every
@@ -87,4 +149,25 @@ fn llama_dft_loss_and_gradients_match_trl() {
     model.loss_kind = Default::default();
     let nll = model.loss(&ids, &mask, &ones, None).unwrap();
     assert!(nll.loss_sum.to_scalar::<f32>().unwrap() > out.loss_sum.to_scalar::<f32>().unwrap());
+}
+
+/// `layers_to_transform`, `layers_pattern` and `exclude_modules` (with list, all-linear and regex
+/// targets) adapt exactly the modules PEFT's `get_peft_model` wraps
+/// (scripts/make_layer_selection_fixture.py).
+#[test]
+fn layer_selection_adapts_the_modules_peft_adapts() {
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft/layer_selection.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let config: peft_sft::lora::LoraConfig =
+            serde_json::from_value(case["config"].clone()).unwrap();
+        let mut model = load_model(&fixture("models/llama"), false);
+        let mut ours = peft_sft::lora::inject(&mut model, &config, 0).unwrap();
+        ours.sort();
+        let theirs: Vec<String> = serde_json::from_value(case["modules"].clone()).unwrap();
+        assert_eq!(ours, theirs, "{}", case["config"]);
+    }
 }

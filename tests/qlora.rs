@@ -106,6 +106,44 @@ fn a_qlora_step_matches_peft_over_bitsandbytes() {
     }
 }
 
+/// PEFT's DoRA over the bitsandbytes NF4 checkpoint's weights (scripts/make_dora_fixture.py): the
+/// norm of `W + scale B A` is taken over the dequantized weight, as PEFT's
+/// `dequantize_module_weight`, and no dense copy of it is kept.
+#[test]
+fn a_dora_adapter_matches_peft_over_nf4_weights() {
+    let reference = tensors(&fixture("peft/llama_dora/qlora_reference.safetensors"));
+    let mut loaded = load_pretrained(bnb_dir().to_str().unwrap(), false, &device()).unwrap();
+    load_adapter(&mut loaded.model, &fixture("peft/llama_dora/adapter")).unwrap();
+    let mut model = loaded.model;
+    let ids = input_ids(&reference);
+    let err = rel_err(&model.forward(&ids).unwrap(), &reference["logits"]);
+    assert!(err < 1e-5, "logits differ from PEFT's by {err}");
+    let row: Vec<f32> = (0..ids.dim(1).unwrap())
+        .map(|i| (i >= 5) as u8 as f32)
+        .collect();
+    let mask = Tensor::new(row.as_slice(), &device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as(ids.shape())
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let ones = mask.ones_like().unwrap();
+    // Op by op, and with gradient checkpointing (each layer recomputed).
+    for checkpointing in [false, true] {
+        model.gradient_checkpointing = checkpointing;
+        let out = model.loss(&ids, &mask, &ones, None).unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        let err = rel_err(&loss, &reference["loss"]);
+        assert!(err < 1e-5, "loss differs from PEFT's by {err}");
+        let grads = loss.backward().unwrap();
+        let trainable = model.trainable();
+        assert_eq!(trainable.len(), 42);
+        assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
+    }
+}
+
 /// `tests/fixtures/qlora/gguf/model-<file>.gguf` with the tiny llama's tokenizer.
 fn gguf_model(file: &str) -> CausalLm {
     let options = LoadOptions {

@@ -167,13 +167,33 @@ fn lora_learns_the_answers_and_the_merged_model_agrees() {
 
 #[test]
 fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
+    resume_is_exact(&[]);
+}
+
+/// Each adapter method and training option keeps the guarantee: DoRA (its magnitude and its
+/// optimizer state checkpointed), LoRA+, the DFT loss, NEFTune's keyed noise.
+#[test]
+fn every_adapter_method_resumes_exactly() {
+    for extra in [
+        &["--use-dora"][..],
+        &["--loraplus-lr-ratio", "16"],
+        &["--loss-type", "dft"],
+        &["--neftune-noise-alpha", "5"],
+    ] {
+        resume_is_exact(extra);
+    }
+}
+
+/// Two runs with the same seed log the same values, and a run resumed from a copy of the step-3
+/// checkpoint ends with the uninterrupted run's steps 4..6 and adapter, byte for byte.
+fn resume_is_exact(method: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, c) = (
         tmp.path().join("a"),
         tmp.path().join("b"),
         tmp.path().join("c"),
     );
-    let extra = [
+    let mut extra = vec![
         "--lora",
         "--lora-dropout",
         "0.1",
@@ -182,14 +202,15 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
         "--gradient-accumulation-steps",
         "2",
     ];
+    extra.extend_from_slice(method);
     for dir in [&a, &b] {
         let (ok, _, err) = run_cli(&train_args("cpu", dir.to_str().unwrap(), "6", &extra));
-        assert!(ok, "{err}");
+        assert!(ok, "{method:?}: {err}");
     }
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(
         ma, mb,
-        "two runs with the same seed must log the same values"
+        "{method:?}: two runs with the same seed must log the same values"
     );
     // Resume a copy of the step-3 checkpoint in a fresh folder and compare steps 4..6.
     std::fs::create_dir_all(c.join("checkpoint-3")).unwrap();
@@ -200,25 +221,93 @@ fn same_seed_gives_the_same_run_and_resume_continues_exactly() {
     let mut args = train_args("cpu", c.to_str().unwrap(), "6", &extra);
     args.extend(["--resume-from-checkpoint", "latest"]);
     let (ok, _, err) = run_cli(&args);
-    assert!(ok, "{err}");
+    assert!(ok, "{method:?}: {err}");
     let mc = metrics(&c);
     assert_eq!(mc.len(), ma.len());
     assert_eq!(
         mc[3..],
         ma[3..],
-        "resumed steps must equal the uninterrupted run's"
-    );
-    assert_eq!(
-        tensors(&c.join("adapter_model.safetensors")).len(),
-        tensors(&a.join("adapter_model.safetensors")).len()
+        "{method:?}: resumed steps must equal the uninterrupted run's"
     );
     let (ta, tc) = (
         tensors(&a.join("adapter_model.safetensors")),
         tensors(&c.join("adapter_model.safetensors")),
     );
+    assert_eq!(tc.len(), ta.len());
     for (k, v) in &ta {
-        assert_eq!(rel_err(&tc[k], v), 0.0, "{k} differs after resume");
+        assert_eq!(
+            rel_err(&tc[k], v),
+            0.0,
+            "{method:?}: {k} differs after resume"
+        );
     }
+}
+
+/// `--use-dora`: the adapter PEFT's DoRA writes (a magnitude vector per module, `use_dora` in the
+/// config), a falling loss, and `merge` folding the magnitude in (the merged model's logits equal
+/// the adapter's; merge checks them on its probe and says so).
+#[test]
+fn dora_trains_saves_the_magnitudes_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        out_s,
+        "12",
+        &["--use-dora", "--lora-r", "8", "--lora-dropout", "0.05"],
+    ));
+    assert!(ok, "{err}");
+    let saved = tensors(&out.join("adapter_model.safetensors"));
+    let magnitudes = saved
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector"))
+        .count();
+    assert_eq!(
+        magnitudes * 3,
+        saved.len(),
+        "A, B and a magnitude per module"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let loss = logged(&out, "loss");
+    assert!(loss[loss.len() - 1] < loss[0], "loss {loss:?}");
+
+    let merged = tmp.path().join("merged");
+    let model = fixture(MODEL);
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out_s,
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("largest logit difference"), "{err}");
+    let mut adapted = load_model(&model, false);
+    peft_sft::lora::load_adapter(&mut adapted, &out).unwrap();
+    let ids =
+        candle_core::Tensor::new(&[[3u32, 17, 42, 99, 7, 250]], &candle_core::Device::Cpu).unwrap();
+    let err = rel_err(
+        &load_model(&merged, false).forward(&ids).unwrap(),
+        &adapted.forward(&ids).unwrap(),
+    );
+    assert!(err < 1e-4, "merged and DoRA adapter logits differ by {err}");
+
+    // DoRA rescales an adapter: with --full there is none.
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        tmp.path().join("full").to_str().unwrap(),
+        "1",
+        &["--full", "--use-dora"],
+    ));
+    assert!(
+        !ok && err.contains("--use-dora true: DoRA rescales"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -443,4 +532,69 @@ fn neftune_noise_changes_the_training_loss_reproducibly() {
     let again = first_loss("again", &["--neftune-noise-alpha", "15"]);
     assert_ne!(plain, noisy);
     assert_eq!(noisy, again);
+}
+
+/// `--layers-to-transform`, `--exclude-modules`: only layer 1's target modules, less down_proj,
+/// get adapters, and adapter_config.json carries PEFT's keys; an index past the model's layers is
+/// refused naming them.
+#[test]
+fn layer_selection_flags_reach_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        out.to_str().unwrap(),
+        "1",
+        &[
+            "--layers-to-transform",
+            "1",
+            "--exclude-modules",
+            "down_proj",
+        ],
+    ));
+    assert!(ok, "{err}");
+    let saved = tensors(&out.join("adapter_model.safetensors"));
+    let mut modules: Vec<String> = saved
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+        .map(|k| k.trim_start_matches("base_model.model.").to_string())
+        .collect();
+    modules.sort();
+    let expected: Vec<String> = ["gate_proj", "up_proj"]
+        .iter()
+        .map(|m| format!("model.layers.1.mlp.{m}"))
+        .chain(
+            ["k_proj", "o_proj", "q_proj", "v_proj"]
+                .iter()
+                .map(|m| format!("model.layers.1.self_attn.{m}")),
+        )
+        .collect();
+    assert_eq!(modules, expected);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(config["exclude_modules"], serde_json::json!(["down_proj"]));
+
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        tmp.path().join("bad").to_str().unwrap(),
+        "1",
+        &["--layers-to-transform", "5"],
+    ));
+    assert!(
+        !ok && err.contains("layers_to_transform 5: none of the target modules is in a layer with that index; the model's layers are 0–1"),
+        "{err}"
+    );
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        tmp.path().join("bad2").to_str().unwrap(),
+        "1",
+        &["--layers-to-transform", "-1"],
+    ));
+    assert!(
+        !ok && err
+            .contains("--layers-to-transform -1: expected comma-separated non-negative integers"),
+        "{err}"
+    );
 }

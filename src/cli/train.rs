@@ -16,6 +16,7 @@ enum Kind {
     Float,
     Bool,
     List,
+    Ints,
 }
 
 /// (config field, kind, help). The flag is the field in kebab-case.
@@ -229,7 +230,26 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         Kind::Bool,
         "rsLoRA scaling alpha/sqrt(r) [false]",
     ),
-    ("use_dora", Kind::Bool, "DoRA [false]"),
+    (
+        "use_dora",
+        Kind::Bool,
+        "DoRA: a trained magnitude per output row over the normalised adapted weight, as PEFT's use_dora [false]",
+    ),
+    (
+        "layers_to_transform",
+        Kind::Ints,
+        "Adapt only these decoder layers' target modules (comma-separated indices), as PEFT [all]",
+    ),
+    (
+        "layers_pattern",
+        Kind::List,
+        "Name of the module list holding the layers, for --layers-to-transform (e.g. layers) [PEFT's default]",
+    ),
+    (
+        "exclude_modules",
+        Kind::List,
+        "Modules never adapted: names (comma-separated, matched as suffixes) or one regex [none]",
+    ),
     ("device", Kind::Text, "cpu | cuda | cuda:N | auto [auto]"),
     (
         "push_to_hub",
@@ -324,7 +344,7 @@ pub fn command() -> Command {
             Kind::Bool => arg = arg.num_args(0..=1).default_missing_value("true"),
             // `--learning-rate -1` reaches the range check (which names the rule) instead of
             // being refused by the parser as an unknown argument.
-            Kind::Int | Kind::Float => arg = arg.allow_negative_numbers(true),
+            Kind::Int | Kind::Float | Kind::Ints => arg = arg.allow_negative_numbers(true),
             Kind::Text | Kind::List => {}
         }
         cmd = cmd.arg(arg);
@@ -347,6 +367,12 @@ fn value_of(kind: Kind, field: &str, text: &str) -> anyhow::Result<Value> {
             text.split(',')
                 .map(|s| s.trim().to_string())
                 .collect::<Vec<_>>(),
+        ),
+        Kind::Ints => Value::from(
+            text.split(',')
+                .map(|s| s.trim().parse::<u64>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad("comma-separated non-negative integers"))?,
         ),
     })
 }

@@ -472,14 +472,20 @@ pub fn export_model(
 /// llama.cpp's adapter format: `general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`,
 /// tensors `blk.N.<module>.weight.lora_a` (PEFT's A, `[r, in]`) and `.lora_b` (B, `[out, r]`,
 /// with llama's query/key row permutation), f32. llama.cpp scales by alpha / r, so rsLoRA's
-/// alpha / sqrt(r) is written as alpha * sqrt(r); per-module rank or alpha overrides, which the
-/// format cannot express, are refused.
+/// alpha / sqrt(r) is written as alpha * sqrt(r); per-module rank or alpha overrides and DoRA,
+/// which the format cannot express, are refused.
 pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> Result<usize> {
     let (arch, permutes) = architecture(config)?;
     let lora = crate::lora::LoraConfig::from_dir(adapter_dir)?;
     if !lora.rank_pattern.is_empty() || !lora.alpha_pattern.is_empty() {
         return Err(Error::Config(format!(
             "{}: rank_pattern/alpha_pattern give modules their own scale, which llama.cpp's adapter format (one alpha) cannot express",
+            adapter_dir.display()
+        )));
+    }
+    if lora.use_dora {
+        return Err(Error::Config(format!(
+            "{}: a DoRA adapter rescales each output row of the merged weight, which llama.cpp's adapter format cannot express; merge it into the model instead (peft-sft merge --output x.gguf)",
             adapter_dir.display()
         )));
     }

@@ -1,6 +1,6 @@
 //! PEFT's adapter files: `adapter_model.safetensors` (keys like
-//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, A `[r, in]`, B `[out, r]`) and
-//! `adapter_config.json`.
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, A `[r, in]`, B `[out, r]`;
+//! DoRA's magnitude `...q_proj.lora_magnitude_vector`, `[out]`) and `adapter_config.json`.
 
 use super::config::{LoraConfig, TargetModules, TokenIndices};
 use super::layer::LoraLayer;
@@ -8,6 +8,7 @@ use super::target::{rank_and_scale, short_name};
 use crate::io::{read_safetensors, write_safetensors};
 use crate::model::tokens::{rows_name, EMBED_MODULE, HEAD_MODULE};
 use crate::model::CausalLm;
+use crate::ops::lora::MAGNITUDE;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +24,11 @@ pub fn peft_key(module: &str, half: &str) -> String {
     format!("{PREFIX}{module}.{half}.weight")
 }
 
+/// PEFT's saved key of a module's DoRA magnitude (no `.weight`, unlike A and B).
+pub fn magnitude_key(module: &str) -> String {
+    format!("{PREFIX}{module}.{MAGNITUDE}")
+}
+
 /// The adapter tensors of `model` under PEFT's key names, including trainable vocabulary rows
 /// (`...embed_tokens.token_adapter.trainable_tokens_delta`).
 pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
@@ -31,6 +37,9 @@ pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
         if let Some(l) = &lin.lora {
             out.push((peft_key(&lin.name, "lora_A"), l.a.as_tensor().clone()));
             out.push((peft_key(&lin.name, "lora_B"), l.b.as_tensor().clone()));
+            if let Some(dora) = &l.dora {
+                out.push((magnitude_key(&lin.name), dora.magnitude.as_tensor().clone()));
+            }
         }
     }
     for (name, var) in model.trainable_token_tensors() {
@@ -64,13 +73,19 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result
     config.save(dir)
 }
 
-/// Splits a PEFT key into (module, half), accepting PEFT's in-memory form with an adapter name
-/// (`lora_A.default.weight`) as well as the saved form.
+/// Splits a PEFT key into (module, part): `lora_A`, `lora_B` or DoRA's `lora_magnitude_vector`,
+/// accepting PEFT's in-memory form with an adapter name (`lora_A.default.weight`) as well as the
+/// saved form (`lora_A.weight`, `lora_magnitude_vector`).
 fn parse_key(key: &str) -> Option<(&str, &str)> {
-    let rest = key.strip_prefix(PREFIX)?.strip_suffix(".weight")?;
+    let rest = key.strip_prefix(PREFIX)?;
+    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
     let rest = rest.strip_suffix(".default").unwrap_or(rest);
-    let (module, half) = rest.rsplit_once('.')?;
-    matches!(half, "lora_A" | "lora_B").then_some((module, half))
+    let (module, part) = rest.rsplit_once('.')?;
+    let saved_form = match part {
+        "lora_A" | "lora_B" => key.ends_with(".weight"),
+        _ => part == MAGNITUDE,
+    };
+    saved_form.then_some((module, part))
 }
 
 /// A PEFT adapter read from disk and checked against a base model: its config, one LoRA layer
@@ -104,7 +119,7 @@ impl Adapter {
         let config = LoraConfig::from_dir(dir)?;
         let path = dir.join(ADAPTER_WEIGHTS);
         let tensors = read_safetensors(&path, &model.device)?;
-        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
         let mut rows: BTreeMap<String, Tensor> = BTreeMap::new();
         for (key, t) in tensors {
             if !all_finite(&t)? {
@@ -126,36 +141,65 @@ impl Adapter {
             let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
                 name: key.clone(),
                 message: format!(
-                    "in {}: not a LoRA weight of a causal LM (expected base_model.model.<module>.lora_A/lora_B.weight); modules_to_save and other PEFT methods are not supported",
+                    "in {}: not a LoRA weight of a causal LM (expected base_model.model.<module>.lora_A/lora_B.weight or .lora_magnitude_vector); modules_to_save and other PEFT methods are not supported",
                     path.display()
                 ),
             })?;
-            let slot = pairs.entry(module.to_string()).or_default();
-            let t = t.to_dtype(crate::lora::layer::ADAPTER_DTYPE)?;
-            if half == "lora_A" {
-                slot.0 = Some(t);
-            } else {
-                slot.1 = Some(t);
-            }
+            let slot = parts.entry(module.to_string()).or_default();
+            let at = match half {
+                "lora_A" => 0,
+                "lora_B" => 1,
+                _ => 2,
+            };
+            slot[at] = Some(t.to_dtype(crate::lora::layer::ADAPTER_DTYPE)?);
         }
         let mut layers = BTreeMap::new();
         for lin in model.linears() {
-            let Some((a, b)) = pairs.remove(&lin.name) else {
+            let Some([a, b, m]) = parts.remove(&lin.name) else {
                 continue;
             };
-            let missing = |half: &str| Error::Tensor {
-                name: peft_key(&lin.name, half),
+            let missing = |key: String| Error::Tensor {
+                name: key,
                 message: format!("missing from {}", path.display()),
             };
-            let a = a.ok_or_else(|| missing("lora_A"))?;
-            let b = b.ok_or_else(|| missing("lora_B"))?;
+            let a = a.ok_or_else(|| missing(peft_key(&lin.name, "lora_A")))?;
+            let b = b.ok_or_else(|| missing(peft_key(&lin.name, "lora_B")))?;
+            let m = match (m, config.use_dora) {
+                (Some(m), true) => Some(m),
+                (None, false) => None,
+                (None, true) => {
+                    return Err(Error::Tensor {
+                        name: magnitude_key(&lin.name),
+                        message: format!(
+                            "missing from {} (adapter_config.json says use_dora: true)",
+                            path.display()
+                        ),
+                    })
+                }
+                (Some(_), false) => {
+                    return Err(Error::Tensor {
+                        name: magnitude_key(&lin.name),
+                        message: format!(
+                            "in {}: a DoRA magnitude, but adapter_config.json says use_dora: false; set it to true if this is a DoRA adapter",
+                            path.display()
+                        ),
+                    })
+                }
+            };
             let (r, scale) = rank_and_scale(&config, &lin.name)?;
-            let expect_a = [r, lin.in_features()];
-            let expect_b = [lin.out_features(), r];
-            for (half, t, expect) in [("lora_A", &a, expect_a), ("lora_B", &b, expect_b)] {
+            let expect_a = vec![r, lin.in_features()];
+            let expect_b = vec![lin.out_features(), r];
+            let mut checks = vec![
+                (peft_key(&lin.name, "lora_A"), &a, expect_a),
+                (peft_key(&lin.name, "lora_B"), &b, expect_b),
+            ];
+            if let Some(m) = &m {
+                checks.push((magnitude_key(&lin.name), m, vec![lin.out_features()]));
+            }
+            for (key, t, expect) in checks {
                 if t.dims() != expect {
                     return Err(Error::Tensor {
-                        name: peft_key(&lin.name, half),
+                        name: key,
                         message: format!(
                             "in {}: shape {:?} does not fit the base model (expected {:?} for r={r}); the adapter was trained on a different base",
                             path.display(),
@@ -166,9 +210,13 @@ impl Adapter {
                 }
             }
             let layer = LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?;
+            let layer = match &m {
+                Some(m) => layer.with_magnitude(m)?,
+                None => layer,
+            };
             layers.insert(lin.name.clone(), layer);
         }
-        if let Some(module) = pairs.keys().next() {
+        if let Some(module) = parts.keys().next() {
             return Err(Error::Tensor {
                 name: peft_key(module, "lora_A"),
                 message: format!(

@@ -36,6 +36,51 @@ impl TargetModules {
     }
 }
 
+/// PEFT's `layers_to_transform`: one layer index or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerIndices {
+    /// One layer.
+    One(usize),
+    /// These layers.
+    Many(Vec<usize>),
+}
+
+impl LayerIndices {
+    /// Whether layer `i` is selected.
+    pub fn contains(&self, i: usize) -> bool {
+        match self {
+            LayerIndices::One(j) => *j == i,
+            LayerIndices::Many(v) => v.contains(&i),
+        }
+    }
+
+    /// Whether it selects layers at all (PEFT ignores an empty list).
+    pub fn is_active(&self) -> bool {
+        !matches!(self, LayerIndices::Many(v) if v.is_empty())
+    }
+}
+
+/// A PEFT field that takes one string or a list of them (`layers_pattern`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The strings, in order.
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
 /// PEFT's `trainable_token_indices`: ids for the embedding, or ids per module name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -80,7 +125,7 @@ pub struct LoraConfig {
     pub target_modules: TargetModules,
     /// Scale by alpha / sqrt(r) instead of alpha / r.
     pub use_rslora: bool,
-    /// DoRA (not supported yet).
+    /// DoRA: a trainable magnitude per output row scales the adapted weight's normalised rows.
     pub use_dora: bool,
     /// Which biases train: only `none` is supported.
     pub bias: String,
@@ -99,10 +144,17 @@ pub struct LoraConfig {
     /// Vocabulary rows trained on their own (PEFT's `trainable_token_indices`): a list of ids
     /// for the embedding, or ids per module (`embed_tokens`, `lm_head`).
     pub trainable_token_indices: Option<TokenIndices>,
-    /// Layer indices to adapt (not supported yet).
-    pub layers_to_transform: Option<serde_json::Value>,
-    /// Modules excluded from targeting.
-    pub exclude_modules: Option<serde_json::Value>,
+    /// Only the target modules of these decoder layers get adapters (with a list of
+    /// `target_modules`, as PEFT).
+    pub layers_to_transform: Option<LayerIndices>,
+    /// The name of the module list that holds the layers (`layers` in `model.layers.3.mlp`),
+    /// which finds a module's layer index; by default the first `<name>.<number>.` in its path.
+    pub layers_pattern: Option<OneOrMany>,
+    /// Modules never adapted: names matched exactly or as a `.`-separated suffix, or one
+    /// full-match regex.
+    pub exclude_modules: Option<TargetModules>,
+    /// PEFT's adapters on parameters (MoE experts stored as one 3-D tensor); refused.
+    pub target_parameters: Option<Vec<String>>,
     /// PEFT version that wrote the file, or ours.
     pub revision: Option<String>,
 }
@@ -128,7 +180,9 @@ impl Default for LoraConfig {
             modules_to_save: None,
             trainable_token_indices: None,
             layers_to_transform: None,
+            layers_pattern: None,
             exclude_modules: None,
+            target_parameters: None,
             revision: None,
         }
     }
@@ -156,9 +210,6 @@ impl LoraConfig {
                 self.lora_dropout
             )));
         }
-        if self.use_dora {
-            return unsupported("use_dora (DoRA)");
-        }
         if self.bias != "none" {
             return unsupported(&format!("bias = \"{}\" (only \"none\")", self.bias));
         }
@@ -168,12 +219,26 @@ impl LoraConfig {
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return unsupported("modules_to_save");
         }
+        let regex_target =
+            matches!(&self.target_modules, TargetModules::Pattern(p) if p != "all-linear");
+        if regex_target && (self.layers_to_transform.is_some() || self.layers_pattern.is_some()) {
+            return Err(Error::Config(
+                "layers_to_transform / layers_pattern cannot be used when target_modules is a regex (as PEFT); list the module names (e.g. q_proj,v_proj) or use all-linear".into(),
+            ));
+        }
+        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+            return Err(Error::Config(
+                "layers_pattern is set but layers_to_transform is not: the pattern only says where the layer indices are; name the layers with layers_to_transform".into(),
+            ));
+        }
         if self
-            .layers_to_transform
+            .target_parameters
             .as_ref()
-            .is_some_and(|v| !v.is_null())
+            .is_some_and(|p| !p.is_empty())
         {
-            return unsupported("layers_to_transform");
+            return Err(Error::Config(
+                "target_parameters adapts weights stored as bare parameters (Mixture-of-Experts experts held in one 3-D tensor, as in Llama 4 or gpt-oss); every weight of the architectures peft-sft trains is in a linear module: select them with target_modules".into(),
+            ));
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Folding adapters into the base weights: `W' = W + scale * B A`, as PEFT's `merge_and_unload`.
+//! Folding adapters into the base weights: `W' = W + scale * B A` (DoRA: each row of that rescaled
+//! to its magnitude), as PEFT's `merge_and_unload`.
 
 use crate::model::layers::LinearWeight;
 use crate::model::param::Param;
@@ -16,10 +17,7 @@ pub fn merge_and_unload(model: &mut CausalLm) -> Result<usize> {
         };
         let w = lin.weight.dense()?;
         let trainable = lin.weight.param().is_some_and(|p| p.var().is_some());
-        let dtype = w.dtype();
-        let new_w = (w.to_dtype(candle_core::DType::F32)?
-            + lora.delta_weight()?.to_dtype(candle_core::DType::F32)?)?
-        .to_dtype(dtype)?;
+        let new_w = lora.merged_weight(&w)?.to_dtype(w.dtype())?;
         lin.weight = LinearWeight::Dense(Param::new(new_w, trainable)?);
         merged += 1;
     }

@@ -1,7 +1,8 @@
-//! Which modules get adapters: PEFT's `target_modules` matching, `rank_pattern`/`alpha_pattern`
-//! lookups, and injection of fresh LoRA layers into a model.
+//! Which modules get adapters: PEFT's `target_modules` matching narrowed by `layers_to_transform`
+//! and `exclude_modules`, `rank_pattern`/`alpha_pattern` lookups, and injection of fresh LoRA
+//! layers into a model.
 
-use super::config::{LoraConfig, TargetModules};
+use super::config::{LayerIndices, LoraConfig, TargetModules};
 use super::layer::{lora_scale, LoraLayer};
 use crate::model::CausalLm;
 use crate::{Error, Result};
@@ -60,6 +61,113 @@ fn unknown_target(key: &str, names: &[&str]) -> Error {
     ))
 }
 
+/// The modules of `names` that get adapters under `config`, as PEFT's
+/// `check_target_module_exists` decides: `target_modules` ([`select`]), then only those in
+/// `layers_to_transform` (the layer index found by `layers_pattern`), less `exclude_modules`.
+/// An index naming no layer, an exclusion naming no module, or a selection left empty is an
+/// error that says what the model has.
+pub fn targeted<'a>(config: &LoraConfig, names: &[&'a str]) -> Result<Vec<&'a str>> {
+    config.validate()?;
+    let mut chosen = select(&config.target_modules, names)?;
+    if let Some(layers) = config
+        .layers_to_transform
+        .as_ref()
+        .filter(|l| l.is_active())
+    {
+        let patterns: Vec<&str> = config
+            .layers_pattern
+            .as_ref()
+            .map(|p| p.items())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        let index_of = layer_index_finder(&patterns)?;
+        let present: BTreeSet<usize> = chosen.iter().filter_map(|n| index_of(n)).collect();
+        let wanted = match layers {
+            LayerIndices::One(i) => vec![*i],
+            LayerIndices::Many(v) => v.clone(),
+        };
+        if let Some(missing) = wanted.iter().find(|i| !present.contains(i)) {
+            return Err(Error::Config(format!(
+                "layers_to_transform {missing}: none of the target modules is in a layer with that index{}; the model's layers are {}",
+                if patterns.is_empty() { String::new() } else { format!(" (layers_pattern {})", patterns.join(", ")) },
+                describe_layers(&present)
+            )));
+        }
+        chosen.retain(|n| index_of(n).is_some_and(|i| layers.contains(i)));
+    }
+    if let Some(exclude) = &config.exclude_modules {
+        let excluded = |n: &str| match exclude {
+            TargetModules::List(keys) => keys.iter().any(|k| suffix_match(n, k)),
+            TargetModules::Pattern(p) => full_match(p).is_ok_and(|re| re.is_match(n)),
+        };
+        match exclude {
+            TargetModules::Pattern(p) => {
+                full_match(p)?;
+            }
+            TargetModules::List(keys) => {
+                // The LM head and the embedding are never adapted: excluding them is harmless.
+                let unknown = keys.iter().find(|k| {
+                    !["lm_head", "embed_tokens"].contains(&short_name(k))
+                        && !names.iter().any(|n| suffix_match(n, k))
+                });
+                if let Some(key) = unknown {
+                    let kinds: BTreeSet<&str> = names.iter().map(|n| short_name(n)).collect();
+                    return Err(Error::Config(format!(
+                        "exclude module `{key}` matches no linear layer of this model; its linear modules are: {}",
+                        kinds.into_iter().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
+        }
+        let before = chosen.len();
+        chosen.retain(|n| !excluded(n));
+        if before > 0 && chosen.is_empty() {
+            return Err(Error::Config(
+                "every target module is excluded by exclude_modules: nothing would train; check target_modules and exclude_modules".into(),
+            ));
+        }
+    }
+    Ok(chosen)
+}
+
+/// A module path's layer index as PEFT finds it: the number after the first `<name>.` of
+/// `patterns` (`layers` in `model.layers.3.mlp.up_proj`), or with no pattern after the first
+/// `<segment>.` that follows another segment.
+fn layer_index_finder(patterns: &[&str]) -> Result<impl Fn(&str) -> Option<usize>> {
+    let regexes = if patterns.is_empty() {
+        vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("a valid regex")]
+    } else {
+        patterns
+            .iter()
+            .map(|p| {
+                Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
+                    .map_err(|e| Error::Config(format!("layers_pattern `{p}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    Ok(move |name: &str| {
+        regexes
+            .iter()
+            .find_map(|re| re.captures(name))
+            .and_then(|c| c[1].parse().ok())
+    })
+}
+
+/// `0–11` for a contiguous set of layer indices, else the list.
+fn describe_layers(present: &BTreeSet<usize>) -> String {
+    match (present.first(), present.last()) {
+        (Some(a), Some(b)) if b - a + 1 == present.len() => format!("{a}–{b}"),
+        (Some(_), Some(_)) => present
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "none (no module path has a layer index)".into(),
+    }
+}
+
 /// PEFT's pattern lookup for `rank_pattern`/`alpha_pattern`: the first key `k` for which
 /// `(.*\.)?k$` matches the module name.
 pub fn pattern_value<T: Copy>(
@@ -90,7 +198,7 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
     config.validate()?;
     let names: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let chosen: BTreeSet<String> = select(&config.target_modules, &refs)?
+    let chosen: BTreeSet<String> = targeted(config, &refs)?
         .into_iter()
         .map(String::from)
         .collect();
@@ -111,6 +219,10 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
             crate::lora::layer::ADAPTER_DTYPE,
             &device,
         )?;
+        let layer = match lin.weight.frozen() {
+            Some(w) if config.use_dora => layer.with_initial_magnitude(&w)?,
+            _ => layer,
+        };
         lin.lora = Some(layer);
     }
     Ok(chosen.into_iter().collect())
@@ -152,6 +264,66 @@ mod tests {
             msg.contains("`qkv`") && msg.contains("down_proj, q_proj, v_proj"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn layers_to_transform_and_exclude_modules_narrow_the_targets() {
+        let c = |json: serde_json::Value| -> LoraConfig { serde_json::from_value(json).unwrap() };
+        let picked = |json| targeted(&c(json), NAMES).map_err(|e| e.to_string());
+        assert_eq!(
+            picked(serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [1]})),
+            Ok(vec![NAMES[3]])
+        );
+        assert_eq!(
+            picked(
+                serde_json::json!({"target_modules": "all-linear", "layers_to_transform": 0,
+                "layers_pattern": "layers"})
+            ),
+            Ok(NAMES[..3].to_vec())
+        );
+        assert_eq!(
+            picked(serde_json::json!({"exclude_modules": ["v_proj", "lm_head"]})),
+            Ok(vec![NAMES[0], NAMES[2], NAMES[3]])
+        );
+        assert_eq!(
+            picked(serde_json::json!({"exclude_modules": ".*\\.0\\..*"})),
+            Ok(vec![NAMES[3]])
+        );
+        // What PEFT refuses, and what would silently adapt nothing or something else.
+        for (json, says) in [
+            (
+                serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [2]}),
+                "layers_to_transform 2: none of the target modules is in a layer with that index; the model's layers are 0–1",
+            ),
+            (
+                serde_json::json!({"target_modules": ".*q_proj", "layers_to_transform": [0]}),
+                "cannot be used when target_modules is a regex",
+            ),
+            (
+                serde_json::json!({"layers_pattern": "layers"}),
+                "layers_pattern is set but layers_to_transform is not",
+            ),
+            (
+                serde_json::json!({"target_modules": ["q_proj"], "layers_to_transform": [0],
+                    "layers_pattern": "blocks"}),
+                "(layers_pattern blocks); the model's layers are none",
+            ),
+            (
+                serde_json::json!({"exclude_modules": ["qkv"]}),
+                "exclude module `qkv` matches no linear layer",
+            ),
+            (
+                serde_json::json!({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}),
+                "every target module is excluded",
+            ),
+            (
+                serde_json::json!({"target_parameters": ["mlp.experts.gate_up_proj"]}),
+                "target_parameters adapts weights stored as bare parameters",
+            ),
+        ] {
+            let err = picked(json.clone()).unwrap_err();
+            assert!(err.contains(says), "{json}: {err}");
+        }
     }
 
     #[test]

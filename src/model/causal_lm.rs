@@ -15,6 +15,7 @@ use crate::ops::checkpoint::checkpoint;
 use crate::ops::cross_entropy::{lm_head_loss, LossKind, LossOutput, LossTargets};
 use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
+use crate::ops::lora::MAGNITUDE;
 use crate::ops::rope::RotaryEmbedding;
 use crate::quant::{gguf, QuantScheme, QuantizedData, QuantizedWeight};
 use crate::Result;
@@ -496,6 +497,10 @@ impl CausalLm {
             if let Some(l) = &lin.lora {
                 out.push((format!("{}.lora_A.weight", lin.name), l.a.clone()));
                 out.push((format!("{}.lora_B.weight", lin.name), l.b.clone()));
+                if let Some(dora) = &l.dora {
+                    let name = format!("{}.{MAGNITUDE}", lin.name);
+                    out.push((name, dora.magnitude.clone()));
+                }
             }
         }
         out.extend(self.trainable_token_tensors());

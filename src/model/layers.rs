@@ -5,7 +5,7 @@ use super::param::Param;
 use crate::ops::attention::{attention, attention_tokens, prefers_token_layout, AttentionMask};
 use crate::ops::layer::steps::{self, LayerSteps, NormAt, Proj};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
-use crate::ops::lora::LoraLayer;
+use crate::ops::lora::{dora_linear, LoraLayer};
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
 use crate::ops::rope::{apply_rope, apply_rope_tokens};
@@ -108,6 +108,15 @@ impl Linear {
         let bias = self.bias.as_ref().map(Param::tensor);
         let bias_frozen = self.bias.as_ref().is_none_or(|b| b.var().is_none());
         match (self.weight.frozen(), &self.lora) {
+            (Some(w), Some(lora)) if lora.dora.is_some() => {
+                let rows = x.elem_count() / self.in_features();
+                let base = LoraBase {
+                    weight: &w,
+                    bias,
+                    dropout_mask: lora.dropout_mask(&self.name, rows, dropout_key, x.dtype())?,
+                };
+                dora_linear(x, base, lora)
+            }
             (Some(w), Some(lora)) => {
                 let rows = x.elem_count() / self.in_features();
                 let base = LoraBase {
@@ -293,7 +302,7 @@ impl DecoderLayer {
         let mut out = Vec::new();
         for lin in self.linears() {
             if let Some(lora) = &lin.lora {
-                out.extend([lora.a.clone(), lora.b.clone()]);
+                out.extend(lora.vars().into_iter().cloned());
             }
             out.extend(lin.weight.param().and_then(Param::var).cloned());
             out.extend(lin.bias.as_ref().and_then(Param::var).cloned());
