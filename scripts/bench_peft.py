@@ -70,7 +70,8 @@ def bench(args):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                             lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             use_dora=args.use_dora))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -109,6 +110,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps in all; the first is a warm-up (default 5)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--use-dora", action="store_true", help="PEFT's DoRA (use_dora=True)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
