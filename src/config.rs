@@ -158,6 +158,12 @@ pub struct SftConfig {
     pub layers_pattern: Vec<String>,
     /// PEFT's `exclude_modules`: names (matched as suffixes) or one regex never adapted.
     pub exclude_modules: Vec<String>,
+    /// PEFT's `modules_to_save` (TRL's `lora_modules_to_save`): `embed_tokens`, `lm_head`,
+    /// trained as full copies beside the adapter.
+    pub modules_to_save: Vec<String>,
+    /// LoRA+'s learning rate of an embedding trained in full (`modules_to_save embed_tokens`),
+    /// PEFT's `loraplus_lr_embedding`.
+    pub loraplus_lr_embedding: f64,
     /// NEFTune (transformers' `neftune_noise_alpha`): uniform noise of magnitude
     /// `alpha / sqrt(L · d)` on the input embeddings while training; None adds none.
     pub neftune_noise_alpha: Option<f64>,
@@ -251,6 +257,8 @@ impl Default for SftConfig {
             layers_to_transform: Vec::new(),
             layers_pattern: Vec::new(),
             exclude_modules: Vec::new(),
+            modules_to_save: Vec::new(),
+            loraplus_lr_embedding: 1e-6,
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
             loss_type: "nll".into(),
@@ -516,6 +524,18 @@ impl SftConfig {
             )?;
         }
         check(
+            self.modules_to_save.is_empty() || self.mode != Mode::Full,
+            "modules-to-save",
+            &self.modules_to_save.join(","),
+            "trains copies of modules beside an adapter; --full trains every weight already",
+        )?;
+        check(
+            self.loraplus_lr_embedding.is_finite() && self.loraplus_lr_embedding > 0.0,
+            "loraplus-lr-embedding",
+            &self.loraplus_lr_embedding,
+            "must be a positive number (PEFT's default is 1e-6)",
+        )?;
+        check(
             !(self.use_dora && self.mode == Mode::Full),
             "use-dora",
             &self.use_dora,
@@ -687,6 +707,8 @@ impl SftConfig {
                 .then(|| OneOrMany::Many(self.layers_pattern.clone())),
             exclude_modules: (!self.exclude_modules.is_empty())
                 .then(|| TargetModules::from_names(&self.exclude_modules)),
+            modules_to_save: (!self.modules_to_save.is_empty())
+                .then(|| self.modules_to_save.clone()),
             ..LoraConfig::default()
         }
     }

@@ -171,3 +171,57 @@ fn layer_selection_adapts_the_modules_peft_adapts() {
         assert_eq!(ours, theirs, "{}", case["config"]);
     }
 }
+
+/// PEFT's `modules_to_save` (scripts/make_modules_to_save_fixture.py): trained copies of the LM
+/// head and embedding on the untied Llama, of the tied head alone on Qwen2 (the adapted model's
+/// head then differs from its embedding). Logits, loss, every gradient (copies included), and
+/// merge_and_unload's logits; the merged Qwen2 is untied, and saved and loaded back it gives them
+/// again.
+#[test]
+fn modules_to_save_match_peft() {
+    for (name, copies) in [("llama", 2), ("qwen2", 1)] {
+        let dir = fixture(&format!("peft/{name}_modules_to_save"));
+        let reference = tensors(&dir.join("reference.safetensors"));
+        let base_dir = fixture(&format!("models/{name}"));
+        let mut model = load_model(&base_dir, false);
+        load_adapter(&mut model, &dir.join("adapter")).unwrap();
+        let ids = input_ids(&reference);
+        let err = rel_err(&model.forward(&ids).unwrap(), &reference["logits"]);
+        assert!(err < 1e-4, "{name}: logits differ from PEFT's by {err}");
+        let mask = loss_mask(&ids);
+        let out = model
+            .loss(&ids, &mask, &mask.ones_like().unwrap(), None)
+            .unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        assert!(rel_err(&loss, &reference["loss"]) < 1e-5, "{name}: loss");
+        let grads = loss.backward().unwrap();
+        let trainable = model.trainable();
+        assert_eq!(
+            trainable
+                .iter()
+                .filter(|(n, _)| !n.contains("lora_"))
+                .count(),
+            copies
+        );
+        assert_peft_gradients(&reference, &grads, &trainable, 1e-4);
+
+        merge_and_unload(&mut model).unwrap();
+        assert!(
+            !model.config.tie_word_embeddings,
+            "{name}: merged is untied"
+        );
+        let err = rel_err(&model.forward(&ids).unwrap(), &reference["merged_logits"]);
+        assert!(err < 1e-4, "{name}: merged logits differ by {err}");
+        let tmp = tempfile::tempdir().unwrap();
+        peft_sft::model::save::save_pretrained(&model, &base_dir, tmp.path(), usize::MAX).unwrap();
+        let reloaded = load_model(tmp.path(), false);
+        let err = rel_err(
+            &reloaded.forward(&ids).unwrap(),
+            &reference["merged_logits"],
+        );
+        assert!(
+            err < 1e-4,
+            "{name}: saved merged model's logits differ by {err}"
+        );
+    }
+}

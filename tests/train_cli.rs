@@ -179,6 +179,7 @@ fn every_adapter_method_resumes_exactly() {
         &["--loraplus-lr-ratio", "16"],
         &["--loss-type", "dft"],
         &["--neftune-noise-alpha", "5"],
+        &["--modules-to-save", "lm_head,embed_tokens"],
     ] {
         resume_is_exact(extra);
     }
@@ -595,6 +596,61 @@ fn layer_selection_flags_reach_the_adapter() {
     assert!(
         !ok && err
             .contains("--layers-to-transform -1: expected comma-separated non-negative integers"),
+        "{err}"
+    );
+}
+
+/// `--modules-to-save lm_head,embed_tokens` on the tied Qwen2: trained copies saved under PEFT's
+/// keys beside the adapter (the base's weights untouched), listed in adapter_config.json; with
+/// LoRA+ the embedding's copy moves at `--loraplus-lr-embedding` (Adam's first step is the rate
+/// times the gradient's sign), the head's at the learning rate.
+#[test]
+fn modules_to_save_train_copies_saved_under_peft_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tensors(&fixture(MODEL).join("model.safetensors"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "--modules-to-save",
+            "lm_head,embed_tokens",
+            "--lora-dropout",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run_cli(&train_args("cpu", out.to_str().unwrap(), "1", &args));
+        assert!(ok, "{err}");
+        (out.clone(), tensors(&out.join("adapter_model.safetensors")))
+    };
+    let (out, plain) = run("plain", &[]);
+    let embed = &plain["base_model.model.model.embed_tokens.weight"];
+    let head = &plain["base_model.model.lm_head.weight"];
+    let start = &base["model.embed_tokens.weight"];
+    let moved = |t: &candle_core::Tensor| max_abs_diff(t, start);
+    // One Adam step at 5e-3 from the base's (tied) matrix, each copy on its own gradient.
+    assert!((moved(embed) - 5e-3).abs() < 1e-4, "{}", moved(embed));
+    assert!((moved(head) - 5e-3).abs() < 1e-4, "{}", moved(head));
+    assert!(max_abs_diff(embed, head) > 0.0, "the copies train apart");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["lm_head", "embed_tokens"])
+    );
+    let (_, plus) = run("plus", &["--loraplus-lr-ratio", "16"]);
+    let moved_plus = moved(&plus["base_model.model.model.embed_tokens.weight"]);
+    // Within the f32 spacing of the weights (about 1e-8 at their size).
+    assert!((moved_plus - 1e-6).abs() < 5e-8, "{moved_plus}");
+    assert!((moved(&plus["base_model.model.lm_head.weight"]) - 5e-3).abs() < 1e-4);
+
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        tmp.path().join("bad").to_str().unwrap(),
+        "1",
+        &["--modules-to-save", "norm"],
+    ));
+    assert!(
+        !ok && err.contains("modules_to_save `norm`: peft-sft trains full copies of the embedding and the LM head only"),
         "{err}"
     );
 }

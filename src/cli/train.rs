@@ -236,6 +236,16 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "DoRA: a trained magnitude per output row over the normalised adapted weight, as PEFT's use_dora [false]",
     ),
     (
+        "modules_to_save",
+        Kind::List,
+        "Train full copies of these beside the adapter, as PEFT's modules_to_save: embed_tokens, lm_head (comma-separated; also --lora-modules-to-save) [none]",
+    ),
+    (
+        "loraplus_lr_embedding",
+        Kind::Float,
+        "LoRA+: learning rate of an embedding trained in full (--modules-to-save embed_tokens), PEFT's loraplus_lr_embedding [1e-6]",
+    ),
+    (
         "layers_to_transform",
         Kind::Ints,
         "Adapt only these decoder layers' target modules (comma-separated indices), as PEFT [all]",
@@ -338,6 +348,7 @@ pub fn command() -> Command {
             "dataset_config" => arg.visible_alias("dataset-config-name"),
             "dataset_train_split" => arg.visible_alias("dataset-split"),
             "chat_template_path" => arg.visible_alias("chat-template"),
+            "modules_to_save" => arg.visible_alias("lora-modules-to-save"),
             _ => arg,
         };
         match kind {

@@ -483,6 +483,12 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
             adapter_dir.display()
         )));
     }
+    if lora.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(Error::Config(format!(
+            "{}: the adapter trains full copies of modules (modules_to_save), which llama.cpp's adapter format cannot carry; merge it into the model instead",
+            adapter_dir.display()
+        )));
+    }
     if lora.use_dora {
         return Err(Error::Config(format!(
             "{}: a DoRA adapter rescales each output row of the merged weight, which llama.cpp's adapter format cannot express; merge it into the model instead (peft-sft merge --output x.gguf)",

@@ -208,6 +208,15 @@ fn merge_to_gguf(
     probe: &Probe,
     options: &MergeOptions,
 ) -> Result<MergeReport> {
+    if !loaded.model.saved_modules.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: the adapter trains full copies of the embedding or LM head (modules_to_save), which a merge into the base's GGUF file does not write yet; merge into a model folder instead (--output DIR), then convert it",
+            options
+                .adapter
+                .as_deref()
+                .map_or("the adapter".into(), |a| a.display().to_string())
+        )));
+    }
     let gguf = GgufFile::open(Path::new(&options.base))?;
     let adapted: Vec<String> = loaded
         .model

@@ -6,7 +6,7 @@ use super::config::{LoraConfig, TargetModules, TokenIndices};
 use super::layer::LoraLayer;
 use super::target::{rank_and_scale, short_name};
 use crate::io::{read_safetensors, write_safetensors};
-use crate::model::tokens::{rows_name, EMBED_MODULE, HEAD_MODULE};
+use crate::model::tokens::{rows_name, short_module, SavedModules, EMBED_MODULE, HEAD_MODULE};
 use crate::model::CausalLm;
 use crate::ops::lora::MAGNITUDE;
 use crate::{Error, Result};
@@ -42,7 +42,11 @@ pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
             }
         }
     }
-    for (name, var) in model.trainable_token_tensors() {
+    for (name, var) in model
+        .trainable_token_tensors()
+        .into_iter()
+        .chain(model.saved_module_tensors())
+    {
         out.push((format!("{PREFIX}{name}"), var.as_tensor().clone()));
     }
     out
@@ -98,6 +102,8 @@ pub struct Adapter {
     pub layers: BTreeMap<String, LoraLayer>,
     /// Trained vocabulary rows (PEFT's `trainable_token_indices`).
     pub token_rows: Option<TokenRows>,
+    /// Trained copies of the embedding and LM head (PEFT's `modules_to_save`).
+    pub saved_modules: SavedModules,
 }
 
 /// Vocabulary rows an adapter replaces: ids and their embedding (and untied LM-head) rows.
@@ -121,6 +127,8 @@ impl Adapter {
         let tensors = read_safetensors(&path, &model.device)?;
         let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
         let mut rows: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut saved_modules = SavedModules::default();
+        let to_save = config.modules_to_save.clone().unwrap_or_default();
         for (key, t) in tensors {
             if !all_finite(&t)? {
                 return Err(Error::Tensor {
@@ -136,6 +144,26 @@ impl Adapter {
                 .and_then(|k| k.strip_suffix(".token_adapter.trainable_tokens_delta"))
             {
                 rows.insert(module.to_string(), t.to_dtype(model.dtype)?);
+                continue;
+            }
+            if let Some(module) = saved_module(&key, &to_save) {
+                let hidden = model.config.hidden_size;
+                if t.rank() != 2 || t.dim(1)? != hidden || t.dim(0)? < model.config.vocab_size {
+                    return Err(Error::Tensor {
+                        name: key,
+                        message: format!(
+                            "in {}: shape {:?} does not fit the base model (expected [{}, {hidden}] or more rows); the adapter was trained on a different base",
+                            path.display(),
+                            t.dims(),
+                            model.config.vocab_size
+                        ),
+                    });
+                }
+                let copy = Some(candle_core::Var::from_tensor(&t.to_dtype(model.dtype)?)?);
+                match module {
+                    "embed_tokens" => saved_modules.embed = copy,
+                    _ => saved_modules.head = copy,
+                }
                 continue;
             }
             let (module, half) = parse_key(&key).ok_or_else(|| Error::Tensor {
@@ -230,6 +258,7 @@ impl Adapter {
             config,
             layers,
             token_rows,
+            saved_modules,
         })
     }
 
@@ -242,6 +271,18 @@ impl Adapter {
         for lin in model.linears_mut() {
             lin.lora = self.layers.get(&lin.name).cloned();
         }
+        // A copy trained after new tokens were added has their rows too.
+        let rows = [&self.saved_modules.embed, &self.saved_modules.head]
+            .into_iter()
+            .flatten()
+            .map(|v| v.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if let Some(&vocab) = rows.iter().max() {
+            if vocab > model.config.vocab_size {
+                model.resize_token_embeddings(vocab)?;
+            }
+        }
+        model.saved_modules = self.saved_modules.clone();
         Ok(())
     }
 }
@@ -251,6 +292,20 @@ pub fn remove_adapters(model: &mut CausalLm) {
     for lin in model.linears_mut() {
         lin.lora = None;
     }
+    model.saved_modules = SavedModules::default();
+}
+
+/// `embed_tokens` or `lm_head` when `key` is PEFT's saved key of a `modules_to_save` copy of one
+/// of them (`base_model.model.lm_head.weight`) and `to_save` names it.
+fn saved_module(key: &str, to_save: &[String]) -> Option<&'static str> {
+    let module = key.strip_prefix(PREFIX)?.strip_suffix(".weight")?;
+    let short = short_module(module)?;
+    let full = if short == "lm_head" {
+        HEAD_MODULE
+    } else {
+        EMBED_MODULE
+    };
+    (module == full && to_save.iter().any(|m| short_module(m) == Some(short))).then_some(short)
 }
 
 /// Whether every value of `t` is finite (a NaN or inf makes the sum of squares non-finite).

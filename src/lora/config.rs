@@ -1,6 +1,7 @@
 //! PEFT's `LoraConfig`, read from and written to `adapter_config.json` with PEFT's field names.
 
 use crate::io::{read_json, write_json};
+use crate::model::tokens::{short_module, unsavable};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,7 +140,7 @@ pub struct LoraConfig {
     pub inference_mode: bool,
     /// PEFT's init flag, kept as written.
     pub init_lora_weights: serde_json::Value,
-    /// Modules trained in full and saved beside the adapter (not supported yet).
+    /// Modules trained in full and saved beside the adapter: `embed_tokens`, `lm_head`.
     pub modules_to_save: Option<Vec<String>>,
     /// Vocabulary rows trained on their own (PEFT's `trainable_token_indices`): a list of ids
     /// for the embedding, or ids per module (`embed_tokens`, `lm_head`).
@@ -216,8 +217,16 @@ impl LoraConfig {
         if self.fan_in_fan_out {
             return unsupported("fan_in_fan_out");
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return unsupported("modules_to_save");
+        for name in self.modules_to_save.iter().flatten() {
+            match short_module(name) {
+                None => return Err(unsavable(name)),
+                Some("embed_tokens") if self.trainable_token_indices.is_some() => {
+                    return Err(Error::Config(
+                        "modules_to_save embed_tokens trains every row of the embedding, and trainable_token_indices some of them: use one of the two".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
         }
         let regex_target =
             matches!(&self.target_modules, TargetModules::Pattern(p) if p != "all-linear");

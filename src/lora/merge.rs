@@ -6,10 +6,26 @@ use crate::model::param::Param;
 use crate::model::CausalLm;
 use crate::Result;
 
-/// Merges every LoRA layer of `model` into its base weight and removes the adapters. A quantized
-/// base weight is dequantized first (the merged weight is full precision).
+/// Merges every LoRA layer of `model` into its base weight and removes the adapters; trained
+/// copies of the embedding and LM head (`modules_to_save`) replace the base's. A quantized base
+/// weight is dequantized first (the merged weight is full precision).
 /// Returns the number of merged modules.
 pub fn merge_and_unload(model: &mut CausalLm) -> Result<usize> {
+    let saved = std::mem::take(&mut model.saved_modules);
+    if !saved.is_empty() {
+        // PEFT's merge puts the trained copies in place of the modules. A tied head no longer
+        // equals the embedding once either trained: the merged model is untied.
+        if model.config.tie_word_embeddings {
+            model.lm_head = Some(Param::new(model.embed_tokens.tensor().clone(), false)?);
+            model.config.tie_word_embeddings = false;
+        }
+        if let Some(embed) = saved.embed {
+            model.embed_tokens = Param::new(embed.as_tensor().detach(), false)?;
+        }
+        if let Some(head) = saved.head {
+            model.lm_head = Some(Param::new(head.as_tensor().detach(), false)?);
+        }
+    }
     let mut merged = 0;
     for lin in model.linears_mut() {
         let Some(lora) = lin.lora.take() else {

@@ -7,7 +7,7 @@ use super::layers::{
 };
 use super::param::Param;
 use super::selective::{self, checkpointed_stack, stack_applies};
-use super::tokens::TrainableTokens;
+use super::tokens::{SavedModules, TrainableTokens};
 use super::weights::Weights;
 use crate::data::Batch;
 use crate::ops::attention::AttentionMask;
@@ -37,6 +37,8 @@ pub struct CausalLm {
     pub lm_head: Option<Param>,
     /// Vocabulary rows that train on their own (new tokens of a chat-format setup).
     pub trainable_tokens: Option<TrainableTokens>,
+    /// Trained full copies of the embedding and the LM head (PEFT's `modules_to_save`).
+    pub saved_modules: SavedModules,
     rope: RotaryEmbedding,
     /// Compute dtype.
     pub dtype: DType,
@@ -243,6 +245,7 @@ impl CausalLm {
             norm,
             lm_head,
             trainable_tokens: None,
+            saved_modules: SavedModules::default(),
             rope,
             dtype,
             device: device.clone(),
@@ -504,6 +507,7 @@ impl CausalLm {
             }
         }
         out.extend(self.trainable_token_tensors());
+        out.extend(self.saved_module_tensors());
         out
     }
 }

@@ -126,6 +126,10 @@ pub fn save_pretrained(
         obj.insert(key.into(), name.into());
         // A chat-format setup may have grown the vocabulary and changed the special tokens.
         obj.insert("vocab_size".into(), model.config.vocab_size.into());
+        // A merged `modules_to_save` head is the model's own, no longer the embedding.
+        if !model.config.tie_word_embeddings {
+            obj.insert("tie_word_embeddings".into(), false.into());
+        }
         put_special_ids(obj, &model.config);
         // The saved weights are full precision: a bitsandbytes checkpoint's quantization config
         // no longer applies.

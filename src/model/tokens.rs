@@ -20,6 +20,27 @@ pub struct TrainableTokens {
     pub head: Option<Var>,
 }
 
+/// PEFT's `modules_to_save` over the embedding and the LM head: trained full copies used in place
+/// of the base's, which stay as they are (PEFT's `ModulesToSaveWrapper` keeps the original beside
+/// the copy). A copy of a tied head trains alone: the adapted model's head and embedding differ.
+#[derive(Debug, Clone, Default)]
+pub struct SavedModules {
+    /// The embedding's copy `[vocab, hidden]`.
+    pub embed: Option<Var>,
+    /// The LM head's copy `[vocab, hidden]`.
+    pub head: Option<Var>,
+}
+
+impl SavedModules {
+    /// Whether neither module has a copy.
+    pub fn is_empty(&self) -> bool {
+        self.embed.is_none() && self.head.is_none()
+    }
+}
+
+/// The names `modules_to_save` may give (PEFT matches them as module-path suffixes).
+pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// PEFT's module names for the two matrices.
 pub const EMBED_MODULE: &str = "model.embed_tokens";
 /// PEFT's module name of the LM head.
@@ -57,6 +78,21 @@ fn grow(matrix: &Tensor, vocab: usize) -> candle_core::Result<Tensor> {
         .to_dtype(matrix.dtype())?;
     let extra = mean.broadcast_as((vocab - old, hidden))?.contiguous()?;
     Tensor::cat(&[matrix, &extra], 0)
+}
+
+/// `embed_tokens` or `lm_head` for a `modules_to_save` entry naming one of them (as a suffix of
+/// its path: `model.embed_tokens` too).
+pub fn short_module(name: &str) -> Option<&'static str> {
+    SAVABLE_MODULES
+        .into_iter()
+        .find(|m| name == *m || name.ends_with(&format!(".{m}")))
+}
+
+/// The error for a `modules_to_save` entry peft-sft cannot train.
+pub fn unsavable(name: &str) -> Error {
+    Error::Config(format!(
+        "modules_to_save `{name}`: peft-sft trains full copies of the embedding and the LM head only (embed_tokens, lm_head); adapt linear layers with target_modules"
+    ))
 }
 
 fn check_indices(indices: &[u32], vocab: usize) -> Result<()> {
@@ -150,9 +186,59 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Makes trained copies of the modules `names` names (`embed_tokens`, `lm_head`, PEFT's
+    /// `modules_to_save`), starting from their current weights; the base's stay frozen.
+    pub fn train_modules(&mut self, names: &[String]) -> Result<()> {
+        for name in names {
+            let start = match short_module(name) {
+                Some("embed_tokens") => self.embed_tokens.tensor(),
+                Some(_) => self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor(),
+                None => return Err(unsavable(name)),
+            };
+            // A copy of its own: the base's matrix stays as it is.
+            let copy = Var::from_tensor(&start.copy()?)?;
+            match short_module(name) {
+                Some("embed_tokens") => self.saved_modules.embed = Some(copy),
+                _ => self.saved_modules.head = Some(copy),
+            }
+        }
+        Ok(())
+    }
+
+    /// Trains the rows of tokens added to the vocabulary (a chat-format setup), as PEFT's
+    /// `trainable_token_indices` — unless full copies of the embedding and the LM head train
+    /// (`modules_to_save`), which train every row. A copy of only one of them would leave the
+    /// other's new rows untrained: refused.
+    pub fn train_new_token_rows(&mut self, ids: Vec<u32>) -> Result<()> {
+        match (&self.saved_modules.embed, &self.saved_modules.head) {
+            (None, None) => self.train_token_rows(ids),
+            (Some(_), Some(_)) => Ok(()),
+            _ => Err(Error::Config(format!(
+                "the chat-format setup adds {} tokens, whose embedding and LM-head rows must both train: give modules_to_save both embed_tokens and lm_head, or neither",
+                ids.len()
+            ))),
+        }
+    }
+
+    /// The trained copies as PEFT saves them (`model.embed_tokens.weight`, `lm_head.weight`).
+    pub fn saved_module_tensors(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.saved_modules.embed {
+            out.push((format!("{EMBED_MODULE}.weight"), e.clone()));
+        }
+        if let Some(h) = &self.saved_modules.head {
+            out.push((format!("{HEAD_MODULE}.weight"), h.clone()));
+        }
+        out
+    }
+
     /// Embeddings of `ids` (flat), with the trainable rows in place of the frozen ones.
     pub(crate) fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.embed_tokens.tensor().embedding(ids)?;
+        let table = match &self.saved_modules.embed {
+            Some(copy) => copy.as_tensor(),
+            None => self.embed_tokens.tensor(),
+        };
+        let x = table.embedding(ids)?;
         let Some(tt) = &self.trainable_tokens else {
             return Ok(x);
         };
@@ -177,6 +263,9 @@ impl CausalLm {
 
     /// The LM head's weight (the embedding when tied), with the trainable rows in place.
     pub fn head_weight(&self) -> candle_core::Result<Tensor> {
+        if let Some(copy) = &self.saved_modules.head {
+            return Ok(copy.as_tensor().clone());
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).tensor();
         match &self.trainable_tokens {
             None => Ok(head.clone()),

@@ -314,11 +314,13 @@ fn prepare(config: &SftConfig) -> Result<Run> {
             }
             None => {
                 lora::inject(&mut model, lc, config.seed)?;
+                model.train_modules(&config.modules_to_save)?;
             }
         }
-        // PEFT's `trainable_token_indices`: the new tokens' rows train beside the LoRA weights.
+        // PEFT's `trainable_token_indices`: the new tokens' rows train beside the LoRA weights,
+        // unless full copies of the matrices train (`modules_to_save`).
         if let Some(setup) = chat_setup.as_ref().filter(|s| !s.new_token_ids.is_empty()) {
-            model.train_token_rows(setup.new_token_ids.clone())?;
+            model.train_new_token_rows(setup.new_token_ids.clone())?;
         }
     }
     let tokenizer_files = match (&chat_setup, custom_template) {
@@ -347,6 +349,10 @@ fn prepare(config: &SftConfig) -> Result<Run> {
     )?;
     if let Some(ratio) = config.loraplus_lr_ratio {
         optimizer.set_loraplus_ratio(ratio);
+        optimizer.set_lr_scale(
+            &format!("{}.weight", crate::model::tokens::EMBED_MODULE),
+            config.loraplus_lr_embedding / config.learning_rate,
+        );
     }
     let eval_steps = config.eval_steps.unwrap_or(config.logging_steps);
     let mut state = TrainerState {

@@ -174,6 +174,16 @@ impl AdamW {
         }
     }
 
+    /// Sets the learning-rate multiplier of the variable named `name` (LoRA+'s embedding rate);
+    /// no variable of that name: nothing changes.
+    pub fn set_lr_scale(&mut self, name: &str, scale: f64) {
+        for ((n, _), s) in self.params.iter().zip(&mut self.lr_scale) {
+            if n == name {
+                *s = scale;
+            }
+        }
+    }
+
     /// The optimized variables, in order.
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
