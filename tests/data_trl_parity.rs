@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use peft_sft::data::{
-    load_rows, parse_sample, prepare_dataset, tokenize_sample, ChatTokenizer, TokenizeOptions,
+    load_rows, parse_sample, prepare_dataset, tokenize_sample, ChatTokenizer, Sample,
+    TokenizeOptions,
 };
 use serde::Deserialize;
 
-const TOKENIZERS: [&str; 2] = ["chatml", "llama3"];
+const TOKENIZERS: [&str; 3] = ["chatml", "llama3", "toolchat"];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -29,6 +30,7 @@ struct ExpectedFile {
 struct SftConfig {
     max_length: Option<usize>,
     completion_only_loss: Option<bool>,
+    assistant_only_loss: Option<bool>,
 }
 
 /// What TRL trains on for one dataset row.
@@ -88,7 +90,7 @@ fn compare(file: &Path) -> Vec<String> {
     let opts = TokenizeOptions {
         max_length: expected.sft_config.max_length,
         completion_only_loss: expected.sft_config.completion_only_loss,
-        assistant_only_loss: false,
+        assistant_only_loss: expected.sft_config.assistant_only_loss.unwrap_or(false),
         ..TokenizeOptions::default()
     };
     let dataset = fixtures().join("trl").join(format!("{format}.jsonl"));
@@ -178,7 +180,7 @@ struct Rendered {
 
 #[test]
 fn chat_template_renderings_match_transformers() {
-    for name in TOKENIZERS {
+    for name in ["chatml", "llama3"] {
         let tok = tokenizer(name);
         let path = fixtures().join("trl").join(format!("rendered_{name}.json"));
         let rows: Vec<Rendered> =
@@ -201,6 +203,33 @@ fn chat_template_renderings_match_transformers() {
                 "{name} row {index} with add_generation_prompt"
             );
         }
+    }
+}
+
+/// Tool-calling rows (a `tools` column as a list or as JSON text, `tool_calls` with object or
+/// string arguments, `tool` turns) and `chat_template_kwargs` render as transformers'
+/// `apply_chat_template(messages, tools=..., **chat_template_kwargs)` renders them
+/// (scripts/make_trl_tools_fixtures.py).
+#[test]
+fn tool_calling_renderings_match_transformers() {
+    let tok = tokenizer("toolchat");
+    let path = fixtures().join("trl/rendered_tools_toolchat.json");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read fixture"))
+            .expect("parse fixture");
+    assert_eq!(rows.len(), 4);
+    for (index, entry) in rows.iter().enumerate() {
+        let row = peft_sft::data::Row {
+            line: index + 1,
+            value: entry["row"].clone(),
+        };
+        let Sample::Messages(messages, vars) = parse_sample(&row, &path).expect("parse row") else {
+            panic!("row {index} is not a conversation");
+        };
+        let rendered = tok
+            .apply_chat_template_with(&messages, false, &vars)
+            .expect("render");
+        assert_eq!(rendered, entry["text"].as_str().unwrap(), "row {index}");
     }
 }
 

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 pub enum Sample {
     /// Standard language modeling: `{"text": "..."}`.
     Text(String),
-    /// Conversational language modeling: `{"messages": [{"role": ..., "content": ...}, ...]}`.
-    Messages(Vec<Value>),
+    /// Conversational language modeling: `{"messages": [{"role": ..., "content": ...}, ...]}`,
+    /// with the row's template variables.
+    Messages(Vec<Value>, ChatVars),
     /// Standard prompt-completion: `{"prompt": "...", "completion": "..."}`.
     PromptCompletion {
         /// The text the model is conditioned on.
@@ -29,7 +30,63 @@ pub enum Sample {
         prompt: Vec<Value>,
         /// The turns the model learns to produce (usually one assistant turn).
         completion: Vec<Value>,
+        /// The row's template variables.
+        vars: ChatVars,
     },
+}
+
+/// What a conversational row adds to its chat template's variables, as TRL 1.16 passes them to
+/// `apply_chat_template`: the `tools` column (a list of tool schemas, or a JSON string of one) and
+/// `chat_template_kwargs` (a mapping whose entries become template variables, e.g.
+/// `enable_thinking`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatVars {
+    /// The tool schemas, None when the row has none.
+    pub tools: Option<Value>,
+    /// Extra template variables.
+    pub kwargs: serde_json::Map<String, Value>,
+}
+
+/// Template variables `chat_template_kwargs` may not set: `apply_chat_template`'s own arguments.
+const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+
+impl ChatVars {
+    /// The `tools` and `chat_template_kwargs` columns of a row (both optional, null = absent).
+    fn from_fields(fields: &serde_json::Map<String, Value>) -> std::result::Result<Self, String> {
+        let tools = match fields.get("tools") {
+            None | Some(Value::Null) => None,
+            // TRL: `json.loads(tools) if isinstance(tools, str)` (datasets often store them so).
+            Some(Value::String(text)) => Some(serde_json::from_str(text).map_err(|e| {
+                format!("`tools` is a string that is not JSON ({e}); give a list of tool schemas or its JSON text")
+            })?),
+            Some(other) => Some(other.clone()),
+        };
+        match &tools {
+            None | Some(Value::Array(_)) => {}
+            Some(other) => {
+                return Err(format!(
+                    "`tools` is {}, expected a list of tool schemas ({{\"type\": \"function\", \"function\": {{...}}}})",
+                    json_kind(other)
+                ))
+            }
+        }
+        let kwargs = match fields.get("chat_template_kwargs") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(map)) => map.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "`chat_template_kwargs` is {}, expected an object of template variables such as {{\"enable_thinking\": false}}",
+                    json_kind(other)
+                ))
+            }
+        };
+        if let Some(key) = kwargs.keys().find(|k| RESERVED_VARS.contains(&k.as_str())) {
+            return Err(format!(
+                "`chat_template_kwargs` sets `{key}`, which the chat template receives from the row itself"
+            ));
+        }
+        Ok(ChatVars { tools, kwargs })
+    }
 }
 
 impl Sample {
@@ -83,6 +140,7 @@ pub fn parse_sample(row: &Row, path: &Path) -> Result<Sample> {
                 Ok(Sample::ConversationalPromptCompletion {
                     prompt: parse_messages(prompt, "prompt").map_err(bad_row)?,
                     completion: parse_messages(completion, "completion").map_err(bad_row)?,
+                    vars: ChatVars::from_fields(fields).map_err(bad_row)?,
                 })
             }
             (prompt, completion) => Err(bad_row(format!(
@@ -103,6 +161,7 @@ pub fn parse_sample(row: &Row, path: &Path) -> Result<Sample> {
             };
             return Ok(Sample::Messages(
                 parse_messages(messages, key).map_err(bad_row)?,
+                ChatVars::from_fields(fields).map_err(bad_row)?,
             ));
         }
     }
@@ -226,7 +285,7 @@ mod tests {
             {"role": "assistant", "content": "hello"}
         ]}))
         .expect("messages");
-        let Sample::Messages(messages) = sample else {
+        let Sample::Messages(messages, _) = sample else {
             panic!("expected messages");
         };
         assert_eq!(messages.len(), 2);
@@ -264,7 +323,7 @@ mod tests {
         assert!(matches!(sample, Sample::PromptCompletion { .. }));
         let sample = parse(json!({"messages": [{"role": "user", "content": "x"}], "text": "c"}))
             .expect("messages");
-        assert!(matches!(sample, Sample::Messages(_)));
+        assert!(matches!(sample, Sample::Messages(..)));
     }
 
     #[test]
@@ -276,11 +335,51 @@ mod tests {
         .expect("sharegpt");
         assert_eq!(
             sample,
-            Sample::Messages(vec![
-                json!({"role": "human", "content": "hi"}),
-                json!({"role": "gpt", "content": "hello"})
-            ])
+            Sample::Messages(
+                vec![
+                    json!({"role": "human", "content": "hi"}),
+                    json!({"role": "gpt", "content": "hello"})
+                ],
+                ChatVars::default()
+            )
         );
+    }
+
+    #[test]
+    fn tools_and_template_kwargs_are_read_as_trl_reads_them() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        let messages = json!([{"role": "user", "content": "x"}]);
+        for given in [tools.clone(), Value::String(tools.to_string())] {
+            let sample = parse(json!({"messages": messages, "tools": given,
+                "chat_template_kwargs": {"enable_thinking": false}}))
+            .expect("tools");
+            let Sample::Messages(_, vars) = sample else {
+                panic!("messages");
+            };
+            assert_eq!(vars.tools.as_ref(), Some(&tools));
+            assert_eq!(vars.kwargs["enable_thinking"], json!(false));
+        }
+        for (row, says) in [
+            (
+                json!({"messages": messages, "tools": "{not json"}),
+                "`tools` is a string that is not JSON",
+            ),
+            (
+                json!({"messages": messages, "tools": {"name": "f"}}),
+                "`tools` is an object, expected a list",
+            ),
+            (
+                json!({"messages": messages, "chat_template_kwargs": [1]}),
+                "`chat_template_kwargs` is a list",
+            ),
+            (
+                json!({"messages": messages, "chat_template_kwargs": {"tools": []}}),
+                "sets `tools`",
+            ),
+        ] {
+            let err = parse(row).expect_err("bad row").to_string();
+            assert!(err.contains("train.jsonl:7") && err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod tokenize;
 pub mod tokenizer;
 
 pub use batch::{collate, Batch};
-pub use format::{parse_sample, Sample};
+pub use format::{parse_sample, ChatVars, Sample};
 pub use load::{load_rows, Row};
 pub use mapping::FieldMapping;
 pub use pack::{bfd_bins, pack_bfd, pack_dataset};

@@ -7,6 +7,7 @@ use minijinja::value::{Kwargs, Rest, Value, ValueKind};
 use minijinja::{Environment, Error as TemplateError, ErrorKind};
 use serde_json::Value as JsonValue;
 
+use super::format::ChatVars;
 use super::python_format::{json_dumps, python_str, JsonDumpsOptions};
 use super::strftime::strftime_now;
 use crate::error::{Error, Result};
@@ -77,7 +78,25 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special_tokens: &[(&str, &str)],
     ) -> Result<String> {
-        let marked = self.render_marked(messages, add_generation_prompt, special_tokens)?;
+        self.render_with(
+            messages,
+            add_generation_prompt,
+            special_tokens,
+            &ChatVars::default(),
+        )
+    }
+
+    /// [`ChatTemplate::render`] with a row's `tools` and `chat_template_kwargs` ([`ChatVars`]):
+    /// `tools` as given, each kwarg a template variable (over a special token of the same name,
+    /// as transformers passes them).
+    pub fn render_with(
+        &self,
+        messages: &[JsonValue],
+        add_generation_prompt: bool,
+        special_tokens: &[(&str, &str)],
+        vars: &ChatVars,
+    ) -> Result<String> {
+        let marked = self.render_marked(messages, add_generation_prompt, special_tokens, vars)?;
         Ok(without_markers(&marked).0)
     }
 
@@ -87,6 +106,7 @@ impl ChatTemplate {
         messages: &[JsonValue],
         add_generation_prompt: bool,
         special_tokens: &[(&str, &str)],
+        vars: &ChatVars,
     ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::Template(
@@ -98,8 +118,16 @@ impl ChatTemplate {
             .iter()
             .map(|(name, token)| (*name, Value::from(*token)))
             .collect();
+        for (name, value) in &vars.kwargs {
+            context.push((name.as_str(), Value::from_serialize(value)));
+        }
         context.push(("messages", Value::from_serialize(&messages)));
-        context.push(("tools", Value::from(())));
+        context.push((
+            "tools",
+            vars.tools
+                .as_ref()
+                .map_or(Value::from(()), Value::from_serialize),
+        ));
         context.push(("documents", Value::from(())));
         context.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         let context: Value = context.into_iter().collect();
@@ -117,9 +145,10 @@ impl ChatTemplate {
         messages: &[JsonValue],
         add_generation_prompt: bool,
         special_tokens: &[(&str, &str)],
+        vars: &ChatVars,
     ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
         let messages: Vec<JsonValue> = messages.to_vec();
-        let marked = self.render_marked(&messages, add_generation_prompt, special_tokens)?;
+        let marked = self.render_marked(&messages, add_generation_prompt, special_tokens, vars)?;
         Ok(without_markers(&marked))
     }
 
@@ -496,7 +525,7 @@ mod tests {
             json!({"role": "assistant", "content": "Sure"}),
         ];
         let (text, spans) = template
-            .render_with_generation_spans(&messages, false, &[])
+            .render_with_generation_spans(&messages, false, &[], &ChatVars::default())
             .expect("render");
         assert_eq!(text, "HelloSure");
         assert_eq!(spans, vec![0..5, 5..9]);

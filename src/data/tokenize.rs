@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::format::Sample;
+use super::format::{ChatVars, Sample};
 use super::mapping::FieldMapping;
 use super::template::ChatTemplate;
 use super::tokenizer::ChatTokenizer;
@@ -172,7 +172,7 @@ impl<'a> SampleTokenizer<'a> {
         if self.assistant_only_loss
             && !matches!(
                 sample,
-                Sample::Messages(_) | Sample::ConversationalPromptCompletion { .. }
+                Sample::Messages(..) | Sample::ConversationalPromptCompletion { .. }
             )
         {
             return Err(Error::Config(
@@ -186,12 +186,12 @@ impl<'a> SampleTokenizer<'a> {
                 let text = with_eos(text, self.eos_token()?);
                 (self.tok.encode(&text, true)?, None)
             }
-            Sample::Messages(messages) if self.assistant_only_loss => {
-                let (ids, mask) = self.assistant_tokens(messages)?;
+            Sample::Messages(messages, vars) if self.assistant_only_loss => {
+                let (ids, mask) = self.assistant_tokens(messages, vars)?;
                 return Ok(Example::new(ids, mask));
             }
-            Sample::Messages(messages) => {
-                let rendered = self.render(messages, false)?;
+            Sample::Messages(messages, vars) => {
+                let rendered = self.render(messages, false, vars)?;
                 (self.tok.encode(&rendered, false)?, None)
             }
             Sample::PromptCompletion { prompt, completion } => {
@@ -201,11 +201,15 @@ impl<'a> SampleTokenizer<'a> {
                 let start = common_prefix_length(&prompt_ids, &full_ids);
                 (full_ids, Some(start))
             }
-            Sample::ConversationalPromptCompletion { prompt, completion } => {
-                let prompt_text = self.render(prompt, true)?;
+            Sample::ConversationalPromptCompletion {
+                prompt,
+                completion,
+                vars,
+            } => {
+                let prompt_text = self.render(prompt, true, vars)?;
                 let conversation: Vec<serde_json::Value> =
                     prompt.iter().chain(completion.iter()).cloned().collect();
-                let full_text = self.render(&conversation, false)?;
+                let full_text = self.render(&conversation, false, vars)?;
                 let prompt_ids = self.tok.encode(&prompt_text, false)?;
                 let full_ids = self.tok.encode(&full_text, false)?;
                 let start = common_prefix_length(&prompt_ids, &full_ids);
@@ -218,12 +222,18 @@ impl<'a> SampleTokenizer<'a> {
             }
             _ => vec![1; input_ids.len()],
         };
-        if let (true, Sample::ConversationalPromptCompletion { prompt, completion }) =
-            (self.assistant_only_loss, sample)
+        if let (
+            true,
+            Sample::ConversationalPromptCompletion {
+                prompt,
+                completion,
+                vars,
+            },
+        ) = (self.assistant_only_loss, sample)
         {
             let conversation: Vec<serde_json::Value> =
                 prompt.iter().chain(completion.iter()).cloned().collect();
-            let (ids, assistant) = self.assistant_tokens(&conversation)?;
+            let (ids, assistant) = self.assistant_tokens(&conversation, vars)?;
             if ids != input_ids {
                 return Err(Error::Template(
                     "--assistant-only-loss: the conversation tokenizes differently with and without \
@@ -243,16 +253,20 @@ impl<'a> SampleTokenizer<'a> {
     /// `return_assistant_tokens_mask`), or, when the template has none, overlapping each assistant
     /// message's own rendering: from the end of the conversation before it (rendered with the
     /// generation prompt) to the end of the conversation including it.
-    fn assistant_tokens(&mut self, messages: &[serde_json::Value]) -> Result<(Vec<u32>, Vec<u8>)> {
-        self.render(messages, false)?; // compiles the template
+    fn assistant_tokens(
+        &mut self,
+        messages: &[serde_json::Value],
+        vars: &ChatVars,
+    ) -> Result<(Vec<u32>, Vec<u8>)> {
+        self.render(messages, false, vars)?; // compiles the template
         let template = self.template.as_ref().ok_or_else(|| {
             Error::Template("the chat template could not be compiled".to_string())
         })?;
         let special = self.tok.template_special_tokens();
         let (text, spans) = if template.has_generation_blocks() {
-            template.render_with_generation_spans(messages, false, &special)?
+            template.render_with_generation_spans(messages, false, &special, vars)?
         } else {
-            let text = template.render(messages, false, &special)?;
+            let text = template.render_with(messages, false, &special, vars)?;
             let mut spans = Vec::new();
             for (i, m) in messages.iter().enumerate() {
                 if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
@@ -261,9 +275,9 @@ impl<'a> SampleTokenizer<'a> {
                 let before = if i == 0 {
                     String::new()
                 } else {
-                    template.render(&messages[..i], true, &special)?
+                    template.render_with(&messages[..i], true, &special, vars)?
                 };
-                let through = template.render(&messages[..=i], false, &special)?;
+                let through = template.render_with(&messages[..=i], false, &special, vars)?;
                 if !through.starts_with(&before) || !text.starts_with(&through) {
                     return Err(Error::Template(format!(
                         "--assistant-only-loss: the chat template has no {{% generation %}} blocks and \
@@ -300,6 +314,7 @@ impl<'a> SampleTokenizer<'a> {
         &mut self,
         messages: &[serde_json::Value],
         add_generation_prompt: bool,
+        vars: &ChatVars,
     ) -> Result<String> {
         if self.template.is_none() {
             self.template = Some(self.tok.compile_chat_template()?);
@@ -307,10 +322,11 @@ impl<'a> SampleTokenizer<'a> {
         let template = self.template.as_ref().ok_or_else(|| {
             Error::Template("the chat template could not be compiled".to_string())
         })?;
-        template.render(
+        template.render_with(
             messages,
             add_generation_prompt,
             &self.tok.template_special_tokens(),
+            vars,
         )
     }
 }
@@ -425,7 +441,10 @@ mod tests {
     #[test]
     fn messages_render_the_template_without_special_tokens() {
         let tok = bos_tokenizer();
-        let sample = Sample::Messages(vec![json!({"role": "user", "content": "a"})]);
+        let sample = Sample::Messages(
+            vec![json!({"role": "user", "content": "a"})],
+            ChatVars::default(),
+        );
         let example =
             tokenize_sample(&sample, &tok, &TokenizeOptions::default()).expect("tokenize");
         assert_eq!(
@@ -451,6 +470,7 @@ mod tests {
         let sample = Sample::ConversationalPromptCompletion {
             prompt: vec![json!({"role": "user", "content": "q"})],
             completion: vec![json!({"role": "assistant", "content": "a"})],
+            vars: ChatVars::default(),
         };
         let example =
             tokenize_sample(&sample, &tok, &TokenizeOptions::default()).expect("tokenize");

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
 
+use super::format::ChatVars;
 use super::template::ChatTemplate;
 use crate::error::{Error, Result};
 
@@ -222,10 +223,21 @@ impl ChatTokenizer {
         messages: &[Value],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        self.compile_chat_template()?.render(
+        self.apply_chat_template_with(messages, add_generation_prompt, &ChatVars::default())
+    }
+
+    /// [`Self::apply_chat_template`] with `tools` and extra template variables ([`ChatVars`]).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        vars: &ChatVars,
+    ) -> Result<String> {
+        self.compile_chat_template()?.render_with(
             messages,
             add_generation_prompt,
             &self.template_special_tokens(),
+            vars,
         )
     }
 

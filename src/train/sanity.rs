@@ -141,16 +141,16 @@ fn first_prompt(config: &SftConfig, tok: &ChatTokenizer, example: &Example) -> R
         .ok_or_else(|| Error::Config(format!("{}: no rows", path.display())))?;
     let row = config.field_mapping().apply(first_row, path)?;
     Ok(match parse_sample(&row, path)? {
-        Sample::Messages(messages) => {
+        Sample::Messages(messages, vars) => {
             let last_assistant = messages
                 .iter()
                 .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
                 .unwrap_or(messages.len());
             let context = &messages[..last_assistant.max(1)];
-            tok.encode(&tok.apply_chat_template(context, true)?, false)?
+            tok.encode(&tok.apply_chat_template_with(context, true, &vars)?, false)?
         }
-        Sample::ConversationalPromptCompletion { prompt, .. } => {
-            tok.encode(&tok.apply_chat_template(&prompt, true)?, false)?
+        Sample::ConversationalPromptCompletion { prompt, vars, .. } => {
+            tok.encode(&tok.apply_chat_template_with(&prompt, true, &vars)?, false)?
         }
         Sample::PromptCompletion { prompt, .. } => tok.encode(&prompt, true)?,
         Sample::Text(_) => {
