@@ -4,6 +4,7 @@
 
 use crate::data::{FieldMapping, TokenizeOptions};
 use crate::lora::config::{LayerIndices, OneOrMany};
+use crate::lora::init::LoraInit;
 use crate::lora::{LoraConfig, TargetModules};
 use crate::model::LoadOptions;
 use crate::quant::{FourBitType, QuantScheme};
@@ -158,6 +159,8 @@ pub struct SftConfig {
     pub layers_pattern: Vec<String>,
     /// PEFT's `exclude_modules`: names (matched as suffixes) or one regex never adapted.
     pub exclude_modules: Vec<String>,
+    /// PEFT's `init_lora_weights`: `true`, `gaussian`, `pissa`, `pissa_niter_N`, `olora`.
+    pub init_lora_weights: String,
     /// PEFT's `modules_to_save` (TRL's `lora_modules_to_save`): `embed_tokens`, `lm_head`,
     /// trained as full copies beside the adapter.
     pub modules_to_save: Vec<String>,
@@ -258,6 +261,7 @@ impl Default for SftConfig {
             layers_pattern: Vec::new(),
             exclude_modules: Vec::new(),
             modules_to_save: Vec::new(),
+            init_lora_weights: "true".into(),
             loraplus_lr_embedding: 1e-6,
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
@@ -524,6 +528,19 @@ impl SftConfig {
             )?;
         }
         check(
+            LoraInit::from_config(&serde_json::Value::String(self.init_lora_weights.clone()))
+                .is_ok(),
+            "init-lora-weights",
+            &self.init_lora_weights,
+            "expected true, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_16) or olora",
+        )?;
+        check(
+            self.mode != Mode::Full || matches!(self.init_lora_weights.as_str(), "true" | "True"),
+            "init-lora-weights",
+            &self.init_lora_weights,
+            "initialises LoRA adapters; --full trains no adapters",
+        )?;
+        check(
             self.modules_to_save.is_empty() || self.mode != Mode::Full,
             "modules-to-save",
             &self.modules_to_save.join(","),
@@ -709,6 +726,10 @@ impl SftConfig {
                 .then(|| TargetModules::from_names(&self.exclude_modules)),
             modules_to_save: (!self.modules_to_save.is_empty())
                 .then(|| self.modules_to_save.clone()),
+            init_lora_weights: match self.init_lora_weights.as_str() {
+                "true" | "True" => serde_json::Value::Bool(true),
+                other => serde_json::Value::String(other.to_string()),
+            },
             ..LoraConfig::default()
         }
     }

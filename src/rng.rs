@@ -53,6 +53,13 @@ impl Rng {
         lo + (hi - lo) * self.next_f64()
     }
 
+    /// Standard normal (Box–Muller; one draw per call, the pair's second half is dropped).
+    pub fn normal(&mut self) -> f64 {
+        // 1 - u is in (0, 1]: the logarithm is finite.
+        let (u, v) = (1.0 - self.next_f64(), self.next_f64());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
     /// A uniformly random permutation of `0..n` (Fisher–Yates).
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();

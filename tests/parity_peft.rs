@@ -225,3 +225,117 @@ fn modules_to_save_match_peft() {
         );
     }
 }
+
+/// Each of `ours`'s r rows (dim 0) or columns (dim 1) with the sign that best matches `theirs`'
+/// (an SVD's and a QR's components are determined up to sign), and the signs.
+fn sign_aligned(ours: &Tensor, theirs: &Tensor, dim: usize) -> (Tensor, Vec<f32>) {
+    let r = ours.dim(dim).unwrap();
+    let signs: Vec<f32> = (0..r)
+        .map(|k| {
+            let a = ours.narrow(dim, k, 1).unwrap();
+            let b = theirs.narrow(dim, k, 1).unwrap();
+            let dot = (a * b)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if dot < 0.0 {
+                -1.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let shape: Vec<usize> = if dim == 0 { vec![r, 1] } else { vec![1, r] };
+    let s = Tensor::from_vec(signs.clone(), shape, &device()).unwrap();
+    (ours.broadcast_mul(&s).unwrap(), signs)
+}
+
+/// PiSSA and OLoRA (scripts/make_pissa_olora_fixture.py): our A0/B0 are PEFT's up to each
+/// component's sign, the base keeps PEFT's residual, the adapted model starts at the base; with
+/// PEFT's moved A and B, logits, loss and gradients are PEFT's; and the saved adapter (relative to
+/// the original base, rank 2r) on the original base gives the logits PEFT's converted adapter does.
+#[test]
+fn pissa_and_olora_match_peft_and_save_for_the_original_base() {
+    for init in ["pissa", "olora"] {
+        let dir = fixture(&format!("peft/llama_{init}"));
+        let reference = tensors(&dir.join("reference.safetensors"));
+        let ids = input_ids(&reference);
+        let mut model = load_model(&fixture("models/llama"), false);
+        let base_logits = model.forward(&ids).unwrap();
+        let config = peft_sft::lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            init_lora_weights: serde_json::json!(init),
+            ..Default::default()
+        };
+        peft_sft::lora::inject(&mut model, &config, 0).unwrap();
+        for lin in model.linears() {
+            let lora = lin.lora.as_ref().unwrap();
+            let key = |half: &str| format!("init.base_model.model.{}.{half}.weight", lin.name);
+            let (a, signs) = sign_aligned(lora.a.as_tensor(), &reference[&key("lora_A")], 0);
+            let (b, signs_b) = sign_aligned(lora.b.as_tensor(), &reference[&key("lora_B")], 1);
+            assert_eq!(signs, signs_b, "{init} {}: A and B flip together", lin.name);
+            for (what, ours, theirs) in [("A", &a, &key("lora_A")), ("B", &b, &key("lora_B"))] {
+                let err = rel_err(ours, &reference[theirs]);
+                assert!(
+                    err < 1e-4,
+                    "{init} {}: {what} differs from PEFT's by {err}",
+                    lin.name
+                );
+            }
+            let residual = &reference[&format!("residual.{}.weight", lin.name)];
+            // PEFT's SVD and QR run in f32, ours in f64.
+            let err = rel_err(&lin.weight.dense().unwrap(), residual);
+            assert!(err < 1e-4, "{init} {}: residual differs by {err}", lin.name);
+        }
+        let err = rel_err(&model.forward(&ids).unwrap(), &base_logits);
+        assert!(
+            err < 1e-5,
+            "{init}: the adapted model starts {err} from the base"
+        );
+        assert!(rel_err(&base_logits, &reference["logits_init"]) < 1e-5);
+
+        for lin in model.linears() {
+            let lora = lin.lora.as_ref().unwrap();
+            let key = |half: &str| format!("moved.base_model.model.{}.{half}.weight", lin.name);
+            lora.a.set(&reference[&key("lora_A")]).unwrap();
+            lora.b.set(&reference[&key("lora_B")]).unwrap();
+        }
+        let err = rel_err(&model.forward(&ids).unwrap(), &reference["logits"]);
+        assert!(err < 1e-4, "{init}: logits differ from PEFT's by {err}");
+        let mask = loss_mask(&ids);
+        let out = model
+            .loss(&ids, &mask, &mask.ones_like().unwrap(), None)
+            .unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        assert!(rel_err(&loss, &reference["loss"]) < 1e-5, "{init}: loss");
+        let grads = loss.backward().unwrap();
+        assert_peft_gradients(&reference, &grads, &model.trainable(), 1e-4);
+
+        let tmp = tempfile::tempdir().unwrap();
+        peft_sft::lora::save_adapter(&model, &config, tmp.path()).unwrap();
+        let saved = peft_sft::lora::LoraConfig::from_dir(tmp.path()).unwrap();
+        assert_eq!((saved.r, saved.lora_alpha), (8, 16.0));
+        assert_eq!(saved.init_lora_weights, serde_json::json!(true));
+        let mut original = load_model(&fixture("models/llama"), false);
+        load_adapter(&mut original, tmp.path()).unwrap();
+        let err = rel_err(
+            &original.forward(&ids).unwrap(),
+            &reference["converted_logits"],
+        );
+        assert!(
+            err < 1e-4,
+            "{init}: our saved adapter on the original base is {err} from PEFT's"
+        );
+        // PEFT's own converted adapter loads here too.
+        let mut theirs = load_model(&fixture("models/llama"), false);
+        load_adapter(&mut theirs, &dir.join("converted")).unwrap();
+        let err = rel_err(
+            &theirs.forward(&ids).unwrap(),
+            &reference["converted_logits"],
+        );
+        assert!(err < 1e-4, "{init}: PEFT's converted adapter gives {err}");
+    }
+}

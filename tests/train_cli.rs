@@ -180,6 +180,8 @@ fn every_adapter_method_resumes_exactly() {
         &["--loss-type", "dft"],
         &["--neftune-noise-alpha", "5"],
         &["--modules-to-save", "lm_head,embed_tokens"],
+        &["--init-lora-weights", "pissa"],
+        &["--init-lora-weights", "olora", "--qlora"],
     ] {
         resume_is_exact(extra);
     }
@@ -194,8 +196,13 @@ fn resume_is_exact(method: &[&str]) {
         tmp.path().join("b"),
         tmp.path().join("c"),
     );
+    let mode = if method.contains(&"--qlora") {
+        "--qlora"
+    } else {
+        "--lora"
+    };
     let mut extra = vec![
-        "--lora",
+        mode,
         "--lora-dropout",
         "0.1",
         "--save-steps",
@@ -203,7 +210,7 @@ fn resume_is_exact(method: &[&str]) {
         "--gradient-accumulation-steps",
         "2",
     ];
-    extra.extend_from_slice(method);
+    extra.extend(method.iter().filter(|m| **m != "--qlora"));
     for dir in [&a, &b] {
         let (ok, _, err) = run_cli(&train_args("cpu", dir.to_str().unwrap(), "6", &extra));
         assert!(ok, "{method:?}: {err}");
@@ -653,4 +660,97 @@ fn modules_to_save_train_copies_saved_under_peft_keys() {
         !ok && err.contains("modules_to_save `norm`: peft-sft trains full copies of the embedding and the LM head only"),
         "{err}"
     );
+}
+
+/// `--init-lora-weights pissa`: the saved adapter is relative to the original base (rank 2r,
+/// alpha 2x, init true) and `merge` onto the original base reproduces the trained model; a raw
+/// PiSSA adapter (PEFT's unconverted save) is refused with the way out; PiSSA over a 4-bit base
+/// and an unknown init are refused.
+#[test]
+fn pissa_saves_an_adapter_of_the_original_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let (ok, _, err) = run_cli(&train_args(
+        "cpu",
+        out_s,
+        "4",
+        &[
+            "--init-lora-weights",
+            "pissa",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+        ],
+    ));
+    assert!(ok, "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            &config["r"],
+            &config["lora_alpha"],
+            &config["init_lora_weights"]
+        ),
+        (
+            &serde_json::json!(8),
+            &serde_json::json!(16.0),
+            &serde_json::json!(true)
+        )
+    );
+    let merged = tmp.path().join("merged");
+    let model = fixture(MODEL);
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out_s,
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("largest logit difference"), "{err}");
+
+    // PEFT's unconverted save of a PiSSA adapter applies to a residual base only.
+    let raw = tmp.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    std::fs::copy(
+        out.join("adapter_model.safetensors"),
+        raw.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let raw_config = config.to_string().replace(
+        "\"init_lora_weights\":true",
+        "\"init_lora_weights\":\"pissa\"",
+    );
+    std::fs::write(raw.join("adapter_config.json"), raw_config).unwrap();
+    let mut base = load_model(&model, false);
+    let err = peft_sft::lora::load_adapter(&mut base, &raw)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("path_initial_model_for_weight_conversion"),
+        "{err}"
+    );
+
+    for (extra, says) in [
+        (
+            &["--init-lora-weights", "pissa", "--qlora"][..],
+            "PiSSA needs the base in full precision",
+        ),
+        (
+            &["--init-lora-weights", "loftq"][..],
+            "--init-lora-weights loftq: expected true, gaussian, pissa",
+        ),
+    ] {
+        let (ok, _, err) = run_cli(&train_args(
+            "cpu",
+            tmp.path().join("bad").to_str().unwrap(),
+            "1",
+            extra,
+        ));
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+    }
 }

@@ -236,6 +236,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "DoRA: a trained magnitude per output row over the normalised adapted weight, as PEFT's use_dora [false]",
     ),
     (
+        "init_lora_weights",
+        Kind::Text,
+        "PEFT's init_lora_weights: true | gaussian | pissa | pissa_niter_N | olora (PiSSA and OLoRA start the adapter from the weight's top SVD / QR components and train over the residual; the saved adapter applies to the original base) [true]",
+    ),
+    (
         "modules_to_save",
         Kind::List,
         "Train full copies of these beside the adapter, as PEFT's modules_to_save: embed_tokens, lm_head (comma-separated; also --lora-modules-to-save) [none]",

@@ -3,6 +3,7 @@
 //! DoRA's magnitude `...q_proj.lora_magnitude_vector`, `[out]`) and `adapter_config.json`.
 
 use super::config::{LoraConfig, TargetModules, TokenIndices};
+use super::init::relative_to_original;
 use super::layer::LoraLayer;
 use super::target::{rank_and_scale, short_name};
 use crate::io::{read_safetensors, write_safetensors};
@@ -31,12 +32,14 @@ pub fn magnitude_key(module: &str) -> String {
 
 /// The adapter tensors of `model` under PEFT's key names, including trainable vocabulary rows
 /// (`...embed_tokens.token_adapter.trainable_tokens_delta`).
-pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
+pub fn adapter_tensors(model: &CausalLm) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for lin in model.linears() {
         if let Some(l) = &lin.lora {
-            out.push((peft_key(&lin.name, "lora_A"), l.a.as_tensor().clone()));
-            out.push((peft_key(&lin.name, "lora_B"), l.b.as_tensor().clone()));
+            // PiSSA/OLoRA: relative to the original base (`lora::init`).
+            let (a, b) = relative_to_original(l)?;
+            out.push((peft_key(&lin.name, "lora_A"), a));
+            out.push((peft_key(&lin.name, "lora_B"), b));
             if let Some(dora) = &l.dora {
                 out.push((magnitude_key(&lin.name), dora.magnitude.as_tensor().clone()));
             }
@@ -49,7 +52,7 @@ pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
     {
         out.push((format!("{PREFIX}{name}"), var.as_tensor().clone()));
     }
-    out
+    Ok(out)
 }
 
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` as PEFT does: an
@@ -73,7 +76,24 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result
         }
         config.trainable_token_indices = Some(TokenIndices::PerModule(map));
     }
-    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model))?;
+    if model
+        .linears()
+        .iter()
+        .any(|l| l.lora.as_ref().is_some_and(|l| l.initial.is_some()))
+    {
+        // PEFT's conversion of a PiSSA/OLoRA adapter: twice the rank, the same scale, a plain
+        // LoRA adapter of the original base.
+        let alpha_factor = if config.use_rslora { 2f64.sqrt() } else { 2.0 };
+        config.r *= 2;
+        config.lora_alpha *= alpha_factor;
+        config.rank_pattern.values_mut().for_each(|r| *r *= 2);
+        config
+            .alpha_pattern
+            .values_mut()
+            .for_each(|a| *a *= alpha_factor);
+        config.init_lora_weights = serde_json::Value::Bool(true);
+    }
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model)?)?;
     config.save(dir)
 }
 
@@ -123,6 +143,14 @@ impl Adapter {
     /// `model` is not changed.
     pub fn read(dir: &Path, model: &CausalLm) -> Result<Self> {
         let config = LoraConfig::from_dir(dir)?;
+        if let serde_json::Value::String(init) = &config.init_lora_weights {
+            if init.starts_with("pissa") || init == "olora" || init.starts_with("corda") {
+                return Err(Error::Config(format!(
+                    "{}: init_lora_weights `{init}`: this adapter applies to the residual base its initialisation left (W minus its starting components), not to the original model; save it with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) to get an adapter of the original base (peft-sft saves its PiSSA/OLoRA adapters that way)",
+                    dir.display()
+                )));
+            }
+        }
         let path = dir.join(ADAPTER_WEIGHTS);
         let tensors = read_safetensors(&path, &model.device)?;
         let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();

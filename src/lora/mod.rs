@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod bank;
 pub mod config;
+pub mod init;
 pub mod layer;
 pub mod merge;
 pub mod target;

@@ -3,9 +3,11 @@
 //! layers into a model.
 
 use super::config::{LayerIndices, LoraConfig, TargetModules};
+use super::init::{gaussian, init_moving_base, LoraInit};
 use super::layer::{lora_scale, LoraLayer};
 use crate::model::CausalLm;
 use crate::{Error, Result};
+use candle_core::{DType, Tensor};
 use regex::Regex;
 use std::collections::BTreeSet;
 
@@ -203,22 +205,37 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
         .map(String::from)
         .collect();
     let device = model.device.clone();
+    let init = LoraInit::from_config(&config.init_lora_weights)?;
     for lin in model.linears_mut() {
         if !chosen.contains(&lin.name) {
             continue;
         }
         let (r, scale) = rank_and_scale(config, &lin.name)?;
-        let layer = LoraLayer::init(
-            &lin.name,
-            lin.in_features(),
-            lin.out_features(),
-            r,
-            scale,
-            config.lora_dropout,
-            seed,
-            crate::lora::layer::ADAPTER_DTYPE,
-            &device,
-        )?;
+        let layer = match init {
+            LoraInit::Default => LoraLayer::init(
+                &lin.name,
+                lin.in_features(),
+                lin.out_features(),
+                r,
+                scale,
+                config.lora_dropout,
+                seed,
+                crate::lora::layer::ADAPTER_DTYPE,
+                &device,
+            )?,
+            LoraInit::Gaussian => {
+                let a = gaussian(&lin.name, r, lin.in_features(), seed, &device)?;
+                let b = Tensor::zeros((lin.out_features(), r), DType::F32, &device)?;
+                LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?
+            }
+            moving => init_moving_base(
+                &mut lin.weight,
+                &lin.name,
+                moving,
+                (r, scale, config.lora_dropout),
+                seed,
+            )?,
+        };
         let layer = match lin.weight.frozen() {
             Some(w) if config.use_dora => layer.with_initial_magnitude(&w)?,
             _ => layer,

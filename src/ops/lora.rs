@@ -36,6 +36,10 @@ pub struct LoraLayer {
     pub dropout: f64,
     /// DoRA's magnitude vector, when the adapter is a DoRA adapter.
     pub dora: Option<Dora>,
+    /// The A and B this layer started from when its initialisation moved them out of the base
+    /// weight (PiSSA, OLoRA: the base holds `W - scale B0 A0`); saving writes the adapter
+    /// relative to the original base from them (`lora::init`).
+    pub initial: Option<Arc<(Tensor, Tensor)>>,
 }
 
 /// DoRA's trainable magnitude `m` `[out]` (PEFT's `lora_magnitude_vector`), and the weight norm of
@@ -132,6 +136,7 @@ impl LoraLayer {
             scale,
             dropout,
             dora: None,
+            initial: None,
         })
     }
 

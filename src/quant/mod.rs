@@ -389,6 +389,19 @@ impl QuantizedWeight {
         }
     }
 
+    /// The scheme that quantizes a weight into this one's format; None for GGUF types.
+    pub fn scheme(&self) -> Option<QuantScheme> {
+        match &self.data {
+            QuantizedData::FourBit(f) => Some(QuantScheme::FourBit {
+                quant_type: f.quant_type,
+                blocksize: f.blocksize,
+                double_quant: matches!(f.absmax, Absmax::Nested(_)),
+            }),
+            QuantizedData::Int8(_) => Some(QuantScheme::Int8),
+            QuantizedData::Gguf(_) => None,
+        }
+    }
+
     /// A short name of the format for messages (`nf4`, `int8`, `q4k`, ...).
     pub fn format_name(&self) -> String {
         match &self.data {
