@@ -209,6 +209,27 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
             if lora.use_dora {
                 row("use_dora", "true".into());
             }
+            if let Some(m) = lora.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+                row("modules_to_save", m.join(", "));
+            }
+            if let Some(layers) = &lora.layers_to_transform {
+                row(
+                    "layers_to_transform",
+                    serde_json::to_string(layers).unwrap_or_default(),
+                );
+            }
+            if c.init_lora_weights != "true" {
+                row("init_lora_weights", c.init_lora_weights.clone());
+            }
+            if let Some(ratio) = c.loraplus_lr_ratio {
+                row("loraplus_lr_ratio", ratio.to_string());
+            }
+            if c.loss_type != "nll" {
+                row("loss_type", c.loss_type.clone());
+            }
+            if let Some(alpha) = c.neftune_noise_alpha {
+                row("neftune_noise_alpha", alpha.to_string());
+            }
             if qlora {
                 row(
                     "quantization",
@@ -279,12 +300,15 @@ mod tests {
             r: 16,
             lora_alpha: 32.0,
             use_dora: true,
+            modules_to_save: Some(vec!["lm_head".into()]),
             ..LoraConfig::default()
         };
         let config = SftConfig {
             model_name_or_path: "HuggingFaceTB/SmolLM2-135M".into(),
             dataset_name: "HuggingFaceTB/smoltalk".into(),
             learning_rate: 2e-4,
+            init_lora_weights: "pissa".into(),
+            loss_type: "dft".into(),
             ..SftConfig::default()
         };
         let log = vec![
@@ -325,6 +349,13 @@ mod tests {
         assert!(card.contains("| learning_rate | 0.0002 |"));
         assert!(card.contains("| lora_r | 16 |"));
         assert!(card.contains("| use_dora | true |") && card.contains("\n- dora\n"));
+        for row in [
+            "| modules_to_save | lm_head |",
+            "| init_lora_weights | pissa |",
+            "| loss_type | dft |",
+        ] {
+            assert!(card.contains(row), "missing {row}");
+        }
         assert!(card.contains("| train loss | 2.5000 |"));
         assert!(card.contains("| eval loss | 2.2500 |"));
         assert!(card.contains("| tokens seen | 1000 |"));

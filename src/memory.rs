@@ -58,7 +58,7 @@ fn native_cpu(options: &PlanOptions) -> bool {
 /// Whether each decoder layer runs as one op that keeps only what its backward needs (selective
 /// checkpointing, `model/selective.rs`): the native CPU kernels over a frozen base (LoRA, QLoRA).
 fn selective(options: &PlanOptions) -> bool {
-    native_cpu(options) && options.method != Method::Full
+    native_cpu(options) && options.method != Method::Full && !options.use_dora
 }
 
 /// Whether the decoder stack runs as one checkpointed op (`model/selective.rs`,
@@ -66,7 +66,7 @@ fn selective(options: &PlanOptions) -> bool {
 /// It keeps only the layer inputs, rebuilds one layer at a time in the backward and runs each MLP
 /// by chunks of rows.
 fn stacked(options: &PlanOptions) -> bool {
-    options.gradient_checkpointing && options.method != Method::Full
+    options.gradient_checkpointing && options.method != Method::Full && !options.use_dora
 }
 
 /// How the model trains.
@@ -117,6 +117,10 @@ pub struct PlanOptions {
     pub target_modules: TargetModules,
     /// LoRA dropout: when positive each adapted linear keeps a mask and the masked input.
     pub lora_dropout: f64,
+    /// DoRA: a magnitude per output row of each adapted linear, whose layers run op by op (the
+    /// one-op layer and the checkpointed stack do not take DoRA) keeping each adapted
+    /// projection's unscaled output for the magnitude's gradient.
+    pub use_dora: bool,
     /// Recompute each decoder layer in the backward pass.
     pub gradient_checkpointing: bool,
     /// `--offload-activations`: with gradient checkpointing on an accelerator, the layer inputs
@@ -144,6 +148,7 @@ impl PlanOptions {
             lora_r: 16,
             target_modules: TargetModules::default(),
             lora_dropout: 0.0,
+            use_dora: false,
             gradient_checkpointing: false,
             offload_activations: false,
             checkpoint_chunk_rows: 0,
@@ -314,7 +319,7 @@ fn base_counts(c: &ModelConfig) -> ParamCounts {
 }
 
 /// Parameter counts: the base model's tensors and the LoRA pairs (`r * (in + out)` per adapted
-/// linear; none when fully fine-tuning).
+/// linear, and `out` more with DoRA; none when fully fine-tuning).
 pub fn param_counts(c: &ModelConfig, options: &PlanOptions) -> Result<ParamCounts> {
     let shapes = linear_shapes(c);
     let r = options.lora_r as u64;
@@ -325,7 +330,7 @@ pub fn param_counts(c: &ModelConfig, options: &PlanOptions) -> Result<ParamCount
                 .iter()
                 .zip(adapted)
                 .filter(|(_, &a)| a)
-                .map(|((_, i, o), _)| r * (i + o) as u64)
+                .map(|((_, i, o), _)| r * (i + o) as u64 + options.use_dora as u64 * *o as u64)
         })
         .sum();
     Ok(ParamCounts {
@@ -436,9 +441,13 @@ impl Step<'_> {
                 e += qd + self.heads();
             }
         }
-        for ((_, fan_in, _), &a) in linear_shapes(c).iter().zip(adapted) {
+        for ((_, fan_in, fan_out), &a) in linear_shapes(c).iter().zip(adapted) {
             if a {
                 e += r;
+                if self.o.use_dora {
+                    // DoRA's op keeps the projection's output before the magnitude scales it.
+                    e += *fan_out as u64;
+                }
                 if self.o.lora_dropout > 0.0 {
                     e += 2 * *fan_in as u64;
                 }
@@ -1098,16 +1107,24 @@ mod tests {
     #[test]
     fn plan_lora_params_equal_the_injected_adapters() {
         let (config, weights) = fixture("qwen3");
-        for targets in [
-            TargetModules::default(),
-            TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
-            TargetModules::Pattern(r"model\.layers\.1\..*_proj".into()),
+        for (targets, use_dora) in [
+            (TargetModules::default(), false),
+            (TargetModules::default(), true),
+            (
+                TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
+                true,
+            ),
+            (
+                TargetModules::Pattern(r"model\.layers\.1\..*_proj".into()),
+                false,
+            ),
         ] {
             let mut model =
                 CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu).unwrap();
             let lora = LoraConfig {
                 r: 4,
                 target_modules: targets.clone(),
+                use_dora,
                 ..LoraConfig::default()
             };
             inject(&mut model, &lora, 0).unwrap();
@@ -1115,6 +1132,7 @@ mod tests {
             let options = PlanOptions {
                 lora_r: 4,
                 target_modules: targets.clone(),
+                use_dora,
                 ..PlanOptions::new(Method::Lora, 8)
             };
             let planned = param_counts(&config, &options).unwrap().lora;
@@ -1452,22 +1470,33 @@ mod tests {
             (SMOLLM2_135M, 512, 2, Method::Lora, 1373.6),
             (SMOLLM2_135M, 256, 4, Method::Qlora, 1034.3),
         ];
+        // DoRA (`MODE+dora`, r=16; its layers run op by op), 2026-12-02.
+        let dora = [
+            (SMOLLM2_135M, 512, Method::Lora, false, 1617.0),
+            (SMOLLM2_135M, 1024, Method::Lora, false, 2547.8),
+            (SMOLLM2_135M, 512, Method::Qlora, false, 1262.5),
+            (SMOLLM2_135M, 1024, Method::Lora, true, 802.2),
+        ];
         let cases = measured
             .iter()
             .map(|&(shape, t, r, method, gc, steps, mib)| {
-                (shape, t, r, 1, 0.0, method, gc, 0, steps, mib)
+                (shape, t, r, 1, 0.0, method, gc, 0, steps, mib, false)
             })
             .chain(batched.iter().map(|&(shape, t, b, method, mib)| {
-                (shape, t, 16, b, 0.05, method, false, 0, 2, mib)
+                (shape, t, 16, b, 0.05, method, false, 0, 2, mib, false)
             }))
             .chain(chunked.iter().map(|&(shape, t, method, steps, rows, mib)| {
-                (shape, t, 16, 1, 0.0, method, true, rows, steps, mib)
+                (shape, t, 16, 1, 0.0, method, true, rows, steps, mib, false)
+            }))
+            .chain(dora.iter().map(|&(shape, t, method, gc, mib)| {
+                (shape, t, 16, 1, 0.0, method, gc, 0, 2, mib, true)
             }));
-        for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib) in cases {
+        for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {
                 lora_r: r,
                 batch_size: batch,
                 lora_dropout: dropout,
+                use_dora,
                 gradient_checkpointing: gc,
                 checkpoint_chunk_rows: chunk_rows,
                 baseline_bytes: 9 * MIB,
@@ -1479,7 +1508,7 @@ mod tests {
             let error = (predicted - mib) / mib;
             assert!(
                 error.abs() < 0.10,
-                "{shape:?} T={t} r={r} B={batch} p={dropout} {method:?} gc={gc} chunks of {chunk_rows}: predicted {predicted:.0} MiB, measured {mib}"
+                "{shape:?} T={t} r={r} B={batch} p={dropout} {method:?} gc={gc} chunks of {chunk_rows} DoRA {use_dora}: predicted {predicted:.0} MiB, measured {mib}"
             );
         }
     }

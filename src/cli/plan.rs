@@ -86,6 +86,12 @@ pub fn command() -> Command {
                 .help("LoRA dropout (0 keeps no masks)"),
         )
         .arg(
+            Arg::new("use_dora")
+                .long("use-dora")
+                .action(ArgAction::SetTrue)
+                .help("DoRA adapters (a magnitude per output row; their layers run op by op)"),
+        )
+        .arg(
             Arg::new("device")
                 .long("device")
                 .default_value("cpu")
@@ -168,6 +174,7 @@ fn options(m: &ArgMatches, config: &ModelConfig) -> anyhow::Result<PlanOptions> 
             .get_one::<f64>("lora_dropout")
             .copied()
             .unwrap_or(train.lora_dropout),
+        use_dora: m.get_flag("use_dora"),
         gradient_checkpointing: m.get_flag("gradient_checkpointing"),
         offload_activations: m.get_flag("offload_activations"),
         checkpoint_chunk_rows: 0,
@@ -210,6 +217,7 @@ fn print_table(spec: &str, o: &PlanOptions, p: &MemoryPlan, fit: Option<(f64, Op
     };
     let method = match o.method {
         Method::Full => o.method.name().to_string(),
+        _ if o.use_dora => format!("{} (DoRA) r={}", o.method.name(), o.lora_r),
         _ => format!("{} r={}", o.method.name(), o.lora_r),
     };
     println!(
@@ -338,6 +346,7 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
             "gradient_checkpointing": o.gradient_checkpointing,
             "offload_activations": o.offload_activations,
             "lora_dropout": o.lora_dropout,
+            "use_dora": o.use_dora,
             "device": if o.device == PlanDevice::Cuda { "cuda" } else { "cpu" },
             "dtype": format!("{:?}", o.dtype).to_lowercase(),
             "params": p.params.total,
