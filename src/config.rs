@@ -330,22 +330,36 @@ impl SftConfig {
         need(&self.model_name_or_path, "--model")?;
         need(&self.dataset_name, "--dataset")?;
         need(&self.output_dir, "--output-dir")?;
-        if self.per_device_train_batch_size == 0
-            || self.per_device_eval_batch_size == 0
-            || self.gradient_accumulation_steps == 0
-        {
-            return Err(Error::Config(
-                "--per-device-train-batch-size, --per-device-eval-batch-size and \
-                 --gradient-accumulation-steps must be at least 1"
-                    .into(),
-            ));
+        for (flag, value) in [
+            (
+                "per-device-train-batch-size",
+                self.per_device_train_batch_size,
+            ),
+            (
+                "per-device-eval-batch-size",
+                self.per_device_eval_batch_size,
+            ),
+            (
+                "gradient-accumulation-steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("logging-steps", self.logging_steps),
+            ("save-steps", self.save_steps),
+            ("eval-steps", self.eval_steps.unwrap_or(1)),
+            (
+                "lora-r",
+                if self.mode == Mode::Full {
+                    1
+                } else {
+                    self.lora_r
+                },
+            ),
+        ] {
+            if value == 0 {
+                return Err(Error::Config(format!("--{flag} 0: must be at least 1")));
+            }
         }
         self.validate_ranges()?;
-        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == Some(0) {
-            return Err(Error::Config(
-                "--logging-steps, --eval-steps and --save-steps must be at least 1".into(),
-            ));
-        }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
             return Err(Error::Config(
                 "set --max-steps or a positive --num-train-epochs".into(),

@@ -104,11 +104,100 @@ pub fn read_safetensors(
             hint: "check the path".into(),
         });
     }
+    // The header checked first: an untrusted file's claims (sizes, names) before any allocation.
+    safetensors_header(path)?;
     candle_core::safetensors::load(path, device).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
         line: None,
         message: format!("cannot read safetensors: {e}"),
     })
+}
+
+/// The largest safetensors header read (the format's own limit).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// The header of the safetensors file `path`, checked before anything is allocated for its
+/// tensors: its length within [`MAX_SAFETENSORS_HEADER`] and the file, each name once, each byte
+/// range ordered and inside the file. Returns `(name, entry, data start)` in file order, the
+/// entries as written (`__metadata__` left out); the data starts after the header.
+pub fn safetensors_header(path: &Path) -> Result<(Vec<(String, serde_json::Value)>, u64)> {
+    use std::io::Read;
+    let bad = |message: String| Error::Parse {
+        path: path.to_path_buf(),
+        line: None,
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| {
+        bad("not a safetensors file (shorter than its 8-byte header length)".into())
+    })?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_SAFETENSORS_HEADER || 8 + len > file_len {
+        return Err(bad(format!(
+            "not a safetensors file: its header claims {len} bytes (the file has {file_len}; the format allows {MAX_SAFETENSORS_HEADER})"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let Entries(entries) =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
+    let data_len = file_len - 8 - len;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, entry) in entries {
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!(
+                "tensor `{name}` is listed twice in the header; the file is damaged or was written by a faulty tool"
+            )));
+        }
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets: Vec<u64> = entry["data_offsets"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        match offsets[..] {
+            [start, end] if start <= end && end <= data_len => {}
+            [start, end] => {
+                return Err(bad(format!(
+                    "tensor `{name}`: bytes {start}..{end} are not inside the file's {data_len} data bytes; the file is truncated or damaged"
+                )))
+            }
+            _ => return Err(bad(format!("tensor `{name}` has no data_offsets"))),
+        }
+        out.push((name, entry));
+    }
+    Ok((out, 8 + len))
+}
+
+/// A JSON object's entries in order, repeated keys kept (serde_json's map keeps one of them).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// The lock file a run or a merge holds in the folder it writes ([`lock_dir`]).

@@ -91,24 +91,52 @@ pub fn for_each_row_chunk(
     Ok(())
 }
 
-/// Streams a JSON Lines file line by line (a leading byte-order mark is ignored).
+/// The longest JSON Lines row read: far above any training row (a million tokens of text is
+/// a few MiB), far below what would exhaust memory on a file that has no line breaks.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Streams a JSON Lines file line by line (a leading byte-order mark is ignored); a line longer
+/// than [`MAX_LINE_BYTES`] is an error, read no further than that.
 fn read_json_lines(path: &Path, sink: &mut impl FnMut(Row) -> Result<()>) -> Result<()> {
-    use std::io::BufRead;
+    use std::io::{BufRead, Read};
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
-    for (index, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => Error::Parse {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut bytes = Vec::new();
+    for index in 0.. {
+        bytes.clear();
+        let read = reader
+            .by_ref()
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| Error::io(path, e))?;
+        if read == 0 {
+            break;
+        }
+        if bytes.len() > MAX_LINE_BYTES {
+            return Err(Error::Parse {
                 path: path.to_path_buf(),
                 line: Some(index + 1),
-                message: "not valid UTF-8: save the file as UTF-8".into(),
-            },
-            _ => Error::io(path, e),
+                message: format!(
+                    "the line is longer than {} MiB; a JSON Lines file holds one row per line (a .json file holds one JSON array)",
+                    MAX_LINE_BYTES >> 20
+                ),
+            });
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        let line = std::str::from_utf8(&bytes).map_err(|_| Error::Parse {
+            path: path.to_path_buf(),
+            line: Some(index + 1),
+            message: "not valid UTF-8: save the file as UTF-8".into(),
         })?;
         let line = if index == 0 {
-            line.strip_prefix('\u{feff}').unwrap_or(&line)
+            line.strip_prefix('\u{feff}').unwrap_or(line)
         } else {
-            &line
+            line
         };
         if let Some(row) = json_line_row(line, index + 1, path)? {
             sink(row)?;

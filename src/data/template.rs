@@ -43,10 +43,41 @@ impl std::fmt::Display for RaisedByTemplate {
 
 impl std::error::Error for RaisedByTemplate {}
 
+/// Instructions one rendering may run (minijinja's fuel): far above what any chat template needs
+/// for a long conversation, far below a loop that does not end.
+const MAX_FUEL: u64 = 10_000_000;
+
+/// Bytes one rendering may produce.
+const MAX_RENDER_BYTES: usize = 32 << 20;
+
+/// A rendering's output, refusing to grow past [`MAX_RENDER_BYTES`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDER_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles a Jinja chat template with the environment transformers uses.
     pub fn new(source: &str) -> Result<Self> {
         let mut env = Environment::new();
+        // A template from a model folder is untrusted: bound the work of one rendering.
+        env.set_fuel(Some(MAX_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -135,7 +166,16 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| template_error(&e))?;
-        template.render(context).map_err(|e| template_error(&e))
+        let mut out = Capped::default();
+        match template.render_captured_to(context, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::Template("the chat template rendered invalid UTF-8".into())),
+            Err(_) if out.overflowed => Err(Error::Template(format!(
+                "rendered more than {} MiB for one conversation; a chat template should render the conversation, not generate text",
+                MAX_RENDER_BYTES >> 20
+            ))),
+            Err(e) => Err(template_error(&e)),
+        }
     }
 
     /// Like [`ChatTemplate::render`], also returning the byte ranges of the text rendered inside
@@ -368,6 +408,11 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, String)> {
 
 /// Converts a minijinja error into the crate's error, keeping `raise_exception`'s message as is.
 fn template_error(error: &TemplateError) -> Error {
+    if error.kind() == ErrorKind::OutOfFuel {
+        return Error::Template(format!(
+            "ran more than {MAX_FUEL} steps on one conversation (a loop that does not end?); fix the template or replace it (--chat-template)"
+        ));
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {

@@ -158,6 +158,36 @@ pub struct LoraConfig {
     pub target_parameters: Option<Vec<String>>,
     /// PEFT version that wrote the file, or ours.
     pub revision: Option<String>,
+    /// Every other key of the file, kept as written (and written back); one that changes what
+    /// the adapter computes is refused by [`LoraConfig::validate`].
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// PEFT 0.21's LoRA keys that do not change what a trained adapter computes (bookkeeping, or
+/// initialisation options spent when the adapter was made).
+const BENIGN_KEYS: [&str; 10] = [
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_config",
+    "kasa_config",
+];
+
+/// Whether a value leaves a feature off (null, false, an empty string, list or object).
+fn inactive(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => true,
+        serde_json::Value::String(s) => s.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 impl Default for LoraConfig {
@@ -184,6 +214,7 @@ impl Default for LoraConfig {
             layers_pattern: None,
             exclude_modules: None,
             target_parameters: None,
+            other: BTreeMap::new(),
             revision: None,
         }
     }
@@ -239,6 +270,18 @@ impl LoraConfig {
             return Err(Error::Config(
                 "layers_pattern is set but layers_to_transform is not: the pattern only says where the layer indices are; name the layers with layers_to_transform".into(),
             ));
+        }
+        // PEFT options peft-sft does not implement (lora_bias, use_qalora, layer_replication,
+        // alora_invocation_tokens, arrow_config, use_bdlora, ...) and keys of a newer PEFT: on,
+        // they change what the adapter computes.
+        if let Some((key, value)) = self
+            .other
+            .iter()
+            .find(|(k, v)| !BENIGN_KEYS.contains(&k.as_str()) && !inactive(v))
+        {
+            return Err(Error::Config(format!(
+                "adapter_config.json: `{key}` = {value} is not supported: peft-sft implements PEFT 0.21's LoRA (with DoRA, rsLoRA, PiSSA/OLoRA, modules_to_save, layer selection); with this option on, the adapter computes something else"
+            )));
         }
         if self
             .target_parameters

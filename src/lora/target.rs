@@ -211,6 +211,15 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
             continue;
         }
         let (r, scale) = rank_and_scale(config, &lin.name)?;
+        let side = lin.in_features().min(lin.out_features());
+        if r > side {
+            return Err(Error::Config(format!(
+                "lora r {r} is larger than {} ({} × {}): a rank above the smaller side adds parameters but no capacity; use --lora-r {side} or less (or rank_pattern for this module)",
+                lin.name,
+                lin.out_features(),
+                lin.in_features()
+            )));
+        }
         let layer = match init {
             LoraInit::Default => LoraLayer::init(
                 &lin.name,

@@ -73,18 +73,8 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
         line: None,
         message,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(bad("not a safetensors file (header too large)".into()));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
+    // Length, names and byte ranges checked against the file.
+    let (header, base) = crate::io::safetensors_header(path)?;
     let mut out = Vec::new();
     for (name, info) in header {
         if name == "__metadata__" {
@@ -104,14 +94,16 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
         let [start, end] = offsets[..] else {
             return Err(bad(format!("tensor `{name}` has no data_offsets")));
         };
-        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if (end - start) as usize != expected {
+        // Checked: a hostile shape must not overflow into a plausible size.
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
+        if expected != Some((end - start) as usize) {
             return Err(bad(format!(
                 "tensor `{name}`: {} bytes for shape {shape:?}",
                 end - start
             )));
         }
-        let base = 8 + len;
         out.push((
             name,
             Entry {
