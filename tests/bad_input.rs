@@ -294,7 +294,7 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
     cases.push(Case {
         name: "truncated tokenizer.json",
         args: train(&m, &data, out, &[]),
-        says: "tokenizer.json: cannot load the tokenizer",
+        says: "tokenizer.json:26: cannot load the tokenizer: not valid JSON",
     });
     let m = fixture_copy("models/qwen2", dir, "bin_only");
     std::fs::remove_file(m.join("model.safetensors")).unwrap();

@@ -465,7 +465,7 @@ fn bad_files_and_folders_get_one_clear_line_each() {
     std::fs::write(m.join("tokenizer.json"), &text[..500]).unwrap();
     let err = train_err(m.to_str().unwrap(), &data, &tmp.path().join("o1"), &[]);
     assert!(
-        err.contains("tokenizer.json: cannot load the tokenizer"),
+        err.contains("tokenizer.json:26: cannot load the tokenizer: not valid JSON"),
         "{err}"
     );
     // Only PyTorch .bin weights: never unpickled, the conversion named.

@@ -98,7 +98,15 @@ impl ChatTokenizer {
                     .to_string(),
             });
         }
-        let mut inner = Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Parse {
+        // Parsed as JSON first: the tokenizers crate panics on some malformed files (a decoder
+        // object that does not parse) instead of returning its error.
+        let bytes = std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Parse {
+            path: tokenizer_path.clone(),
+            line: Some(e.line()),
+            message: format!("cannot load the tokenizer: not valid JSON ({e})"),
+        })?;
+        let mut inner: Tokenizer = serde_json::from_value(json).map_err(|e| Error::Parse {
             path: tokenizer_path.clone(),
             line: None,
             message: format!("cannot load the tokenizer: {e}"),

@@ -110,6 +110,14 @@ impl GgufFile {
             names: BTreeSet::new(),
         };
         let layers = gguf.u64_key("block_count")? as usize;
+        // Each layer has tensors in the file: a larger count is a damaged header (and would
+        // make the name list as large as it claims).
+        if layers > gguf.content.tensor_infos.len() {
+            return Err(gguf.bad(format!(
+                "block_count {layers} is more than the file's {} tensors",
+                gguf.content.tensor_infos.len()
+            )));
+        }
         gguf.names = hf_names(layers)
             .into_iter()
             .filter(|n| gguf_name(n).is_some_and(|g| gguf.content.tensor_infos.contains_key(&g)))
