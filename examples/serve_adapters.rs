@@ -142,11 +142,16 @@ fn main() -> anyhow::Result<()> {
 
 /// Answers connections on `listener` until it fails, each on its own thread.
 pub fn serve(listener: TcpListener, server: Arc<AdapterServer>) {
+    serve_with_timeout(listener, server, READ_TIMEOUT)
+}
+
+/// [`serve`] with `timeout` for a peer that stops sending its request.
+pub fn serve_with_timeout(listener: TcpListener, server: Arc<AdapterServer>, timeout: Duration) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
                 let server = server.clone();
-                std::thread::spawn(move || handle_connection(stream, &server));
+                std::thread::spawn(move || handle_connection_within(stream, &server, timeout));
             }
             Err(e) => eprintln!("accepting a connection: {e}"),
         }
@@ -304,9 +309,14 @@ fn read_request(stream: &mut TcpStream) -> std::io::Result<Result<Option<Request
 }
 
 /// Reads one request from `stream`, answers it and closes the connection.
-pub fn handle_connection(mut stream: TcpStream, server: &AdapterServer) {
+pub fn handle_connection(stream: TcpStream, server: &AdapterServer) {
+    handle_connection_within(stream, server, READ_TIMEOUT)
+}
+
+/// [`handle_connection`] giving a peer that stops sending `timeout` before it is answered 400.
+pub fn handle_connection_within(mut stream: TcpStream, server: &AdapterServer, timeout: Duration) {
     // A peer that stops sending must not hold the thread forever; a failed setting only loses that.
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(timeout));
     let response = match read_request(&mut stream) {
         Ok(Ok(Some(request))) => route(server, &request.method, &request.path, &request.body),
         Ok(Ok(None)) => return,

@@ -462,3 +462,111 @@ fn the_example_reads_its_command_line() {
     assert!(err.to_string().contains("NAME=DIR"), "{err}");
     assert!(args(&["--adapter", "x=d"]).is_err(), "--model is required");
 }
+
+/// The example under load (loopback only): 200 requests from 20 client threads over three adapters
+/// and the base — "c" being adapter b's folder loaded again — while a fourth adapter is loaded and
+/// unloaded over and over, and two peers that stop mid-request. Every answer equals the one its
+/// adapter gives alone (no cross-talk), the stalled peers get a 400 once the read timeout passes
+/// without holding anyone else up, and an unloaded adapter's view is freed once its last
+/// request ends. Prints requests/s and latency percentiles (not asserted).
+#[test]
+fn the_example_under_load_answers_every_request_with_its_own_adapter() {
+    let server = Arc::new(server());
+    server.load("c", adapters().1).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shared = server.clone();
+    let timeout = std::time::Duration::from_secs(2);
+    std::thread::spawn(move || serve_example::serve_with_timeout(listener, shared, timeout));
+    let c_view = Arc::downgrade(&server.view(Some("c")).unwrap());
+
+    let text = |adapter: Option<&str>, ids: &[u32]| {
+        server
+            .view(adapter)
+            .unwrap()
+            .tokenizer
+            .decode(ids, true)
+            .unwrap()
+    };
+    let expected: Vec<(Option<&str>, String)> = vec![
+        (Some("a"), text(Some("a"), &expected()[0].1)),
+        (Some("b"), text(Some("b"), &expected()[1].1)),
+        (Some("c"), text(Some("b"), &expected()[1].1)),
+        (None, text(None, &expected()[2].1)),
+    ];
+    // Two peers that stop sending: one mid-body, one before its first byte.
+    let stalled: Vec<TcpStream> = [
+        &b"POST /generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"[..],
+        b"",
+    ]
+    .iter()
+    .map(|raw| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(raw).unwrap();
+        s
+    })
+    .collect();
+    let started = std::time::Instant::now();
+    let mut latencies: Vec<f64> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..20)
+            .map(|t| {
+                let expected = &expected;
+                s.spawn(move || {
+                    (0..10)
+                        .map(|k| {
+                            let (adapter, want) = &expected[(t + k) % 4];
+                            let adapter_json = serde_json::to_string(adapter).unwrap();
+                            let body = format!(
+                                r#"{{"prompt": "{PROMPT}", "adapter": {adapter_json}, "max_new_tokens": 12}}"#
+                            );
+                            let sent = std::time::Instant::now();
+                            let (status, out) = http(addr, &request("POST", "/generate", &body));
+                            let took = sent.elapsed().as_secs_f64();
+                            assert_eq!(status, 200, "{out}");
+                            assert_eq!(out["text"].as_str().unwrap(), want, "client {t}, request {k}, {adapter:?}");
+                            took
+                        })
+                        .collect::<Vec<f64>>()
+                })
+            })
+            .collect();
+        s.spawn(|| {
+            let (a, _) = adapters();
+            for _ in 0..10 {
+                server.load("d", a).unwrap();
+                server.unload("d").unwrap();
+            }
+        });
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(latencies.len(), 200);
+    latencies.sort_by(f64::total_cmp);
+    eprintln!(
+        "200 requests in {wall:.2} s: {:.1} requests/s, latency p50 {:.1} ms, p99 {:.1} ms",
+        200.0 / wall,
+        latencies[100] * 1e3,
+        latencies[197] * 1e3
+    );
+
+    for (i, mut peer) in stalled.into_iter().enumerate() {
+        let mut answer = String::new();
+        peer.set_read_timeout(Some(timeout * 5)).unwrap();
+        peer.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "stalled peer {i}: {answer:?}"
+        );
+    }
+
+    // Unloaded, and no request holds it: the view and its adapter tensors are gone.
+    server.unload("c").unwrap();
+    assert!(
+        c_view.upgrade().is_none(),
+        "the unloaded adapter's view is still alive"
+    );
+    assert_eq!(server.names(), ["a", "b"]);
+}
