@@ -452,6 +452,38 @@ fn skip_nonfinite_steps_skips_that_many_then_stops() {
         err.contains("step 2: the loss (NaN) is not finite"),
         "{err}"
     );
+    // The budget holds across a resume: step 1 was skipped before the checkpoint, so the resumed
+    // run stops at step 2 instead of skipping it too.
+    let out = tmp.path().join("resumed");
+    let resume_args = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--save-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--skip-nonfinite-steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        run_cli(&args)
+    };
+    let (ok, _, err) = resume_args(&[]);
+    assert!(ok && out.join("checkpoint-1").exists(), "{err}");
+    let (ok, _, err) = resume_args(&["--max-steps", "2", "--resume-from-checkpoint", "latest"]);
+    assert!(!ok, "the resumed run skipped a second step");
+    assert!(
+        err.contains("step 2: the loss (NaN) is not finite"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -379,6 +379,15 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         state.best_metric = saved.best_metric;
         state.best_model_checkpoint = saved.best_model_checkpoint;
     }
+    // Steps skipped before a resume count against --skip-nonfinite-steps too.
+    let skipped_steps: Vec<(usize, String)> = state
+        .log_history
+        .iter()
+        .filter_map(|e| {
+            let what = e.get("skipped_nonfinite")?.as_str()?.to_string();
+            Some((e.get("step")?.as_u64()? as usize, what))
+        })
+        .collect();
     Ok(Run {
         device,
         output_dir,
@@ -397,7 +406,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
         optimizer,
         state,
         resumed: resume_dir.is_some(),
-        skipped_steps: Vec::new(),
+        skipped_steps,
         _lock: lock,
     })
 }
