@@ -58,7 +58,13 @@ fn native_cpu(options: &PlanOptions) -> bool {
 /// Whether each decoder layer runs as one op that keeps only what its backward needs (selective
 /// checkpointing, `model/selective.rs`): the native CPU kernels over a frozen base (LoRA, QLoRA).
 fn selective(options: &PlanOptions) -> bool {
-    native_cpu(options) && options.method != Method::Full && !options.use_dora
+    native_cpu(options) && options.method != Method::Full && !dora_with_dropout(options)
+}
+
+/// DoRA with dropout runs op by op (its unscaled output needs a second frozen product there);
+/// without dropout the one-op layer and the checkpointed stack take DoRA too.
+fn dora_with_dropout(options: &PlanOptions) -> bool {
+    options.use_dora && options.lora_dropout > 0.0
 }
 
 /// Whether the decoder stack runs as one checkpointed op (`model/selective.rs`,
@@ -66,7 +72,7 @@ fn selective(options: &PlanOptions) -> bool {
 /// It keeps only the layer inputs, rebuilds one layer at a time in the backward and runs each MLP
 /// by chunks of rows.
 fn stacked(options: &PlanOptions) -> bool {
-    options.gradient_checkpointing && options.method != Method::Full && !options.use_dora
+    options.gradient_checkpointing && options.method != Method::Full && !dora_with_dropout(options)
 }
 
 /// How the model trains.
@@ -117,9 +123,8 @@ pub struct PlanOptions {
     pub target_modules: TargetModules,
     /// LoRA dropout: when positive each adapted linear keeps a mask and the masked input.
     pub lora_dropout: f64,
-    /// DoRA: a magnitude per output row of each adapted linear, whose layers run op by op (the
-    /// one-op layer and the checkpointed stack do not take DoRA) keeping each adapted
-    /// projection's unscaled output for the magnitude's gradient.
+    /// DoRA: a magnitude per output row of each adapted linear; each adapted projection's
+    /// unscaled output is kept for the magnitude's gradient (with dropout, op by op).
     pub use_dora: bool,
     /// Recompute each decoder layer in the backward pass.
     pub gradient_checkpointing: bool,
@@ -420,8 +425,19 @@ impl Step<'_> {
         if selective(self.o) {
             // One op per layer: its input and the mid-layer residual, gate and up, q/k/v as
             // projected, the attention output and its f32 log-sum-exp, r per adapted linear
-            // (dropout masks are drawn again in the backward).
-            return 2 * h + 2 * i + 2 * qd + 2 * kvd + self.heads() + r * adapters;
+            // (dropout masks are drawn again in the backward), and with DoRA each adapted
+            // projection's unscaled output.
+            let dora: u64 = if self.o.use_dora {
+                linear_shapes(c)
+                    .iter()
+                    .zip(adapted)
+                    .filter(|(_, &a)| a)
+                    .map(|((_, _, o), _)| *o as u64)
+                    .sum()
+            } else {
+                0
+            };
+            return 2 * h + 2 * i + 2 * qd + 2 * kvd + self.heads() + r * adapters + dora;
         }
         let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
         let rope = u64::from(c.layer_uses_rope(layer));
@@ -445,10 +461,13 @@ impl Step<'_> {
             if a {
                 e += r;
                 if self.o.use_dora {
-                    // DoRA's op keeps the projection's output before the magnitude scales it.
+                    // DoRA's op keeps the projection's output before the magnitude scales it,
+                    // and with dropout the mask alone (the masked input is rebuilt).
                     e += *fan_out as u64;
-                }
-                if self.o.lora_dropout > 0.0 {
+                    if self.o.lora_dropout > 0.0 {
+                        e += *fan_in as u64;
+                    }
+                } else if self.o.lora_dropout > 0.0 {
                     e += 2 * *fan_in as u64;
                 }
             }
@@ -1470,12 +1489,13 @@ mod tests {
             (SMOLLM2_135M, 512, 2, Method::Lora, 1373.6),
             (SMOLLM2_135M, 256, 4, Method::Qlora, 1034.3),
         ];
-        // DoRA (`MODE+dora`, r=16; its layers run op by op), 2026-12-02.
+        // DoRA (`MODE+dora`, r=16; one op per layer, or op by op with dropout), 2026-12-02.
         let dora = [
-            (SMOLLM2_135M, 512, Method::Lora, false, 1617.0),
-            (SMOLLM2_135M, 1024, Method::Lora, false, 2547.8),
-            (SMOLLM2_135M, 512, Method::Qlora, false, 1262.5),
-            (SMOLLM2_135M, 1024, Method::Lora, true, 802.2),
+            (SMOLLM2_135M, 512, Method::Lora, false, 0.0, 1341.1),
+            (SMOLLM2_135M, 1024, Method::Lora, false, 0.0, 1993.6),
+            (SMOLLM2_135M, 512, Method::Qlora, false, 0.0, 982.7),
+            (SMOLLM2_135M, 1024, Method::Lora, true, 0.0, 784.7),
+            (SMOLLM2_135M, 512, Method::Lora, false, 0.05, 1897.4),
         ];
         let cases = measured
             .iter()
@@ -1488,8 +1508,8 @@ mod tests {
             .chain(chunked.iter().map(|&(shape, t, method, steps, rows, mib)| {
                 (shape, t, 16, 1, 0.0, method, true, rows, steps, mib, false)
             }))
-            .chain(dora.iter().map(|&(shape, t, method, gc, mib)| {
-                (shape, t, 16, 1, 0.0, method, gc, 0, 2, mib, true)
+            .chain(dora.iter().map(|&(shape, t, method, gc, dropout, mib)| {
+                (shape, t, 16, 1, dropout, method, gc, 0, 2, mib, true)
             }));
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {

@@ -130,13 +130,24 @@ fn a_dora_adapter_matches_peft_over_nf4_weights() {
         .contiguous()
         .unwrap();
     let ones = mask.ones_like().unwrap();
-    // Op by op, and with gradient checkpointing (each layer recomputed).
-    for checkpointing in [false, true] {
+    // Each layer as one op (the default), op by op, and with gradient checkpointing (the
+    // checkpointed stack, the MLP whole and by chunks of 3 rows).
+    for (checkpointing, selective, chunk_rows) in [
+        (false, true, 0),
+        (false, false, 0),
+        (true, true, 0),
+        (true, true, 3),
+    ] {
         model.gradient_checkpointing = checkpointing;
+        model.selective_checkpointing = selective;
+        model.checkpoint_chunk_rows = chunk_rows;
         let out = model.loss(&ids, &mask, &ones, None).unwrap();
         let loss = (&out.loss_sum / out.loss_tokens).unwrap();
         let err = rel_err(&loss, &reference["loss"]);
-        assert!(err < 1e-5, "loss differs from PEFT's by {err}");
+        assert!(
+            err < 1e-5,
+            "{checkpointing} {selective} {chunk_rows}: loss differs from PEFT's by {err}"
+        );
         let grads = loss.backward().unwrap();
         let trainable = model.trainable();
         assert_eq!(trainable.len(), 42);

@@ -152,6 +152,17 @@ pub struct LoraBase<'a> {
 /// `hidden = dropout(x) A^T`.
 pub(crate) struct LoraHidden {
     hidden: Tensor,
+    /// A DoRA module's: what its magnitude's gradient reads.
+    pub(crate) dora: Option<DoraKept>,
+}
+
+/// What a DoRA module's backward reads besides the LoRA hidden: the projection's output before the
+/// magnitude scales it `[n, out]`, the scale `m / ‖W + scale B A‖` (in the input's dtype) and the
+/// norm (f32), both `[out]`.
+pub(crate) struct DoraKept {
+    pub(crate) unscaled: Tensor,
+    pub(crate) factor: Tensor,
+    pub(crate) norm: Tensor,
 }
 
 impl LoraHidden {
@@ -159,6 +170,17 @@ impl LoraHidden {
     pub(crate) fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
         Ok(LoraHidden {
             hidden: self.hidden.to_device(device)?,
+            dora: self
+                .dora
+                .as_ref()
+                .map(|d| -> Result<DoraKept> {
+                    Ok(DoraKept {
+                        unscaled: d.unscaled.to_device(device)?,
+                        factor: d.factor.to_device(device)?,
+                        norm: d.norm.to_device(device)?,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -194,6 +216,7 @@ pub(crate) fn lora_input(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 pub(crate) fn lora_hidden(x: &Tensor, mask: Option<&Tensor>, a: &Tensor) -> Result<LoraHidden> {
     Ok(LoraHidden {
         hidden: matmul_narrow(&lora_input(x, mask)?, &a.t()?)?,
+        dora: None,
     })
 }
 
@@ -207,7 +230,7 @@ pub(crate) fn lora_rows(
     b: &Tensor,
     scale: f64,
 ) -> Result<(Output, LoraHidden)> {
-    let LoraHidden { hidden } = lora_hidden(x, base.dropout_mask.as_ref(), a)?;
+    let LoraHidden { hidden, .. } = lora_hidden(x, base.dropout_mask.as_ref(), a)?;
     // Folding the scale into the tiny B saves two passes over the [n, out] output.
     let b_scaled = b.affine(scale, 0.0)?;
     let out = sum_of_products(
@@ -217,7 +240,7 @@ pub(crate) fn lora_rows(
             Product::t(&hidden, &b_scaled),
         ],
     )?;
-    Ok((out, LoraHidden { hidden }))
+    Ok((out, LoraHidden { hidden, dora: None }))
 }
 
 /// A LoRA pair's gradients for the output gradient `g: [n, out]`, given the branch's input

@@ -7,8 +7,8 @@
 use super::dropout::dropout_mask_from;
 use super::graft::{grad_enabled, graft_carrying, park};
 use super::linear::{
-    dense, input_gradient, lora_input, lora_rows, lora_weight_grads, FrozenWeight, InputShare,
-    LoraBase,
+    dense, input_gradient, lora_input, lora_rows, lora_weight_grads, DoraKept, FrozenWeight,
+    InputShare, LoraBase, LoraHidden,
 };
 use super::rows;
 use crate::rng::{hash_str, key, Rng};
@@ -370,13 +370,7 @@ pub fn dora_linear(x: &Tensor, base: LoraBase<'_>, lora: &LoraLayer) -> Result<T
             let g_scaled = g.broadcast_mul(&factor)?;
             let (grad_hidden, grad_a, grad_b) =
                 lora_weight_grads(&g_scaled, &lora_in, (&saved, &b), scale, (true, true))?;
-            // The column sums as a product with a row of ones: one pass at gemm speed (candle's
-            // reduction over the leading dimension walks the rows one element at a time).
-            let ones = Tensor::ones((1, g.dim(0)?), DType::F32, g.device())?;
-            let grad_m = ones
-                .matmul(&(&g * &y0)?.to_dtype(DType::F32)?)?
-                .squeeze(0)?
-                .div(&norm)?;
+            let grad_m = magnitude_grad(&g, &y0, &norm)?;
             for (var, grad) in vars.iter().zip([grad_a, grad_b, Some(grad_m)]) {
                 if let Some(grad) = grad {
                     park(var, LoraLayer::grad_of(grad)?)?;
@@ -409,6 +403,74 @@ pub fn dora_linear(x: &Tensor, base: LoraBase<'_>, lora: &LoraLayer) -> Result<T
             Ok(Some(grad.reshape(x.shape())?))
         }),
     )
+}
+
+/// The magnitude's gradient `Σ_rows (g ⊙ unscaled) / norm` (f32 `[out]`). g, unscaled: [n, out]
+fn magnitude_grad(g: &Tensor, unscaled: &Tensor, norm: &Tensor) -> Result<Tensor> {
+    // The column sums as a product with a row of ones: one pass at gemm speed (candle's
+    // reduction over the leading dimension walks the rows one element at a time).
+    let ones = Tensor::ones((1, g.dim(0)?), DType::F32, g.device())?;
+    ones.matmul(&(g * unscaled)?.to_dtype(DType::F32)?)?
+        .squeeze(0)?
+        .div(norm)
+}
+
+/// DoRA's forward on untracked rows, without dropout (the one-op layer's form of
+/// [`dora_linear`]): `f ⊙ (x W^T + scale (x A^T) B^T) + bias`, and what its backward
+/// ([`dora_backward`]) reads. x: [n, in] -> [n, out]
+pub(crate) fn dora_rows(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    lora: &LoraLayer,
+) -> Result<(Tensor, LoraHidden)> {
+    let (Some(dora), Some(norm)) = (&lora.dora, lora.dora_norm(weight)?) else {
+        candle_core::bail!("dora_rows on a LoRA layer without a magnitude vector")
+    };
+    let dtype = x.dtype();
+    let factor = dora
+        .magnitude
+        .as_tensor()
+        .detach()
+        .to_dtype(DType::F32)?
+        .div(&norm)?
+        .to_dtype(dtype)?;
+    let unbiased = LoraBase {
+        weight,
+        bias: None,
+        dropout_mask: None,
+    };
+    let (unscaled, mut hidden) = lora_rows(
+        x,
+        &unbiased,
+        &lora.a_in(dtype)?,
+        &lora.b_in(dtype)?,
+        lora.scale,
+    )?;
+    let unscaled = unscaled.into_tensor()?;
+    let scaled = unscaled.broadcast_mul(&factor)?;
+    let out = match bias {
+        Some(bias) => scaled.broadcast_add(bias)?,
+        None => scaled,
+    };
+    hidden.dora = Some(DoraKept {
+        unscaled,
+        factor,
+        norm,
+    });
+    Ok((out, hidden))
+}
+
+/// DoRA's part of a backward without dropout, for the output gradient `g: [n, out]`: parks the
+/// magnitude's gradient and returns the gradient of the unscaled output, `g ⊙ f`, from which
+/// the LoRA pair's and the input's gradients follow as for plain LoRA.
+pub(crate) fn dora_backward(g: &Tensor, kept: &DoraKept, lora: &LoraLayer) -> Result<Tensor> {
+    let Some(dora) = &lora.dora else {
+        candle_core::bail!("dora_backward on a LoRA layer without a magnitude vector")
+    };
+    let grad_m = magnitude_grad(g, &kept.unscaled, &kept.norm)?;
+    park(dora.magnitude.as_tensor(), LoraLayer::grad_of(grad_m)?)?;
+    g.broadcast_mul(&kept.factor)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use super::linear::{
     dense, input_gradient, lora_hidden, lora_input, lora_rows, lora_weight_grads, FrozenWeight,
     InputShare, LoraBase, LoraHidden,
 };
-use super::lora::LoraLayer;
+use super::lora::{dora_backward, dora_rows, LoraLayer};
 use super::norm::{rms_norm_forward, rms_norm_grad_x};
 use super::residual::sum;
 use super::rope::rotate_tokens;
@@ -178,7 +178,7 @@ fn lora_vars(projs: &[Projection]) -> Vec<Tensor> {
     projs
         .iter()
         .filter_map(|p| p.lora.as_ref())
-        .flat_map(|lora| [lora.a.as_tensor().clone(), lora.b.as_tensor().clone()])
+        .flat_map(|lora| lora.vars().into_iter().map(|v| v.as_tensor().clone()))
         .collect()
 }
 
@@ -228,6 +228,11 @@ impl Projection {
         let Some(lora) = &self.lora else {
             return Ok((dense(x, &self.weight.dense()?, self.bias.as_ref())?, None));
         };
+        if lora.dora.is_some() {
+            // DoRA without dropout (the only DoRA the op takes, `model/selective.rs`).
+            let (out, hidden) = dora_rows(x, &self.weight, self.bias.as_ref(), lora)?;
+            return Ok((out, Some(hidden)));
+        }
         let base = LoraBase {
             weight: &self.weight,
             bias: self.bias.as_ref(),
@@ -251,6 +256,10 @@ impl Projection {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
+        if lora.dora.is_some() {
+            // The magnitude's gradient reads the projection's output: no product to skip.
+            return Ok(self.forward(x, first, key)?.1);
+        }
         let mask = self.mask(first, x.dim(0)?, key, x.dtype())?;
         lora_hidden(x, mask.as_ref(), &lora.a_in(x.dtype())?).map(Some)
     }
@@ -285,21 +294,31 @@ fn backward_projections(
 ) -> Result<Option<Tensor>> {
     let rows = x.dim(0)?;
     let mut lora_terms = Vec::with_capacity(parts.len());
+    // DoRA modules: the gradient of the output before the magnitude scaled it.
+    let mut unscaled_grads: Vec<Option<Tensor>> = Vec::with_capacity(parts.len());
     for part in parts {
         let (Some(lora), Some(hidden)) = (&part.proj.lora, part.hidden) else {
             lora_terms.push(None);
+            unscaled_grads.push(None);
             continue;
         };
+        let g_dora = hidden
+            .dora
+            .as_ref()
+            .map(|kept| dora_backward(part.g, kept, lora))
+            .transpose()?;
+        let g = g_dora.as_ref().unwrap_or(part.g);
         let mask = part.proj.mask(first, rows, key, x.dtype())?;
         let lora_in = lora_input(x, mask.as_ref())?;
         let b = lora.b_in(x.dtype())?;
         let (grad_hidden, grad_a, grad_b) =
-            lora_weight_grads(part.g, &lora_in, (hidden, &b), lora.scale, (true, true))?;
+            lora_weight_grads(g, &lora_in, (hidden, &b), lora.scale, (true, true))?;
         if let (Some(ga), Some(gb)) = (grad_a, grad_b) {
             park(lora.a.as_tensor(), LoraLayer::grad_of(ga)?)?;
             park(lora.b.as_tensor(), LoraLayer::grad_of(gb)?)?;
         }
         lora_terms.push(Some((grad_hidden, lora.a_in(x.dtype())?, mask)));
+        unscaled_grads.push(g_dora);
     }
     if !needs_x {
         return Ok(None);
@@ -307,8 +326,9 @@ fn backward_projections(
     let shares: Vec<InputShare<'_>> = parts
         .iter()
         .zip(&lora_terms)
-        .map(|(part, term)| InputShare {
-            g: part.g,
+        .zip(&unscaled_grads)
+        .map(|((part, term), g_dora)| InputShare {
+            g: g_dora.as_ref().unwrap_or(part.g),
             weight: &part.proj.weight,
             lora: term
                 .as_ref()
