@@ -339,3 +339,55 @@ fn pissa_and_olora_match_peft_and_save_for_the_original_base() {
         assert!(err < 1e-4, "{init}: PEFT's converted adapter gives {err}");
     }
 }
+
+/// DoRA with dropout (which PEFT's reference cannot share: its masks come from torch's
+/// generator) in the one-op layer, the checkpointed stack and op by op: the same loss and the same
+/// gradient for every A, B and magnitude (the masks are keyed, so all three draw the same).
+#[test]
+fn dora_with_dropout_is_the_same_in_every_form_of_the_layer() {
+    let reference = tensors(&fixture("peft/llama_dora/reference.safetensors"));
+    let ids = input_ids(&reference);
+    let mut model = load_model(&fixture("models/llama"), false);
+    load_adapter(&mut model, &fixture("peft/llama_dora/adapter")).unwrap();
+    for lin in model.linears_mut() {
+        if let Some(lora) = lin.lora.as_mut() {
+            lora.dropout = 0.3;
+        }
+    }
+    let mask = loss_mask(&ids);
+    let ones = mask.ones_like().unwrap();
+    let run = |model: &mut peft_sft::model::CausalLm, selective: bool, checkpointing: bool| {
+        model.selective_checkpointing = selective;
+        model.gradient_checkpointing = checkpointing;
+        let out = model.loss(&ids, &mask, &ones, Some(17)).unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        let grads = loss.backward().unwrap();
+        let grads: Vec<(String, Tensor)> = model
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, grads.get(&v).unwrap().clone()))
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (loss_ops, grads_ops) = run(&mut model, false, false);
+    let no_dropout = model.loss(&ids, &mask, &ones, None).unwrap();
+    let plain = (&no_dropout.loss_sum / no_dropout.loss_tokens)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((loss_ops - plain).abs() > 1e-4, "dropout changed nothing");
+    for (selective, checkpointing) in [(true, false), (true, true)] {
+        let (loss, grads) = run(&mut model, selective, checkpointing);
+        assert!(
+            (loss - loss_ops).abs() < 1e-5 * loss_ops.abs(),
+            "{selective} {checkpointing}: loss {loss} vs {loss_ops}"
+        );
+        for ((name, g), (_, want)) in grads.iter().zip(&grads_ops) {
+            let err = rel_err(g, want);
+            assert!(
+                err < 1e-4,
+                "{selective} {checkpointing}: {name} differs by {err}"
+            );
+        }
+    }
+}

@@ -89,7 +89,7 @@ pub fn command() -> Command {
             Arg::new("use_dora")
                 .long("use-dora")
                 .action(ArgAction::SetTrue)
-                .help("DoRA adapters (a magnitude per output row, each projection's unscaled output kept; with dropout their layers run op by op)"),
+                .help("DoRA adapters (a magnitude per output row; each adapted projection's unscaled output kept)"),
         )
         .arg(
             Arg::new("device")

@@ -27,18 +27,13 @@ pub(crate) fn stack_applies(layers: &[DecoderLayer]) -> bool {
     grad_enabled() && layers.iter().all(frozen)
 }
 
-/// Every weight, bias and norm of `layer` is frozen, and no adapter is a DoRA adapter with
-/// dropout (the op keeps each DoRA projection's unscaled output for the magnitude's gradient;
-/// with dropout that output has a second frozen product, which those layers run op by op,
-/// [`crate::ops::lora::dora_linear`]).
+/// Every weight, bias and norm of `layer` is frozen (LoRA, DoRA, QLoRA or no adapter).
 fn frozen(layer: &DecoderLayer) -> bool {
-    layer.linears().iter().all(|l| {
-        l.weight.frozen().is_some()
-            && l.bias.as_ref().is_none_or(|b| b.var().is_none())
-            && l.lora
-                .as_ref()
-                .is_none_or(|lora| lora.dora.is_none() || lora.dropout == 0.0)
-    }) && layer.norms().iter().all(|n| n.weight.var().is_none())
+    layer
+        .linears()
+        .iter()
+        .all(|l| l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none()))
+        && layer.norms().iter().all(|n| n.weight.var().is_none())
 }
 
 /// The layer as one op ([`layer::forward`]). x: [b, t, hidden] -> [b, t, hidden]

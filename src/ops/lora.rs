@@ -415,13 +415,14 @@ fn magnitude_grad(g: &Tensor, unscaled: &Tensor, norm: &Tensor) -> Result<Tensor
         .div(norm)
 }
 
-/// DoRA's forward on untracked rows, without dropout (the one-op layer's form of
-/// [`dora_linear`]): `f ⊙ (x W^T + scale (x A^T) B^T) + bias`, and what its backward
-/// ([`dora_backward`]) reads. x: [n, in] -> [n, out]
+/// DoRA's forward on untracked rows (the one-op layer's form of [`dora_linear`]):
+/// `f ⊙ (d W^T + scale (d A^T) B^T) + (x - d) W^T + bias` with `d` the input under the dropout
+/// `mask` (`x` without one), and what its backward ([`dora_backward`]) reads. x: [n, in] -> [n, out]
 pub(crate) fn dora_rows(
     x: &Tensor,
     weight: &FrozenWeight,
     bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
     lora: &LoraLayer,
 ) -> Result<(Tensor, LoraHidden)> {
     let (Some(dora), Some(norm)) = (&lora.dora, lora.dora_norm(weight)?) else {
@@ -440,8 +441,9 @@ pub(crate) fn dora_rows(
         bias: None,
         dropout_mask: None,
     };
+    let dropped = lora_input(x, mask)?;
     let (unscaled, mut hidden) = lora_rows(
-        x,
+        &dropped,
         &unbiased,
         &lora.a_in(dtype)?,
         &lora.b_in(dtype)?,
@@ -449,9 +451,11 @@ pub(crate) fn dora_rows(
     )?;
     let unscaled = unscaled.into_tensor()?;
     let scaled = unscaled.broadcast_mul(&factor)?;
-    let out = match bias {
-        Some(bias) => scaled.broadcast_add(bias)?,
-        None => scaled,
+    let out = match (mask, bias) {
+        // The dropped-out part of the input reaches the output through W alone.
+        (Some(_), bias) => (dense(&(x - &dropped)?, &weight.dense()?, bias)? + scaled)?,
+        (None, Some(bias)) => scaled.broadcast_add(bias)?,
+        (None, None) => scaled,
     };
     hidden.dora = Some(DoraKept {
         unscaled,
@@ -461,9 +465,10 @@ pub(crate) fn dora_rows(
     Ok((out, hidden))
 }
 
-/// DoRA's part of a backward without dropout, for the output gradient `g: [n, out]`: parks the
-/// magnitude's gradient and returns the gradient of the unscaled output, `g ⊙ f`, from which
-/// the LoRA pair's and the input's gradients follow as for plain LoRA.
+/// DoRA's part of a backward, for the output gradient `g: [n, out]`: parks the magnitude's
+/// gradient and returns the gradient of the unscaled output, `g ⊙ f`, from which the LoRA pair's
+/// gradients follow as for plain LoRA; so does the input's without dropout (with dropout it is
+/// `g W + ((g ⊙ f - g) W + grad_hidden A) ∘ mask`).
 pub(crate) fn dora_backward(g: &Tensor, kept: &DoraKept, lora: &LoraLayer) -> Result<Tensor> {
     let Some(dora) = &lora.dora else {
         candle_core::bail!("dora_backward on a LoRA layer without a magnitude vector")

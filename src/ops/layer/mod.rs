@@ -229,8 +229,9 @@ impl Projection {
             return Ok((dense(x, &self.weight.dense()?, self.bias.as_ref())?, None));
         };
         if lora.dora.is_some() {
-            // DoRA without dropout (the only DoRA the op takes, `model/selective.rs`).
-            let (out, hidden) = dora_rows(x, &self.weight, self.bias.as_ref(), lora)?;
+            let mask = self.mask(first, x.dim(0)?, key, x.dtype())?;
+            let (out, hidden) =
+                dora_rows(x, &self.weight, self.bias.as_ref(), mask.as_ref(), lora)?;
             return Ok((out, Some(hidden)));
         }
         let base = LoraBase {
@@ -294,8 +295,10 @@ fn backward_projections(
 ) -> Result<Option<Tensor>> {
     let rows = x.dim(0)?;
     let mut lora_terms = Vec::with_capacity(parts.len());
-    // DoRA modules: the gradient of the output before the magnitude scaled it.
+    // DoRA modules: the gradient of the output before the magnitude scaled it, and with dropout
+    // the input-gradient terms that pass W under the mask.
     let mut unscaled_grads: Vec<Option<Tensor>> = Vec::with_capacity(parts.len());
+    let mut masked_terms: Vec<(Tensor, &FrozenWeight, Tensor)> = Vec::new();
     for part in parts {
         let (Some(lora), Some(hidden)) = (&part.proj.lora, part.hidden) else {
             lora_terms.push(None);
@@ -317,6 +320,9 @@ fn backward_projections(
             park(lora.a.as_tensor(), LoraLayer::grad_of(ga)?)?;
             park(lora.b.as_tensor(), LoraLayer::grad_of(gb)?)?;
         }
+        if let (Some(g_dora), Some(mask)) = (&g_dora, &mask) {
+            masked_terms.push(((g_dora - part.g)?, &part.proj.weight, mask.clone()));
+        }
         lora_terms.push(Some((grad_hidden, lora.a_in(x.dtype())?, mask)));
         unscaled_grads.push(g_dora);
     }
@@ -328,14 +334,27 @@ fn backward_projections(
         .zip(&lora_terms)
         .zip(&unscaled_grads)
         .map(|((part, term), g_dora)| InputShare {
-            g: g_dora.as_ref().unwrap_or(part.g),
+            // With dropout a DoRA input's gradient through W is g's (the masked rest below).
+            g: match (g_dora, term) {
+                (Some(g_dora), Some((_, _, None))) => g_dora,
+                _ => part.g,
+            },
             weight: &part.proj.weight,
             lora: term
                 .as_ref()
                 .map(|(grad_hidden, a, mask)| (grad_hidden, a, mask.as_ref())),
         })
         .collect();
-    input_gradient(&shares).map(Some)
+    let mut grad = input_gradient(&shares)?;
+    for (g_rest, weight, mask) in &masked_terms {
+        let through = input_gradient(&[InputShare {
+            g: g_rest,
+            weight,
+            lora: None,
+        }])?;
+        grad = (grad + through.mul(mask)?)?;
+    }
+    Ok(Some(grad))
 }
 
 /// A frozen RMSNorm's weight and epsilon.
