@@ -391,3 +391,24 @@ fn dora_with_dropout_is_the_same_in_every_form_of_the_layer() {
         }
     }
 }
+
+/// PEFT's `print_trainable_parameters` numbers: what trains is every tensor of the adapter file,
+/// and all parameters are the base checkpoint's plus those (a trained copy of a module counts
+/// beside the original, as PEFT counts its ModulesToSaveWrapper).
+#[test]
+fn parameter_counts_are_the_files_counts() {
+    for (adapter, base) in [("llama_dora", "llama"), ("qwen2_modules_to_save", "qwen2")] {
+        let mut model = load_model(&fixture(&format!("models/{base}")), false);
+        load_adapter(&mut model, &fixture(&format!("peft/{adapter}/adapter"))).unwrap();
+        let count = |path: std::path::PathBuf| -> usize {
+            tensors(&path).values().map(|t| t.elem_count()).sum()
+        };
+        let trained = count(fixture(&format!(
+            "peft/{adapter}/adapter/adapter_model.safetensors"
+        )));
+        let base_count = count(fixture(&format!("models/{base}/model.safetensors")));
+        let (trainable, all) = model.parameter_counts();
+        assert_eq!(trainable, trained, "{adapter}");
+        assert_eq!(all, base_count + trained, "{adapter}");
+    }
+}

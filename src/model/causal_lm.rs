@@ -468,6 +468,38 @@ impl CausalLm {
         out
     }
 
+    /// `(trainable, all)` parameter counts, as PEFT's `print_trainable_parameters` reports them:
+    /// every base weight (quantized ones by their logical size) plus what trains beside them
+    /// (LoRA pairs, DoRA magnitudes, trained copies and vocabulary rows).
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let named = self.named_weights();
+        let base: usize = named
+            .iter()
+            .map(|(_, p)| p.tensor().elem_count())
+            .sum::<usize>()
+            + self
+                .linears()
+                .iter()
+                .filter_map(|l| match &l.weight {
+                    LinearWeight::Quantized(q) => Some(q.shape.0 * q.shape.1),
+                    LinearWeight::Dense(_) => None,
+                })
+                .sum::<usize>();
+        let base_vars: std::collections::HashSet<_> = named
+            .iter()
+            .filter_map(|(_, p)| p.var().map(|v| v.as_tensor().id()))
+            .collect();
+        let trainable = self.trainable();
+        let count =
+            |vars: &[(String, Var)]| vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+        let beside: Vec<(String, Var)> = trainable
+            .iter()
+            .filter(|(_, v)| !base_vars.contains(&v.as_tensor().id()))
+            .cloned()
+            .collect();
+        (count(&trainable), base + count(&beside))
+    }
+
     /// Names of the linear modules whose weight is quantized.
     pub fn quantized_modules(&self) -> Vec<String> {
         self.linears()

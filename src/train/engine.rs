@@ -50,6 +50,19 @@ pub struct Reporting {
     pub progress: bool,
 }
 
+/// `1234567` as `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn loss_tokens(example: &Example) -> f64 {
     example.loss_targets() as f64
 }
@@ -184,6 +197,16 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     config.validate()?;
     let mut run = prepare(config)?;
     write_json(&run.output_dir.join("training_config.json"), config)?;
+    if reporting.progress {
+        let (trainable, all) = run.model.parameter_counts();
+        // PEFT's print_trainable_parameters line.
+        eprintln!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(trainable),
+            thousands(all),
+            100.0 * trainable as f64 / all.max(1) as f64
+        );
+    }
     let resumed_at = run.resumed.then_some(run.state.global_step);
     let log = Log {
         tracking: Tracking::open(config, &run.output_dir, &run.state.log_history, resumed_at)?,
