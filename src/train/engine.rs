@@ -55,7 +55,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -199,8 +199,9 @@ pub fn train(config: &SftConfig, reporting: Reporting) -> Result<TrainOutcome> {
     write_json(&run.output_dir.join("training_config.json"), config)?;
     if reporting.progress {
         let (trainable, all) = run.model.parameter_counts();
-        // PEFT's print_trainable_parameters line.
-        eprintln!(
+        // PEFT's print_trainable_parameters line (stdout, as PEFT prints it; stderr keeps to the
+        // progress and, on failure, the one error line).
+        println!(
             "trainable params: {} || all params: {} || trainable%: {:.4}",
             thousands(trainable),
             thousands(all),
