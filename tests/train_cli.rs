@@ -285,16 +285,7 @@ fn dora_trains_saves_the_magnitudes_and_merges() {
 
     let merged = tmp.path().join("merged");
     let model = fixture(MODEL);
-    let (ok, _, err) = run_cli(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out_s,
-        "--output",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(ok && err.contains("largest logit difference"), "{err}");
+    merge_checked(&model, &out, &merged);
     let mut adapted = load_model(&model, false);
     peft_sft::lora::load_adapter(&mut adapted, &out).unwrap();
     let ids =
@@ -702,16 +693,7 @@ fn pissa_saves_an_adapter_of_the_original_base() {
     );
     let merged = tmp.path().join("merged");
     let model = fixture(MODEL);
-    let (ok, _, err) = run_cli(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out_s,
-        "--output",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(ok && err.contains("largest logit difference"), "{err}");
+    merge_checked(&model, &out, &merged);
 
     // PEFT's unconverted save of a PiSSA adapter applies to a residual base only.
     let raw = tmp.path().join("raw");
@@ -753,4 +735,19 @@ fn pissa_saves_an_adapter_of_the_original_base() {
         ));
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
     }
+}
+
+/// `peft-sft merge` of `adapter` onto `model` into `merged`, which must succeed with its probe
+/// check (the merged model's logits against the adapter's) reported.
+fn merge_checked(model: &Path, adapter: &Path, merged: &Path) {
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("largest logit difference"), "{err}");
 }

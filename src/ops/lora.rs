@@ -185,6 +185,12 @@ impl LoraLayer {
     /// as a constant, as PEFT does); None for a plain LoRA layer. Without gradients (evaluation,
     /// generation) the norm is kept for the next call while the weights stay the same.
     pub fn dora_norm(&self, w: &FrozenWeight) -> Result<Option<Tensor>> {
+        self.dora_norm_of(w, None)
+    }
+
+    /// [`Self::dora_norm`] given `w` already in full precision (`dense`), when the caller has
+    /// dequantized it for its own product: a quantized weight is then dequantized once.
+    fn dora_norm_of(&self, w: &FrozenWeight, dense: Option<&Tensor>) -> Result<Option<Tensor>> {
         let Some(dora) = &self.dora else {
             return Ok(None);
         };
@@ -194,7 +200,10 @@ impl LoraLayer {
                 return Ok(Some(norm.clone()));
             }
         }
-        let dense = w.dense()?;
+        let dense = match dense {
+            Some(d) => d.clone(),
+            None => w.dense()?,
+        };
         let base_sq = {
             let mut cached = lock(&dora.base_norm)?;
             match cached.as_ref() {
@@ -318,47 +327,28 @@ impl LoraLayer {
 ///
 /// x: [.., in] -> [.., out]
 pub fn dora_linear(x: &Tensor, base: LoraBase<'_>, lora: &LoraLayer) -> Result<Tensor> {
-    let (Some(dora), Some(norm)) = (&lora.dora, lora.dora_norm(base.weight)?) else {
-        candle_core::bail!("dora_linear on a LoRA layer without a magnitude vector")
-    };
     let dtype = x.dtype();
-    let scale = lora.scale;
-    let (a, b) = (lora.a_in(dtype)?, lora.b_in(dtype)?);
-    let magnitude = dora.magnitude.as_tensor().detach();
-    let factor = magnitude
-        .to_dtype(DType::F32)?
-        .div(&norm)?
-        .to_dtype(dtype)?;
-    let x_rows = rows(&x.detach())?;
     let mask = base.dropout_mask;
-    let dropped = lora_input(&x_rows, mask.as_ref())?;
-    // y0 = d W^T + scale (d A^T) B^T, the part the magnitude scales.
-    let unbiased = LoraBase {
-        weight: base.weight,
-        bias: None,
-        dropout_mask: None,
-    };
-    let (y0, saved) = lora_rows(&dropped, &unbiased, &a, &b, scale)?;
-    let y0 = y0.into_tensor()?;
-    let scaled = y0.broadcast_mul(&factor)?;
-    let out = match (&mask, base.bias) {
-        // The dropped-out part of the input reaches the output through W alone.
-        (Some(_), bias) => (dense(&(&x_rows - &dropped)?, &base.weight.dense()?, bias)? + scaled)?,
-        (None, Some(bias)) => scaled.broadcast_add(bias)?,
-        (None, None) => scaled,
-    };
+    let (out, saved) = dora_rows(
+        &rows(&x.detach())?,
+        base.weight,
+        base.bias,
+        mask.as_ref(),
+        lora,
+    )?;
+    let (a, b) = (lora.a_in(dtype)?, lora.b_in(dtype)?);
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = b.dim(0)?;
     }
     let out = out.reshape(dims)?;
     let weight = base.weight.clone();
-    let vars = [
-        lora.a.as_tensor().clone(),
-        lora.b.as_tensor().clone(),
-        dora.magnitude.as_tensor().clone(),
-    ];
-    let carried = vars.clone();
+    let lora = lora.clone();
+    let carried: Vec<Tensor> = lora
+        .vars()
+        .into_iter()
+        .map(|v| v.as_tensor().clone())
+        .collect();
     graft_carrying(
         "dora-linear",
         x,
@@ -366,14 +356,18 @@ pub fn dora_linear(x: &Tensor, base: LoraBase<'_>, lora: &LoraLayer) -> Result<T
         out,
         Box::new(move |x, g, needs_x| {
             let g = rows(g)?.contiguous()?;
+            let kept = saved
+                .dora
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("dora-linear: nothing kept".into()))?;
+            // Parks the magnitude's gradient; g ⊙ f is the gradient of the unscaled output.
+            let g_scaled = dora_backward(&g, kept, &lora)?;
             let lora_in = lora_input(&rows(x)?, mask.as_ref())?;
-            let g_scaled = g.broadcast_mul(&factor)?;
             let (grad_hidden, grad_a, grad_b) =
-                lora_weight_grads(&g_scaled, &lora_in, (&saved, &b), scale, (true, true))?;
-            let grad_m = magnitude_grad(&g, &y0, &norm)?;
-            for (var, grad) in vars.iter().zip([grad_a, grad_b, Some(grad_m)]) {
+                lora_weight_grads(&g_scaled, &lora_in, (&saved, &b), lora.scale, (true, true))?;
+            for (var, grad) in [(&lora.a, grad_a), (&lora.b, grad_b)] {
                 if let Some(grad) = grad {
-                    park(var, LoraLayer::grad_of(grad)?)?;
+                    park(var.as_tensor(), LoraLayer::grad_of(grad)?)?;
                 }
             }
             if !needs_x {
@@ -425,9 +419,12 @@ pub(crate) fn dora_rows(
     mask: Option<&Tensor>,
     lora: &LoraLayer,
 ) -> Result<(Tensor, LoraHidden)> {
-    let (Some(dora), Some(norm)) = (&lora.dora, lora.dora_norm(weight)?) else {
+    // A quantized weight dequantized once, for the norm and both products.
+    let w = weight.dense()?;
+    let (Some(dora), Some(norm)) = (&lora.dora, lora.dora_norm_of(weight, Some(&w))?) else {
         candle_core::bail!("dora_rows on a LoRA layer without a magnitude vector")
     };
+    let dense_weight = FrozenWeight::Dense(w.clone());
     let dtype = x.dtype();
     let factor = dora
         .magnitude
@@ -437,7 +434,7 @@ pub(crate) fn dora_rows(
         .div(&norm)?
         .to_dtype(dtype)?;
     let unbiased = LoraBase {
-        weight,
+        weight: &dense_weight,
         bias: None,
         dropout_mask: None,
     };
@@ -453,7 +450,7 @@ pub(crate) fn dora_rows(
     let scaled = unscaled.broadcast_mul(&factor)?;
     let out = match (mask, bias) {
         // The dropped-out part of the input reaches the output through W alone.
-        (Some(_), bias) => (dense(&(x - &dropped)?, &weight.dense()?, bias)? + scaled)?,
+        (Some(_), bias) => (dense(&(x - &dropped)?, &w, bias)? + scaled)?,
         (None, Some(bias)) => scaled.broadcast_add(bias)?,
         (None, None) => scaled,
     };
