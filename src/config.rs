@@ -159,8 +159,12 @@ pub struct SftConfig {
     pub layers_pattern: Vec<String>,
     /// PEFT's `exclude_modules`: names (matched as suffixes) or one regex never adapted.
     pub exclude_modules: Vec<String>,
-    /// PEFT's `init_lora_weights`: `true`, `gaussian`, `pissa`, `pissa_niter_N`, `olora`.
+    /// PEFT's `init_lora_weights`: `true`, `gaussian`, `pissa`, `pissa_niter_N`, `olora`,
+    /// `loftq`.
     pub init_lora_weights: String,
+    /// LoftQ's alternating iterations (PEFT's `LoftQConfig.loftq_iter`); its bits are the base's
+    /// quantization (4 with `--qlora`, 8 with `--load-in-8bit`).
+    pub loftq_iter: usize,
     /// PEFT's `modules_to_save` (TRL's `lora_modules_to_save`): `embed_tokens`, `lm_head`,
     /// trained as full copies beside the adapter.
     pub modules_to_save: Vec<String>,
@@ -262,6 +266,7 @@ impl Default for SftConfig {
             exclude_modules: Vec::new(),
             modules_to_save: Vec::new(),
             init_lora_weights: "true".into(),
+            loftq_iter: 1,
             loraplus_lr_embedding: 1e-6,
             loraplus_lr_ratio: None,
             skip_nonfinite_steps: 0,
@@ -546,8 +551,22 @@ impl SftConfig {
                 .is_ok(),
             "init-lora-weights",
             &self.init_lora_weights,
-            "expected true, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_16) or olora",
+            "expected true, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_16), olora or loftq",
         )?;
+        if self.init_lora_weights == "loftq" {
+            check(
+                self.mode == Mode::Qlora || (self.mode == Mode::Lora && self.load_in_8bit),
+                "init-lora-weights",
+                &self.init_lora_weights,
+                "LoftQ fits the adapter to the error of a quantized base: use it with --qlora (4-bit, PEFT's loftq_bits 4) or --lora --load-in-8bit (8-bit)",
+            )?;
+            check(
+                self.loftq_iter >= 1,
+                "loftq-iter",
+                &self.loftq_iter,
+                "must be at least 1 (PEFT's default is 1)",
+            )?;
+        }
         check(
             self.mode != Mode::Full || matches!(self.init_lora_weights.as_str(), "true" | "True"),
             "init-lora-weights",
@@ -743,6 +762,13 @@ impl SftConfig {
             init_lora_weights: match self.init_lora_weights.as_str() {
                 "true" | "True" => serde_json::Value::Bool(true),
                 other => serde_json::Value::String(other.to_string()),
+            },
+            other: if self.init_lora_weights == "loftq" {
+                let bits = if self.load_in_8bit { 8 } else { 4 };
+                let loftq = serde_json::json!({"loftq_bits": bits, "loftq_iter": self.loftq_iter});
+                std::collections::BTreeMap::from([("loftq_config".to_string(), loftq)])
+            } else {
+                std::collections::BTreeMap::new()
             },
             ..LoraConfig::default()
         }

@@ -228,8 +228,13 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
         },
         Case {
             name: "unknown init",
+            args: t(&["--init-lora-weights", "eva"]),
+            says: "--init-lora-weights eva: expected true, gaussian",
+        },
+        Case {
+            name: "LoftQ over a full-precision base",
             args: t(&["--init-lora-weights", "loftq"]),
-            says: "--init-lora-weights loftq: expected true, gaussian",
+            says: "--init-lora-weights loftq: LoftQ fits the adapter to the error of a quantized base: use it with --qlora",
         },
         Case {
             name: "module that cannot be saved",
@@ -502,6 +507,34 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
         name: "unconverted PiSSA adapter",
         args: merge(&a, out),
         says: "path_initial_model_for_weight_conversion",
+    });
+    let a = edited_adapter(dir, "raw_loftq", |c| {
+        c["init_lora_weights"] = "loftq".into()
+    });
+    cases.push(Case {
+        name: "LoftQ adapter saved without PEFT's init_lora_weights=True",
+        args: merge(&a, out),
+        says: "load it over that base",
+    });
+    let gguf = fixture("qlora/gguf/model-q8_0.gguf");
+    let mut args = s(&["train", "--qlora", "--max-steps", "2", "--device", "cpu"]);
+    args.extend(s(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--tokenizer",
+        fixture("models/llama").to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--init-lora-weights",
+        "loftq",
+    ]));
+    cases.push(Case {
+        name: "LoftQ over a GGUF base",
+        args,
+        says:
+            "LoftQ starts from the full-precision weights, and a GGUF file's are quantized already",
     });
     let a = edited_adapter(dir, "rank", |c| c["r"] = 8.into());
     cases.push(Case {

@@ -412,3 +412,78 @@ fn parameter_counts_are_the_files_counts() {
         assert_eq!(all, base_count + trained, "{adapter}");
     }
 }
+
+/// LoftQ (scripts/make_loftq_fixture.py: PEFT's own `loftq_init` run on the CPU) for NF4 with one
+/// and two iterations and int8 with one: from the checkpoint's full-precision weights, the base
+/// LoftQ leaves and B A are PEFT's, and so are the logits of the adapted model at the start.
+#[test]
+fn loftq_matches_peft() {
+    use peft_sft::model::weights::Weights;
+    use peft_sft::quant::{FourBitType, QuantScheme};
+    let reference = tensors(&fixture("peft/llama_loftq/reference.safetensors"));
+    let ids = input_ids(&reference);
+    let base = fixture("models/llama");
+    let nf4 = QuantScheme::FourBit {
+        quant_type: FourBitType::Nf4,
+        blocksize: 64,
+        double_quant: false,
+    };
+    for (case, scheme, bits, iters) in [
+        ("nf4_iter1", nf4, 4, 1),
+        ("nf4_iter2", nf4, 4, 2),
+        ("int8_iter1", QuantScheme::Int8, 8, 1),
+    ] {
+        let options = peft_sft::model::LoadOptions {
+            quantize: Some(scheme),
+            ..Default::default()
+        };
+        let mut model =
+            peft_sft::model::load_pretrained_with(base.to_str().unwrap(), options, &device())
+                .unwrap()
+                .model;
+        let mut config = peft_sft::lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            init_lora_weights: serde_json::json!("loftq"),
+            ..Default::default()
+        };
+        config.other.insert(
+            "loftq_config".into(),
+            serde_json::json!({"loftq_bits": bits, "loftq_iter": iters}),
+        );
+        let weights = Weights::from_dir(&base).unwrap();
+        let originals = peft_sft::lora::init::checkpoint_originals(&weights);
+        peft_sft::lora::inject_with(&mut model, &config, 0, Some(&originals)).unwrap();
+        let mut worst_base = 0f32;
+        for lin in model.linears() {
+            let lora = lin.lora.as_ref().unwrap();
+            let key =
+                |half: &str| format!("{case}.init.base_model.model.{}.{half}.weight", lin.name);
+            let ours = lora.b.as_tensor().matmul(lora.a.as_tensor()).unwrap();
+            let theirs = reference[&key("lora_B")]
+                .matmul(&reference[&key("lora_A")])
+                .unwrap();
+            let expected = &reference[&format!("{case}.base.{}.weight", lin.name)];
+            let base_err = rel_err(&lin.weight.dense().unwrap(), expected);
+            worst_base = worst_base.max(base_err);
+            let err = rel_err(&ours, &theirs);
+            assert!(
+                err < 1e-4,
+                "{case} {}: B A differs from PEFT's by {err} (base by {base_err})",
+                lin.name
+            );
+        }
+        assert!(
+            worst_base < 1e-6,
+            "{case}: the quantized base differs from PEFT's by {worst_base}"
+        );
+        let err = rel_err(
+            &model.forward(&ids).unwrap(),
+            &reference[&format!("{case}.logits_init")],
+        );
+        assert!(
+            err < 1e-4,
+            "{case}: logits at the start differ from PEFT's by {err}"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 //! resuming continues exactly, and full fine-tuning writes a model that loads back.
 
 mod common;
+use candle_core::Tensor;
 use common::*;
 use std::path::Path;
 
@@ -182,6 +183,13 @@ fn every_adapter_method_resumes_exactly() {
         &["--modules-to-save", "lm_head,embed_tokens"],
         &["--init-lora-weights", "pissa"],
         &["--init-lora-weights", "olora", "--qlora"],
+        &[
+            "--init-lora-weights",
+            "loftq",
+            "--qlora",
+            "--loftq-iter",
+            "2",
+        ],
     ] {
         resume_is_exact(extra);
     }
@@ -724,7 +732,15 @@ fn pissa_saves_an_adapter_of_the_original_base() {
         ),
         (
             &["--init-lora-weights", "loftq"][..],
-            "--init-lora-weights loftq: expected true, gaussian, pissa",
+            "--init-lora-weights loftq: LoftQ fits the adapter to the error of a quantized base: use it with --qlora",
+        ),
+        (
+            &["--init-lora-weights", "corda"][..],
+            "--init-lora-weights corda: expected true, gaussian, pissa",
+        ),
+        (
+            &["--init-lora-weights", "loftq", "--qlora", "--loftq-iter", "0"][..],
+            "--loftq-iter 0: must be at least 1",
         ),
     ] {
         let (ok, _, err) = run_cli(&train_args(
@@ -734,6 +750,93 @@ fn pissa_saves_an_adapter_of_the_original_base() {
             extra,
         ));
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
+    }
+}
+
+/// `--init-lora-weights loftq`: the run saves the quantized base LoftQ left (dequantized) as
+/// `loftq_base/`, and the adapter names it as its base with `init_lora_weights: true` (PEFT's LoftQ
+/// example's way); that base plus the adapter is the trained model (the same logits as LoftQ
+/// recomputed from the original weights, and merge onto it checks out); int8 (`--load-in-8bit`)
+/// works too; PEFT's raw `loftq` adapter config and a GGUF base are refused with the way out.
+#[test]
+fn loftq_saves_its_base_and_an_adapter_of_it() {
+    use peft_sft::model::{load_pretrained_with, LoadOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    for (mode, bits) in [(&["--qlora"][..], 4), (&["--lora", "--load-in-8bit"], 8)] {
+        let out = tmp.path().join(format!("run{bits}"));
+        let mut extra = vec!["--init-lora-weights", "loftq", "--loftq-iter", "2"];
+        extra.extend(mode);
+        let (ok, _, err) = run_cli(&train_args("cpu", out.to_str().unwrap(), "3", &extra));
+        assert!(ok, "{err}");
+        let loftq_base = out.join("loftq_base");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["init_lora_weights"], serde_json::json!(true));
+        assert!(config
+            .get("loftq_config")
+            .is_none_or(|c| c == &serde_json::json!({})));
+        let named = std::path::PathBuf::from(config["base_model_name_or_path"].as_str().unwrap());
+        assert_eq!(
+            named.canonicalize().unwrap(),
+            loftq_base.canonicalize().unwrap()
+        );
+
+        // The saved base (full precision) plus the adapter ...
+        let ids = Tensor::new(&[[3u32, 17, 42, 9, 77, 5, 12]], &device()).unwrap();
+        let mut saved = load_model(&loftq_base, false);
+        peft_sft::lora::load_adapter(&mut saved, &out).unwrap();
+        let from_saved = saved.forward(&ids).unwrap();
+        // ... is LoftQ's quantized base, recomputed from the original weights, plus the adapter.
+        let scheme = if bits == 4 {
+            peft_sft::config::four_bit_scheme("nf4", true).unwrap()
+        } else {
+            peft_sft::quant::QuantScheme::Int8
+        };
+        let options = LoadOptions {
+            quantize: Some(scheme),
+            ..LoadOptions::default()
+        };
+        let original = fixture(MODEL);
+        let mut model = load_pretrained_with(original.to_str().unwrap(), options, &device())
+            .unwrap()
+            .model;
+        let mut lora = peft_sft::lora::LoraConfig::from_dir(&out).unwrap();
+        lora.init_lora_weights = serde_json::json!("loftq");
+        lora.other.insert(
+            "loftq_config".into(),
+            serde_json::json!({"loftq_bits": bits, "loftq_iter": 2}),
+        );
+        let weights = peft_sft::model::weights::Weights::from_dir(&original).unwrap();
+        let originals = peft_sft::lora::init::checkpoint_originals(&weights);
+        peft_sft::lora::inject_with(&mut model, &lora, 3, Some(&originals)).unwrap();
+        peft_sft::lora::remove_adapters(&mut model);
+        peft_sft::lora::load_adapter(&mut model, &out).unwrap();
+        let err = rel_err(&model.forward(&ids).unwrap(), &from_saved);
+        assert!(
+            err < 1e-5,
+            "{bits}-bit: the saved LoftQ base gives logits {err} away"
+        );
+        merge_checked(&loftq_base, &out, &tmp.path().join(format!("merged{bits}")));
+
+        // PEFT's adapter saved without its example's init_lora_weights=True asks for LoftQ again.
+        let raw = tmp.path().join(format!("raw{bits}"));
+        std::fs::create_dir_all(&raw).unwrap();
+        std::fs::copy(
+            out.join("adapter_model.safetensors"),
+            raw.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let raw_config = config.to_string().replace(
+            "\"init_lora_weights\":true",
+            "\"init_lora_weights\":\"loftq\"",
+        );
+        std::fs::write(raw.join("adapter_config.json"), raw_config).unwrap();
+        let err = peft_sft::lora::load_adapter(&mut load_model(&loftq_base, false), &raw)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("load it over that base"), "{err}");
     }
 }
 

@@ -238,7 +238,12 @@ const FIELDS: &[(&str, Kind, &str)] = &[
     (
         "init_lora_weights",
         Kind::Text,
-        "PEFT's init_lora_weights: true | gaussian | pissa | pissa_niter_N | olora (PiSSA and OLoRA start the adapter from the weight's top SVD / QR components and train over the residual; the saved adapter applies to the original base) [true]",
+        "PEFT's init_lora_weights: true | gaussian | pissa | pissa_niter_N | olora | loftq (PiSSA and OLoRA start the adapter from the weight's top SVD / QR components and train over the residual; the saved adapter applies to the original base. LoftQ, with --qlora or --load-in-8bit, quantizes the base so that it plus the adapter approximates the original, and saves that base as loftq_base/ in the output folder) [true]",
+    ),
+    (
+        "loftq_iter",
+        Kind::Int,
+        "LoftQ's alternating iterations (PEFT's LoftQConfig.loftq_iter) with --init-lora-weights loftq [1]",
     ),
     (
         "modules_to_save",

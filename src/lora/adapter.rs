@@ -151,6 +151,12 @@ impl Adapter {
                 )));
             }
         }
+        if config.init_lora_weights == serde_json::json!("loftq") {
+            return Err(Error::Config(format!(
+                "{}: init_lora_weights `loftq`: this adapter applies to the quantized base LoftQ left, and PEFT would run LoftQ on the base again to load it; load it over that base (peft-sft saves it as loftq_base/ in the run's output folder; PEFT's LoftQ example saves it with the adapter) with init_lora_weights set to true, as PEFT's example saves the adapter",
+                dir.display()
+            )));
+        }
         let path = dir.join(ADAPTER_WEIGHTS);
         let tensors = read_safetensors(&path, &model.device)?;
         let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();

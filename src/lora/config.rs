@@ -295,6 +295,32 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// PEFT's `loftq_config` as `(loftq_bits, loftq_iter)`: PEFT's LoftQConfig defaults (4, 1)
+    /// for a key left out; bits other than 4 and 8, or no iteration, are refused.
+    pub fn loftq_config(&self) -> Result<(usize, usize)> {
+        let config = self.other.get("loftq_config");
+        let field = |key: &str, default: usize| -> Result<usize> {
+            match config.and_then(|c| c.get(key)) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    Error::Config(format!("loftq_config.{key} = {v}: expected a whole number"))
+                }),
+            }
+        };
+        let (bits, iters) = (field("loftq_bits", 4)?, field("loftq_iter", 1)?);
+        if bits != 4 && bits != 8 {
+            return Err(Error::Config(format!(
+                "loftq_config.loftq_bits = {bits}: LoftQ quantizes to 4 (NF4) or 8 (int8) bits, as PEFT"
+            )));
+        }
+        if iters == 0 {
+            return Err(Error::Config(
+                "loftq_config.loftq_iter = 0: LoftQ needs at least one iteration".into(),
+            ));
+        }
+        Ok((bits, iters))
+    }
+
     /// Reads `dir/adapter_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config: LoraConfig = read_json(&dir.join(ADAPTER_CONFIG))?;

@@ -10,21 +10,29 @@
 //! plain LoRA adapter any consumer applies to the original model. A run resumed from such a
 //! checkpoint splits it back ([`restore_residual`]).
 //!
+//! LoftQ (`loftq`, with PEFT's `loftq_config`) alternates between quantizing and a rank-r SVD so
+//! that the quantized base plus B A approximates the original full-precision weight; the base is
+//! the quantized weight LoftQ leaves, and the adapter applies to that base only ([`loftq`]).
+//!
 //! SVD and QR come from `faer` (in f64; PEFT's are torch's in f32).
 
 use crate::lora::layer::LoraLayer;
 use crate::model::layers::LinearWeight;
 use crate::model::param::Param;
+use crate::model::weights::Weights;
 use crate::model::CausalLm;
-use crate::quant::QuantizedWeight;
+use crate::quant::{QuantScheme, QuantizedWeight};
 use crate::rng::{hash_str, key, Rng};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use std::sync::Arc;
 
+/// The folder of a run's output where a LoftQ run saves the base its adapter applies to.
+pub const LOFTQ_BASE: &str = "loftq_base";
+
 /// The initialisations peft-sft implements, as PEFT names them.
-pub const SUPPORTED: &str = "true, gaussian, pissa, pissa_niter_N, olora";
+pub const SUPPORTED: &str = "true, gaussian, pissa, pissa_niter_N, olora, loftq";
 
 /// PEFT's `init_lora_weights`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +48,9 @@ pub enum LoraInit {
     },
     /// `olora`: QR of the weight.
     Olora,
+    /// `loftq`: the quantized base and a rank-r SVD of its error, alternated
+    /// ([`LoraConfig::loftq_config`](crate::lora::LoraConfig::loftq_config)).
+    Loftq,
 }
 
 impl LoraInit {
@@ -57,6 +68,7 @@ impl LoraInit {
                 "gaussian" => Ok(LoraInit::Gaussian),
                 "pissa" => Ok(LoraInit::Pissa { niter: None }),
                 "olora" => Ok(LoraInit::Olora),
+                "loftq" => Ok(LoraInit::Loftq),
                 other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
                     Some(Ok(n)) => Ok(LoraInit::Pissa { niter: Some(n) }),
                     _ => Err(unsupported(&format!("`{other}`"))),
@@ -253,6 +265,129 @@ pub fn init_moving_base(
     Ok(layer)
 }
 
+/// The top `r` components of `m` split evenly between the factors, as PEFT's
+/// `_low_rank_decomposition`: `(R [r, in], L [out, r])` with `L = U_r sqrt(S_r)` and
+/// `R = sqrt(S_r) V_rᵀ`, in f32 on the CPU.
+fn low_rank(m: &Mat<f64>, r: usize) -> Result<(Tensor, Tensor)> {
+    let svd = m
+        .thin_svd()
+        .map_err(|e| Error::Config(format!("SVD did not converge: {e:?}")))?;
+    let root: Vec<f64> = (0..r)
+        .map(|i| svd.S().column_vector()[i].max(0.0).sqrt())
+        .collect();
+    let (u, v) = (svd.U(), svd.V());
+    let a = tensor_from(r, m.ncols(), &Device::Cpu, |i, j| root[i] * v[(j, i)])?;
+    let b = tensor_from(m.nrows(), r, &Device::Cpu, |o, i| u[(o, i)] * root[i])?;
+    Ok((a, b))
+}
+
+/// PEFT's `loftq_init` over the full-precision weight `w [out, in]`: `iters` rounds of quantizing
+/// (`W` first, then `W - B A`) with `scheme` and taking the rank-`r` SVD of `W` minus the
+/// dequantized weight. Returns the last round's quantized weight (dequantizing to `dtype`, on
+/// `device`) and `(A, B)` — not divided by the LoRA scale, as PEFT leaves them.
+///
+/// The arithmetic is f32 on the CPU as PEFT's (its SVD in f32, ours in f64), so the quantized
+/// weight is the one PEFT computes except where W - B A falls on a code boundary.
+pub fn loftq(
+    w: &Tensor,
+    scheme: QuantScheme,
+    r: usize,
+    iters: usize,
+    (dtype, device): (DType, &Device),
+) -> Result<(QuantizedWeight, Tensor, Tensor)> {
+    let (out, inp) = w.dims2()?;
+    if r > out.min(inp) {
+        return Err(Error::Config(format!(
+            "lora r {r} is larger than the weight's smaller side ({out} × {inp}): LoftQ takes r components of its quantization error"
+        )));
+    }
+    if iters == 0 {
+        return Err(Error::Config(
+            "loftq_iter must be at least 1 (PEFT's default is 1)".into(),
+        ));
+    }
+    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let mut target = w.clone();
+    for round in 1..=iters {
+        let q = QuantizedWeight::quantize(&target, scheme, DType::F32, &Device::Cpu)?;
+        let error = (&w - q.dequantize()?.to_dtype(DType::F32)?)?;
+        let (a, b) = low_rank(&to_mat(&error)?, r)?;
+        if round == iters {
+            let q = QuantizedWeight::quantize(&target, scheme, dtype, device)?;
+            return Ok((q, a.to_device(device)?, b.to_device(device)?));
+        }
+        target = (&w - b.matmul(&a)?)?;
+    }
+    unreachable!("the last round returns")
+}
+
+/// The bits of a quantization scheme as PEFT's `loftq_bits` counts them.
+fn scheme_bits(scheme: QuantScheme) -> usize {
+    match scheme {
+        QuantScheme::FourBit { .. } => 4,
+        QuantScheme::Int8 => 8,
+    }
+}
+
+/// Initialises the adapter of module `name` by LoftQ: `original` is the module's full-precision
+/// weight (from the checkpoint), `weight` its quantized form in the model, which is replaced by
+/// LoftQ's quantized weight in the same scheme. `bits` and `iters` are the adapter config's
+/// `loftq_config`; `bits` must be the base's. The adapter lives on `device`.
+pub fn init_loftq(
+    weight: &mut LinearWeight,
+    name: &str,
+    original: &Tensor,
+    (bits, iters): (usize, usize),
+    (r, scale, dropout): (usize, f64, f64),
+    device: &Device,
+) -> Result<LoraLayer> {
+    let LinearWeight::Quantized(q) = &*weight else {
+        return Err(Error::Config(format!(
+            "{name}: LoftQ quantizes the base and fits the adapter to the quantization error: load the base quantized (--qlora for loftq_bits 4, --load-in-8bit for 8)"
+        )));
+    };
+    let scheme = q.scheme().ok_or_else(|| {
+        Error::Config(format!(
+            "{name}: LoftQ re-quantizes the base from its full-precision weights, which peft-sft does for NF4/FP4 and int8 bases, not GGUF ones ({}); use a safetensors base with --qlora",
+            q.format_name()
+        ))
+    })?;
+    if scheme_bits(scheme) != bits {
+        return Err(Error::Config(format!(
+            "{name}: loftq_bits {bits}, but the base is quantized to {} bits: use --qlora for 4, --load-in-8bit for 8",
+            scheme_bits(scheme)
+        )));
+    }
+    if original.dims2()? != q.shape {
+        return Err(Error::Tensor {
+            name: format!("{name}.weight"),
+            message: format!(
+                "the full-precision weight has shape {:?}, the model's {:?}",
+                original.dims(),
+                q.shape
+            ),
+        });
+    }
+    let (quantized, a, b) = loftq(original, scheme, r, iters, (q.dtype, device))?;
+    *weight = LinearWeight::Quantized(Arc::new(quantized));
+    Ok(LoraLayer::from_tensors(&a, &b, scale, dropout)?)
+}
+
+/// The full-precision weight of each linear module in the checkpoint `weights`, for
+/// [`inject_with`](crate::lora::inject_with)'s LoftQ: a GGUF file or a bitsandbytes 4-bit
+/// checkpoint has none (its weights are quantized already).
+pub fn checkpoint_originals(weights: &Weights) -> impl Fn(&str) -> Result<Tensor> + '_ {
+    move |module: &str| {
+        let name = format!("{module}.weight");
+        if weights.gguf().is_some() || crate::model::bnb::is_four_bit(weights, &name) {
+            return Err(Error::Config(format!(
+                "{name}: LoftQ starts from the full-precision weights, and this checkpoint's are quantized already; use the original (safetensors, full-precision) model with --qlora"
+            )));
+        }
+        Ok(weights.get_raw(&name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+}
+
 /// The tensors of `layer` relative to the original base (PEFT's `subtract_mutated_init`):
 /// `([A; A0], [B, -B0])`, or `(A, B)` when it did not move its start out of the base.
 pub fn relative_to_original(layer: &LoraLayer) -> Result<(Tensor, Tensor)> {
@@ -345,8 +480,9 @@ mod tests {
             Ok(LoraInit::Pissa { niter: Some(4) })
         );
         assert_eq!(parse(serde_json::json!("olora")), Ok(LoraInit::Olora));
+        assert_eq!(parse(serde_json::json!("loftq")), Ok(LoraInit::Loftq));
         for bad in [
-            serde_json::json!("loftq"),
+            serde_json::json!("corda"),
             serde_json::json!(false),
             serde_json::json!("pissa_niter_x"),
         ] {

@@ -13,4 +13,4 @@ pub use adapter::{load_adapter, remove_adapters, save_adapter, Adapter};
 pub use bank::AdapterBank;
 pub use config::{LoraConfig, TargetModules};
 pub use merge::merge_and_unload;
-pub use target::inject;
+pub use target::{inject, inject_with};

@@ -3,7 +3,7 @@
 //! layers into a model.
 
 use super::config::{LayerIndices, LoraConfig, TargetModules};
-use super::init::{gaussian, init_moving_base, LoraInit};
+use super::init::{gaussian, init_loftq, init_moving_base, LoraInit};
 use super::layer::{lora_scale, LoraLayer};
 use crate::model::CausalLm;
 use crate::{Error, Result};
@@ -194,9 +194,24 @@ pub fn rank_and_scale(config: &LoraConfig, module: &str) -> Result<(usize, f64)>
     Ok((r, lora_scale(alpha, r, config.use_rslora)))
 }
 
+/// The full-precision weight of a linear module by name (`model.layers.0.self_attn.q_proj`), read
+/// from the base's checkpoint: what LoftQ starts from when the model holds the quantized form.
+pub type Originals<'a> = &'a dyn Fn(&str) -> Result<Tensor>;
+
 /// Adds freshly initialised LoRA layers (PEFT's init, seeded) to the modules `config` targets.
-/// Returns the adapted module names.
+/// Returns the adapted module names. LoftQ needs the full-precision weights: [`inject_with`].
 pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Vec<String>> {
+    inject_with(model, config, seed, None)
+}
+
+/// [`inject`], with the base's full-precision weights for an initialisation that starts from them
+/// while the model holds them quantized (LoftQ).
+pub fn inject_with(
+    model: &mut CausalLm,
+    config: &LoraConfig,
+    seed: u64,
+    originals: Option<Originals>,
+) -> Result<Vec<String>> {
     config.validate()?;
     let names: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -206,6 +221,16 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
         .collect();
     let device = model.device.clone();
     let init = LoraInit::from_config(&config.init_lora_weights)?;
+    let loftq = if init == LoraInit::Loftq {
+        let Some(originals) = originals else {
+            return Err(Error::Config(
+                "init_lora_weights loftq starts from the base's full-precision weights while the model holds them quantized: pass the checkpoint's weights (lora::target::inject_with)".into(),
+            ));
+        };
+        Some((originals, config.loftq_config()?))
+    } else {
+        None
+    };
     for lin in model.linears_mut() {
         if !chosen.contains(&lin.name) {
             continue;
@@ -236,6 +261,18 @@ pub fn inject(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<Ve
                 let a = gaussian(&lin.name, r, lin.in_features(), seed, &device)?;
                 let b = Tensor::zeros((lin.out_features(), r), DType::F32, &device)?;
                 LoraLayer::from_tensors(&a, &b, scale, config.lora_dropout)?
+            }
+            LoraInit::Loftq => {
+                let (originals, bits_iters) = loftq.as_ref().expect("set for LoftQ above");
+                let original = originals(&lin.name)?;
+                init_loftq(
+                    &mut lin.weight,
+                    &lin.name,
+                    &original,
+                    *bits_iters,
+                    (r, scale, config.lora_dropout),
+                    &device,
+                )?
             }
             moving => init_moving_base(
                 &mut lin.weight,

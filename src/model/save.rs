@@ -2,6 +2,7 @@
 //! sharded like transformers above 5 GB, config.json, and the tokenizer/template/generation files
 //! copied from the base.
 
+use super::layers::LinearWeight;
 use super::param::Param;
 use super::{CausalLm, ModelConfig};
 use crate::io::{write_bytes, write_json, write_safetensors};
@@ -82,12 +83,46 @@ pub fn save_pretrained(
             quantized.len() - 1
         )));
     }
+    write_folder(model, false, base_dir, out_dir, max_shard_bytes)
+}
+
+/// [`save_pretrained`] for a model whose linear weights may be quantized: they are written
+/// dequantized (what a quantized base computes with, e.g. the base LoftQ leaves, which loading
+/// with the same quantization gives back).
+pub fn save_dequantized(
+    model: &CausalLm,
+    base_dir: &Path,
+    out_dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    write_folder(model, true, base_dir, out_dir, max_shard_bytes)
+}
+
+/// Writes the folder of [`save_pretrained`]; `dequantize` writes quantized linear weights
+/// dequantized (one at a time).
+fn write_folder(
+    model: &CausalLm,
+    dequantize: bool,
+    base_dir: &Path,
+    out_dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let dtype = dtype_of(model.config.saved_dtype()).unwrap_or(model.dtype);
-    let tensors: Vec<(String, Tensor)> = model
+    let mut tensors: Vec<(String, Tensor)> = model
         .named_weights()
         .into_iter()
         .map(|(n, p)| Ok((n, Param::tensor(p).to_dtype(dtype)?)))
         .collect::<candle_core::Result<_>>()?;
+    if dequantize {
+        for lin in model.linears() {
+            if let LinearWeight::Quantized(q) = &lin.weight {
+                tensors.push((
+                    format!("{}.weight", lin.name),
+                    q.dequantize()?.to_dtype(dtype)?,
+                ));
+            }
+        }
+    }
     let total: usize = tensors
         .iter()
         .map(|(_, t)| t.elem_count() * dtype.size_in_bytes())

@@ -117,14 +117,19 @@ pub struct FourBit {
     pub absmax: Absmax,
 }
 
-/// A row-wise int8 weight: `w[r, c] ≈ (q[r, c] - 128) * scale[r]`.
+/// A row-wise int8 weight as bitsandbytes stores it (`Int8Params`, transformers'
+/// `load_in_8bit`): `w[r, c] ≈ (q[r, c] - 128) · scb[r] / 127`.
 #[derive(Debug, Clone)]
 pub struct Int8 {
     /// Codes offset by 128, U8 `[out, in]`.
     pub codes: Tensor,
-    /// Scale per row, F32 `[out]`.
+    /// Each row's absmax of the f16 weight (bitsandbytes' `SCB`), F32 `[out]`.
     pub scale: Tensor,
 }
+
+/// bitsandbytes' 1/127 of `int8_vectorwise_dequant`, as it multiplies (an f32 after the
+/// absmax).
+const INV_127: f64 = 7.874015718698502e-3;
 
 /// The stored form of a quantized weight.
 #[derive(Debug, Clone)]
@@ -302,16 +307,26 @@ impl FourBit {
 }
 
 impl Int8 {
-    /// Quantizes `w: [out, in]` row-wise: `q = round(w / s) + 128`, `s = max|row| / 127`.
+    /// Quantizes `w: [out, in]` row-wise as bitsandbytes' `Int8Params` does: the weight in f16,
+    /// `scb` = each row's max |w|, codes `round(w · (127 / scb))` (ties to even, as torch, whose
+    /// scalar-by-tensor division is `127 · (1 / scb)`), stored + 128.
     pub fn quantize(values: &[f32], cols: usize, device: &Device) -> Result<Self> {
         let rows = values.len() / cols;
+        let half: Vec<f32> = Tensor::from_slice(values, values.len(), &Device::Cpu)?
+            .to_dtype(DType::F16)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         let mut codes = Vec::with_capacity(values.len());
         let mut scales = Vec::with_capacity(rows);
-        for row in values.chunks(cols) {
-            let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if m > 0.0 { m / 127.0 } else { 1.0 };
-            scales.push(s);
-            codes.extend(row.iter().map(|v| ((v / s).round() + 128.0) as u8));
+        for row in half.chunks(cols) {
+            let scb = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // torch's `127.0 / t` is `t.reciprocal() * 127.0`.
+            let factor = if scb > 0.0 { (1.0 / scb) * 127.0 } else { 0.0 };
+            scales.push(scb);
+            codes.extend(
+                row.iter()
+                    .map(|v| ((v * factor).round_ties_even().clamp(-127.0, 127.0) + 128.0) as u8),
+            );
         }
         Ok(Int8 {
             codes: Tensor::from_vec(codes, (rows, cols), device)?,
@@ -319,10 +334,12 @@ impl Int8 {
         })
     }
 
-    /// Dequantized `[out, in]` in `dtype`.
+    /// Dequantized `[out, in]` in `dtype`: `q · scb · (1/127)` in f32, as bitsandbytes'
+    /// `int8_vectorwise_dequant`.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let q = (self.codes.to_dtype(DType::F32)? - 128.0)?;
         Ok(q.broadcast_mul(&self.scale.unsqueeze(1)?)?
+            .affine(INV_127, 0.0)?
             .to_dtype(dtype)?)
     }
 }

@@ -330,10 +330,29 @@ fn prepare(config: &SftConfig) -> Result<Run> {
             base_dir.display()
         ))
     })?;
-    let lora_config = (!full).then(|| config.lora_config());
-    if let Some(lc) = &lora_config {
+    let mut lora_config = (!full).then(|| config.lora_config());
+    if let Some(lc) = &mut lora_config {
+        let init = lora::init::LoraInit::from_config(&lc.init_lora_weights)?;
+        // LoftQ starts from the checkpoint's full-precision weights (the model holds them
+        // quantized already); a resumed run computes the same quantized base again.
+        if init == lora::init::LoraInit::Loftq && model_spec.ends_with(".gguf") {
+            return Err(Error::Config(format!(
+                "{model_spec}: LoftQ starts from the full-precision weights, and a GGUF file's are quantized already; use the original safetensors model with --qlora"
+            )));
+        }
+        let checkpoint = (init == lora::init::LoraInit::Loftq)
+            .then(|| crate::model::weights::Weights::from_dir(&base_dir))
+            .transpose()?;
+        let originals = checkpoint.as_ref().map(lora::init::checkpoint_originals);
+        let originals = originals
+            .as_ref()
+            .map(|f| f as &dyn Fn(&str) -> Result<candle_core::Tensor>);
         match &resume_dir {
             Some(dir) => {
+                if originals.is_some() {
+                    lora::inject_with(&mut model, lc, config.seed, originals)?;
+                    lora::remove_adapters(&mut model);
+                }
                 lora::load_adapter(&mut model, dir)?;
                 // PiSSA/OLoRA checkpoints are saved relative to the original base.
                 let init = lora::init::LoraInit::from_config(&lc.init_lora_weights)?;
@@ -344,9 +363,29 @@ fn prepare(config: &SftConfig) -> Result<Run> {
                 }
             }
             None => {
-                lora::inject(&mut model, lc, config.seed)?;
+                lora::inject_with(&mut model, lc, config.seed, originals)?;
                 model.train_modules(&config.modules_to_save)?;
             }
+        }
+        if init == lora::init::LoraInit::Loftq {
+            // The adapter applies to the quantized base LoftQ left: it is saved (dequantized) in
+            // the output folder, and the adapter names it as its base with init_lora_weights
+            // true, as PEFT's LoftQ example saves them (loading does not run LoftQ again).
+            let loftq_base = output_dir.join(lora::init::LOFTQ_BASE);
+            if resume_dir.is_none() || !loftq_base.join("config.json").exists() {
+                std::fs::create_dir_all(&loftq_base).map_err(|e| Error::io(&loftq_base, e))?;
+                crate::model::save::save_dequantized(
+                    &model,
+                    &base_dir,
+                    &loftq_base,
+                    MAX_SHARD_BYTES,
+                )?;
+            }
+            let absolute =
+                std::path::absolute(&loftq_base).map_err(|e| Error::io(&loftq_base, e))?;
+            lc.base_model_name_or_path = Some(absolute.to_string_lossy().into_owned());
+            lc.init_lora_weights = serde_json::Value::Bool(true);
+            lc.other.remove("loftq_config");
         }
         // PEFT's `trainable_token_indices`: the new tokens' rows train beside the LoRA weights,
         // unless full copies of the matrices train (`modules_to_save`).
