@@ -221,6 +221,16 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
             if c.init_lora_weights != "true" {
                 row("init_lora_weights", c.init_lora_weights.clone());
             }
+            if c.init_lora_weights == "loftq" {
+                row("loftq_iter", c.loftq_iter.to_string());
+                row(
+                    "adapter base",
+                    format!(
+                        "`{}/` in this folder: the quantized base LoftQ left, saved dequantized",
+                        crate::lora::init::LOFTQ_BASE
+                    ),
+                );
+            }
             if let Some(ratio) = c.loraplus_lr_ratio {
                 row("loraplus_lr_ratio", ratio.to_string());
             }
