@@ -702,6 +702,78 @@ impl SftConfig {
             .transpose()
     }
 
+    /// One line naming the training method these settings describe, with the options that change
+    /// what trains (as the flags name them): e.g. `QLoRA (nf4, double quantization) r=16
+    /// alpha=32 all-linear, DoRA, init loftq (4 iterations), loss dft`.
+    pub fn method_summary(&self) -> String {
+        let mut parts = Vec::new();
+        let base = match (self.mode, self.load_in_8bit) {
+            (Mode::Full, _) => "full fine-tuning".to_string(),
+            (Mode::Qlora, _) => format!(
+                "QLoRA ({}{})",
+                self.bnb_4bit_quant_type,
+                if self.bnb_4bit_use_double_quant {
+                    ", double quantization"
+                } else {
+                    ""
+                }
+            ),
+            (Mode::Lora, true) => "LoRA over an int8 base".to_string(),
+            (Mode::Lora, false) => "LoRA".to_string(),
+        };
+        if self.mode == Mode::Full {
+            parts.push(base);
+        } else {
+            parts.push(format!(
+                "{base} r={} alpha={}{} {}{}",
+                self.lora_r,
+                self.lora_alpha,
+                if self.use_rslora { " (rsLoRA)" } else { "" },
+                self.lora_target_modules.join(","),
+                if self.lora_dropout > 0.0 {
+                    format!(" dropout {}", self.lora_dropout)
+                } else {
+                    String::new()
+                }
+            ));
+            if self.use_dora {
+                parts.push("DoRA".into());
+            }
+            match self.init_lora_weights.as_str() {
+                "true" | "True" => {}
+                "loftq" => parts.push(format!("init loftq ({} iterations)", self.loftq_iter)),
+                other => parts.push(format!("init {other}")),
+            }
+            if !self.layers_to_transform.is_empty() {
+                let layers: Vec<String> = self
+                    .layers_to_transform
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect();
+                parts.push(format!("layers {}", layers.join(",")));
+            }
+            if !self.exclude_modules.is_empty() {
+                parts.push(format!("excluding {}", self.exclude_modules.join(",")));
+            }
+            if !self.modules_to_save.is_empty() {
+                parts.push(format!(
+                    "modules_to_save {}",
+                    self.modules_to_save.join(",")
+                ));
+            }
+            if let Some(ratio) = self.loraplus_lr_ratio {
+                parts.push(format!("LoRA+ ratio {ratio}"));
+            }
+        }
+        if self.loss_type != "nll" {
+            parts.push(format!("loss {}", self.loss_type));
+        }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            parts.push(format!("NEFTune alpha {alpha}"));
+        }
+        parts.join(", ")
+    }
+
     /// Whether `--chat-template chatml` asks for TRL's chat-format setup (new ChatML tokens, their
     /// rows trained) rather than a template file.
     pub fn sets_up_chatml(&self) -> bool {
@@ -806,6 +878,27 @@ mod tests {
         .collect();
         fields.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
         SftConfig::default().with_overrides(fields)
+    }
+
+    #[test]
+    fn the_method_line_names_what_trains() {
+        let c = with(&[
+            ("mode", json!("qlora")),
+            ("use_dora", json!(true)),
+            ("init_lora_weights", json!("loftq")),
+            ("loftq_iter", json!(3)),
+            ("loss_type", json!("dft")),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.method_summary(),
+            format!(
+                "QLoRA (nf4, double quantization) r={} alpha={} all-linear dropout {}, DoRA, init loftq (3 iterations), loss dft",
+                c.lora_r, c.lora_alpha, c.lora_dropout
+            )
+        );
+        let full = with(&[("mode", json!("full"))]).unwrap();
+        assert_eq!(full.method_summary(), "full fine-tuning");
     }
 
     #[test]

@@ -184,6 +184,48 @@ fn data_inspect_marks_loss_tokens_and_prints_json_masks() {
     assert_eq!(mask.iter().filter(|b| b.as_u64() == Some(1)).count(), 5);
 }
 
+/// `data inspect --config recipe.toml` shows the recipe's method and tokenizes as the recipe says
+/// (here `completion_only_loss = false`: every token carries loss), a flag given on the command line
+/// winning over the recipe (`--max-length`).
+#[test]
+fn data_inspect_with_a_recipe_shows_its_method_and_uses_its_data_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "mode = \"qlora\"\nuse_dora = true\ninit_lora_weights = \"loftq\"\nloftq_iter = 2\nlora_r = 8\nlora_alpha = 8.0\ncompletion_only_loss = false\nmax_length = 4096\n",
+    )
+    .unwrap();
+    let inspect = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "inspect",
+            "--model",
+            "tests/fixtures/models/qwen2",
+            "--dataset",
+            "tests/fixtures/data/qa_prompt_completion.jsonl",
+            "--config",
+            recipe.to_str().unwrap(),
+            "--n",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = run_cli(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let out = inspect(&[]);
+    assert!(
+        out.contains("QLoRA (nf4, double quantization) r=8 alpha=8 all-linear dropout 0.05, DoRA, init loftq (2 iterations)"),
+        "{out}"
+    );
+    assert!(out.contains("20 examples; 0 truncated"), "{out}");
+    // completion_only_loss = false: the prompt carries loss too.
+    assert!(out.contains("[[Question:"), "{out}");
+    let out = inspect(&["--max-length", "6"]);
+    assert!(out.contains("20 examples; 20 truncated"), "{out}");
+}
+
 #[test]
 fn sanity_check_reports_the_loss_an_example_and_a_generation() {
     let tmp = tempfile::tempdir().unwrap();

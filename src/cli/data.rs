@@ -1,7 +1,10 @@
 //! `peft-sft data inspect`: what training will see — decoded examples with the loss tokens marked,
 //! a histogram of lengths, and the counts of truncated, skipped and unusable rows.
 
+use clap::parser::ValueSource;
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+use peft_sft::config::SftConfig;
+use peft_sft::data::chat_format::setup_chatml;
 use peft_sft::data::{marked, prepare_dataset, ChatTokenizer, PreparedDataset};
 use peft_sft::hub::resolve_model;
 use std::io::IsTerminal;
@@ -30,6 +33,11 @@ pub fn command() -> Command {
                         .help("Examples to show"),
                 )
                 .arg(
+                    Arg::new("config")
+                        .long("config")
+                        .help("A training recipe (TOML, as `train --config`): its data settings apply (flags given here win) and its method is shown"),
+                )
+                .arg(
                     Arg::new("json")
                         .long("json")
                         .action(ArgAction::SetTrue)
@@ -46,10 +54,55 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
     }
 }
 
+/// The recipe of `--config` with the data flags given on this command line on top.
+fn recipe(m: &ArgMatches, path: &str) -> anyhow::Result<SftConfig> {
+    let mut config = SftConfig::from_toml(Path::new(path))?;
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    if given("max_length") {
+        config.max_length = m.get_one::<usize>("max_length").copied().unwrap_or(1024);
+    }
+    if given("completion_only_loss") {
+        config.completion_only_loss = m.get_one::<bool>("completion_only_loss").copied();
+    }
+    if given("assistant_only_loss") {
+        config.assistant_only_loss = true;
+    }
+    if given("chat_template") {
+        config.chat_template_path = m.get_one::<String>("chat_template").cloned();
+    }
+    if given("on_bad_row") {
+        config.on_bad_row = super::text(m, "on_bad_row").to_string();
+    }
+    Ok(config)
+}
+
 fn inspect(m: &ArgMatches) -> anyhow::Result<()> {
     let dir = resolve_model(super::text(m, "model"), None)?;
-    let tok = super::with_chat_template(ChatTokenizer::from_dir(&dir)?, m)?;
-    let opts = super::tokenize_options(m);
+    let (tok, opts) = match m.get_one::<String>("config") {
+        Some(path) => {
+            let config = recipe(m, path)?;
+            let mut tok = ChatTokenizer::from_dir(&dir)?;
+            if config.sets_up_chatml() {
+                setup_chatml(&mut tok)?;
+            } else if let Some(template) = config.chat_template()? {
+                tok = tok.with_chat_template(template);
+            }
+            if !m.get_flag("json") {
+                println!("method ({path}): {}", config.method_summary());
+                if config.packing {
+                    println!(
+                        "packing: training packs these rows into sequences of {} tokens",
+                        config.max_length
+                    );
+                }
+            }
+            (tok, config.tokenize_options())
+        }
+        None => (
+            super::with_chat_template(ChatTokenizer::from_dir(&dir)?, m)?,
+            super::tokenize_options(m),
+        ),
+    };
     let data = prepare_dataset(Path::new(super::text(m, "dataset")), &tok, &opts)?;
     if m.get_flag("json") {
         for (i, e) in data.examples.iter().enumerate() {
