@@ -28,6 +28,14 @@ if qlora:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32))
 base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", **extra)
+if qlora:
+    import bitsandbytes as bnb
+
+    # On a CPU with AVX512-BF16, bitsandbytes >= 0.49 repacks 4-bit weights for a bf16 inference kernel
+    # (2e-2 from f32); QLoRA training computes in f32: keep bitsandbytes' dequantize + f32 matmul.
+    for module in base.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 model = PeftModel.from_pretrained(base, adapter_dir).eval()
 with torch.no_grad():
     logits = model(ref["input_ids"].long()).logits
