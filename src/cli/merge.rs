@@ -32,8 +32,7 @@ pub fn command() -> Command {
         .arg(
             Arg::new("quantize")
                 .long("quantize")
-                .default_value("f16")
-                .help("Weight type of a GGUF --output from a safetensors base: f32 | f16 | q8_0 | q4_0 | q4_k_m"),
+                .help("Weight type of a GGUF --output: f32 | f16 | q8_0 | q4_0 | q4_k_m [f16 from a safetensors base; from a GGUF base, the merged tensors keep their types unless given]"),
         )
         .arg(
             Arg::new("force")
@@ -51,7 +50,10 @@ pub fn run(m: &ArgMatches) -> anyhow::Result<()> {
         adapter: m.get_one::<String>("adapter").map(PathBuf::from),
         base_full_precision: m.get_one::<String>("base_full_precision").cloned(),
         max_merge_error: m.get_one::<f64>("max_merge_error").copied().unwrap_or(0.1),
-        gguf_type: text(m, "quantize").parse()?,
+        gguf_type: m
+            .get_one::<String>("quantize")
+            .map(|q| q.parse())
+            .transpose()?,
         force: m.get_flag("force"),
         ..MergeOptions::new(text(m, "model"), text(m, "output"))
     };

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod chat_format;
 pub mod files;
 pub mod format;
+pub mod gguf_vocab;
 pub mod load;
 pub mod mapping;
 pub mod pack;

@@ -9,6 +9,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
 
 use super::format::ChatVars;
+use super::gguf_vocab::GgufVocab;
 use super::template::ChatTemplate;
 use crate::error::{Error, Result};
 
@@ -154,6 +155,34 @@ impl ChatTokenizer {
             pad_token: special.pad_token,
             unk_token: special.unk_token,
             chat_template,
+        })
+    }
+
+    /// The tokenizer a GGUF file's metadata describes ([`GgufVocab`]), as transformers builds it
+    /// from the file (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): the vocabulary and
+    /// merges, the special tokens by id, BOS/EOS added as `add_bos_token`/`add_eos_token` say, and
+    /// the chat template of `tokenizer.chat_template`.
+    pub fn from_gguf(vocab: &GgufVocab) -> Result<Self> {
+        let json = vocab.tokenizer_json()?;
+        let mut inner: Tokenizer = serde_json::from_value(json).map_err(|e| {
+            Error::Tokenizer(format!("cannot build the GGUF file's tokenizer: {e}"))
+        })?;
+        let special = SpecialTokens {
+            bos_token: vocab.token(vocab.bos_id),
+            eos_token: vocab.token(vocab.eos_id),
+            pad_token: vocab.token(vocab.pad_id),
+            unk_token: vocab.token(vocab.unk_id),
+            add_bos_token: vocab.add_bos,
+            add_eos_token: vocab.add_eos,
+        };
+        rebuild_post_processor(&mut inner, &special)?;
+        Ok(ChatTokenizer {
+            inner,
+            bos_token: special.bos_token,
+            eos_token: special.eos_token,
+            pad_token: special.pad_token,
+            unk_token: special.unk_token,
+            chat_template: vocab.chat_template.clone(),
         })
     }
 

@@ -127,7 +127,13 @@ fn use_more_bits(layer: usize, layers: usize) -> bool {
 
 /// The GGML type a tensor gets: f32 for vectors; else the export type, llama.cpp's Q4_K_M mix,
 /// and llama.cpp's fallbacks when the row length is not a multiple of the block size.
-fn tensor_type(name: &str, dims: &[usize], ty: ExportType, layers: usize, tied: bool) -> GgmlDType {
+pub(crate) fn tensor_type(
+    name: &str,
+    dims: &[usize],
+    ty: ExportType,
+    layers: usize,
+    tied: bool,
+) -> GgmlDType {
     if dims.len() < 2 {
         return GgmlDType::F32;
     }

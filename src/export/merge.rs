@@ -27,14 +27,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use super::gguf::{export_model, ExportType};
+use super::gguf::{export_model, tensor_type, ExportType};
 use crate::card::{write as write_card, CardInfo, CardKind};
 use crate::data::chat_format::save_tokenizer;
 use crate::data::ChatTokenizer;
 use crate::lora::{load_adapter, merge_and_unload, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, Pretrained};
-use crate::quant::gguf::GgufFile;
+use crate::quant::gguf::{gguf_name, GgufFile};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -62,7 +62,7 @@ pub struct MergeOptions {
     /// may differ from the adapter on its base (`--max-merge-error`, default 0.1).
     pub max_merge_error: f64,
     /// Weight type of a GGUF written from a safetensors base (`--quantize`, default f16).
-    pub gguf_type: ExportType,
+    pub gguf_type: Option<ExportType>,
     /// Write even when the probe check fails (`--force`).
     pub force: bool,
 }
@@ -76,7 +76,7 @@ impl MergeOptions {
             output: output.into(),
             base_full_precision: None,
             max_merge_error: 0.1,
-            gguf_type: ExportType::F16,
+            gguf_type: None,
             force: false,
         }
     }
@@ -226,18 +226,46 @@ fn merge_to_gguf(
         .map(|l| l.name.clone())
         .collect();
     let merged = merge_and_unload(&mut loaded.model)?;
+    let (layers, tied) = (
+        loaded.model.config.num_hidden_layers,
+        loaded.model.config.tie_word_embeddings,
+    );
     let mut replaced = HashMap::new();
     for lin in loaded.model.linears() {
         if adapted.contains(&lin.name) {
-            replaced.insert(format!("{}.weight", lin.name), lin.weight.dense()?);
+            let name = format!("{}.weight", lin.name);
+            let dense = lin.weight.dense()?;
+            let dtype = match (options.gguf_type, gguf_name(&name)) {
+                (Some(ty), Some(gname)) => {
+                    Some(tensor_type(&gname, dense.dims(), ty, layers, tied))
+                }
+                _ => None,
+            };
+            replaced.insert(name, (dense, dtype));
         }
     }
-    let what = format!(
-        "merged {merged} LoRA modules into {} and re-quantized them to their GGUF types",
-        options.base
-    );
+    let what = match options.gguf_type {
+        None => format!(
+            "merged {merged} LoRA modules into {} and re-quantized them to their GGUF types",
+            options.base
+        ),
+        Some(ty) => format!(
+            "merged {merged} LoRA modules into {} and quantized them as --quantize {ty}",
+            options.base
+        ),
+    };
     publish_gguf(&loaded, probe, options, &what, |partial| {
         gguf.write_replacing(&replaced, partial)
+    })
+    .map_err(|e| match e {
+        // The usual cause: 4-bit types round away an adapter's small change.
+        Error::MergeCheck { report, limit } if options.gguf_type.is_none() => Error::MergeCheck {
+            report: format!(
+                "{report} — re-quantizing to the file's own types lost it: --quantize f16 writes the merged tensors with the bits to keep it (q8_0 keeps most)"
+            ),
+            limit,
+        },
+        e => e,
     })
 }
 
@@ -256,7 +284,7 @@ fn export_gguf(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let ty = options.gguf_type;
+    let ty = options.gguf_type.unwrap_or(ExportType::F16);
     let what = if merged == 0 {
         format!("converted to GGUF ({ty})")
     } else {
@@ -284,8 +312,14 @@ fn publish_gguf(
     let out = &options.output;
     let partial = out.with_extension("partial.gguf");
     let checked = write(&partial).and_then(|()| {
+        // The base's tokenizer folder, if it has one (a GGUF base alone has its tokenizer in
+        // the metadata, which the written file keeps).
         let load = LoadOptions {
-            tokenizer: Some(loaded.dir.clone()),
+            tokenizer: loaded
+                .dir
+                .join("tokenizer.json")
+                .exists()
+                .then(|| loaded.dir.clone()),
             ..LoadOptions::default()
         };
         let written = load_pretrained_with(

@@ -1,6 +1,7 @@
 //! Loading a model by folder or Hub id onto a device, with its tokenizer.
 
 use super::{weights::Weights, CausalLm, ModelConfig};
+use crate::data::gguf_vocab::GgufVocab;
 use crate::data::ChatTokenizer;
 use crate::quant::gguf::GgufFile;
 use crate::quant::QuantScheme;
@@ -46,22 +47,101 @@ fn open_gguf(
     }
     let gguf = GgufFile::open(path)?;
     let config = ModelConfig::from_value(gguf.config_json()?, path)?;
-    let dir = match tokenizer {
-        Some(t) => t.to_path_buf(),
-        None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+    let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let vocab = gguf_vocab(&gguf)?;
+    // The tokenizer: --tokenizer's folder; else the one the file's metadata describes (as
+    // transformers' `gguf_file=`); else a tokenizer.json beside the file.
+    let (tokenizer, dir) = match (tokenizer, vocab) {
+        (Some(t), _) => (ChatTokenizer::from_dir(t)?, t.to_path_buf()),
+        (None, Some(vocab)) => (ChatTokenizer::from_gguf(&vocab)?, folder),
+        (None, None) if folder.join("tokenizer.json").exists() => {
+            (ChatTokenizer::from_dir(&folder)?, folder)
+        }
+        (None, None) => {
+            return Err(Error::MissingFile {
+                path: folder.join("tokenizer.json"),
+                hint: format!(
+                    "{} has no tokenizer in its metadata (tokenizer.ggml.tokens): pass --tokenizer FOLDER (the original model's folder or Hub download)",
+                    path.display()
+                ),
+            })
+        }
     };
-    if !dir.join("tokenizer.json").exists() {
-        return Err(Error::MissingFile {
-            path: dir.join("tokenizer.json"),
-            hint: format!(
-                "a GGUF base needs the model's Hugging Face tokenizer: pass --tokenizer FOLDER (the original model's folder or Hub download) for {}",
-                path.display()
-            ),
-        });
-    }
-    let tokenizer =
-        ChatTokenizer::from_dir(&dir)?.with_chat_template_if_missing(gguf.chat_template());
+    let tokenizer = tokenizer.with_chat_template_if_missing(gguf.chat_template());
     Ok((config, tokenizer, Weights::from_gguf(gguf), dir))
+}
+
+/// The tokenizer metadata of a GGUF file (`tokenizer.ggml.*`), if it has a vocabulary.
+fn gguf_vocab(gguf: &GgufFile) -> Result<Option<GgufVocab>> {
+    use candle_core::quantized::gguf_file::Value;
+    let bad = |key: &str, what: &str| Error::Parse {
+        path: gguf.path().to_path_buf(),
+        line: None,
+        message: format!("GGUF metadata {key}: {what}"),
+    };
+    let key = |name: &str| format!("tokenizer.ggml.{name}");
+    let strings = |name: &str| -> Result<Option<Vec<String>>> {
+        let Some(value) = gguf.metadata(&key(name)) else {
+            return Ok(None);
+        };
+        let items = value
+            .to_vec()
+            .map_err(|_| bad(&key(name), "not an array"))?;
+        items
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| bad(&key(name), "not strings"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    };
+    let Some(tokens) = strings("tokens")? else {
+        return Ok(None);
+    };
+    let token_types = match gguf.metadata(&key("token_type")) {
+        None => Vec::new(),
+        Some(value) => value
+            .to_vec()
+            .map_err(|_| bad(&key("token_type"), "not an array"))?
+            .iter()
+            .map(|v| match v {
+                Value::I32(x) => Ok(*x as i64),
+                Value::U32(x) => Ok(*x as i64),
+                Value::I64(x) => Ok(*x),
+                Value::U8(x) => Ok(*x as i64),
+                Value::I8(x) => Ok(*x as i64),
+                _ => Err(bad(&key("token_type"), "not integers")),
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let id = |name: &str| -> Option<u32> {
+        gguf.metadata(&key(name))
+            .and_then(|v| v.to_u64().ok())
+            .and_then(|x| u32::try_from(x).ok())
+            .filter(|&x| (x as usize) < tokens.len())
+    };
+    let flag = |name: &str| gguf.metadata(&key(name)).and_then(|v| v.to_bool().ok());
+    let text = |name: &str| {
+        gguf.metadata(&key(name))
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    };
+    Ok(Some(GgufVocab {
+        model: text("model").unwrap_or_default(),
+        pre: text("pre"),
+        merges: strings("merges")?.unwrap_or_default(),
+        bos_id: id("bos_token_id"),
+        eos_id: id("eos_token_id"),
+        unk_id: id("unknown_token_id"),
+        pad_id: id("padding_token_id"),
+        add_bos: flag("add_bos_token"),
+        add_eos: flag("add_eos_token"),
+        chat_template: gguf.chat_template(),
+        token_types,
+        tokens,
+    }))
 }
 
 /// The compute dtype: f32 on CPU; the checkpoint's dtype (bf16/f16) on accelerators.

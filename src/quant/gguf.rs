@@ -355,9 +355,13 @@ impl GgufFile {
     }
 
     /// Writes a copy of this file to `out` in which every tensor named in `replaced` (Hugging Face
-    /// names, full-precision values in Hugging Face layout) is re-quantized to the type it had
-    /// here; every other tensor and all metadata are copied unchanged.
-    pub fn write_replacing(&self, replaced: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
+    /// names, full-precision values in Hugging Face layout) is quantized to the type given with it,
+    /// or to the type it had here; every other tensor and all metadata are copied unchanged.
+    pub fn write_replacing(
+        &self,
+        replaced: &HashMap<String, (Tensor, Option<GgmlDType>)>,
+        out: &Path,
+    ) -> Result<()> {
         let hf_of: HashMap<String, &String> = self
             .names
             .iter()
@@ -378,13 +382,13 @@ impl GgufFile {
                 .get(name)
                 .and_then(|hf| replaced.get(*hf).map(|t| (hf, t)))
             {
-                Some((hf, value)) => {
+                Some((hf, (value, dtype))) => {
                     let value = value.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                     let value = match self.permuted_heads(hf)? {
                         Some(h) => permute_rows(&value, h)?,
                         None => value,
                     };
-                    QTensor::quantize(&value, original.dtype())?
+                    QTensor::quantize(&value, dtype.unwrap_or(original.dtype()))?
                 }
                 None => original,
             };
