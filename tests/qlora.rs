@@ -186,14 +186,69 @@ fn gguf_files_load_to_the_logits_transformers_reads_from_them() {
     }
 }
 
+/// llama.cpp's converter wrote the tiny Llama's tokenizer into the GGUF fixtures' metadata: the
+/// tokenizer built from it is the model folder's (the same ids, BOS added as its flag says, the
+/// same special tokens and template). A copy of the file without that metadata and without a
+/// tokenizer.json beside it says what to pass.
 #[test]
-fn a_gguf_base_without_a_tokenizer_says_what_to_pass() {
+fn a_gguf_base_brings_its_tokenizer_or_says_what_to_pass() {
+    use candle_core::quantized::gguf_file;
     let path = fixture("qlora/gguf/model-q8_0.gguf");
-    let err = load_pretrained(path.to_str().unwrap(), false, &device())
+    let from_gguf = load_pretrained(path.to_str().unwrap(), false, &device())
+        .unwrap()
+        .tokenizer;
+    let folder = peft_sft::data::ChatTokenizer::from_dir(&fixture("models/llama")).unwrap();
+    for text in [
+        "Hello world, it's 2024!",
+        "  two spaces\nand a newline\t tab",
+        "The capital of France is Paris.",
+        "",
+    ] {
+        assert_eq!(
+            from_gguf.encode(text, true).unwrap(),
+            folder.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(
+        (&from_gguf.bos_token, &from_gguf.eos_token),
+        (&folder.bos_token, &folder.eos_token)
+    );
+    assert_eq!(from_gguf.chat_template, folder.chat_template);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("bare.gguf");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut file, n, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = std::fs::File::create(&bare).unwrap();
+    gguf_file::write(&mut out, &metadata, &refs).unwrap();
+    drop(out);
+    let err = load_pretrained(bare.to_str().unwrap(), false, &device())
         .err()
-        .expect("no tokenizer.json next to the file")
+        .expect("no tokenizer in the metadata nor beside the file")
         .to_string();
-    assert!(err.contains("--tokenizer"), "{err}");
+    assert!(
+        err.contains("no tokenizer in its metadata") && err.contains("--tokenizer"),
+        "{err}"
+    );
 }
 
 fn train_qlora(out: &str, extra: &[&str]) -> (bool, String) {
