@@ -205,6 +205,95 @@ fn merge_without_an_adapter_converts_a_model_and_refuses_other_outputs() {
     assert!(!folder.exists());
 }
 
+/// SmolLM3 converts to llama.cpp's `smollm3` architecture: its keys, llama's query/key row
+/// layout, and the file (loaded alone, tokenizer from its metadata) computes the model — its NoPE
+/// layers included, which llama.cpp hard-codes as every 4th. A model whose NoPE layers differ is
+/// refused, naming the layer.
+#[test]
+fn smollm3_exports_to_llama_cpp_smollm3_and_nope_layers_must_be_every_fourth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm3.gguf");
+    let base = fixture("models/smollm3");
+    let convert = |model: &Path, out: &Path| {
+        run_cli(&[
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--quantize",
+            "f32",
+        ])
+    };
+    let (ok, _, err) = convert(&base, &out);
+    assert!(ok, "{err}");
+    let c = read(&out);
+    assert_eq!(string(&c, "general.architecture"), "smollm3");
+    assert_eq!(c.metadata["smollm3.block_count"].to_u32().unwrap(), 4);
+    assert_eq!(
+        c.metadata["smollm3.rope.dimension_count"].to_u32().unwrap(),
+        16
+    );
+    assert!(!string(&c, "tokenizer.chat_template").contains("[:]"));
+    // Rows of attn_q are llama.cpp's permutation of q_proj's.
+    let q = load_model(&base, false).layers[0]
+        .self_attn
+        .q_proj
+        .weight
+        .dense()
+        .unwrap();
+    let mut f = std::fs::File::open(&out).unwrap();
+    let stored = c
+        .tensor(&mut f, "blk.0.attn_q.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    let (heads, d) = (4, 16);
+    let row = |t: &Tensor, r: usize| t.get(r).unwrap().to_vec1::<f32>().unwrap();
+    for h in 0..heads {
+        for j in 0..d / 2 {
+            for t in 0..2 {
+                assert_eq!(
+                    row(&stored, h * d + 2 * j + t),
+                    row(&q, h * d + t * d / 2 + j)
+                );
+            }
+        }
+    }
+    let ids = Tensor::new(&[[5u32, 50, 120, 7, 300, 42, 9, 77, 3]], &Device::Cpu).unwrap();
+    let expected = load_model(&base, false).forward(&ids).unwrap();
+    let alone = peft_sft::model::load_pretrained(out.to_str().unwrap(), false, &Device::Cpu)
+        .unwrap()
+        .model;
+    assert_eq!(
+        (0..4)
+            .map(|i| alone.config.layer_uses_rope(i))
+            .collect::<Vec<_>>(),
+        [true, true, true, false]
+    );
+    let err = rel_err(&alone.forward(&ids).unwrap(), &expected);
+    assert!(err < 1e-5, "the smollm3 GGUF's logits differ by {err}");
+
+    // NoPE on layer 1 instead of 3: not what llama.cpp would compute.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(&base).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, other.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = std::fs::read_to_string(other.join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["no_rope_layers"] = serde_json::json!([1, 0, 1, 1]);
+    std::fs::write(other.join("config.json"), config.to_string()).unwrap();
+    let refused = tmp.path().join("refused.gguf");
+    let (ok, _, err) = convert(&other, &refused);
+    assert!(
+        !ok && err.contains("layer 1 skips RoPE") && err.contains("every 4th layer"),
+        "{err}"
+    );
+    assert!(!refused.exists());
+}
+
 #[test]
 fn export_adapter_writes_llama_cpp_lora_tensors() {
     let tmp = tempfile::tempdir().unwrap();

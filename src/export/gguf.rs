@@ -113,11 +113,27 @@ fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
         Family::Llama | Family::Mistral => Ok(("llama", true)),
         Family::Qwen2 => Ok(("qwen2", false)),
         Family::Qwen3 => Ok(("qwen3", false)),
-        Family::SmolLm3 => Err(Error::UnsupportedArchitecture {
-            name: "SmolLM3ForCausalLM (GGUF export)".into(),
-            supported: "Llama, Mistral, Qwen2, Qwen3".into(),
-        }),
+        Family::SmolLm3 => {
+            // llama.cpp's `smollm3` skips RoPE on every 4th layer, hard-coded
+            // (`n_no_rope_layer_step = 4`, no GGUF key): a model with other NoPE layers would
+            // compute something else there.
+            let layers = config.num_hidden_layers;
+            if let Some(i) =
+                (0..layers).find(|&i| config.layer_uses_rope(i) != smollm3_uses_rope(i))
+            {
+                return Err(Error::Config(format!(
+                    "layer {i} {} RoPE, but llama.cpp's smollm3 architecture skips RoPE exactly on every 4th layer (3, 7, 11, ...; hard-coded, no GGUF key): this model's no_rope_layers cannot be written to GGUF",
+                    if config.layer_uses_rope(i) { "uses" } else { "skips" }
+                )));
+            }
+            Ok(("smollm3", true))
+        }
     }
+}
+
+/// llama.cpp's layers without RoPE in its `smollm3` architecture: every 4th (`n_no_rope_layer_step`).
+pub fn smollm3_uses_rope(layer: usize) -> bool {
+    (layer + 1) % 4 != 0
 }
 
 /// llama.cpp's `use_more_bits`: the layers Q4_K_M gives more bits.
@@ -403,7 +419,8 @@ pub fn export_model(
             Value::U32(config.head_dim() as u32),
         ));
     }
-    if arch == "llama" {
+    // llama.cpp's LlamaModel converter (SmolLM3's too) writes these two.
+    if arch == "llama" || arch == "smollm3" {
         meta.push((key("vocab_size"), Value::U32(config.vocab_size as u32)));
         meta.push((
             key("rope.dimension_count"),
@@ -437,6 +454,16 @@ pub fn export_model(
     }
     meta.push(("general.quantization_version".into(), Value::U32(2)));
     meta.extend(tokenizer_metadata(tok, config.vocab_size)?);
+    if arch == "smollm3" {
+        // llama.cpp's converter drops SmolLM3's `[:]` slices, which its template engine lacks.
+        for (k, v) in meta.iter_mut() {
+            if k == "tokenizer.chat_template" {
+                if let Ok(t) = v.to_string() {
+                    *v = Value::String(t.replace("[:]", ""));
+                }
+            }
+        }
+    }
 
     let mut tensors = Vec::new();
     let mut report = Vec::new();

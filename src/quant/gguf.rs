@@ -176,12 +176,13 @@ impl GgufFile {
     pub fn config_json(&self) -> Result<serde_json::Value> {
         let (architecture, model_type) = match self.arch.as_str() {
             "llama" => ("LlamaForCausalLM", "llama"),
+            "smollm3" => ("SmolLM3ForCausalLM", "smollm3"),
             "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
             "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
             other => {
                 return Err(Error::UnsupportedArchitecture {
                     name: format!("GGUF architecture `{other}`"),
-                    supported: "llama, qwen2, qwen3".into(),
+                    supported: "llama, qwen2, qwen3, smollm3".into(),
                 })
             }
         };
@@ -214,6 +215,13 @@ impl GgufFile {
             "attention_bias": self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             "dtype": "float32",
         });
+        if self.arch == "smollm3" {
+            // llama.cpp's smollm3: RoPE skipped on every 4th layer, hard-coded (no GGUF key).
+            let layers = self.u64_key("block_count")?;
+            let flags: Vec<u8> = (0..layers).map(|i| u8::from((i + 1) % 4 != 0)).collect();
+            config["no_rope_layers"] = json!(flags);
+            config["no_rope_layer_interval"] = json!(4);
+        }
         for (key, field) in [
             ("bos_token_id", "bos_token_id"),
             ("eos_token_id", "eos_token_id"),
@@ -264,7 +272,7 @@ impl GgufFile {
         let mut file = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let t = self.content.tensor(&mut file, &name, &Device::Cpu)?;
         let heads = match hf {
-            _ if self.arch != "llama" => None,
+            _ if !self.permutes_heads() => None,
             n if n.ends_with("self_attn.q_proj.weight") || n.ends_with("self_attn.q_proj.bias") => {
                 Some(self.u64_key("attention.head_count")? as usize)
             }
@@ -337,8 +345,14 @@ pub(crate) fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
 
 impl GgufFile {
     /// The number of heads whose rows llama.cpp permutes in tensor `hf`, if it does.
+    /// Whether llama.cpp stores this architecture's query/key rows permuted (its `llama`
+    /// converter's layout, which `smollm3` inherits).
+    fn permutes_heads(&self) -> bool {
+        matches!(self.arch.as_str(), "llama" | "smollm3")
+    }
+
     fn permuted_heads(&self, hf: &str) -> Result<Option<usize>> {
-        if self.arch != "llama" {
+        if !self.permutes_heads() {
             return Ok(None);
         }
         let heads = self.u64_key("attention.head_count")? as usize;
