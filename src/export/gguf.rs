@@ -133,7 +133,7 @@ fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
 
 /// llama.cpp's layers without RoPE in its `smollm3` architecture: every 4th (`n_no_rope_layer_step`).
 pub fn smollm3_uses_rope(layer: usize) -> bool {
-    (layer + 1) % 4 != 0
+    !(layer + 1).is_multiple_of(4)
 }
 
 /// llama.cpp's `use_more_bits`: the layers Q4_K_M gives more bits.

@@ -218,7 +218,9 @@ impl GgufFile {
         if self.arch == "smollm3" {
             // llama.cpp's smollm3: RoPE skipped on every 4th layer, hard-coded (no GGUF key).
             let layers = self.u64_key("block_count")?;
-            let flags: Vec<u8> = (0..layers).map(|i| u8::from((i + 1) % 4 != 0)).collect();
+            let flags: Vec<u8> = (0..layers)
+                .map(|i| u8::from(!(i + 1).is_multiple_of(4)))
+                .collect();
             config["no_rope_layers"] = json!(flags);
             config["no_rope_layer_interval"] = json!(4);
         }
