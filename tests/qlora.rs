@@ -548,3 +548,155 @@ fn quantized_frozen_linears_compute_with_their_dequantized_weight() {
         }
     }
 }
+
+/// Every weight type candle reads works as a frozen GGUF base: a one-layer Llama with rows of 256
+/// (so K-quants fit) written with its linear weights in each type loads to the logits of the same
+/// file holding those weights dequantized (f32), and LoRA on it trains: the loss and every A/B
+/// gradient equal the dequantized model's.
+#[test]
+fn every_gguf_weight_type_is_a_frozen_base_for_lora() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let fixture_file = fixture("qlora/gguf/model-q8_0.gguf");
+    let mut f = std::fs::File::open(&fixture_file).unwrap();
+    let fixture_content = gguf_file::Content::read(&mut f).unwrap();
+    let (hidden, ff, vocab) = (256usize, 512usize, 400usize);
+    let mut metadata: Vec<(String, gguf_file::Value)> = fixture_content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.") || k.starts_with("general."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in [
+        ("llama.block_count", 1u32),
+        ("llama.context_length", 256),
+        ("llama.embedding_length", hidden as u32),
+        ("llama.feed_forward_length", ff as u32),
+        ("llama.attention.head_count", 4),
+        ("llama.attention.head_count_kv", 2),
+        ("llama.rope.dimension_count", 64),
+        ("llama.vocab_size", vocab as u32),
+    ] {
+        metadata.push((k.into(), gguf_file::Value::U32(v)));
+    }
+    metadata.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        gguf_file::Value::F32(1e-6),
+    ));
+    let random = |rows: usize, cols: usize, seed: u64| {
+        let mut rng = peft_sft::rng::Rng::new(seed);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.normal() * 0.05) as f32)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &dev).unwrap()
+    };
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &dev).unwrap();
+    let linears = [
+        ("blk.0.attn_q.weight", hidden, hidden),
+        ("blk.0.attn_k.weight", hidden / 2, hidden),
+        ("blk.0.attn_v.weight", hidden / 2, hidden),
+        ("blk.0.attn_output.weight", hidden, hidden),
+        ("blk.0.ffn_gate.weight", ff, hidden),
+        ("blk.0.ffn_up.weight", ff, hidden),
+        ("blk.0.ffn_down.weight", hidden, ff),
+    ];
+    // `ty`'s quantization of every linear weight, and the same values dequantized (f32).
+    let write = |ty: GgmlDType, dequantized: bool, path: &std::path::Path| {
+        let mut tensors: Vec<(String, QTensor)> = vec![
+            ("token_embd.weight".into(), random(vocab, hidden, 1)),
+            ("output.weight".into(), random(vocab, hidden, 2)),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n, QTensor::quantize(&t, GgmlDType::F32).unwrap()))
+        .collect();
+        for name in [
+            "blk.0.attn_norm.weight",
+            "blk.0.ffn_norm.weight",
+            "output_norm.weight",
+        ] {
+            tensors.push((
+                name.into(),
+                QTensor::quantize(&ones(hidden), GgmlDType::F32).unwrap(),
+            ));
+        }
+        for (i, (name, rows, cols)) in linears.iter().enumerate() {
+            let q = QTensor::quantize(&random(*rows, *cols, 10 + i as u64), ty).unwrap();
+            let q = if dequantized {
+                QTensor::quantize(&q.dequantize(&dev).unwrap(), GgmlDType::F32).unwrap()
+            } else {
+                q
+            };
+            tensors.push((name.to_string(), q));
+        }
+        let meta: Vec<(&str, &gguf_file::Value)> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut out = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut out, &meta, &refs).unwrap();
+    };
+    let ids = Tensor::new(&[[3u32, 17, 42, 9, 77, 5, 12, 300]], &dev).unwrap();
+    let mask = Tensor::ones((1, 8), DType::F32, &dev).unwrap();
+    let config = peft_sft::lora::LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        ..Default::default()
+    };
+    // Loss and gradients with B moved off zero (so A's gradient is not zero).
+    let run = |path: &std::path::Path| {
+        let mut model = load_pretrained(path.to_str().unwrap(), false, &dev)
+            .unwrap()
+            .model;
+        peft_sft::lora::inject(&mut model, &config, 7).unwrap();
+        for lin in model.linears() {
+            let lora = lin.lora.as_ref().unwrap();
+            let b = lora.b.as_tensor();
+            lora.b
+                .set(&(b.ones_like().unwrap() * 0.01).unwrap())
+                .unwrap();
+        }
+        let logits = model.forward(&ids).unwrap();
+        let out = model.loss(&ids, &mask, &mask, None).unwrap();
+        let loss = (&out.loss_sum / out.loss_tokens).unwrap();
+        let grads = loss.backward().unwrap();
+        let grads: Vec<(String, Tensor)> = model
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, grads.get(&v).unwrap().clone()))
+            .collect();
+        (model.quantized_modules().len(), logits, loss, grads)
+    };
+    for ty in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        let (quantized, dense) = (tmp.path().join("q.gguf"), tmp.path().join("d.gguf"));
+        write(ty, false, &quantized);
+        write(ty, true, &dense);
+        let (n_q, logits_q, loss_q, grads_q) = run(&quantized);
+        let (_, logits_d, loss_d, grads_d) = run(&dense);
+        if ty != GgmlDType::F16 {
+            assert_eq!(n_q, 7, "{ty:?}: the linears stay quantized");
+        }
+        let err = rel_err(&logits_q, &logits_d);
+        assert!(
+            err < 1e-4,
+            "{ty:?}: logits differ from the dequantized weights' by {err}"
+        );
+        assert!(rel_err(&loss_q, &loss_d) < 1e-5, "{ty:?}: loss");
+        assert_eq!(grads_q.len(), 14);
+        for ((name, g), (_, want)) in grads_q.iter().zip(&grads_d) {
+            let err = rel_err(g, want);
+            assert!(err < 1e-4, "{ty:?}: gradient of {name} differs by {err}");
+        }
+    }
+}
