@@ -700,3 +700,55 @@ fn every_gguf_weight_type_is_a_frozen_base_for_lora() {
         }
     }
 }
+
+/// A GGUF file with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, written by
+/// scripts/make_spm_gguf_fixture.py as llama.cpp's converter writes one) brings the tokenizer
+/// transformers builds from it: the same ids (BOS added, `▁` prepended to the first word, byte
+/// fallback for unseen characters, control and user-defined tokens whole) and the same decoding;
+/// the model in it computes transformers' logits.
+#[test]
+fn a_sentencepiece_gguf_brings_transformers_tokenizer() {
+    let dir = fixture("gguf_spm");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let path = dir.join("model.gguf");
+    let loaded = load_pretrained(path.to_str().unwrap(), false, &device()).unwrap();
+    let tok = loaded.tokenizer;
+    let model = &reference["model"];
+    let ids: Vec<u32> = serde_json::from_value(model["model_input_ids"].clone()).unwrap();
+    let n = ids.len();
+    let logits = loaded
+        .model
+        .forward(
+            &Tensor::new(ids.as_slice(), &device())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .get(n - 1)
+        .unwrap();
+    let want: Vec<f32> = serde_json::from_value(model["last_logits"].clone()).unwrap();
+    let want = Tensor::new(want.as_slice(), &device()).unwrap();
+    let err = rel_err(&logits, &want);
+    assert!(err < 1e-4, "logits differ from transformers' by {err}");
+    let special = &reference["special"];
+    assert_eq!(tok.bos_token.as_deref(), special["bos_token"].as_str());
+    assert_eq!(tok.eos_token.as_deref(), special["eos_token"].as_str());
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let ours = tok.encode(text, true).unwrap();
+        assert_eq!(ours, want, "ids of {text:?}");
+        assert_eq!(
+            tok.decode(&ours, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding {text:?}"
+        );
+    }
+}

@@ -1,11 +1,17 @@
 //! The tokenizer a GGUF file describes in its metadata (`tokenizer.ggml.*`), rebuilt as the
 //! `tokenizer.json` a Hugging Face folder would hold, so that a GGUF file alone is a base.
 //!
-//! Byte-level BPE (`tokenizer.ggml.model = gpt2`), as transformers builds it from a GGUF file
-//! (`GPT2Tokenizer` over the file's vocabulary and merges): tokens that are not spelled in the
-//! byte alphabet are respelled byte by byte, control tokens (type 3) become special added tokens
-//! and user-defined ones (type 4) plain added tokens, and the text is split as the pre-tokenizer
-//! `tokenizer.ggml.pre` names (llama.cpp's names) before the byte-level mapping.
+//! As transformers builds them from a GGUF file (`gguf_file=`):
+//! - byte-level BPE (`tokenizer.ggml.model = gpt2`, `GPT2Tokenizer` over the file's vocabulary and
+//!   merges): tokens not spelled in the byte alphabet are respelled byte by byte, and the text is
+//!   split as the pre-tokenizer `tokenizer.ggml.pre` names (llama.cpp's names) before the
+//!   byte-level mapping;
+//! - SentencePiece BPE (`llama`, `LlamaTokenizer`): the pieces as the file spells them, merges
+//!   recovered from the vocabulary ranked by the pieces' scores, `▁` for spaces prepended to the
+//!   first word, byte fallback (`<0x0A>`); BOS added unless the file says otherwise.
+//!
+//! In both, control tokens (type 3) become special added tokens and user-defined ones (type 4)
+//! plain added tokens.
 
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -49,8 +55,10 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     /// `tokenizer.ggml.token_type`, by id (empty when absent).
     pub token_types: Vec<i64>,
-    /// `tokenizer.ggml.merges`: `"a b"` pairs, best first.
+    /// `tokenizer.ggml.merges`: `"a b"` pairs, best first (byte-level files).
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores`, by id (SentencePiece files).
+    pub scores: Vec<f32>,
     /// `tokenizer.ggml.{bos,eos,unknown,padding}_token_id`.
     pub bos_id: Option<u32>,
     /// End of sequence.
@@ -97,10 +105,105 @@ impl GgufVocab {
     pub fn tokenizer_json(&self) -> Result<Value> {
         match self.model.as_str() {
             "gpt2" => self.byte_level_json(),
+            "llama" => self.sentencepiece_json(),
             other => Err(Error::Tokenizer(format!(
-                "the GGUF file's tokenizer is `{other}` (tokenizer.ggml.model); peft-sft builds byte-level BPE (`gpt2`) tokenizers from GGUF metadata: pass --tokenizer with the model's Hugging Face folder"
+                "the GGUF file's tokenizer is `{other}` (tokenizer.ggml.model); peft-sft builds byte-level BPE (`gpt2`) and SentencePiece BPE (`llama`) tokenizers from GGUF metadata: pass --tokenizer with the model's Hugging Face folder"
             ))),
         }
+    }
+
+    /// Whether BOS is added when the file does not say: SentencePiece vocabularies add it (llama.cpp
+    /// and transformers both default to it for `llama`), byte-level ones do not.
+    pub fn adds_bos_by_default(&self) -> bool {
+        self.model == "llama"
+    }
+
+    /// The added-tokens entries: the BOS/EOS/UNK/PAD tokens and control tokens (those `keep`
+    /// accepts) special, user-defined ones in the vocabulary plain.
+    fn added_tokens(&self, vocab: &Map<String, Value>, keep: impl Fn(&str) -> bool) -> Vec<Value> {
+        let named = [self.bos_id, self.eos_id, self.unk_id, self.pad_id];
+        let mut added = Vec::new();
+        for (id, token) in self.tokens.iter().enumerate() {
+            let kind = self.token_types.get(id).copied().unwrap_or(0);
+            let special = match kind {
+                _ if named.contains(&Some(id as u32)) => true,
+                CONTROL if keep(token) => true,
+                USER_DEFINED if vocab.contains_key(token) => false,
+                _ => continue,
+            };
+            added.push(json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": special,
+            }));
+        }
+        added
+    }
+
+    /// SentencePiece BPE as transformers' `LlamaTokenizer` over the file's pieces: merges are every
+    /// split of a piece into two pieces of the vocabulary, ranked by the whole piece's score
+    /// (highest first; ties: longer left, then longer right piece, then file order).
+    fn sentencepiece_json(&self) -> Result<Value> {
+        if self.scores.len() != self.tokens.len() {
+            return Err(Error::Tokenizer(format!(
+                "the GGUF file's SentencePiece vocabulary has {} tokens but {} scores (tokenizer.ggml.scores)",
+                self.tokens.len(),
+                self.scores.len()
+            )));
+        }
+        let mut vocab = Map::new();
+        let mut score = std::collections::HashMap::new();
+        for (id, (token, s)) in self.tokens.iter().zip(&self.scores).enumerate() {
+            vocab.insert(token.clone(), json!(id));
+            score.insert(token.as_str(), *s);
+        }
+        let id_of = |t: &str| vocab.get(t).and_then(Value::as_u64).unwrap_or(0);
+        // In the order of the (deduplicated) score table, as transformers' `generate_merges`.
+        let mut seen = std::collections::HashSet::new();
+        let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+        for token in &self.tokens {
+            if !seen.insert(token.as_str()) {
+                continue;
+            }
+            let piece_score = score[token.as_str()];
+            let mut local: Vec<(&str, &str, f32)> = token
+                .char_indices()
+                .skip(1)
+                .map(|(i, _)| (&token[..i], &token[i..]))
+                .filter(|(l, r)| vocab.contains_key(*l) && vocab.contains_key(*r))
+                .map(|(l, r)| (l, r, piece_score))
+                .collect();
+            local.sort_by_key(|(l, r, _)| (id_of(l), id_of(r)));
+            merges.extend(local);
+        }
+        // Stable: equal keys keep the order above (Python's sorted(reverse=True) does too).
+        let char_len = |s: &str| s.chars().count();
+        merges.sort_by(|a, b| {
+            b.2.total_cmp(&a.2)
+                .then(char_len(b.0).cmp(&char_len(a.0)))
+                .then(char_len(b.1).cmp(&char_len(a.1)))
+        });
+        let merges: Vec<Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+        let added = self.added_tokens(&vocab, |_| true);
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ]},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "ignore_merges": false, "vocab": vocab, "merges": merges,
+            },
+        }))
     }
 
     fn byte_level_json(&self) -> Result<Value> {
@@ -126,18 +229,7 @@ impl GgufVocab {
             .collect::<Result<Vec<Value>>>()?;
         // Control tokens spelled outside the byte alphabet are llama.cpp mislabels (transformers
         // skips them too); user-defined ones are matched whole but are not special.
-        let mut added = Vec::new();
-        for (id, (token, kind)) in self.tokens.iter().zip(&self.token_types).enumerate() {
-            let special = match *kind {
-                CONTROL if spelled(token) => true,
-                USER_DEFINED if vocab.contains_key(token) => false,
-                _ => continue,
-            };
-            added.push(json!({
-                "id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
-            }));
-        }
+        let added = self.added_tokens(&vocab, spelled);
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let split = |regex: &str| {
             json!({"type": "Sequence", "pretokenizers": [
@@ -195,15 +287,38 @@ mod tests {
     }
 
     #[test]
-    fn a_sentencepiece_vocabulary_is_refused_with_the_way_out() {
+    fn an_unknown_tokenizer_model_is_refused_with_the_way_out() {
         let v = GgufVocab {
-            model: "llama".into(),
+            model: "rwkv".into(),
             ..Default::default()
         };
         let err = v.tokenizer_json().unwrap_err().to_string();
         assert!(
-            err.contains("`llama`") && err.contains("--tokenizer"),
+            err.contains("`rwkv`") && err.contains("--tokenizer"),
             "{err}"
         );
+    }
+
+    /// transformers' `generate_merges` on a toy vocabulary: "abc" (score -1) splits as a+bc and
+    /// ab+c; higher-scored pieces' merges come first, and a tie prefers the longer left piece.
+    #[test]
+    fn sentencepiece_merges_rank_by_score_then_length() {
+        let v = GgufVocab {
+            model: "llama".into(),
+            tokens: ["a", "b", "c", "ab", "bc", "abc"]
+                .map(String::from)
+                .to_vec(),
+            scores: vec![0.0, 0.0, 0.0, -2.0, -3.0, -1.0],
+            token_types: vec![1; 6],
+            ..Default::default()
+        };
+        let json = v.tokenizer_json().unwrap();
+        let merges: Vec<Vec<String>> =
+            serde_json::from_value(json["model"]["merges"].clone()).unwrap();
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|m| (m[0].as_str(), m[1].as_str()))
+            .collect();
+        assert_eq!(pairs, [("ab", "c"), ("a", "bc"), ("a", "b"), ("b", "c")]);
     }
 }

@@ -172,7 +172,9 @@ impl ChatTokenizer {
             eos_token: vocab.token(vocab.eos_id),
             pad_token: vocab.token(vocab.pad_id),
             unk_token: vocab.token(vocab.unk_id),
-            add_bos_token: vocab.add_bos,
+            add_bos_token: vocab
+                .add_bos
+                .or(vocab.adds_bos_by_default().then_some(true)),
             add_eos_token: vocab.add_eos,
         };
         rebuild_post_processor(&mut inner, &special)?;

@@ -116,6 +116,19 @@ fn gguf_vocab(gguf: &GgufFile) -> Result<Option<GgufVocab>> {
             })
             .collect::<Result<Vec<_>>>()?,
     };
+    let scores = match gguf.metadata(&key("scores")) {
+        None => Vec::new(),
+        Some(value) => value
+            .to_vec()
+            .map_err(|_| bad(&key("scores"), "not an array"))?
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Ok(*x),
+                Value::F64(x) => Ok(*x as f32),
+                _ => Err(bad(&key("scores"), "not numbers")),
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
     let id = |name: &str| -> Option<u32> {
         gguf.metadata(&key(name))
             .and_then(|v| v.to_u64().ok())
@@ -132,6 +145,7 @@ fn gguf_vocab(gguf: &GgufFile) -> Result<Option<GgufVocab>> {
         model: text("model").unwrap_or_default(),
         pre: text("pre"),
         merges: strings("merges")?.unwrap_or_default(),
+        scores,
         bos_id: id("bos_token_id"),
         eos_id: id("eos_token_id"),
         unk_id: id("unknown_token_id"),
