@@ -263,8 +263,8 @@ fn tokenize_files(
     Ok(info)
 }
 
-/// Maps, parses and tokenizes `rows` in parallel (contiguous chunks, one tokenizer and compiled
-/// template per thread), keeping row order; errors name the file and the row's line.
+/// Maps, parses and tokenizes `rows` in parallel (contiguous chunks, one tokenizer copy and
+/// compiled template per thread), keeping row order; errors name the file and the row's line.
 fn tokenize_rows(
     rows: &[Row],
     path: &Path,
@@ -278,7 +278,10 @@ fn tokenize_rows(
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(move || {
-                    let mut tokenizer = SampleTokenizer::new(tok, opts);
+                    // A copy per thread: the tokenizer's regexes keep their search caches in a
+                    // pool that threads sharing one regex contend for.
+                    let own = tok.clone();
+                    let mut tokenizer = SampleTokenizer::new(&own, opts);
                     part.iter()
                         .map(|row| {
                             opts.fields

@@ -229,9 +229,10 @@ impl ChatTokenizer {
     /// Tokenizes `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS token),
     /// as transformers' `tokenizer(text, add_special_tokens=...)`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        // Ids only: no offsets to convert from bytes to characters.
         let encoding = self
             .inner
-            .encode(text, add_special_tokens)
+            .encode_fast(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
