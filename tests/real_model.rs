@@ -145,6 +145,26 @@ fn chat_prompts_greedy_generation_and_logits_are_transformers() {
         .to_scalar::<u32>()
         .unwrap();
     assert_eq!(top, ids(&probe["top_ids"])[0]);
+
+    // What a user runs: `peft-sft generate --chat` on the file alone prints transformers' greedy
+    // answer.
+    let case = &reference["chat"][1];
+    let (ok, out, err) = run_cli(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        case["greedy_text"].as_str().unwrap().trim(),
+        "{err}"
+    );
 }
 
 /// `peft-sft eval`'s eval_loss of `model` (+ `adapter`) on the fixture's eval set.
