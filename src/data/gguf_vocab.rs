@@ -94,6 +94,21 @@ pub fn byte_alphabet() -> [char; 256] {
     map
 }
 
+/// A `tokenizer.json` without normalizer, post-processor, truncation or padding.
+fn tokenizer_file(added: Vec<Value>, pre_tokenizer: Value, decoder: Value, model: Value) -> Value {
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": decoder,
+        "model": model,
+    })
+}
+
 impl GgufVocab {
     /// The token of `id`, if the vocabulary has it.
     pub fn token(&self, id: Option<u32>) -> Option<String> {
@@ -184,26 +199,21 @@ impl GgufVocab {
         });
         let merges: Vec<Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
         let added = self.added_tokens(&vocab, |_| true);
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-            "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": [
+        Ok(tokenizer_file(
+            added,
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+            json!({"type": "Sequence", "decoders": [
                 {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
                 {"type": "ByteFallback"},
                 {"type": "Fuse"},
                 {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-            ]},
-            "model": {
+            ]}),
+            json!({
                 "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                 "ignore_merges": false, "vocab": vocab, "merges": merges,
-            },
-        }))
+            }),
+        ))
     }
 
     fn byte_level_json(&self) -> Result<Value> {
@@ -253,21 +263,16 @@ impl GgufVocab {
             // GPT-2's split (`gpt-2` and names transformers has no split for).
             byte_level(true)
         };
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
+        Ok(tokenizer_file(
+            added,
+            pre_tokenizer,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            json!({
                 "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
                 "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
                 "ignore_merges": false, "vocab": vocab, "merges": merges,
-            },
-        }))
+            }),
+        ))
     }
 }
 

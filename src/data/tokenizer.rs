@@ -148,14 +148,19 @@ impl ChatTokenizer {
             config_chat_template(&config, &dir.join("tokenizer_config.json"))?
         };
 
-        Ok(ChatTokenizer {
+        Ok(Self::assembled(inner, special, chat_template))
+    }
+
+    /// The tokenizer of `inner` with `special`'s tokens and a chat template.
+    fn assembled(inner: Tokenizer, special: SpecialTokens, chat_template: Option<String>) -> Self {
+        ChatTokenizer {
             inner,
             bos_token: special.bos_token,
             eos_token: special.eos_token,
             pad_token: special.pad_token,
             unk_token: special.unk_token,
             chat_template,
-        })
+        }
     }
 
     /// The tokenizer a GGUF file's metadata describes ([`GgufVocab`]), as transformers builds it
@@ -178,14 +183,7 @@ impl ChatTokenizer {
             add_eos_token: vocab.add_eos,
         };
         rebuild_post_processor(&mut inner, &special)?;
-        Ok(ChatTokenizer {
-            inner,
-            bos_token: special.bos_token,
-            eos_token: special.eos_token,
-            pad_token: special.pad_token,
-            unk_token: special.unk_token,
-            chat_template: vocab.chat_template.clone(),
-        })
+        Ok(Self::assembled(inner, special, vocab.chat_template.clone()))
     }
 
     /// Replaces the chat template (TRL's `chat_template_path`).

@@ -355,7 +355,6 @@ fn prepare(config: &SftConfig) -> Result<Run> {
                 }
                 lora::load_adapter(&mut model, dir)?;
                 // PiSSA/OLoRA checkpoints are saved relative to the original base.
-                let init = lora::init::LoraInit::from_config(&lc.init_lora_weights)?;
                 if init.moves_base() {
                     lora::init::restore_residual(&mut model, init, |name| {
                         Ok(lora::target::rank_and_scale(lc, name)?.0)
