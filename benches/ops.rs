@@ -8,10 +8,10 @@ use peft_sft::ops::attention::{
     attention, attention_blocked, attention_keeping_probabilities, AttentionMask,
 };
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
+use peft_sft::ops::glu::{glu, Activation};
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::rope::{apply_rope, RopeScaling, RotaryEmbedding};
-use peft_sft::ops::swiglu::swiglu;
 use peft_sft::quant::{QuantScheme, QuantizedData, QuantizedWeight};
 use std::sync::Arc;
 
@@ -64,7 +64,7 @@ fn bench_ops(c: &mut Criterion) {
 
     let (gate, up) = (var(&[1, T, 1536]), var(&[1, T, 1536]));
     g.bench_function("swiglu", |b| {
-        b.iter(|| fwd_bwd(swiglu(&gate, &up).unwrap()))
+        b.iter(|| fwd_bwd(glu(&gate, &up, Activation::Silu).unwrap()))
     });
 
     let w_frozen = FrozenWeight::Dense(randn(&[1536, HIDDEN]));
@@ -90,6 +90,7 @@ fn bench_ops(c: &mut Criterion) {
         loss_weight: vec![1.0; T],
         entropy_weight: vec![1.0; T],
         kind: Default::default(),
+        softcap: None,
     };
     g.bench_function("lm_head_cross_entropy_v49152", |b| {
         b.iter(|| {

@@ -240,7 +240,9 @@ fn cuda_rms_norm_and_swiglu_kernels_equal_the_cpu_kernels() {
     let r = Tensor::randn(0f32, 1.0, (3, 37, 576), &cpu).unwrap();
     let up = Tensor::randn(0f32, 1.0, (3, 37, 576), &cpu).unwrap();
     let norm = |x: &Tensor, w: &Tensor| peft_sft::ops::norm::rms_norm(x, w, 1e-5);
-    let swiglu = |g: &Tensor, u: &Tensor| peft_sft::ops::swiglu::swiglu(g, u);
+    let swiglu = |g: &Tensor, u: &Tensor| {
+        peft_sft::ops::glu::glu(g, u, peft_sft::ops::glu::Activation::Silu)
+    };
     let rounded =
         |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
     let mut runs = vec![("f32", DType::F32, [1e-5, 1e-5, 1e-5])];
@@ -355,6 +357,7 @@ fn cuda_loss_rows_equal_the_cpu_loss() {
         loss_weight: (0..n).map(|i| [0.0, 1.0, 0.5][i % 3]).collect(),
         entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
         kind: Default::default(),
+        softcap: None,
     };
     let rounded =
         |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();

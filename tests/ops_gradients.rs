@@ -6,14 +6,15 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use common::rel_err;
 use peft_sft::ops::attention::{
     attention, attention_blocked, attention_keeping_probabilities, attention_tokens, AttentionMask,
+    Scores,
 };
 use peft_sft::ops::cpu::flash::attention_flash_cpu;
 use peft_sft::ops::cross_entropy::{lm_head_loss, LossTargets};
+use peft_sft::ops::glu::{glu, Activation};
 use peft_sft::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use peft_sft::ops::norm::rms_norm;
 use peft_sft::ops::residual::residual_add;
 use peft_sft::ops::rope::{apply_rope, apply_rope_tokens, RopeScaling, RotaryEmbedding};
-use peft_sft::ops::swiglu::swiglu;
 
 fn randn(shape: &[usize]) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
@@ -108,10 +109,101 @@ fn token_major_rope_and_attention_match_composed() -> Result<()> {
 #[test]
 fn swiglu_matches_composed() -> Result<()> {
     let (g, u) = (var(&[3, 4, 10])?, var(&[3, 4, 10])?);
-    let ours = swiglu(&g, &u)?;
+    let ours = glu(&g, &u, Activation::Silu)?;
     let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
     let reference = ((g.as_tensor() * sigmoid)? * u.as_tensor())?;
     check("swiglu", &[&g, &u], &ours, &reference)
+}
+
+/// PyTorch's `gelu(approximate="tanh")` from candle primitives.
+fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
+    (x * (inner.tanh()? + 1.0)?)? * 0.5
+}
+
+#[test]
+fn geglu_matches_composed_natively_and_in_candle_ops() -> Result<()> {
+    // f32 on the CPU runs the native kernel; f64 the explicit formula in candle ops.
+    let (g, u) = (var(&[3, 4, 10])?, var(&[3, 4, 10])?);
+    // Gates out to ±6, where the tanh saturates.
+    let g = Var::from_tensor(&(g.as_tensor() * 3.0)?)?;
+    let ours = glu(&g, &u, Activation::GeluTanh)?;
+    let reference = (gelu_tanh(g.as_tensor())? * u.as_tensor())?;
+    check("geglu", &[&g, &u], &ours, &reference)?;
+    let (g64, u64) = (
+        Var::from_tensor(&g.to_dtype(DType::F64)?)?,
+        Var::from_tensor(&u.to_dtype(DType::F64)?)?,
+    );
+    let ours = glu(&g64, &u64, Activation::GeluTanh)?;
+    let reference = (gelu_tanh(g64.as_tensor())? * u64.as_tensor())?;
+    let probe = randn(ours.dims())?.to_dtype(DType::F64)?;
+    let g_ours = (&ours * &probe)?.sum_all()?.backward()?;
+    let g_ref = (&reference * &probe)?.sum_all()?.backward()?;
+    assert_close("geglu f64 forward", &ours, &reference);
+    for v in [&g64, &u64] {
+        let (a, b) = (
+            g_ours.get(v).expect("ours"),
+            g_ref.get(v).expect("reference"),
+        );
+        assert_close("geglu f64 gradient", a, b);
+    }
+    Ok(())
+}
+
+#[test]
+fn soft_capped_attention_matches_composed_in_every_kernel() -> Result<()> {
+    // Gemma 2's attn_logit_softcapping, small enough to bend most scores; several flash tiles
+    // and blocked-kernel blocks, a window and packed documents.
+    let t = 300;
+    let docs: Vec<Vec<u32>> = vec![(0..t as u32).map(|i| u32::from(i >= 170)).collect()];
+    let scores = Scores {
+        scale: 0.35,
+        softcap: Some(0.7),
+    };
+    for (window, documents) in [(None, None), (Some(100), Some(docs.as_slice()))] {
+        let (q, k, v) = (
+            var(&[1, 4, t, 8])?,
+            var(&[1, 2, t, 8])?,
+            var(&[1, 2, t, 8])?,
+        );
+        let mask = AttentionMask::new(t, 0, window, documents, DType::F32, &Device::Cpu)?;
+        let reference = {
+            let n_rep = 2;
+            let rep = |x: &Tensor| -> Result<Tensor> {
+                let (b, h, t, d) = x.dims4()?;
+                x.unsqueeze(2)?
+                    .expand((b, h, n_rep, t, d))?
+                    .reshape((b, h * n_rep, t, d))
+            };
+            let raw = (q.matmul(&rep(&k)?.t()?)? * 0.35)?;
+            let capped = ((raw / 0.7)?.tanh()? * 0.7)?;
+            let s = capped.broadcast_add(&mask_bias(t, window, documents))?;
+            candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&rep(&v)?)?
+        };
+        let flash = attention_flash_cpu(&q, &k, &v, &mask, scores)?;
+        check("capped flash attention", &[&q, &k, &v], &flash, &reference)?;
+        let blocked = attention_blocked(&q, &k, &v, &mask, scores)?;
+        check(
+            "capped blocked attention",
+            &[&q, &k, &v],
+            &blocked,
+            &reference,
+        )?;
+        let kept = attention_keeping_probabilities(&q, &k, &v, &mask, scores)?;
+        check(
+            "capped reference attention",
+            &[&q, &k, &v],
+            &kept,
+            &reference,
+        )?;
+        let uncapped = attention_flash_cpu(&q, &k, &v, &mask, 0.35)?;
+        assert!(
+            rel_err(&uncapped, &reference) > 1e-2,
+            "the cap changes the output"
+        );
+    }
+    Ok(())
 }
 
 fn composed_attention(
@@ -248,6 +340,7 @@ fn lm_head_loss_matches_composed_cross_entropy() -> Result<()> {
         loss_weight: vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0],
         entropy_weight: vec![1.0; 7],
         kind: Default::default(),
+        softcap: None,
     };
     let out = lm_head_loss(&h, &w, &targets)?;
     let logits = h.matmul(&w.t()?)?;

@@ -40,3 +40,18 @@ fn smollm3_with_no_rope_layers() {
 fn mistral_with_sliding_window() {
     check("mistral");
 }
+
+#[test]
+fn gemma_with_offset_norms_scaled_embeddings_and_geglu() {
+    check("gemma");
+}
+
+#[test]
+fn gemma2_with_soft_caps_output_norms_and_alternating_windows() {
+    check("gemma2");
+}
+
+#[test]
+fn gemma3_with_qk_norms_and_local_and_global_rope() {
+    check("gemma3");
+}

@@ -73,6 +73,19 @@ fn qwen2_rslora_adapter_matches_peft() {
     check("qwen2", "qwen2");
 }
 
+/// Gemma 2 (scripts/make_gemma_fixtures.py): the soft caps, output norms and GeGLU in the
+/// one-op layer's backward.
+#[test]
+fn gemma2_adapter_matches_peft() {
+    check("gemma2", "gemma2");
+}
+
+/// Gemma 3: q/k norms with `1 + w`, two RoPE bases.
+#[test]
+fn gemma3_adapter_matches_peft() {
+    check("gemma3", "gemma3");
+}
+
 /// DoRA (scripts/make_dora_fixture.py): magnitude vectors moved off their initial norms, so the
 /// logits, every A/B/magnitude gradient and the merge all depend on them.
 #[test]

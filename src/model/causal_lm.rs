@@ -1,7 +1,7 @@
 //! The decoder-only causal language model: embedding, decoder layers, final norm, LM head.
 
 use super::bnb;
-use super::config::{Family, ModelConfig};
+use super::config::ModelConfig;
 use super::layers::{
     Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
 };
@@ -16,7 +16,7 @@ use crate::ops::cross_entropy::{lm_head_loss, LossKind, LossOutput, LossTargets}
 use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
 use crate::ops::lora::MAGNITUDE;
-use crate::ops::rope::RotaryEmbedding;
+use crate::ops::rope::{RopeScaling, RotaryEmbedding};
 use crate::quant::{gguf, QuantScheme, QuantizedData, QuantizedWeight};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -39,7 +39,10 @@ pub struct CausalLm {
     pub trainable_tokens: Option<TrainableTokens>,
     /// Trained full copies of the embedding and the LM head (PEFT's `modules_to_save`).
     pub saved_modules: SavedModules,
-    rope: RotaryEmbedding,
+    /// The rotary embeddings the layers use (one, or Gemma 3's local and global ones).
+    ropes: Vec<RotaryEmbedding>,
+    /// Which of `ropes` each layer uses.
+    layer_ropes: Vec<usize>,
     /// Compute dtype.
     pub dtype: DType,
     /// Device holding the weights.
@@ -76,6 +79,8 @@ struct Loader<'a> {
     quantize: Option<QuantScheme>,
     dtype: DType,
     device: &'a Device,
+    /// What the norms add to their weight (Gemma: 1).
+    norm_offset: f64,
 }
 
 impl Loader<'_> {
@@ -142,6 +147,7 @@ impl Loader<'_> {
             name: name.to_string(),
             weight: self.param(&format!("{name}.weight"), &[d])?,
             eps,
+            offset: self.norm_offset,
         })
     }
 }
@@ -170,7 +176,7 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let family = config.family()?;
+        config.family()?;
         if trainable && (quantize.is_some() || weights.names().any(|n| n.contains(".quant_state.")))
         {
             return Err(crate::Error::Config(
@@ -185,7 +191,14 @@ impl CausalLm {
             quantize,
             dtype,
             device,
+            norm_offset: config.norm_offset(),
         };
+        let activation = config.activation().ok_or_else(|| {
+            crate::Error::Config(format!(
+                "the MLP activation of {} is not supported",
+                config.model_type
+            ))
+        })?;
         let (h, hd) = (config.hidden_size, config.head_dim());
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
         let eps = config.rms_norm_eps;
@@ -193,7 +206,7 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let qk_norm = family == Family::Qwen3;
+            let qk_norm = config.qk_norm();
             let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
                 config.layer_linears().map(|(name, in_f, out_f, bias)| {
                     l.linear(&format!("{p}.{name}"), in_f, out_f, bias)
@@ -213,21 +226,35 @@ impl CausalLm {
                 kv_heads: kv,
                 head_dim: hd,
                 use_rope: config.layer_uses_rope(i),
+                scores: config.attention_scores(),
             };
             let mlp = Mlp {
+                activation,
                 gate_proj: gate_proj?,
                 up_proj: up_proj?,
                 down_proj: down_proj?,
             };
+            // Gemma 2/3 normalise the attention output with `post_attention_layernorm`; their
+            // norm before the MLP is `pre_feedforward_layernorm`.
+            let output_norms = config.output_norms();
+            let pre_mlp = match output_norms {
+                true => "pre_feedforward_layernorm",
+                false => "post_attention_layernorm",
+            };
+            let output_norms = output_norms
+                .then(|| -> Result<(Norm, Norm)> {
+                    Ok((
+                        l.norm(&format!("{p}.post_attention_layernorm"), h, eps)?,
+                        l.norm(&format!("{p}.post_feedforward_layernorm"), h, eps)?,
+                    ))
+                })
+                .transpose()?;
             layers.push(DecoderLayer {
                 input_layernorm: l.norm(&format!("{p}.input_layernorm"), h, eps)?,
                 self_attn,
-                post_attention_layernorm: l.norm(
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    eps,
-                )?,
+                post_attention_layernorm: l.norm(&format!("{p}.{pre_mlp}"), h, eps)?,
                 mlp,
+                output_norms,
             });
         }
         let norm = l.norm("model.norm", h, eps)?;
@@ -237,7 +264,24 @@ impl CausalLm {
         } else {
             Some(l.param("lm_head.weight", &[config.vocab_size, h])?)
         };
-        let rope = RotaryEmbedding::new(hd, config.rope_theta(), &config.rope_scaling()?);
+        // One rotary embedding per distinct (base, scaling) among the layers.
+        let mut kinds: Vec<(f64, RopeScaling)> = Vec::new();
+        let mut layer_ropes = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let kind = config.layer_rope(i)?;
+            let at = match kinds.iter().position(|k| *k == kind) {
+                Some(at) => at,
+                None => {
+                    kinds.push(kind);
+                    kinds.len() - 1
+                }
+            };
+            layer_ropes.push(at);
+        }
+        let ropes = kinds
+            .iter()
+            .map(|(theta, scaling)| RotaryEmbedding::new(hd, *theta, scaling))
+            .collect();
         Ok(CausalLm {
             config,
             embed_tokens,
@@ -246,7 +290,8 @@ impl CausalLm {
             lm_head,
             trainable_tokens: None,
             saved_modules: SavedModules::default(),
-            rope,
+            ropes,
+            layer_ropes,
             dtype,
             device: device.clone(),
             gradient_checkpointing: false,
@@ -288,19 +333,28 @@ impl CausalLm {
                 masks.push((*w, mask));
             }
         }
-        let (cos, sin) = self.rope.tables(positions, self.dtype, &self.device)?;
+        let tables = self
+            .ropes
+            .iter()
+            .map(|rope| rope.tables(positions, self.dtype, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let ids = input_ids.flatten_all()?;
         let mut x = self.embed(&ids)?.reshape((b, t, self.config.hidden_size))?;
+        if let Some(scale) = self.config.embed_scale() {
+            // As transformers: the factor in the compute dtype, times the embeddings.
+            x = x.affine(scale, 0.0)?;
+        }
         if let (Some(alpha), Some(key)) = (self.neftune_noise_alpha, dropout_key) {
             x = crate::ops::noise::neftune(&x, alpha, key)?;
         }
         let mut contexts = Vec::with_capacity(self.layers.len());
-        for w in &windows {
+        for (w, &rope) in windows.iter().zip(&self.layer_ropes) {
             let mask = masks.iter().find(|(m, _)| m == w).map(|(_, m)| m);
+            let (cos, sin) = &tables[rope];
             contexts.push(ForwardContext {
                 mask: mask.ok_or_else(|| candle_core::Error::Msg("no attention mask".into()))?,
-                cos: &cos,
-                sin: &sin,
+                cos,
+                sin,
                 dropout_key,
                 selective: self.selective_checkpointing,
                 offload: self.offload_activations,
@@ -321,7 +375,7 @@ impl CausalLm {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = if checkpointing {
                 let layer = layer.clone();
-                let (mask, cos, sin) = (ctx.mask.clone(), cos.clone(), sin.clone());
+                let (mask, cos, sin) = (ctx.mask.clone(), ctx.cos.clone(), ctx.sin.clone());
                 let (selective, offload) = (ctx.selective, ctx.offload);
                 checkpoint(&x, layer.trainable_vars(), move |h| {
                     let ctx = ForwardContext {
@@ -341,9 +395,15 @@ impl CausalLm {
         Ok(self.norm.forward(&x)?)
     }
 
-    /// Logits of hidden states, outside autograd. hidden: [.., h] -> [.., vocab]
+    /// Logits of hidden states (soft-capped where the model caps them), outside autograd.
+    /// hidden: [.., h] -> [.., vocab]
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(dense(&hidden.detach(), &self.head_weight()?.detach(), None)?.to_dtype(DType::F32)?)
+        let logits =
+            dense(&hidden.detach(), &self.head_weight()?.detach(), None)?.to_dtype(DType::F32)?;
+        Ok(match self.config.final_softcap() {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// Logits for a batch of unpadded sequences, positions 0..t (evaluation, parity checks).
@@ -413,6 +473,7 @@ impl CausalLm {
             loss_weight: Vec::with_capacity(b * t),
             entropy_weight: Vec::with_capacity(b * t),
             kind: self.loss_kind,
+            softcap: self.config.final_softcap(),
         };
         for row in 0..b {
             for i in 0..t {

@@ -1,6 +1,9 @@
 //! The model's `config.json`, read as Hugging Face writes it, for the decoder families peft-sft
-//! implements: Llama (incl. SmolLM2 and Llama 3), Mistral, Qwen2, Qwen3 and SmolLM3.
+//! implements: Llama (incl. SmolLM2 and Llama 3), Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Gemma 2
+//! and Gemma 3 (text).
 
+use crate::ops::attention::Scores;
+use crate::ops::glu::Activation;
 use crate::ops::rope::RopeScaling;
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -19,6 +22,22 @@ pub enum Family {
     Qwen3,
     /// `SmolLM3ForCausalLM`: layers marked 0 in `no_rope_layers` skip RoPE.
     SmolLm3,
+    /// `GemmaForCausalLM`: norms scale by `1 + w`, embeddings by √hidden, GeGLU MLP.
+    Gemma,
+    /// `Gemma2ForCausalLM`: Gemma with norms on the attention and MLP outputs,
+    /// `query_pre_attn_scalar`, soft-capped attention scores and logits, and sliding-window
+    /// layers alternating with global ones.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (the text model): Gemma 2 without soft-capping, with per-head q/k
+    /// norms and a RoPE base of its own for the sliding-window layers.
+    Gemma3,
+}
+
+impl Family {
+    /// Gemma, Gemma 2 or Gemma 3.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+    }
 }
 
 /// The architectures (config.json `architectures`) peft-sft can load.
@@ -28,6 +47,9 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
     ("Qwen2ForCausalLM", Family::Qwen2),
     ("Qwen3ForCausalLM", Family::Qwen3),
     ("SmolLM3ForCausalLM", Family::SmolLm3),
+    ("GemmaForCausalLM", Family::Gemma),
+    ("Gemma2ForCausalLM", Family::Gemma2),
+    ("Gemma3ForCausalLM", Family::Gemma3),
 ];
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as stored in config.json
@@ -44,6 +66,10 @@ struct RawRopeScaling {
     original_max_position_embeddings: Option<f64>,
     /// Per-frequency divisors (`rope_type = "freq_factors"`, set from a GGUF file's `rope_freqs`).
     freq_factors: Option<Vec<f64>>,
+    /// Gemma 3 (transformers 5): the parameters of the global layers.
+    full_attention: Option<Box<RawRopeScaling>>,
+    /// Gemma 3 (transformers 5): the parameters of the sliding-window layers.
+    sliding_attention: Option<Box<RawRopeScaling>>,
 }
 
 /// config.json fields peft-sft reads; unknown fields are kept by transformers and ignored here.
@@ -98,9 +124,21 @@ pub struct ModelConfig {
     pub use_sliding_window: Option<bool>,
     /// SmolLM3: 1 for layers that apply RoPE, 0 for layers that do not.
     pub no_rope_layers: Option<Vec<u8>>,
-    /// Activation of the MLP (only `silu` is supported).
+    /// Activation of the MLP (`silu`; Gemma's `gelu_pytorch_tanh` is in `hidden_activation`).
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Gemma: the MLP's activation (`gelu_pytorch_tanh` when absent).
+    pub hidden_activation: Option<String>,
+    /// Gemma 2/3: attention scores are scaled by `query_pre_attn_scalar^-½` (not `head_dim^-½`).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: attention scores are soft-capped, `cap · tanh(s / cap)`.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: the final logits are soft-capped.
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3 (transformers 4): the RoPE base of the sliding-window layers.
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3 (transformers 4): every n-th layer is global, the others slide.
+    pub sliding_window_pattern: Option<usize>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
@@ -154,12 +192,14 @@ impl ModelConfig {
     fn checked(self, path: &Path) -> Result<Self> {
         let config = self;
         config.family()?;
-        config.rope_scaling()?;
-        if config.hidden_act != "silu" {
+        for layer in 0..config.num_hidden_layers {
+            config.layer_rope(layer)?;
+        }
+        if config.activation().is_none() {
+            let (field, name) = config.activation_name();
             return Err(Error::Config(format!(
-                "{}: hidden_act `{}` is not supported (only silu)",
+                "{}: {field} `{name}` is not supported (silu, gelu_pytorch_tanh)",
                 path.display(),
-                config.hidden_act
             )));
         }
         Ok(config)
@@ -179,6 +219,9 @@ impl ModelConfig {
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
             "smollm3" => Some(Family::SmolLm3),
+            "gemma" => Some(Family::Gemma),
+            "gemma2" => Some(Family::Gemma2),
+            "gemma3_text" => Some(Family::Gemma3),
             _ => None,
         };
         by_arch
@@ -195,6 +238,74 @@ impl ModelConfig {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+
+    /// Where the MLP's activation is named and the name: Gemma's `hidden_activation` (default
+    /// `gelu_pytorch_tanh`), else `hidden_act`.
+    fn activation_name(&self) -> (&'static str, &str) {
+        match self.family() {
+            Ok(f) if f.is_gemma() => (
+                "hidden_activation",
+                self.hidden_activation
+                    .as_deref()
+                    .unwrap_or("gelu_pytorch_tanh"),
+            ),
+            _ => ("hidden_act", &self.hidden_act),
+        }
+    }
+
+    /// The MLP's gate activation, if peft-sft has it.
+    pub fn activation(&self) -> Option<Activation> {
+        Activation::from_name(self.activation_name().1)
+    }
+
+    /// What the norms add to their weight: 1 for Gemma (`x̂ · (1 + w)`), else 0.
+    pub fn norm_offset(&self) -> f64 {
+        match self.family() {
+            Ok(f) if f.is_gemma() => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// The factor on the token embeddings: √hidden for Gemma.
+    pub fn embed_scale(&self) -> Option<f64> {
+        match self.family() {
+            Ok(f) if f.is_gemma() => Some((self.hidden_size as f64).sqrt()),
+            _ => None,
+        }
+    }
+
+    /// Whether each layer normalises its attention and MLP outputs (Gemma 2/3).
+    pub fn output_norms(&self) -> bool {
+        matches!(self.family(), Ok(Family::Gemma2 | Family::Gemma3))
+    }
+
+    /// Whether queries and keys are normalised per head (Qwen3, Gemma 3).
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.family(), Ok(Family::Qwen3 | Family::Gemma3))
+    }
+
+    /// How attention forms its scores: `head_dim^-½`, or Gemma 2/3's
+    /// `query_pre_attn_scalar^-½` and soft cap.
+    pub fn attention_scores(&self) -> Scores {
+        match self.family() {
+            Ok(Family::Gemma2 | Family::Gemma3) => Scores {
+                scale: self
+                    .query_pre_attn_scalar
+                    .unwrap_or(self.head_dim() as f64)
+                    .powf(-0.5),
+                softcap: self.attn_logit_softcapping,
+            },
+            _ => Scores::from((self.head_dim() as f64).powf(-0.5)),
+        }
+    }
+
+    /// The soft cap on the final logits (Gemma 2).
+    pub fn final_softcap(&self) -> Option<f64> {
+        match self.family() {
+            Ok(Family::Gemma2 | Family::Gemma3) => self.final_logit_softcapping,
+            _ => None,
+        }
     }
 
     /// Number of key/value heads.
@@ -246,14 +357,28 @@ impl ModelConfig {
             .unwrap_or(10000.0)
     }
 
-    /// The sliding window of layer `layer`, if it has one: `layer_types` decides where present
-    /// (transformers 5), else the family's rule (Mistral always; Qwen with `use_sliding_window`).
-    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+    /// Whether layer `layer` is a sliding-window layer by `layer_types` (transformers 5) or, without
+    /// it, Gemma's rule: Gemma 2 alternates (even layers slide), Gemma 3 makes every
+    /// `sliding_window_pattern`-th layer (default 6) global.
+    fn sliding_layer(&self, layer: usize) -> Option<bool> {
         if let Some(types) = &self.layer_types {
-            return match types.get(layer).map(String::as_str) {
-                Some("sliding_attention") => self.sliding_window,
-                _ => None,
-            };
+            return Some(types.get(layer).map(String::as_str) == Some("sliding_attention"));
+        }
+        match self.family() {
+            Ok(Family::Gemma2) => Some(layer.is_multiple_of(2)),
+            Ok(Family::Gemma3) => {
+                Some(!(layer + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(6)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The sliding window of layer `layer`, if it has one: `layer_types` (or Gemma's pattern)
+    /// decides where present, else the family's rule (Mistral always; Qwen with
+    /// `use_sliding_window`).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        if let Some(sliding) = self.sliding_layer(layer) {
+            return if sliding { self.sliding_window } else { None };
         }
         match self.family() {
             Ok(Family::Mistral) => self.sliding_window,
@@ -274,11 +399,46 @@ impl ModelConfig {
         }
     }
 
+    /// The RoPE base and frequency scaling of layer `layer`: the model's, except Gemma 3's
+    /// sliding-window layers, which have their own base (`rope_local_base_freq`, or
+    /// `rope_parameters.sliding_attention`; 10000 by default) and no scaling, while its global
+    /// layers default to a base of 1e6.
+    pub fn layer_rope(&self, layer: usize) -> Result<(f64, RopeScaling)> {
+        if self.family()? != Family::Gemma3 {
+            return Ok((self.rope_theta(), self.rope_scaling()?));
+        }
+        let per_type = self.rope_parameters.as_ref();
+        if self.sliding_layer(layer) == Some(true) {
+            let local = per_type.and_then(|p| p.sliding_attention.as_deref());
+            let theta = local
+                .and_then(|p| p.rope_theta)
+                .or(self.rope_local_base_freq)
+                .unwrap_or(10_000.0);
+            let scaling = local.map_or(Ok(RopeScaling::Default), Self::scaling_of)?;
+            return Ok((theta, scaling));
+        }
+        let global = per_type.and_then(|p| p.full_attention.as_deref());
+        let theta = global
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(1_000_000.0);
+        let scaling = match global.or(self.rope_scaling.as_ref()) {
+            Some(p) => Self::scaling_of(p)?,
+            None => RopeScaling::Default,
+        };
+        Ok((theta, scaling))
+    }
+
     /// The RoPE frequency scaling.
     pub fn rope_scaling(&self) -> Result<RopeScaling> {
-        let Some(raw) = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()) else {
-            return Ok(RopeScaling::Default);
-        };
+        match self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()) {
+            Some(raw) => Self::scaling_of(raw),
+            None => Ok(RopeScaling::Default),
+        }
+    }
+
+    /// The frequency scaling one `rope_scaling` / `rope_parameters` entry names.
+    fn scaling_of(raw: &RawRopeScaling) -> Result<RopeScaling> {
         let kind = raw
             .rope_type
             .as_deref()

@@ -1,15 +1,17 @@
 //! The decoder's building blocks: linear projections (optionally LoRA-adapted), RMSNorm,
-//! grouped-query attention with RoPE, the SwiGLU MLP, and the pre-norm decoder layer.
+//! grouped-query attention with RoPE, the gated MLP (SwiGLU, GeGLU), and the pre-norm decoder layer.
 
 use super::param::Param;
-use crate::ops::attention::{attention, attention_tokens, prefers_token_layout, AttentionMask};
+use crate::ops::attention::{
+    attention, attention_tokens, prefers_token_layout, AttentionMask, Scores,
+};
+use crate::ops::glu::{glu, Activation};
 use crate::ops::layer::steps::{self, LayerSteps, NormAt, Proj};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::lora::{dora_linear, LoraLayer};
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
 use crate::ops::rope::{apply_rope, apply_rope_tokens};
-use crate::ops::swiglu::swiglu;
 use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor, Var};
 use std::sync::Arc;
@@ -146,21 +148,32 @@ impl Linear {
     }
 }
 
-/// RMSNorm over the last dimension.
+/// RMSNorm over the last dimension: `x / rms(x) · (offset + w)`.
 #[derive(Debug, Clone)]
 pub struct Norm {
     /// The module's path.
     pub name: String,
-    /// Scale `[d]`.
+    /// The stored weight `[d]`, as the checkpoint holds it.
     pub weight: Param,
     /// Epsilon added to the mean square.
     pub eps: f64,
+    /// Added to the weight: 0, or 1 for Gemma, whose norms scale by `1 + w`.
+    pub offset: f64,
 }
 
 impl Norm {
+    /// The scale the norm multiplies by, `offset + w` (differentiable in a trained `w`).
+    pub fn scale(&self) -> Result<Tensor> {
+        let w = self.weight.tensor();
+        match self.offset {
+            0.0 => Ok(w.clone()),
+            offset => w.affine(1.0, offset),
+        }
+    }
+
     /// x: [.., d] -> [.., d]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, self.weight.tensor(), self.eps)
+        rms_norm(x, &self.scale()?, self.eps)
     }
 }
 
@@ -187,6 +200,9 @@ pub struct Attention {
     pub head_dim: usize,
     /// Whether RoPE is applied (SmolLM3 skips it in some layers).
     pub use_rope: bool,
+    /// How the scores are formed: `1/√head_dim` (Gemma: `query_pre_attn_scalar^-½`), and
+    /// Gemma 2's soft cap.
+    pub scores: Scores,
 }
 
 /// Keys and values of earlier positions, kept during generation: `[b, kv_heads, t, d]` each.
@@ -206,7 +222,7 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = q.dims3()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scores;
         let split = |x: &Tensor, heads: usize, norm: Option<&Norm>| -> Result<Tensor> {
             let x = x.reshape((b, t, heads, self.head_dim))?;
             match norm {
@@ -256,9 +272,11 @@ impl Attention {
     }
 }
 
-/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+/// The gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU, or Gemma's GeGLU).
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// The gate's activation.
+    pub activation: Activation,
     /// Gate projection.
     pub gate_proj: Linear,
     /// Up projection.
@@ -274,10 +292,13 @@ pub struct DecoderLayer {
     pub input_layernorm: Norm,
     /// Self-attention.
     pub self_attn: Attention,
-    /// Norm before the MLP.
+    /// Norm before the MLP (Gemma 2/3: `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Norm,
     /// The MLP.
     pub mlp: Mlp,
+    /// Gemma 2/3's norms of the attention output (`post_attention_layernorm`) and of the MLP
+    /// output (`post_feedforward_layernorm`), before each residual add.
+    pub output_norms: Option<(Norm, Norm)>,
 }
 
 impl DecoderLayer {
@@ -348,6 +369,9 @@ impl DecoderLayer {
         let mut n = vec![&self.input_layernorm, &self.post_attention_layernorm];
         n.extend(self.self_attn.q_norm.iter());
         n.extend(self.self_attn.k_norm.iter());
+        if let Some((o, down)) = &self.output_norms {
+            n.extend([o, down]);
+        }
         n
     }
 }
@@ -364,10 +388,18 @@ impl LayerSteps for Tracked<'_, '_> {
     type Out = Tensor;
 
     fn norm(&mut self, which: NormAt, x: &Tensor) -> Result<Tensor> {
+        let outputs = self.layer.output_norms.as_ref();
+        let missing = || candle_core::Error::Msg(format!("decoder layer: no {which:?} norm"));
         match which {
             NormAt::Input => self.layer.input_layernorm.forward(x),
             NormAt::PostAttention => self.layer.post_attention_layernorm.forward(x),
+            NormAt::AttentionOutput => outputs.ok_or_else(missing)?.0.forward(x),
+            NormAt::MlpOutput => outputs.ok_or_else(missing)?.1.forward(x),
         }
+    }
+
+    fn output_norms(&self) -> bool {
+        self.layer.output_norms.is_some()
     }
 
     fn project(&mut self, which: Proj, x: &Tensor) -> Result<Tensor> {
@@ -379,8 +411,8 @@ impl LayerSteps for Tracked<'_, '_> {
         self.layer.self_attn.attend((q, k, v), self.ctx, cache)
     }
 
-    fn swiglu(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        swiglu(gate, up)
+    fn activate(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        glu(gate, up, self.layer.mlp.activation)
     }
 
     fn add(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {

@@ -78,10 +78,16 @@ fn weights(layer: &DecoderLayer) -> Result<LayerWeights> {
             .into_iter()
             .map(projection)
             .collect::<Result<_>>()?,
-        input_norm: frozen_norm(&layer.input_layernorm),
-        post_norm: frozen_norm(&layer.post_attention_layernorm),
-        q_norm: attn.q_norm.as_ref().map(frozen_norm),
-        k_norm: attn.k_norm.as_ref().map(frozen_norm),
+        input_norm: frozen_norm(&layer.input_layernorm)?,
+        post_norm: frozen_norm(&layer.post_attention_layernorm)?,
+        q_norm: attn.q_norm.as_ref().map(frozen_norm).transpose()?,
+        k_norm: attn.k_norm.as_ref().map(frozen_norm).transpose()?,
+        output_norms: match &layer.output_norms {
+            Some((o, down)) => Some((frozen_norm(o)?, frozen_norm(down)?)),
+            None => None,
+        },
+        scores: attn.scores,
+        activation: layer.mlp.activation,
         heads: attn.heads,
         kv_heads: attn.kv_heads,
         head_dim: attn.head_dim,
@@ -105,9 +111,10 @@ fn projection(lin: &Linear) -> Result<Projection> {
     })
 }
 
-fn frozen_norm(norm: &Norm) -> FrozenNorm {
-    FrozenNorm {
-        weight: norm.weight.tensor().clone(),
+/// The norm with its effective scale (Gemma's `1 + w` computed once per forward).
+fn frozen_norm(norm: &Norm) -> Result<FrozenNorm> {
+    Ok(FrozenNorm {
+        weight: norm.scale()?,
         eps: norm.eps,
-    }
+    })
 }

@@ -15,6 +15,25 @@ use super::graft::{graft3, without_grad};
 use super::kernel::Kernel;
 use candle_core::{Result, Tensor, Var, D};
 
+/// How scores come from queries and keys: `scale · q k^T`, then, with `softcap` (Gemma 2's
+/// `attn_logit_softcapping`), `cap · tanh(s / cap)`, before the mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// The factor on `q k^T` (`1/√d`, or Gemma's `query_pre_attn_scalar^-½`).
+    pub scale: f64,
+    /// The soft cap, if any.
+    pub softcap: Option<f64>,
+}
+
+impl From<f64> for Scores {
+    fn from(scale: f64) -> Self {
+        Scores {
+            scale,
+            softcap: None,
+        }
+    }
+}
+
 /// Rows of queries (and columns of keys) per block.
 pub(crate) const BLOCK: usize = 256;
 
@@ -24,9 +43,30 @@ fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |s| (s, (s + BLOCK).min(len)))
 }
 
-/// Scores of one block: `q k^T * scale + bias`. q: [b, h, m, d], k: [b, h, n, d] -> [b, h, m, n]
-fn block_scores(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)
+/// Scores of one block, `capped(q k^T * scale) + bias`, and with a soft cap the factor
+/// `1 - tanh²` its backward multiplies the scores' gradient by.
+/// q: [b, h, m, d], k: [b, h, n, d] -> [b, h, m, n]
+fn block_scores(
+    q: &Tensor,
+    k: &Tensor,
+    bias: &Tensor,
+    scores: Scores,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let s = (q.matmul(&k.t()?)? * scores.scale)?;
+    let Some(cap) = scores.softcap else {
+        return Ok((s.broadcast_add(bias)?, None));
+    };
+    let t = (s / cap)?.tanh()?;
+    let slope = t.sqr()?.affine(-1.0, 1.0)?;
+    Ok(((t * cap)?.broadcast_add(bias)?, Some(slope)))
+}
+
+/// The scores' gradient through the soft cap (`slope` from [`block_scores`]).
+fn through_cap(grad: Tensor, slope: &Option<Tensor>) -> Result<Tensor> {
+    match slope {
+        Some(slope) => grad * slope,
+        None => Ok(grad),
+    }
 }
 
 /// Repeats each key/value head `n_rep` times: `[b, kv, t, d] -> [b, kv * n_rep, t, d]`.
@@ -70,8 +110,9 @@ pub fn attention(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scale = scale.into();
     let (b, h, t_q, _) = q.dims4()?;
     if kernel(q, mask)?.is_cpu() {
         return cpu::flash::attention_flash_cpu(q, k, v, mask, scale);
@@ -93,8 +134,9 @@ pub fn attention_tokens(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scale = scale.into();
     if kernel(q, mask)?.is_cpu() {
         return cpu::flash::attention_flash_cpu_tokens(q, k, v, mask, scale);
     }
@@ -139,7 +181,7 @@ pub(crate) fn forward_untracked(
     kernel: Kernel,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     mask: &AttentionMask,
-    scale: f64,
+    scale: Scores,
 ) -> Result<(Tensor, Kept)> {
     match kernel {
         Kernel::Cpu => cpu::flash::forward_untracked(q, k, v, mask, scale),
@@ -158,7 +200,7 @@ pub(crate) fn backward_untracked(
     (out, kept): (&Tensor, &Kept),
     g: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: Scores,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if kernel.is_cpu() {
         return cpu::flash::backward_untracked((q, k, v), out, kept, g, mask, scale);
@@ -189,11 +231,13 @@ pub fn attention_keeping_probabilities(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scores = scale.into();
+    let scale = scores.scale;
     let (n_rep, qd, kd, vd) = detached_heads(q, k, v)?;
     let bias = mask.block((0, qd.dim(2)?), (0, mask.t_k()))?;
-    let scores = block_scores(&qd, &kd, &bias, scale)?;
+    let (scores, slope) = block_scores(&qd, &kd, &bias, scores)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     drop(scores);
     let out = probs.matmul(&vd)?;
@@ -210,7 +254,7 @@ pub fn attention_keeping_probabilities(
                 .transpose()?;
             let grad_probs = g.matmul(&vd.t()?)?;
             let row_dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
-            let grad_scores = (&probs * grad_probs.broadcast_sub(&row_dot)?)?;
+            let grad_scores = through_cap((&probs * grad_probs.broadcast_sub(&row_dot)?)?, &slope)?;
             let grad_q = needs[0]
                 .then(|| grad_scores.matmul(&kd)? * scale)
                 .transpose()?;
@@ -230,19 +274,21 @@ pub fn attention_blocked(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scores = scale.into();
+    let scale = scores.scale;
     let (n_rep, qd, kd, vd) = detached_heads(q, k, v)?;
     let t_q = qd.dim(2)?;
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for (q0, q1) in blocks(t_q) {
         let (k0, k1) = mask.key_range(q0, q1);
-        let scores = block_scores(
+        let (scores, _) = block_scores(
             &qd.narrow(2, q0, q1 - q0)?,
             &kd.narrow(2, k0, k1 - k0)?,
             &mask.block((q0, q1), (k0, k1))?,
-            scale,
+            scores,
         )?;
         let max = scores.max_keepdim(D::Minus1)?;
         let exp = scores.broadcast_sub(&max)?.exp()?;
@@ -267,23 +313,28 @@ pub fn attention_blocked(
             let g = g.contiguous()?;
             // D_i = sum_j dO_ij O_ij, the row term of the softmax backward.
             let row_dot = (&g * &saved_out)?.sum_keepdim(D::Minus1)?;
-            let probs = |(q0, q1): (usize, usize), (k0, k1): (usize, usize)| -> Result<Tensor> {
-                let scores = block_scores(
+            // The block's probabilities and the soft cap's slope there.
+            type Probs = (Tensor, Option<Tensor>);
+            let probs = |(q0, q1): (usize, usize), (k0, k1): (usize, usize)| -> Result<Probs> {
+                let (s, slope) = block_scores(
                     &qd.narrow(2, q0, q1 - q0)?,
                     &kd.narrow(2, k0, k1 - k0)?,
                     &mask.block((q0, q1), (k0, k1))?,
-                    scale,
+                    scores,
                 )?;
-                scores.broadcast_sub(&lse.narrow(2, q0, q1 - q0)?)?.exp()
+                Ok((s.broadcast_sub(&lse.narrow(2, q0, q1 - q0)?)?.exp()?, slope))
             };
-            let grad_scores = |p: &Tensor,
+            let grad_scores = |(p, slope): &Probs,
                                (q0, q1): (usize, usize),
                                (k0, k1): (usize, usize)|
              -> Result<Tensor> {
                 let grad_p = g
                     .narrow(2, q0, q1 - q0)?
                     .matmul(&vd.narrow(2, k0, k1 - k0)?.t()?)?;
-                p * grad_p.broadcast_sub(&row_dot.narrow(2, q0, q1 - q0)?)?
+                through_cap(
+                    (p * grad_p.broadcast_sub(&row_dot.narrow(2, q0, q1 - q0)?)?)?,
+                    slope,
+                )
             };
             let grad_q = if needs[0] {
                 let mut parts = Vec::new();
@@ -316,7 +367,7 @@ pub fn attention_blocked(
                     }
                     let p = probs(qb, kb)?;
                     let g_block = g.narrow(2, qb.0, qb.1 - qb.0)?;
-                    grad_v.push(p.t()?.matmul(&g_block)?);
+                    grad_v.push(p.0.t()?.matmul(&g_block)?);
                     let ds = grad_scores(&p, qb, kb)?;
                     grad_k.push((ds.t()?.matmul(&qd.narrow(2, qb.0, qb.1 - qb.0)?)? * scale)?);
                 }

@@ -29,6 +29,8 @@ pub struct LossTargets {
     pub entropy_weight: Vec<f32>,
     /// The token loss.
     pub kind: LossKind,
+    /// Gemma 2's `final_logit_softcapping`: the logits are `cap · tanh(logits / cap)`.
+    pub softcap: Option<f64>,
 }
 
 /// The result of [`lm_head_loss`].
@@ -121,10 +123,14 @@ fn chunks(
     match Kernel::of(&[hd, wd]) {
         Kernel::Cpu => {
             let dft = targets.kind == LossKind::Dft;
-            cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk, dft)
+            let cap = targets.softcap.map(|c| c as f32);
+            cpu::cross_entropy::chunks(hd, wd, rows_of(targets), wanted, chunk, (dft, cap))
         }
+        // The fused CUDA row pass has no soft cap: candle's ops run capped heads.
         #[cfg(feature = "cuda")]
-        Kernel::Cuda => chunks_cuda(hd, wd, targets, wanted, chunk),
+        Kernel::Cuda if targets.softcap.is_none() => chunks_cuda(hd, wd, targets, wanted, chunk),
+        #[cfg(feature = "cuda")]
+        Kernel::Cuda => chunks_candle(hd, wd, targets, wanted, chunk),
         Kernel::Composed => chunks_candle(hd, wd, targets, wanted, chunk),
     }
 }
@@ -214,7 +220,16 @@ fn chunks_candle(
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let h_chunk = hd.narrow(0, start, len)?;
-        let logits = h_chunk.matmul(&wd.t()?)?.to_dtype(DType::F32)?;
+        let raw = h_chunk.matmul(&wd.t()?)?.to_dtype(DType::F32)?;
+        // With a soft cap, the logits and the slope `1 - tanh²` their gradient passes through.
+        let (logits, slope) = match targets.softcap {
+            Some(cap) => {
+                let t = (raw / cap)?.tanh()?;
+                let slope = t.sqr()?.affine(-1.0, 1.0)?;
+                ((t * cap)?, Some(slope))
+            }
+            None => (raw, None),
+        };
         let ids = Tensor::from_slice(&targets.target_ids[start..start + len], (len, 1), &device)?;
         let loss_w =
             Tensor::from_slice(&targets.loss_weight[start..start + len], (len, 1), &device)?;
@@ -246,8 +261,12 @@ fn chunks_candle(
             let minus_one = Tensor::full(-1f32, (len, 1), &device)?;
             let grad_logits = probs
                 .scatter_add(&ids, &minus_one, 1)?
-                .broadcast_mul(&trained_w)?
-                .to_dtype(hd.dtype())?;
+                .broadcast_mul(&trained_w)?;
+            let grad_logits = match &slope {
+                Some(slope) => (grad_logits * slope)?,
+                None => grad_logits,
+            }
+            .to_dtype(hd.dtype())?;
             if want_grad_h {
                 grad_h.push(grad_logits.matmul(wd)?);
             }
@@ -279,19 +298,28 @@ mod tests {
         let (n, h, vocab) = (37, 8, 50);
         let hd = Tensor::randn(0f32, 1.0, (n, h), &Device::Cpu)?;
         let wd = Tensor::randn(0f32, 1.0, (vocab, h), &Device::Cpu)?;
-        for kind in [LossKind::Nll, LossKind::Dft] {
+        let cases = [
+            (LossKind::Nll, None),
+            (LossKind::Dft, None),
+            (LossKind::Nll, Some(1.5)),
+        ];
+        for (kind, softcap) in cases {
             let targets = LossTargets {
                 target_ids: (0..n as u32).map(|i| (i * 7) % vocab as u32).collect(),
                 loss_weight: (0..n).map(|i| (i % 3) as f32 * 0.5).collect(),
                 entropy_weight: (0..n).map(|i| (i % 2) as f32).collect(),
                 kind,
+                softcap,
             };
             let want = (true, true);
-            let dft = kind == LossKind::Dft;
-            let ours = cpu::cross_entropy::chunks(&hd, &wd, rows_of(&targets), want, 10, dft)?;
+            let how = (kind == LossKind::Dft, softcap.map(|c| c as f32));
+            let ours = cpu::cross_entropy::chunks(&hd, &wd, rows_of(&targets), want, 10, how)?;
             let reference = chunks_candle(&hd, &wd, &targets, want, 10)?;
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
-            assert!(close(ours.loss_sum, reference.loss_sum), "{kind:?}");
+            assert!(
+                close(ours.loss_sum, reference.loss_sum),
+                "{kind:?} {softcap:?}"
+            );
             assert!(close(ours.entropy_sum, reference.entropy_sum));
             assert_eq!(ours.correct, reference.correct);
             for (a, b) in [

@@ -12,6 +12,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod dropout;
+pub mod glu;
 pub mod graft;
 pub mod kernel;
 pub mod layer;
@@ -23,7 +24,6 @@ pub mod norm;
 pub(crate) mod product;
 pub mod residual;
 pub mod rope;
-pub mod swiglu;
 
 use candle_core::{Result, Tensor};
 

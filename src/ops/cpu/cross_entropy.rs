@@ -14,7 +14,8 @@ pub(crate) struct ChunkSums {
 }
 
 /// The loss's chunk loop on the CPU in f32 (targets: id, loss weight and entropy weight per row;
-/// `dft`: each token's loss weighed by its detached probability, TRL's DFT): each chunk's logits in one buffer, reduced row by row in one
+/// `dft`: each token's loss weighed by its detached probability, TRL's DFT; `softcap`: logits
+/// soft-capped, Gemma 2): each chunk's logits in one buffer, reduced row by row in one
 /// vectorized pass that also turns them into the weighted `softmax - onehot` gradient in place;
 /// `d hidden` rows are written straight into the whole output.
 pub(crate) fn chunks(
@@ -23,7 +24,7 @@ pub(crate) fn chunks(
     (target_ids, loss_weight, entropy_weight): (&[u32], &[f32], &[f32]),
     (want_grad_h, want_grad_w): (bool, bool),
     chunk: usize,
-    dft: bool,
+    (dft, softcap): (bool, Option<f32>),
 ) -> Result<ChunkSums> {
     let (n, h) = hd.dims2()?;
     let vocab = wd.dim(0)?;
@@ -56,7 +57,15 @@ pub(crate) fn chunks(
                 let i = start + r;
                 let target = target_ids[i] as usize;
                 let (loss_w, ent_w) = (loss_weight[i], entropy_weight[i]);
+                // Soft-capped logits, kept for the cap's backward.
+                let capped = softcap.map(|cap| {
+                    simd::softcap(row, cap);
+                    (cap, grad.then(|| row.to_vec()))
+                });
                 let stats = simd::softmax_row_stats(row, target, grad.then_some(loss_w), dft);
+                if let Some((cap, Some(capped))) = &capped {
+                    simd::softcap_backward(row, capped, *cap);
+                }
                 // DFT weighs each token's loss by its detached probability.
                 let weight = if dft {
                     loss_w as f64 * stats.target_probability as f64

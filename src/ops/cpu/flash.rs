@@ -12,6 +12,7 @@
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::{matmul, par_filled, par_zeroed, simd, tensor, Held, Threads};
+use crate::ops::attention::Scores;
 use crate::ops::graft::{graft3_with_output, Output};
 use crate::ops::mask::AttentionMask;
 use candle_core::{Result, Tensor};
@@ -83,8 +84,9 @@ pub fn attention_flash_cpu(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scale = scale.into();
     let tokens = |x: &Tensor| x.transpose(1, 2)?.contiguous();
     attention_flash_cpu_tokens(&tokens(q)?, &tokens(k)?, &tokens(v)?, mask, scale)?.transpose(1, 2)
 }
@@ -96,8 +98,9 @@ pub fn attention_flash_cpu_tokens(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: impl Into<Scores>,
 ) -> Result<Tensor> {
+    let scale = scale.into();
     let dims = call_dims(q, k, v, mask)?;
     let (qd, kd, vd) = (
         q.detach().contiguous()?,
@@ -106,14 +109,7 @@ pub fn attention_flash_cpu_tokens(
     );
     let (out, lse) = {
         let (qs, ks, vs) = (Held::new(&qd)?, Held::new(&kd)?, Held::new(&vd)?);
-        forward(
-            qs.slice()?,
-            ks.slice()?,
-            vs.slice()?,
-            dims,
-            mask,
-            scale as f32,
-        )
+        forward(qs.slice()?, ks.slice()?, vs.slice()?, dims, mask, scale)
     };
     let mask = mask.clone();
     graft3_with_output(
@@ -171,13 +167,13 @@ pub(crate) fn forward_untracked(
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: Scores,
 ) -> Result<(Tensor, Vec<f32>)> {
     let dims = call_dims(q, k, v, mask)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let held = [Held::new(&q)?, Held::new(&k)?, Held::new(&v)?];
     let (qs, ks, vs) = (held[0].slice()?, held[1].slice()?, held[2].slice()?);
-    let (out, lse) = forward(qs, ks, vs, dims, mask, scale as f32);
+    let (out, lse) = forward(qs, ks, vs, dims, mask, scale);
     Ok((tensor(out, q.dims())?, lse))
 }
 
@@ -189,7 +185,7 @@ pub(crate) fn backward_untracked(
     lse: &[f32],
     g: &Tensor,
     mask: &AttentionMask,
-    scale: f64,
+    scale: Scores,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dims = call_dims(q, k, v, mask)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -213,7 +209,7 @@ pub(crate) fn backward_untracked(
         gs?,
         dims,
         mask,
-        scale as f32,
+        scale,
     );
     Ok((
         tensor(dq, q.dims())?,
@@ -231,9 +227,10 @@ pub fn forward(
     v: &[f32],
     dims: Dims,
     mask: &AttentionMask,
-    scale: f32,
+    scores: Scores,
 ) -> (Vec<f32>, Vec<f32>) {
     let Dims { heads, t_q, d, .. } = dims;
+    let scale = Scale::of(scores);
     let mut out_heads = par_zeroed(q.len());
     let mut lse = vec![0f32; q.len() / d];
     out_heads
@@ -265,6 +262,22 @@ pub fn forward(
     (out, lse)
 }
 
+/// [`Scores`] in the kernel's precision.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    scale: f32,
+    cap: Option<f32>,
+}
+
+impl Scale {
+    fn of(scores: Scores) -> Self {
+        Scale {
+            scale: scores.scale as f32,
+            cap: scores.softcap.map(|c| c as f32),
+        }
+    }
+}
+
 /// Which query tile of which head.
 #[derive(Debug, Clone, Copy)]
 struct TileAt {
@@ -284,7 +297,7 @@ fn forward_tile(
     TileAt { bi, h, q0 }: TileAt,
     (out, lse): (&mut [f32], &mut [f32]),
     mask: &AttentionMask,
-    scale: f32,
+    Scale { scale, cap }: Scale,
 ) {
     let d = dims.d;
     let m = lse.len();
@@ -312,6 +325,9 @@ fn forward_tile(
             scale,
             Threads::One,
         );
+        if let Some(cap) = cap {
+            simd::softcap(s, cap);
+        }
         if mask.tile_kind(bi, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
             mask.hide(bi, (q0, q0 + m), (k0, k1), s);
         }
@@ -358,8 +374,9 @@ pub fn backward(
     g: &[f32],
     dims: Dims,
     mask: &AttentionMask,
-    scale: f32,
+    scores: Scores,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let scale = Scale::of(scores);
     let Dims {
         b,
         heads,
@@ -467,7 +484,7 @@ struct HeadTask<'a> {
     row_dot: &'a [f32],
     dims: Dims,
     mask: &'a AttentionMask,
-    scale: f32,
+    scale: Scale,
 }
 
 impl HeadTask<'_> {
@@ -491,6 +508,9 @@ impl HeadTask<'_> {
             .collect();
         let mut p = vec![0f32; BQ * BK];
         let mut dp = vec![0f32; BQ * BK];
+        // The soft-capped scores of a tile, for the cap's backward.
+        let Scale { scale, cap } = self.scale;
+        let mut capped = vec![0f32; if cap.is_some() { BQ * BK } else { 0 }];
         let mut k0 = self.k_start;
         while k0 < k_end {
             let k1 = (k0 + BK).min(k_end);
@@ -514,9 +534,13 @@ impl HeadTask<'_> {
                     false,
                     (q_tile, qs, 1),
                     (k_tile, 1, ks),
-                    self.scale,
+                    scale,
                     one,
                 );
+                if let Some(cap) = cap {
+                    simd::softcap(p, cap);
+                    capped[..m * n].copy_from_slice(p);
+                }
                 if self.mask.tile_kind(bi, (q0, q0 + m), (k0, k1)) == TileKind::Partial {
                     self.mask.hide(bi, (q0, q0 + m), (k0, k1), p);
                 }
@@ -532,6 +556,9 @@ impl HeadTask<'_> {
                     one,
                 );
                 simd::score_gradient(dp, p, n, &row_dot[q0..q0 + m]);
+                if let Some(cap) = cap {
+                    simd::softcap_backward(dp, &capped[..m * n], cap);
+                }
                 // dV += p^T dO; dK += scale · dS^T q; dQ += scale · dS k
                 matmul(
                     (n, d, m),
@@ -542,7 +569,6 @@ impl HeadTask<'_> {
                     1.0,
                     one,
                 );
-                let scale = self.scale;
                 matmul(
                     (n, d, m),
                     (dk_tile, d),

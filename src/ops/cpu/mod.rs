@@ -5,12 +5,12 @@
 
 pub(crate) mod cross_entropy;
 pub mod flash;
+pub(crate) mod glu;
 pub(crate) mod linear;
 pub(crate) mod narrow;
 pub(crate) mod norm;
 pub(crate) mod rope;
 pub(crate) mod simd;
-pub(crate) mod swiglu;
 
 use candle_core::{Layout, Result, Storage, Tensor};
 use rayon::prelude::*;

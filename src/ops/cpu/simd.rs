@@ -215,6 +215,70 @@ dispatch! {
     }
 }
 
+/// `tanh(x) = 1 - 2 / (e^{2x} + 1)`, from [`exp`] (absolute error below 1e-7; ±1 saturated).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// `√(2/π)`, the tanh approximation of GELU's slope at 0.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic term of the tanh approximation of GELU.
+const GELU_CUBIC: f32 = 0.044_715;
+
+dispatch! {
+    /// GeGLU (Gemma's MLP): `out = gelu_tanh(gate) · up`, with PyTorch's `gelu(approximate="tanh")`:
+    /// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    fn geglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            let t = tanh(SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g));
+            *o = 0.5 * g * (1.0 + t) * u;
+        }
+    }
+}
+
+dispatch! {
+    /// GeGLU's gradients for the output gradient `grad`: `d up = grad · gelu_tanh(gate)`,
+    /// `d gate = grad · up · (½(1 + t) + ½ x (1 - t²) √(2/π) (1 + 3 · 0.044715 x²))`.
+    fn geglu_backward(
+        gate: &[f32],
+        up: &[f32],
+        grad: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32]
+    ) {
+        let n = gate.len();
+        let (up, grad, d_gate, d_up) = (&up[..n], &grad[..n], &mut d_gate[..n], &mut d_up[..n]);
+        for i in 0..n {
+            let x = gate[i];
+            let t = tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
+            let slope = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+            d_up[i] = grad[i] * 0.5 * x * (1.0 + t);
+            d_gate[i] = grad[i] * up[i] * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * slope);
+        }
+    }
+}
+
+dispatch! {
+    /// Soft-capping in place (Gemma 2's attention and final logits): `s = cap · tanh(s / cap)`
+    /// (before masking: -inf becomes -cap).
+    fn softcap(s: &mut [f32], cap: f32) {
+        let inv = 1.0 / cap;
+        s.iter_mut().for_each(|x| *x = cap * tanh(*x * inv));
+    }
+}
+
+dispatch! {
+    /// Soft-capping's backward in place: `grad ∘ (1 - (capped / cap)²)` for the capped values.
+    fn softcap_backward(grad: &mut [f32], capped: &[f32], cap: f32) {
+        let inv = 1.0 / cap;
+        for (g, &c) in grad.iter_mut().zip(capped) {
+            let t = c * inv;
+            *g *= 1.0 - t * t;
+        }
+    }
+}
+
 dispatch! {
     /// RoPE ("rotate half") of one token's heads: each `2 · cos.len()`-wide head of `x` split in
     /// halves `(x1, x2)` becomes `(x1 c - x2 s, x2 c + x1 s)` with `s = sign · sin` (`sign` -1
@@ -379,6 +443,32 @@ dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_tanh_and_gelu_match_the_library_functions() {
+        let (mut worst_tanh, mut worst_gelu) = (0f64, 0f64);
+        let mut x = -30.0f32;
+        while x <= 30.0 {
+            worst_tanh = worst_tanh.max((tanh(x) as f64 - (x as f64).tanh()).abs());
+            let xd = x as f64;
+            let gelu =
+                0.5 * xd * (1.0 + (0.797_884_560_802_865_4 * (xd + 0.044715 * xd.powi(3))).tanh());
+            let mut out = [0f32];
+            geglu_forward(&[x], &[1.0], &mut out);
+            worst_gelu = worst_gelu.max((out[0] as f64 - gelu).abs() / gelu.abs().max(1.0));
+            x += 0.0007;
+        }
+        assert!(worst_tanh < 2e-7, "tanh: absolute error {worst_tanh}");
+        assert!(worst_gelu < 1e-6, "gelu: error {worst_gelu}");
+        let mut s = [f32::NEG_INFINITY, 0.0, 1e3];
+        softcap(&mut s, 5.0);
+        assert_eq!(
+            s[0], -5.0,
+            "-inf caps to -cap (masking comes after capping)"
+        );
+        assert_eq!(s[1], 0.0);
+        assert!((s[2] - 5.0).abs() < 1e-6);
+    }
 
     #[test]
     fn fast_exp_is_accurate_over_the_softmax_range() {

@@ -2,9 +2,10 @@
 //! on the CPU): it that keeps only what its backward cannot rebuild without a frozen matmul — q, k
 //! and v as projected, the attention output and its log-sum-exp, the residual stream between
 //! attention and MLP, gate and up, and each LoRA branch's r-wide hidden — and recomputes the
-//! elementwise rest in the backward: both RMSNorm outputs, Qwen3's q/k norms, RoPE, the SwiGLU
-//! product and the LoRA dropout masks. No frozen matmul runs twice, and none of the tensors an
-//! op-by-op graph keeps only as some op's input (normalised inputs, rotated q/k, the SwiGLU
+//! elementwise rest in the backward: both RMSNorm outputs, Qwen3's q/k norms, RoPE, the gated
+//! activation's product and the LoRA dropout masks (Gemma's norms of the o and down outputs keep
+//! those outputs, which their backward reads). No frozen matmul runs twice, and none of the tensors an
+//! op-by-op graph keeps only as some op's input (normalised inputs, rotated q/k, the gated
 //! product, the projections' outputs before each residual add) stays alive.
 //!
 //! The op's graph input is the layer input; the backward computes every LoRA gradient with the
@@ -29,7 +30,8 @@
 pub mod steps;
 
 use self::steps::{LayerSteps, NormAt, Proj as StepProj};
-use super::attention::{self, AttentionMask, Kept};
+use super::attention::{self, AttentionMask, Kept, Scores};
+use super::glu::{glu_backward, glu_forward, Activation};
 use super::graft::{graft_carrying, park, Output};
 use super::kernel::Kernel;
 use super::linear::{
@@ -40,7 +42,6 @@ use super::lora::{dora_backward, dora_rows, LoraLayer};
 use super::norm::{rms_norm_forward, rms_norm_grad_x};
 use super::residual::sum;
 use super::rope::rotate_tokens;
-use super::swiglu::{swiglu_backward, swiglu_forward};
 use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 
@@ -63,6 +64,12 @@ pub struct LayerWeights {
     pub q_norm: Option<FrozenNorm>,
     /// Qwen3's per-head key norm.
     pub k_norm: Option<FrozenNorm>,
+    /// Gemma 2/3's norms of the attention and MLP outputs (both or neither).
+    pub output_norms: Option<(FrozenNorm, FrozenNorm)>,
+    /// How attention forms its scores (scale, soft cap).
+    pub scores: Scores,
+    /// The MLP's gate activation.
+    pub activation: Activation,
     /// Query heads.
     pub heads: usize,
     /// Key/value heads.
@@ -395,9 +402,11 @@ struct LayerOp {
     post_norm: FrozenNorm,
     q_norm: Option<FrozenNorm>,
     k_norm: Option<FrozenNorm>,
+    output_norms: Option<(FrozenNorm, FrozenNorm)>,
     dims: Dims,
     use_rope: bool,
-    scale: f64,
+    scores: Scores,
+    activation: Activation,
     mask: AttentionMask,
     cos: Tensor,
     sin: Tensor,
@@ -421,6 +430,8 @@ struct AttentionSaved {
     lse: Kept,
     /// The residual stream between attention and MLP.
     resid: Tensor,
+    /// The o projection's output, where the layer normalises it (its norm's backward reads it).
+    o: Option<Tensor>,
     /// LoRA hiddens of q, k, v and o.
     hidden: Vec<Option<LoraHidden>>,
 }
@@ -429,6 +440,8 @@ struct AttentionSaved {
 struct MlpSaved {
     gate: Tensor,
     up: Tensor,
+    /// The down projection's output, where the layer normalises it.
+    down: Option<Tensor>,
     /// LoRA hiddens of gate, up and down.
     hidden: Vec<Option<LoraHidden>>,
 }
@@ -460,11 +473,13 @@ impl Saved {
                 attn: moved(&a.attn)?,
                 lse: a.lse.clone(),
                 resid: moved(&a.resid)?,
+                o: a.o.as_ref().map(moved).transpose()?,
                 hidden: hiddens_to(&a.hidden, device)?,
             },
             mlp: MlpSaved {
                 gate: moved(&m.gate)?,
                 up: moved(&m.up)?,
+                down: m.down.as_ref().map(moved).transpose()?,
                 hidden: hiddens_to(&m.hidden, device)?,
             },
         })
@@ -501,6 +516,7 @@ impl LayerOp {
             post_norm: layer.post_norm,
             q_norm: layer.q_norm,
             k_norm: layer.k_norm,
+            output_norms: layer.output_norms,
             dims: Dims {
                 b,
                 t,
@@ -508,7 +524,8 @@ impl LayerOp {
                 d: layer.head_dim,
             },
             use_rope: layer.use_rope,
-            scale: 1.0 / (layer.head_dim as f64).sqrt(),
+            scores: layer.scores,
+            activation: layer.activation,
             mask: ctx.mask.clone(),
             cos: ctx.cos.clone(),
             sin: ctx.sin.clone(),
@@ -637,8 +654,15 @@ impl LayerOp {
             let mut steps = Recorder::new(self, &mlp, first, true);
             let act = steps::mlp_activation(&mut steps, &r)?;
             let mut saved = steps.mlp_saved(false)?;
-            // The down projection's frozen product is skipped: only its LoRA hidden is needed.
-            saved.hidden.push(mlp[2].hidden(&act, first, self.key)?);
+            if self.output_norms.is_some() {
+                // The output norm's backward reads the down projection's output.
+                let (down, hidden) = mlp[2].forward(&act, first, self.key)?;
+                saved.down = Some(down);
+                saved.hidden.push(hidden);
+            } else {
+                // The down projection's frozen product is skipped: only its LoRA hidden is needed.
+                saved.hidden.push(mlp[2].hidden(&act, first, self.key)?);
+            }
             let g = g.narrow(0, first, rows)?;
             grads.push(self.mlp_backward(&mlp, &saved, Some(act), &r, &g, first)?);
         }
@@ -651,7 +675,7 @@ impl LayerOp {
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Kept, Tensor)> {
         let Dims { b, t, heads, d } = self.dims;
         let (out, kept) =
-            attention::forward_untracked(self.attention, (q, k, v), &self.mask, self.scale)?;
+            attention::forward_untracked(self.attention, (q, k, v), &self.mask, self.scores)?;
         Ok((kept, out.reshape((b * t, heads * d))?.contiguous()?))
     }
 
@@ -670,13 +694,13 @@ impl LayerOp {
             (&s.attn.reshape(shape)?, &s.lse),
             &g.reshape(shape)?,
             &self.mask,
-            self.scale,
+            self.scores,
         )
     }
 
     /// The gradient of the MLP's input rows `first..` (`resid: [rows, hidden]`, the residual
     /// stream) for the layer output's gradient `g` on those rows (`mlp` as [`steps::mlp_half`]
-    /// reads it; `act`, the SwiGLU product, when the caller has it, else rebuilt from gate and
+    /// reads it; `act`, the gated activation's product, when the caller has it, else rebuilt from gate and
     /// up); the MLP's LoRA gradients parked.
     fn mlp_backward(
         &self,
@@ -691,13 +715,19 @@ impl LayerOp {
         let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
         let act = match act {
             Some(act) => act,
-            None => swiglu_forward(&m.gate, &m.up)?.into_tensor()?,
+            None => glu_forward(&m.gate, &m.up, self.activation)?.into_tensor()?,
         };
-        let down = [Back::new(&mlp[2], g, &m.hidden[2])];
+        let g_down = match (&self.output_norms, &m.down) {
+            (Some((_, norm)), Some(down)) => Cow::Owned(norm.backward(down, g)?),
+            (Some(_), None) => return Err(missing("the MLP output norm's input")),
+            (None, _) => Cow::Borrowed(g),
+        };
+        let down = [Back::new(&mlp[2], &g_down, &m.hidden[2])];
         let grad_act = backward_projections(&down, &act, first, key, true)?
             .ok_or_else(|| missing("the MLP"))?;
-        drop(act);
-        let (grad_gate, grad_up) = swiglu_backward(&m.gate, &m.up, &grad_act, [true, true])?;
+        drop((act, g_down));
+        let (grad_gate, grad_up) =
+            glu_backward(&m.gate, &m.up, &grad_act, [true, true], self.activation)?;
         let (grad_gate, grad_up) = (
             grad_gate.ok_or_else(|| missing("gate"))?,
             grad_up.ok_or_else(|| missing("up"))?,
@@ -726,8 +756,13 @@ impl LayerOp {
     ) -> Result<Option<Tensor>> {
         let key = self.key;
         let missing = |what: &str| candle_core::Error::Msg(format!("no gradient for {what}"));
-        // o_proj, attention, RoPE and q/k norms, q/k/v, the input norm.
-        let o = [Back::new(&self.projs[O], grad_resid, &s.hidden[O])];
+        // The o norm, o_proj, attention, RoPE and q/k norms, q/k/v, the input norm.
+        let g_o = match (&self.output_norms, &s.o) {
+            (Some((norm, _)), Some(o)) => Cow::Owned(norm.backward(o, grad_resid)?),
+            (Some(_), None) => return Err(missing("the attention output norm's input")),
+            (None, _) => Cow::Borrowed(grad_resid),
+        };
+        let o = [Back::new(&self.projs[O], &g_o, &s.hidden[O])];
         let grad_attn =
             backward_projections(&o, &s.attn, 0, key, true)?.ok_or_else(|| missing("attention"))?;
         let (dq, dk, dv) = {
@@ -776,6 +811,9 @@ struct Recorder<'a> {
     keep: bool,
     hidden: [Option<LoraHidden>; 7],
     qkv: Vec<Tensor>,
+    /// The o and down projections' outputs (kept where the layer normalises them).
+    o: Option<Tensor>,
+    down: Option<Tensor>,
     attention: Option<(Kept, Tensor)>,
     gate_up: Option<(Tensor, Tensor)>,
 }
@@ -789,6 +827,8 @@ impl<'a> Recorder<'a> {
             keep,
             hidden: Default::default(),
             qkv: Vec::new(),
+            o: None,
+            down: None,
             attention: None,
             gate_up: None,
         }
@@ -809,6 +849,7 @@ impl<'a> Recorder<'a> {
             attn,
             lse,
             resid,
+            o: self.o.take(),
             hidden,
         })
     }
@@ -823,7 +864,12 @@ impl<'a> Recorder<'a> {
         if with_down {
             hidden.push(self.hidden[GATE + 2].take());
         }
-        Ok(MlpSaved { gate, up, hidden })
+        Ok(MlpSaved {
+            gate,
+            up,
+            down: self.down.take(),
+            hidden,
+        })
     }
 }
 
@@ -832,10 +878,18 @@ impl LayerSteps for Recorder<'_> {
     type Out = Output;
 
     fn norm(&mut self, which: NormAt, x: &Tensor) -> Result<Tensor> {
+        let outputs = self.op.output_norms.as_ref();
+        let missing = || candle_core::Error::Msg(format!("decoder layer: no {which:?} norm"));
         match which {
             NormAt::Input => self.op.input_norm.forward(x),
             NormAt::PostAttention => self.op.post_norm.forward(x),
+            NormAt::AttentionOutput => outputs.ok_or_else(missing)?.0.forward(x),
+            NormAt::MlpOutput => outputs.ok_or_else(missing)?.1.forward(x),
         }
+    }
+
+    fn output_norms(&self) -> bool {
+        self.op.output_norms.is_some()
     }
 
     fn project(&mut self, which: StepProj, x: &Tensor) -> Result<Tensor> {
@@ -848,8 +902,12 @@ impl LayerSteps for Recorder<'_> {
         let (y, hidden) = proj.forward(x, self.first, self.op.key)?;
         if self.keep {
             self.hidden[i] = hidden;
-            if i < O {
-                self.qkv.push(y.clone());
+            let normalised = self.op.output_norms.is_some();
+            match which {
+                StepProj::Q | StepProj::K | StepProj::V => self.qkv.push(y.clone()),
+                StepProj::O if normalised => self.o = Some(y.clone()),
+                StepProj::Down if normalised => self.down = Some(y.clone()),
+                _ => {}
             }
         }
         Ok(y)
@@ -867,11 +925,11 @@ impl LayerSteps for Recorder<'_> {
         Ok(out)
     }
 
-    fn swiglu(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    fn activate(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if self.keep {
             self.gate_up = Some((gate.clone(), up.clone()));
         }
-        swiglu_forward(gate, up)?.into_tensor()
+        glu_forward(gate, up, self.op.activation)?.into_tensor()
     }
 
     fn add(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {

@@ -6,21 +6,28 @@
 //!
 //! ```text
 //! x ─ input norm ─┬ q ┐
-//!                 ├ k ┼ attend (q/k norms, RoPE, attention) ─ o ─ + x ═ resid
+//!                 ├ k ┼ attend (q/k norms, RoPE, attention) ─ o [─ o norm] ─ + x ═ resid
 //!                 └ v ┘
 //! resid ─ post norm ─┬ gate ┐
-//!                    └ up ──┴ swiglu ═ act ─ down ─ + resid ═ out
+//!                    └ up ──┴ act(gate)·up ═ act ─ down [─ down norm] ─ + resid ═ out
 //! ```
+//!
+//! The bracketed norms are Gemma 2/3's `post_attention_layernorm` and
+//! `post_feedforward_layernorm` (there the norm before the MLP is `pre_feedforward_layernorm`).
 
 use candle_core::Result;
 
-/// The layer's two RMSNorms.
+/// The layer's RMSNorms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormAt {
     /// Before attention.
     Input,
     /// Before the MLP.
     PostAttention,
+    /// On the attention's output projection, before the residual add (Gemma 2/3).
+    AttentionOutput,
+    /// On the MLP's down projection, before the residual add (Gemma 2/3).
+    MlpOutput,
 }
 
 /// The layer's seven projections, in the order of `DecoderLayer::linears`.
@@ -59,6 +66,10 @@ pub trait LayerSteps {
     /// RMSNorm `which` of `x`.
     fn norm(&mut self, which: NormAt, x: &Self::T) -> Result<Self::T>;
 
+    /// Whether the layer normalises its attention and MLP outputs ([`NormAt::AttentionOutput`],
+    /// [`NormAt::MlpOutput`]).
+    fn output_norms(&self) -> bool;
+
     /// Projection `which` of `x` (its LoRA branch included).
     fn project(&mut self, which: Proj, x: &Self::T) -> Result<Self::T>;
 
@@ -66,8 +77,8 @@ pub trait LayerSteps {
     /// output as the o projection reads it.
     fn attend(&mut self, q: Self::T, k: Self::T, v: Self::T) -> Result<Self::T>;
 
-    /// `silu(gate) * up`.
-    fn swiglu(&mut self, gate: &Self::T, up: &Self::T) -> Result<Self::T>;
+    /// The gated activation `act(gate) * up` (SwiGLU or GeGLU).
+    fn activate(&mut self, gate: &Self::T, up: &Self::T) -> Result<Self::T>;
 
     /// The residual add `stream + branch` after attention.
     fn add(&mut self, stream: &Self::T, branch: &Self::T) -> Result<Self::T>;
@@ -76,8 +87,8 @@ pub trait LayerSteps {
     fn output(&mut self, stream: &Self::T, branch: &Self::T) -> Result<Self::Out>;
 }
 
-/// The attention half: `x + o(attend(q(n), k(n), v(n)))` with `n = input_norm(x)`: the residual
-/// stream between attention and MLP.
+/// The attention half: `x + o(attend(q(n), k(n), v(n)))` with `n = input_norm(x)` (the output
+/// normalised where the layer does): the residual stream between attention and MLP.
 pub fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T> {
     let normed = s.norm(NormAt::Input, x)?;
     let q = s.project(Proj::Q, &normed)?;
@@ -87,24 +98,33 @@ pub fn attention_half<S: LayerSteps>(s: &mut S, x: &S::T) -> Result<S::T> {
     let attn = s.attend(q, k, v)?;
     let o = s.project(Proj::O, &attn)?;
     drop(attn);
+    let o = match s.output_norms() {
+        true => s.norm(NormAt::AttentionOutput, &o)?,
+        false => o,
+    };
     s.add(x, &o)
 }
 
-/// The MLP up to the down projection's input: `swiglu(gate(n), up(n))` with
+/// The MLP up to the down projection's input: `act(gate(n)) · up(n)` with
 /// `n = post_attention_norm(resid)`.
 pub fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::T> {
     let normed = s.norm(NormAt::PostAttention, resid)?;
     let gate = s.project(Proj::Gate, &normed)?;
     let up = s.project(Proj::Up, &normed)?;
     drop(normed);
-    s.swiglu(&gate, &up)
+    s.activate(&gate, &up)
 }
 
-/// The MLP half: `resid + down(mlp_activation(resid))`, the layer's output.
+/// The MLP half: `resid + down(mlp_activation(resid))` (normalised where the layer does), the
+/// layer's output.
 pub fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out> {
     let act = mlp_activation(s, resid)?;
     let down = s.project(Proj::Down, &act)?;
     drop(act);
+    let down = match s.output_norms() {
+        true => s.norm(NormAt::MlpOutput, &down)?,
+        false => down,
+    };
     s.output(resid, &down)
 }
 

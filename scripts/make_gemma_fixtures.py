@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Writes the Gemma fixtures under tests/fixtures/ with transformers and PEFT (CPU, f32, eager attention).
+
+Run from the repo root: `python scripts/make_gemma_fixtures.py`. Deterministic (fixed seeds), no network.
+
+Outputs (small, committed):
+  models/{gemma,gemma2,gemma3}/   tiny random GemmaForCausalLM, Gemma2ForCausalLM and Gemma3ForCausalLM (text) with the
+                                  chatml test tokenizer; reference.safetensors: input_ids int64 [2,16], logits f32 [2,16,V]
+  peft/{gemma2,gemma3}/           adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
+                                  reference.safetensors: input_ids, logits, loss (labels = ids, first 5 masked),
+                                  merged_logits, grad.<PEFT key> for every LoRA weight
+
+The configs exercise what sets the families apart: `1 + w` norms (weights drawn around 0), √hidden embedding scale,
+GeGLU, query_pre_attn_scalar != head_dim, Gemma 2's soft caps set low enough to bend the scores and logits, sliding
+windows shorter than the 16-token inputs on alternating (Gemma 2) or patterned (Gemma 3) layers, Gemma 3's q/k norms
+and its two RoPE bases (global with linear scaling).
+
+Versions used are appended to tests/fixtures/VERSIONS.txt by hand (see the "gemma" lines there).
+"""
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+if os.environ.get("PYTHONHASHSEED") != "0":
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import peft
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, GenerationConfig
+
+OUT = Path("tests/fixtures")
+torch.use_deterministic_algorithms(True)
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore")
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")
+
+MODELS = {
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_hidden_layers=2)),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+        num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=6,
+        attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        num_hidden_layers=4, query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=3,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+}
+
+
+def randomize(model):
+    """Weights far from uniform logits; Gemma's norms scale by 1 + w, so their weights are drawn around 0."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def ids_for(vocab, seed):
+    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def build(name, tok):
+    config_cls, model_cls, extra = MODELS[name]
+    config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **COMMON, **extra)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    randomize(model)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model
+
+
+def write_models(tok):
+    for name in MODELS:
+        model = build(name, tok)
+        path = OUT / "models" / name
+        shutil.rmtree(path, ignore_errors=True)
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        ids = ids_for(len(tok), 7)
+        with torch.no_grad():
+            logits = model(ids).logits.float().contiguous()
+        save_file({"input_ids": ids, "logits": logits}, path / "reference.safetensors")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, logits), name
+        print(f"models/{name}: layer_types {getattr(model.config, 'layer_types', None)}, "
+              f"logits std {logits.std():.2f}, max |logit| {logits.abs().max():.2f}")
+    check_gemma2_caps_and_window()
+
+
+def check_gemma2_caps_and_window():
+    """The fixture tests what it exercises: without either cap or the window, the logits change."""
+    path = OUT / "models" / "gemma2"
+    ids = load_file(path / "reference.safetensors")["input_ids"]
+    want = load_file(path / "reference.safetensors")["logits"]
+
+    def attn_cap_off(m):
+        for layer in m.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+
+    def final_cap_off(m):
+        m.config.final_logit_softcapping = None
+
+    def window_off(m):
+        m.config.sliding_window = 64  # longer than the input: every layer global
+
+    for what, change in [("attention cap", attn_cap_off), ("final cap", final_cap_off), ("window", window_off)]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        change(model)
+        with torch.no_grad():
+            diff = (model(ids).logits - want).abs().max().item()
+        print(f"models/gemma2: without the {what} the logits change by {diff:.3f}")
+        assert diff > 1e-3, what
+
+
+def write_peft():
+    for name in ["gemma2", "gemma3"]:
+        base = transformers.AutoModelForCausalLM.from_pretrained(OUT / "models" / name, attn_implementation="eager")
+        torch.manual_seed(3)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                 task_type="CAUSAL_LM")
+        model = peft.get_peft_model(base, config)
+        gen = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.eval()
+        path = OUT / "peft" / name
+        shutil.rmtree(path, ignore_errors=True)
+        model.save_pretrained(path / "adapter")
+        (path / "adapter" / "README.md").unlink(missing_ok=True)
+        ids = ids_for(base.config.vocab_size, 11)
+        labels = ids.clone()
+        labels[:, :5] = -100
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        tensors = {"input_ids": ids, "logits": out.logits.detach().float().contiguous(),
+                   "loss": out.loss.detach().float().reshape(1)}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                tensors["grad." + n.replace(".default", "")] = p.grad.detach().contiguous()
+        merged = model.merge_and_unload()
+        with torch.no_grad():
+            tensors["merged_logits"] = merged(ids).logits.float().contiguous()
+        merged.save_pretrained(path / "merged", safe_serialization=True)
+        save_file(tensors, path / "reference.safetensors")
+        grads = sum(1 for k in tensors if k.startswith("grad."))
+        print(f"peft/{name}: loss {out.loss.item():.4f}, {grads} LoRA tensors")
+
+
+def main():
+    tok = AutoTokenizer.from_pretrained(OUT / "models" / "qwen2")
+    write_models(tok)
+    write_peft()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+
+
+if __name__ == "__main__":
+    main()
