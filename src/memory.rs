@@ -12,7 +12,7 @@
 
 use crate::lora::target::select;
 use crate::lora::TargetModules;
-use crate::model::{Family, ModelConfig};
+use crate::model::ModelConfig;
 use crate::ops::attention::{BLOCK as ATTENTION_BLOCK, KEEP_PROBABILITIES_BYTES};
 use crate::ops::cross_entropy::chunk_rows as loss_chunk_rows;
 use crate::ops::kernel::Kernel;
@@ -298,8 +298,11 @@ fn base_counts(c: &ModelConfig) -> ParamCounts {
         .map(|(_, _, o, _)| *o as u64)
         .sum();
     let mut norms_per_layer = 2 * h;
-    if matches!(c.family(), Ok(Family::Qwen3)) {
+    if c.qk_norm() {
         norms_per_layer += 2 * c.head_dim() as u64;
+    }
+    if c.output_norms() {
+        norms_per_layer += 2 * h;
     }
     let embed = v * h;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
@@ -402,9 +405,9 @@ impl Step<'_> {
     /// Op by op, per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
     /// and the mid-layer residual (6 × hidden); gate, up and their SwiGLU product (3 ×
     /// intermediate). On the CPU in f32 attention runs token-major: q as projected and rotated
-    /// (2 × q width, plus one for Qwen3's q-norm), k likewise, v as projected, the output (also
+    /// (2 × q width, plus one for the q-norm of Qwen3 and Gemma 3), k likewise, v as projected, the output (also
     /// o_proj's input) and the flash kernel's per-head f32 log-sum-exp. Elsewhere: q as projected,
-    /// made heads-first (a copy) and rotated (3 × q width, plus one for Qwen3's q-norm), k
+    /// made heads-first (a copy) and rotated (3 × q width, plus one for the q-norm of Qwen3 and Gemma 3), k
     /// likewise, v as projected and heads-first; the attention output as returned and as reshaped
     /// for o_proj (2 × q width). The candle-op
     /// kernels keep k and v repeated to the query heads when grouped (2 × q width), and the blocked
@@ -431,9 +434,11 @@ impl Step<'_> {
             } else {
                 0
             };
-            return 2 * h + 2 * i + 2 * qd + 2 * kvd + self.heads() + r * adapters + dora;
+            // Gemma 2/3: the o and down outputs, which their norms' backward reads.
+            let outputs = 2 * h * u64::from(c.output_norms());
+            return 2 * h + 2 * i + 2 * qd + 2 * kvd + self.heads() + r * adapters + dora + outputs;
         }
-        let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        let norm = u64::from(c.qk_norm());
         let rope = u64::from(c.layer_uses_rope(layer));
         let mut e = 6 * h + 3 * i;
         if native_cpu(self.o) {
@@ -497,6 +502,10 @@ impl Step<'_> {
         let r = self.o.lora_r as u64;
         let attention_adapters = adapted[..4].iter().filter(|&&a| a).count() as u64;
         let mut e = 2 * self.qd() + 2 * self.kvd() + h + r * attention_adapters;
+        if self.c.output_norms() {
+            // Gemma 2/3: the o projection's output, which its norm's backward reads.
+            e += h;
+        }
         if self.offloads_inputs() {
             e += h;
         }
@@ -551,7 +560,7 @@ impl Step<'_> {
         let c = self.c;
         let h = c.hidden_size as u64;
         let (n, qd, kvd, dt) = (self.n, self.qd(), self.kvd(), self.dt);
-        let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        let norm = u64::from(c.qk_norm());
         if native_cpu(self.o) {
             return n * (2 * h + qd * (4 + norm) + kvd * (3 + norm) + self.heads()) * dt;
         }
@@ -584,7 +593,7 @@ impl Step<'_> {
     fn attention_backward_bytes(&self) -> u64 {
         let (n, qd, dt) = (self.n, self.qd(), self.dt);
         if native_cpu(self.o) {
-            let norm = u64::from(matches!(self.c.family(), Ok(Family::Qwen3)));
+            let norm = u64::from(self.c.qk_norm());
             self.flash_backward_bytes() + n * (qd + self.kvd()) * (1 + norm) * dt
         } else if self.keeps_probabilities() {
             5 * n * qd * dt + 3 * self.probability_bytes()
@@ -606,6 +615,10 @@ impl Step<'_> {
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (n, dt) = (self.n, self.dt);
         let mut chunk_elements = 5 * i + 2 * h;
+        if c.output_norms() {
+            // Gemma 2/3: the down projection's output and its norm's gradient.
+            chunk_elements += 2 * h;
+        }
         if !native_cpu(self.o) {
             chunk_elements += 4 * i;
         }
@@ -720,7 +733,7 @@ impl Step<'_> {
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (qd, kvd) = (self.qd(), self.kvd());
-        let norm = u64::from(matches!(c.family(), Ok(Family::Qwen3)));
+        let norm = u64::from(c.qk_norm());
         if !self.o.gradient_checkpointing {
             if !selective(self.o) {
                 return 0;
@@ -1505,6 +1518,41 @@ mod tests {
             .chain(dora.iter().map(|&(shape, t, method, gc, dropout, mib)| {
                 (shape, t, 16, 1, dropout, method, gc, 0, 2, mib, true)
             }));
+        // A Gemma 2 of SmolLM2-135M's shape (head_dim 64, window 256, soft caps 50/30),
+        // `bench_lora_step DIR T 2 16 MODE`, 2026-12-03: its output norms keep two more
+        // hidden-wide tensors per layer.
+        let gemma2 = ModelConfig::from_value(
+            serde_json::json!({
+                "architectures": ["Gemma2ForCausalLM"], "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                "query_pre_attn_scalar": 64, "sliding_window": 256,
+                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                "tie_word_embeddings": true
+            }),
+            Path::new("gemma2"),
+        )
+        .unwrap();
+        for (t, method, gc, mib) in [
+            (512, Method::Lora, false, 1103.2),
+            (1024, Method::Lora, false, 1502.0),
+            (512, Method::Qlora, false, 751.4),
+            (1024, Method::Lora, true, 768.2),
+        ] {
+            let o = PlanOptions {
+                lora_r: 16,
+                lora_dropout: 0.0,
+                gradient_checkpointing: gc,
+                baseline_bytes: 9 * MIB,
+                ..PlanOptions::new(method, t)
+            };
+            let predicted = plan(&gemma2, &o).unwrap().total() as f64 / MIB as f64;
+            let error = (predicted - mib) / mib;
+            assert!(
+                error.abs() < 0.10,
+                "Gemma 2 T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
+            );
+        }
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {
                 lora_r: r,

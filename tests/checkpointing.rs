@@ -151,11 +151,13 @@ fn lora_gradients_with_dropout_equal_without_checkpointing() {
 
 /// Selective checkpointing (each decoder layer one op, LoRA gradients parked) against the op-by-op
 /// graph: every architecture of the fixtures (GQA, biases, Qwen3's q/k norms, Mistral's window,
-/// SmolLM3's layers without RoPE), LoRA with dropout on some modules only, the base frozen on
+/// SmolLM3's layers without RoPE, Gemma's GeGLU, output norms, soft caps and two RoPE bases), LoRA with dropout on some modules only, the base frozen on
 /// the others, plain and packed rows.
 #[test]
 fn selective_checkpointing_gives_the_op_by_op_gradients() {
-    for name in ["llama", "qwen2", "qwen3", "mistral", "smollm3"] {
+    for name in [
+        "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "gemma2", "gemma3",
+    ] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {
@@ -220,7 +222,7 @@ fn adapt(model: &mut CausalLm) {
 /// Same gradients as the op-by-op graph.
 #[test]
 fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
-    for name in ["llama", "qwen3", "mistral", "smollm3"] {
+    for name in ["llama", "qwen3", "mistral", "smollm3", "gemma2", "gemma3"] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {
@@ -254,8 +256,11 @@ fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
 
 #[test]
 fn full_fine_tuning_gradients_equal_without_checkpointing() {
-    let mut model = load_model(&fixture("models/qwen2"), true);
-    assert_same(&mut model);
+    // Gemma 2: its norms' weights train through `1 + w`.
+    for name in ["qwen2", "gemma2"] {
+        let mut model = load_model(&fixture(&format!("models/{name}")), true);
+        assert_same(&mut model);
+    }
 }
 
 /// Losses and gradient norms logged by `peft-sft train` with the given extra flags.

@@ -24,7 +24,7 @@ fn docs() -> Vec<Example> {
 
 #[test]
 fn packed_documents_see_only_themselves() {
-    for name in ["llama", "mistral", "qwen3", "smollm3"] {
+    for name in ["llama", "mistral", "qwen3", "smollm3", "gemma2", "gemma3"] {
         let model = load_model(&fixture(&format!("models/{name}")), false);
         let docs = docs();
         let rows = pack_bfd(&docs, 20);
