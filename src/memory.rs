@@ -258,16 +258,19 @@ pub fn nf4_double_quant_bytes(n: u64) -> u64 {
 
 /// The decoder layer's linear modules as `(name, in_features, out_features)`, in the order of
 /// `DecoderLayer::linears` (the model's own list, [`ModelConfig::layer_linears`]).
-fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+fn linear_shapes(c: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
     c.layer_linears()
+        .into_iter()
         .map(|(name, in_f, out_f, _)| (name, in_f, out_f))
+        .collect()
 }
 
-/// Which of each layer's seven linears carry an adapter (none when fully fine-tuning).
-fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<[bool; 7]>> {
+/// Which of each layer's linears carry an adapter (none when fully fine-tuning).
+fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<Vec<bool>>> {
     let shapes = linear_shapes(c);
+    let per_layer = shapes.len();
     if options.method == Method::Full {
-        return Ok(vec![[false; 7]; c.num_hidden_layers]);
+        return Ok(vec![vec![false; per_layer]; c.num_hidden_layers]);
     }
     let names: Vec<String> = (0..c.num_hidden_layers)
         .flat_map(|l| {
@@ -281,7 +284,11 @@ fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<[bool; 
         .into_iter()
         .collect();
     Ok((0..c.num_hidden_layers)
-        .map(|l| std::array::from_fn(|k| chosen.contains(&refs[l * 7 + k])))
+        .map(|l| {
+            (0..per_layer)
+                .map(|k| chosen.contains(&refs[l * per_layer + k]))
+                .collect()
+        })
         .collect())
 }
 
@@ -413,7 +420,7 @@ impl Step<'_> {
     /// kernels keep k and v repeated to the query heads when grouped (2 × q width), and the blocked
     /// one its own copy of the output and the per-head log-sum-exp. Then r per adapted linear (its
     /// `x A^T`), and with dropout the mask and masked input (2 × in).
-    fn layer_row_elements(&self, layer: usize, adapted: &[bool; 7]) -> u64 {
+    fn layer_row_elements(&self, layer: usize, adapted: &[bool]) -> u64 {
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (qd, kvd) = (self.qd(), self.kvd());
@@ -497,10 +504,13 @@ impl Step<'_> {
     /// the flash kernel's f32 log-sum-exp with the native kernels), the residual stream between
     /// attention and MLP, r per adapted attention linear; with offloading, the layer input
     /// copied back to the device.
-    fn stack_recomputed_bytes(&self, adapted: &[bool; 7]) -> u64 {
+    fn stack_recomputed_bytes(&self, adapted: &[bool]) -> u64 {
         let h = self.c.hidden_size as u64;
         let r = self.o.lora_r as u64;
-        let attention_adapters = adapted[..4].iter().filter(|&&a| a).count() as u64;
+        let attention_adapters = adapted[..=self.c.layout().o()]
+            .iter()
+            .filter(|&&a| a)
+            .count() as u64;
         let mut e = 2 * self.qd() + 2 * self.kvd() + h + r * attention_adapters;
         if self.c.output_norms() {
             // Gemma 2/3: the o projection's output, which its norm's backward reads.
@@ -630,7 +640,7 @@ impl Step<'_> {
     }
 
     /// Bytes a decoder layer keeps for the backward pass.
-    fn layer_saved_bytes(&self, layer: usize, adapted: &[bool; 7]) -> u64 {
+    fn layer_saved_bytes(&self, layer: usize, adapted: &[bool]) -> u64 {
         let probs = if self.keeps_probabilities() {
             self.probability_bytes()
         } else {

@@ -156,7 +156,7 @@ fn lora_gradients_with_dropout_equal_without_checkpointing() {
 #[test]
 fn selective_checkpointing_gives_the_op_by_op_gradients() {
     for name in [
-        "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "gemma2", "gemma3",
+        "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "gemma2", "gemma3", "phi3",
     ] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
@@ -195,16 +195,18 @@ fn selective_checkpointing_gives_the_op_by_op_gradients() {
 
 /// LoRA r=4 with dropout on some modules and non-zero B, as the one-op tests train it.
 fn adapt(model: &mut CausalLm) {
+    let fused = model.linears().iter().any(|l| l.name.ends_with("qkv_proj"));
+    let targets: &[&str] = match fused {
+        // Phi-3: the fused modules and down; o_proj stays frozen.
+        true => &["qkv_proj", "gate_up_proj", "down_proj"],
+        false => &["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
+    };
     let config = LoraConfig {
         r: 4,
         lora_dropout: 0.1,
-        target_modules: peft_sft::lora::TargetModules::List(vec![
-            "q_proj".into(),
-            "k_proj".into(),
-            "o_proj".into(),
-            "up_proj".into(),
-            "down_proj".into(),
-        ]),
+        target_modules: peft_sft::lora::TargetModules::List(
+            targets.iter().map(|t| t.to_string()).collect(),
+        ),
         ..LoraConfig::default()
     };
     inject(model, &config, 1).unwrap();
@@ -222,7 +224,9 @@ fn adapt(model: &mut CausalLm) {
 /// Same gradients as the op-by-op graph.
 #[test]
 fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
-    for name in ["llama", "qwen3", "mistral", "smollm3", "gemma2", "gemma3"] {
+    for name in [
+        "llama", "qwen3", "mistral", "smollm3", "gemma2", "gemma3", "phi3",
+    ] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {

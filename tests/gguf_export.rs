@@ -236,9 +236,7 @@ fn smollm3_exports_to_llama_cpp_smollm3_and_nope_layers_must_be_every_fourth() {
     );
     assert!(!string(&c, "tokenizer.chat_template").contains("[:]"));
     // Rows of attn_q are llama.cpp's permutation of q_proj's.
-    let q = load_model(&base, false).layers[0]
-        .self_attn
-        .q_proj
+    let q = load_model(&base, false).layers[0].linears[0]
         .weight
         .dense()
         .unwrap();

@@ -55,3 +55,18 @@ fn gemma2_with_soft_caps_output_norms_and_alternating_windows() {
 fn gemma3_with_qk_norms_and_local_and_global_rope() {
     check("gemma3");
 }
+
+#[test]
+fn phi3_with_fused_projections_partial_rotary_and_longrope() {
+    check("phi3");
+    // Within the original context LongRoPE takes its short factors.
+    let dir = fixture("models/phi3");
+    let reference = tensors(&dir.join("reference.safetensors"));
+    let model = load_model(&dir, false);
+    let ids = reference["input_ids_short"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let logits = model.forward(&ids).unwrap();
+    let err = rel_err(&logits, &reference["logits_short"]);
+    assert!(err < 1e-4, "phi3 short: logits differ by {err}");
+}

@@ -86,6 +86,12 @@ fn gemma3_adapter_matches_peft() {
     check("gemma3", "gemma3");
 }
 
+/// Phi-3: one LoRA pair over each fused module (qkv_proj, gate_up_proj), as PEFT adapts them.
+#[test]
+fn phi3_fused_module_adapter_matches_peft() {
+    check("phi3", "phi3");
+}
+
 /// DoRA (scripts/make_dora_fixture.py): magnitude vectors moved off their initial norms, so the
 /// logits, every A/B/magnitude gradient and the merge all depend on them.
 #[test]

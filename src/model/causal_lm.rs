@@ -207,15 +207,14 @@ impl CausalLm {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let qk_norm = config.qk_norm();
-            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
-                config.layer_linears().map(|(name, in_f, out_f, bias)| {
+            let linears = config
+                .layer_linears()
+                .into_iter()
+                .map(|(name, in_f, out_f, bias)| {
                     l.linear(&format!("{p}.{name}"), in_f, out_f, bias)
-                });
+                })
+                .collect::<Result<Vec<_>>>()?;
             let self_attn = Attention {
-                q_proj: q_proj?,
-                k_proj: k_proj?,
-                v_proj: v_proj?,
-                o_proj: o_proj?,
                 q_norm: qk_norm
                     .then(|| l.norm(&format!("{p}.self_attn.q_norm"), hd, eps))
                     .transpose()?,
@@ -230,9 +229,7 @@ impl CausalLm {
             };
             let mlp = Mlp {
                 activation,
-                gate_proj: gate_proj?,
-                up_proj: up_proj?,
-                down_proj: down_proj?,
+                intermediate: config.intermediate_size,
             };
             // Gemma 2/3 normalise the attention output with `post_attention_layernorm`; their
             // norm before the MLP is `pre_feedforward_layernorm`.
@@ -255,6 +252,8 @@ impl CausalLm {
                 post_attention_layernorm: l.norm(&format!("{p}.{pre_mlp}"), h, eps)?,
                 mlp,
                 output_norms,
+                linears,
+                layout: config.layout(),
             });
         }
         let norm = l.norm("model.norm", h, eps)?;
@@ -280,7 +279,7 @@ impl CausalLm {
         }
         let ropes = kinds
             .iter()
-            .map(|(theta, scaling)| RotaryEmbedding::new(hd, *theta, scaling))
+            .map(|(theta, scaling)| RotaryEmbedding::new(config.rotary_dim(), *theta, scaling))
             .collect();
         Ok(CausalLm {
             config,

@@ -1,9 +1,10 @@
 //! The model's `config.json`, read as Hugging Face writes it, for the decoder families peft-sft
-//! implements: Llama (incl. SmolLM2 and Llama 3), Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Gemma 2
-//! and Gemma 3 (text).
+//! implements: Llama (incl. SmolLM2 and Llama 3), Mistral, Qwen2, Qwen3, SmolLM3, Gemma, Gemma 2,
+//! Gemma 3 (text) and Phi-3 (incl. Phi-3.5-mini and Phi-4-mini).
 
 use crate::ops::attention::Scores;
 use crate::ops::glu::Activation;
+use crate::ops::layer::steps::Layout;
 use crate::ops::rope::RopeScaling;
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -31,6 +32,9 @@ pub enum Family {
     /// `Gemma3ForCausalLM` (the text model): Gemma 2 without soft-capping, with per-head q/k
     /// norms and a RoPE base of its own for the sliding-window layers.
     Gemma3,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-3.5-mini, Phi-4-mini): fused `qkv_proj` and `gate_up_proj`,
+    /// `partial_rotary_factor`, LongRoPE.
+    Phi3,
 }
 
 impl Family {
@@ -50,6 +54,7 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
     ("GemmaForCausalLM", Family::Gemma),
     ("Gemma2ForCausalLM", Family::Gemma2),
     ("Gemma3ForCausalLM", Family::Gemma3),
+    ("Phi3ForCausalLM", Family::Phi3),
 ];
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as stored in config.json
@@ -66,6 +71,14 @@ struct RawRopeScaling {
     original_max_position_embeddings: Option<f64>,
     /// Per-frequency divisors (`rope_type = "freq_factors"`, set from a GGUF file's `rope_freqs`).
     freq_factors: Option<Vec<f64>>,
+    /// LongRoPE: per-frequency divisors within the original context.
+    short_factor: Option<Vec<f64>>,
+    /// LongRoPE: per-frequency divisors past it.
+    long_factor: Option<Vec<f64>>,
+    /// LongRoPE: the factor on cos and sin (default from `factor`).
+    attention_factor: Option<f64>,
+    /// transformers 5 keeps `partial_rotary_factor` here.
+    partial_rotary_factor: Option<f64>,
     /// Gemma 3 (transformers 5): the parameters of the global layers.
     full_attention: Option<Box<RawRopeScaling>>,
     /// Gemma 3 (transformers 5): the parameters of the sliding-window layers.
@@ -139,6 +152,14 @@ pub struct ModelConfig {
     pub rope_local_base_freq: Option<f64>,
     /// Gemma 3 (transformers 4): every n-th layer is global, the others slide.
     pub sliding_window_pattern: Option<usize>,
+    /// Phi-3 / Phi-4-mini: the part of each head RoPE rotates (transformers 4 keeps it here).
+    partial_rotary_factor: Option<f64>,
+    /// Phi-3: the pre-training context (LongRoPE's threshold; transformers 4 keeps it here).
+    original_max_position_embeddings: Option<f64>,
+    /// Phi-3: dropout on each residual branch in training.
+    resid_pdrop: Option<f64>,
+    /// Phi-3: dropout on the embeddings in training.
+    embd_pdrop: Option<f64>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
@@ -195,6 +216,19 @@ impl ModelConfig {
         for layer in 0..config.num_hidden_layers {
             config.layer_rope(layer)?;
         }
+        for (field, p) in [
+            ("resid_pdrop", config.resid_pdrop),
+            ("embd_pdrop", config.embd_pdrop),
+        ] {
+            if p.is_some_and(|p| p > 0.0) {
+                return Err(Error::Config(format!(
+                    "{}: {field} is {} but peft-sft applies no residual or embedding dropout: set \
+                     it to 0.0 (the released Phi-3 and Phi-4-mini configs have 0.0)",
+                    path.display(),
+                    p.unwrap_or(0.0)
+                )));
+            }
+        }
         if config.activation().is_none() {
             let (field, name) = config.activation_name();
             return Err(Error::Config(format!(
@@ -222,6 +256,7 @@ impl ModelConfig {
             "gemma" => Some(Family::Gemma),
             "gemma2" => Some(Family::Gemma2),
             "gemma3_text" => Some(Family::Gemma3),
+            "phi3" => Some(Family::Phi3),
             _ => None,
         };
         by_arch
@@ -319,15 +354,43 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// How the layers store their projections: fused for Phi-3.
+    pub fn layout(&self) -> Layout {
+        match self.family() {
+            Ok(Family::Phi3) => Layout::Fused,
+            _ => Layout::Separate,
+        }
+    }
+
+    /// The width RoPE rotates in each head: `head_dim · partial_rotary_factor` (all of it by
+    /// default), as transformers truncates it.
+    pub fn rotary_dim(&self) -> usize {
+        let factor = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.partial_rotary_factor)
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0);
+        (self.head_dim() as f64 * factor) as usize
+    }
+
     /// The decoder layer's linear modules as `(name under the layer, in_features, out_features,
-    /// bias)`, in the order of `DecoderLayer::linears`: what `CausalLm::load` builds and the memory
-    /// planner counts.
-    pub fn layer_linears(&self) -> [(&'static str, usize, usize, bool); 7] {
+    /// bias)`, in the order of `DecoderLayer::linears` ([`Self::layout`]): what `CausalLm::load`
+    /// builds and the memory planner counts.
+    pub fn layer_linears(&self) -> Vec<(&'static str, usize, usize, bool)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim();
         let kv = self.kv_heads() * self.head_dim();
         let (qkv_bias, o_bias, mlp_bias) = (self.qkv_bias(), self.o_bias(), self.mlp_bias);
-        [
+        if self.layout() == Layout::Fused {
+            return vec![
+                ("self_attn.qkv_proj", h, q + 2 * kv, qkv_bias),
+                ("self_attn.o_proj", q, h, o_bias),
+                ("mlp.gate_up_proj", h, 2 * i, mlp_bias),
+                ("mlp.down_proj", i, h, mlp_bias),
+            ];
+        }
+        vec![
             ("self_attn.q_proj", h, q, qkv_bias),
             ("self_attn.k_proj", h, kv, qkv_bias),
             ("self_attn.v_proj", h, kv, qkv_bias),
@@ -381,7 +444,7 @@ impl ModelConfig {
             return if sliding { self.sliding_window } else { None };
         }
         match self.family() {
-            Ok(Family::Mistral) => self.sliding_window,
+            Ok(Family::Mistral | Family::Phi3) => self.sliding_window,
             Ok(Family::Qwen2 | Family::Qwen3 | Family::SmolLm3)
                 if self.use_sliding_window == Some(true) =>
             {
@@ -414,7 +477,10 @@ impl ModelConfig {
                 .and_then(|p| p.rope_theta)
                 .or(self.rope_local_base_freq)
                 .unwrap_or(10_000.0);
-            let scaling = local.map_or(Ok(RopeScaling::Default), Self::scaling_of)?;
+            let scaling = match local {
+                Some(p) => self.scaling_of(p)?,
+                None => RopeScaling::Default,
+            };
             return Ok((theta, scaling));
         }
         let global = per_type.and_then(|p| p.full_attention.as_deref());
@@ -423,7 +489,7 @@ impl ModelConfig {
             .or(self.rope_theta)
             .unwrap_or(1_000_000.0);
         let scaling = match global.or(self.rope_scaling.as_ref()) {
-            Some(p) => Self::scaling_of(p)?,
+            Some(p) => self.scaling_of(p)?,
             None => RopeScaling::Default,
         };
         Ok((theta, scaling))
@@ -432,13 +498,13 @@ impl ModelConfig {
     /// The RoPE frequency scaling.
     pub fn rope_scaling(&self) -> Result<RopeScaling> {
         match self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()) {
-            Some(raw) => Self::scaling_of(raw),
+            Some(raw) => self.scaling_of(raw),
             None => Ok(RopeScaling::Default),
         }
     }
 
     /// The frequency scaling one `rope_scaling` / `rope_parameters` entry names.
-    fn scaling_of(raw: &RawRopeScaling) -> Result<RopeScaling> {
+    fn scaling_of(&self, raw: &RawRopeScaling) -> Result<RopeScaling> {
         let kind = raw
             .rope_type
             .as_deref()
@@ -464,8 +530,47 @@ impl ModelConfig {
             "freq_factors" => Ok(RopeScaling::Factors(raw.freq_factors.clone().ok_or_else(
                 || Error::Config("rope type freq_factors needs `freq_factors`".into()),
             )?)),
+            // transformers' `_compute_longrope_parameters` ("su" is its older name).
+            "longrope" | "su" => {
+                let half = self.rotary_dim() / 2;
+                let factors = |v: &Option<Vec<f64>>, name: &str| -> Result<Vec<f64>> {
+                    match v {
+                        Some(f) if f.len() == half => Ok(f.clone()),
+                        Some(f) => Err(Error::Config(format!(
+                            "rope_scaling `{name}` has {} entries, the rotary width needs {half}",
+                            f.len()
+                        ))),
+                        None => Err(Error::Config(format!(
+                            "rope_scaling type `{kind}` needs `{name}`"
+                        ))),
+                    }
+                };
+                let original = raw
+                    .original_max_position_embeddings
+                    .or(self.original_max_position_embeddings)
+                    .ok_or_else(|| {
+                        Error::Config(
+                            "rope_scaling type `longrope` needs `original_max_position_embeddings`"
+                                .into(),
+                        )
+                    })?;
+                let factor = raw
+                    .factor
+                    .unwrap_or(self.max_position_embeddings as f64 / original);
+                let attention_factor = raw.attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / original.ln()).sqrt()
+                });
+                Ok(RopeScaling::LongRope {
+                    short_factor: factors(&raw.short_factor, "short_factor")?,
+                    long_factor: factors(&raw.long_factor, "long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                })
+            }
             other => Err(Error::Config(format!(
-                "rope_scaling type `{other}` is not supported (default, linear, llama3)"
+                "rope_scaling type `{other}` is not supported (default, linear, llama3, longrope)"
             ))),
         }
     }

@@ -6,7 +6,7 @@ use crate::ops::attention::{
     attention, attention_tokens, prefers_token_layout, AttentionMask, Scores,
 };
 use crate::ops::glu::{glu, Activation};
-use crate::ops::layer::steps::{self, LayerSteps, NormAt, Proj};
+use crate::ops::layer::steps::{self, LayerSteps, Layout, NormAt, Proj};
 use crate::ops::linear::{frozen_linear, lora_linear, FrozenWeight, LoraBase};
 use crate::ops::lora::{dora_linear, LoraLayer};
 use crate::ops::norm::rms_norm;
@@ -177,17 +177,9 @@ impl Norm {
     }
 }
 
-/// Grouped-query self-attention.
+/// Grouped-query self-attention (its projections are the layer's [`DecoderLayer::linears`]).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// Query projection.
-    pub q_proj: Linear,
-    /// Key projection.
-    pub k_proj: Linear,
-    /// Value projection.
-    pub v_proj: Linear,
-    /// Output projection.
-    pub o_proj: Linear,
     /// Qwen3's per-head query norm.
     pub q_norm: Option<Norm>,
     /// Qwen3's per-head key norm.
@@ -272,17 +264,14 @@ impl Attention {
     }
 }
 
-/// The gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU, or Gemma's GeGLU).
+/// The gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU, or Gemma's GeGLU; its projections are
+/// the layer's [`DecoderLayer::linears`]).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// The gate's activation.
     pub activation: Activation,
-    /// Gate projection.
-    pub gate_proj: Linear,
-    /// Up projection.
-    pub up_proj: Linear,
-    /// Down projection.
-    pub down_proj: Linear,
+    /// The intermediate width.
+    pub intermediate: usize,
 }
 
 /// One pre-norm decoder layer.
@@ -299,6 +288,11 @@ pub struct DecoderLayer {
     /// Gemma 2/3's norms of the attention output (`post_attention_layernorm`) and of the MLP
     /// output (`post_feedforward_layernorm`), before each residual add.
     pub output_norms: Option<(Norm, Norm)>,
+    /// The linear modules: q, k, v, o, gate, up, down, or with the fused layout (Phi-3) qkv, o,
+    /// gate_up, down.
+    pub linears: Vec<Linear>,
+    /// How the projections are stored.
+    pub layout: Layout,
 }
 
 impl DecoderLayer {
@@ -314,6 +308,7 @@ impl DecoderLayer {
             layer: self,
             ctx,
             cache,
+            fused: None,
         };
         steps::layer(&mut tracked, x)
     }
@@ -336,32 +331,14 @@ impl DecoderLayer {
         out
     }
 
-    /// The layer's linear modules, in a fixed order.
-    pub fn linears(&self) -> [&Linear; 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+    /// The layer's linear modules, in the order of [`Self::layout`].
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.linears.iter().collect()
     }
 
     /// Mutable access to the layer's linear modules.
-    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.linears.iter_mut().collect()
     }
 
     /// The layer's norms.
@@ -381,6 +358,8 @@ struct Tracked<'a, 'c> {
     layer: &'a DecoderLayer,
     ctx: &'a ForwardContext<'a>,
     cache: Option<&'c mut KvCache>,
+    /// The output of the fused module whose pieces are being read.
+    fused: Option<Tensor>,
 }
 
 impl LayerSteps for Tracked<'_, '_> {
@@ -403,7 +382,29 @@ impl LayerSteps for Tracked<'_, '_> {
     }
 
     fn project(&mut self, which: Proj, x: &Tensor) -> Result<Tensor> {
-        self.layer.linears()[which.index()].forward(x, self.ctx.dropout_key)
+        let layer = self.layer;
+        let (i, piece) = layer.layout.slot(which);
+        let Some(piece) = piece else {
+            return layer.linears[i].forward(x, self.ctx.dropout_key);
+        };
+        if piece == 0 {
+            self.fused = Some(layer.linears[i].forward(x, self.ctx.dropout_key)?);
+        }
+        let fused = self.fused.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(format!("decoder layer: {which:?} before its module"))
+        })?;
+        let a = &layer.self_attn;
+        let (at, width) = Layout::fused_columns(
+            which,
+            a.heads * a.head_dim,
+            a.kv_heads * a.head_dim,
+            layer.mlp.intermediate,
+        );
+        let y = fused.narrow(candle_core::D::Minus1, at, width)?;
+        if matches!(which, Proj::V | Proj::Up) {
+            self.fused = None;
+        }
+        Ok(y)
     }
 
     fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {

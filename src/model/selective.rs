@@ -92,7 +92,8 @@ fn weights(layer: &DecoderLayer) -> Result<LayerWeights> {
         kv_heads: attn.kv_heads,
         head_dim: attn.head_dim,
         use_rope: attn.use_rope,
-        intermediate: layer.mlp.gate_proj.out_features(),
+        intermediate: layer.mlp.intermediate,
+        layout: layer.layout,
     })
 }
 

@@ -29,7 +29,7 @@
 
 pub mod steps;
 
-use self::steps::{LayerSteps, NormAt, Proj as StepProj};
+use self::steps::{LayerSteps, Layout, NormAt, Proj as StepProj};
 use super::attention::{self, AttentionMask, Kept, Scores};
 use super::glu::{glu_backward, glu_forward, Activation};
 use super::graft::{graft_carrying, park, Output};
@@ -54,8 +54,11 @@ pub fn runs_natively(x: &Tensor, mask: &AttentionMask) -> Result<bool> {
 /// One decoder layer's weights as the op reads them: every base weight frozen.
 #[derive(Clone)]
 pub struct LayerWeights {
-    /// q, k, v, o, gate, up and down (the order of [`steps::Proj`]).
+    /// q, k, v, o, gate, up and down (the order of [`steps::Proj`]), or with the fused layout
+    /// qkv, o, gate_up and down.
     pub projections: Vec<Projection>,
+    /// How the projections are stored.
+    pub layout: Layout,
     /// The norm before attention.
     pub input_norm: FrozenNorm,
     /// The norm before the MLP.
@@ -396,8 +399,13 @@ struct Dims {
 
 /// Everything the op reads besides its input, shared by forward and backward.
 struct LayerOp {
-    /// q, k, v, o, gate, up, down.
+    /// q, k, v, o, gate, up, down (or qkv, o, gate_up, down).
     projs: Vec<Projection>,
+    layout: Layout,
+    /// Key/value heads.
+    kv_heads: usize,
+    /// The MLP's intermediate width.
+    intermediate: usize,
     input_norm: FrozenNorm,
     post_norm: FrozenNorm,
     q_norm: Option<FrozenNorm>,
@@ -432,7 +440,7 @@ struct AttentionSaved {
     resid: Tensor,
     /// The o projection's output, where the layer normalises it (its norm's backward reads it).
     o: Option<Tensor>,
-    /// LoRA hiddens of q, k, v and o.
+    /// LoRA hiddens of the attention's modules (q, k, v and o, or qkv and o).
     hidden: Vec<Option<LoraHidden>>,
 }
 
@@ -486,13 +494,6 @@ impl Saved {
     }
 }
 
-// Positions in `LayerOp::projs` (the order of `DecoderLayer::linears`).
-const Q: usize = StepProj::Q as usize;
-const K: usize = StepProj::K as usize;
-const V: usize = StepProj::V as usize;
-const O: usize = StepProj::O as usize;
-const GATE: usize = StepProj::Gate as usize;
-
 impl LayerOp {
     /// The op of `layer` for input `x`; `offload` moves what [`Self::forward`] keeps to the
     /// host (and runs candle's kernels); `chunk_rows` as [`checkpointed_stack`] reads it.
@@ -504,14 +505,19 @@ impl LayerOp {
         chunk_rows: usize,
     ) -> Result<Self> {
         let (b, t, _) = x.dims3()?;
-        if layer.projections.len() != 7 {
+        if layer.projections.len() != layer.layout.modules() {
             candle_core::bail!(
-                "decoder layer op: {} projections, expected q, k, v, o, gate, up, down",
-                layer.projections.len()
+                "decoder layer op: {} projections, expected {} ({:?})",
+                layer.projections.len(),
+                layer.layout.modules(),
+                layer.layout
             );
         }
         Ok(LayerOp {
             projs: layer.projections,
+            layout: layer.layout,
+            kv_heads: layer.kv_heads,
+            intermediate: layer.intermediate,
             input_norm: layer.input_norm,
             post_norm: layer.post_norm,
             q_norm: layer.q_norm,
@@ -578,7 +584,7 @@ impl LayerOp {
     /// Gate, up and down for a pass over `n` rows: when they take several chunks, quantized
     /// weights dequantized once for all of them (each chunk would dequantize them twice again).
     fn mlp_projections(&self, n: usize) -> Result<Cow<'_, [Projection]>> {
-        let mlp = &self.projs[GATE..];
+        let mlp = self.mlp();
         let quantized = mlp
             .iter()
             .any(|p| matches!(p.weight, FrozenWeight::Quantized(_)));
@@ -605,9 +611,14 @@ impl LayerOp {
             .map(move |first| (first, step.min(n - first)))
     }
 
+    /// The MLP's modules: gate, up and down (or gate_up and down).
+    fn mlp(&self) -> &[Projection] {
+        &self.projs[self.layout.mlp_start()..]
+    }
+
     /// x: [n, hidden] -> (the output's elements, what the backward keeps)
     fn forward(&self, x: &Tensor) -> Result<(Output, Saved)> {
-        let mut steps = Recorder::new(self, &self.projs[GATE..], 0, true);
+        let mut steps = Recorder::new(self, self.mlp(), 0, true);
         let resid = steps::attention_half(&mut steps, x)?;
         let attention = steps.attention_saved(resid.clone())?;
         let out = steps::mlp_half(&mut steps, &resid)?;
@@ -654,14 +665,17 @@ impl LayerOp {
             let mut steps = Recorder::new(self, &mlp, first, true);
             let act = steps::mlp_activation(&mut steps, &r)?;
             let mut saved = steps.mlp_saved(false)?;
+            let down = mlp
+                .last()
+                .ok_or_else(|| candle_core::Error::Msg("no MLP".into()))?;
             if self.output_norms.is_some() {
                 // The output norm's backward reads the down projection's output.
-                let (down, hidden) = mlp[2].forward(&act, first, self.key)?;
-                saved.down = Some(down);
+                let (out, hidden) = down.forward(&act, first, self.key)?;
+                saved.down = Some(out);
                 saved.hidden.push(hidden);
             } else {
                 // The down projection's frozen product is skipped: only its LoRA hidden is needed.
-                saved.hidden.push(mlp[2].hidden(&act, first, self.key)?);
+                saved.hidden.push(down.hidden(&act, first, self.key)?);
             }
             let g = g.narrow(0, first, rows)?;
             grads.push(self.mlp_backward(&mlp, &saved, Some(act), &r, &g, first)?);
@@ -722,7 +736,8 @@ impl LayerOp {
             (Some(_), None) => return Err(missing("the MLP output norm's input")),
             (None, _) => Cow::Borrowed(g),
         };
-        let down = [Back::new(&mlp[2], &g_down, &m.hidden[2])];
+        let last = mlp.len() - 1;
+        let down = [Back::new(&mlp[last], &g_down, &m.hidden[last])];
         let grad_act = backward_projections(&down, &act, first, key, true)?
             .ok_or_else(|| missing("the MLP"))?;
         drop((act, g_down));
@@ -734,10 +749,17 @@ impl LayerOp {
         );
         drop(grad_act);
         let normed = self.post_norm.forward(resid)?;
-        let parts = [
-            Back::new(&mlp[0], &grad_gate, &m.hidden[0]),
-            Back::new(&mlp[1], &grad_up, &m.hidden[1]),
-        ];
+        let fused;
+        let parts: Vec<Back<'_>> = match self.layout {
+            Layout::Separate => vec![
+                Back::new(&mlp[0], &grad_gate, &m.hidden[0]),
+                Back::new(&mlp[1], &grad_up, &m.hidden[1]),
+            ],
+            Layout::Fused => {
+                fused = Tensor::cat(&[&grad_gate, &grad_up], 1)?;
+                vec![Back::new(&mlp[0], &fused, &m.hidden[0])]
+            }
+        };
         let grad_normed = backward_projections(&parts, &normed, first, key, true)?
             .ok_or_else(|| missing("the MLP input"))?;
         let through_norm = self.post_norm.backward(resid, &grad_normed)?;
@@ -762,7 +784,8 @@ impl LayerOp {
             (Some(_), None) => return Err(missing("the attention output norm's input")),
             (None, _) => Cow::Borrowed(grad_resid),
         };
-        let o = [Back::new(&self.projs[O], &g_o, &s.hidden[O])];
+        let o_at = self.layout.o();
+        let o = [Back::new(&self.projs[o_at], &g_o, &s.hidden[o_at])];
         let grad_attn =
             backward_projections(&o, &s.attn, 0, key, true)?.ok_or_else(|| missing("attention"))?;
         let (dq, dk, dv) = {
@@ -776,11 +799,18 @@ impl LayerOp {
         let dk = self.unrotated(&s.k, &dk, self.k_norm.as_ref())?;
         let dv = dv.reshape(s.v.dims())?;
         let normed = self.input_norm.forward(x)?;
-        let parts = [
-            Back::new(&self.projs[Q], &dq, &s.hidden[Q]),
-            Back::new(&self.projs[K], &dk, &s.hidden[K]),
-            Back::new(&self.projs[V], &dv, &s.hidden[V]),
-        ];
+        let fused;
+        let parts: Vec<Back<'_>> = match self.layout {
+            Layout::Separate => vec![
+                Back::new(&self.projs[0], &dq, &s.hidden[0]),
+                Back::new(&self.projs[1], &dk, &s.hidden[1]),
+                Back::new(&self.projs[2], &dv, &s.hidden[2]),
+            ],
+            Layout::Fused => {
+                fused = Tensor::cat(&[&dq, &dk, &dv], 1)?;
+                vec![Back::new(&self.projs[0], &fused, &s.hidden[0])]
+            }
+        };
         match backward_projections(&parts, &normed, 0, key, needs_x)? {
             Some(gn) => {
                 let through_norm = self.input_norm.backward(x, &gn)?;
@@ -793,8 +823,7 @@ impl LayerOp {
     /// The gradient of the layer input x `[n, hidden]` for the output gradient g (when
     /// `needs_x`); every LoRA gradient is parked.
     fn backward(&self, s: &Saved, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
-        let grad_resid =
-            self.mlp_backward(&self.projs[GATE..], &s.mlp, None, &s.attention.resid, g, 0)?;
+        let grad_resid = self.mlp_backward(self.mlp(), &s.mlp, None, &s.attention.resid, g, 0)?;
         self.attention_half_backward(&s.attention, x, &grad_resid, needs_x)
     }
 }
@@ -805,11 +834,14 @@ impl LayerOp {
 /// attention's output and what its kernel kept, gate and up, and each LoRA branch's hidden.
 struct Recorder<'a> {
     op: &'a LayerOp,
-    /// Gate, up and down as this pass reads them ([`LayerOp::mlp_projections`]).
+    /// The MLP's modules as this pass reads them ([`LayerOp::mlp_projections`]).
     mlp: &'a [Projection],
     first: usize,
     keep: bool,
-    hidden: [Option<LoraHidden>; 7],
+    /// Each module's LoRA hidden, by position.
+    hidden: Vec<Option<LoraHidden>>,
+    /// The output of the fused module whose pieces are being read (qkv, gate_up).
+    fused: Option<Tensor>,
     qkv: Vec<Tensor>,
     /// The o and down projections' outputs (kept where the layer normalises them).
     o: Option<Tensor>,
@@ -825,7 +857,8 @@ impl<'a> Recorder<'a> {
             mlp,
             first,
             keep,
-            hidden: Default::default(),
+            hidden: (0..op.projs.len()).map(|_| None).collect(),
+            fused: None,
             qkv: Vec::new(),
             o: None,
             down: None,
@@ -841,7 +874,9 @@ impl<'a> Recorder<'a> {
         let [q, k, v]: [Tensor; 3] = std::mem::take(&mut self.qkv)
             .try_into()
             .map_err(|_| missing())?;
-        let hidden = (Q..=O).map(|i| self.hidden[i].take()).collect();
+        let hidden = (0..=self.op.layout.o())
+            .map(|i| self.hidden[i].take())
+            .collect();
         Ok(AttentionSaved {
             q,
             k,
@@ -860,9 +895,12 @@ impl<'a> Recorder<'a> {
             .gate_up
             .take()
             .ok_or_else(|| candle_core::Error::Msg("decoder layer: the MLP did not run".into()))?;
-        let mut hidden = vec![self.hidden[GATE].take(), self.hidden[GATE + 1].take()];
+        let layout = self.op.layout;
+        let mut hidden: Vec<_> = (layout.mlp_start()..layout.down())
+            .map(|i| self.hidden[i].take())
+            .collect();
         if with_down {
-            hidden.push(self.hidden[GATE + 2].take());
+            hidden.push(self.hidden[layout.down()].take());
         }
         Ok(MlpSaved {
             gate,
@@ -893,15 +931,44 @@ impl LayerSteps for Recorder<'_> {
     }
 
     fn project(&mut self, which: StepProj, x: &Tensor) -> Result<Tensor> {
-        let i = which.index();
-        let proj = if i >= GATE {
-            &self.mlp[i - GATE]
+        let layout = self.op.layout;
+        let (i, piece) = layout.slot(which);
+        let start = layout.mlp_start();
+        let proj = if i >= start {
+            &self.mlp[i - start]
         } else {
             &self.op.projs[i]
         };
-        let (y, hidden) = proj.forward(x, self.first, self.op.key)?;
+        if piece.is_none_or(|p| p == 0) {
+            let (y, hidden) = proj.forward(x, self.first, self.op.key)?;
+            if self.keep {
+                self.hidden[i] = hidden;
+            }
+            self.fused = Some(y);
+        }
+        // A whole module, or a fused one's last piece: its output is not needed again.
+        let last = piece.is_none() || matches!(which, StepProj::V | StepProj::Up);
+        let module_out = match last {
+            true => self.fused.take(),
+            false => self.fused.clone(),
+        }
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("decoder layer: {which:?} before its module"))
+        })?;
+        let y = match piece {
+            None => module_out,
+            Some(_) => {
+                let Dims { heads, d, .. } = self.op.dims;
+                let (at, width) = Layout::fused_columns(
+                    which,
+                    heads * d,
+                    self.op.kv_heads * d,
+                    self.op.intermediate,
+                );
+                module_out.narrow(1, at, width)?.contiguous()?
+            }
+        };
         if self.keep {
-            self.hidden[i] = hidden;
             let normalised = self.op.output_norms.is_some();
             match which {
                 StepProj::Q | StepProj::K | StepProj::V => self.qkv.push(y.clone()),

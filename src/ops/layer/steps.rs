@@ -50,9 +50,76 @@ pub enum Proj {
 }
 
 impl Proj {
-    /// The position in `DecoderLayer::linears`.
+    /// The position in `DecoderLayer::linears` of a layer with separate modules.
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// How a layer stores its seven projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// q, k, v, o, gate, up, down: one module each.
+    #[default]
+    Separate,
+    /// Phi-3: `qkv_proj` (q, k and v stacked by rows), o, `gate_up_proj` (gate then up), down —
+    /// one LoRA pair over each fused module, as PEFT adapts them.
+    Fused,
+}
+
+impl Layout {
+    /// Modules per layer.
+    pub fn modules(self) -> usize {
+        match self {
+            Layout::Separate => 7,
+            Layout::Fused => 4,
+        }
+    }
+
+    /// Where projection `which` comes from: the module's position in the layer's list and, for a
+    /// piece of a fused module, which piece (q, k, v: 0, 1, 2; gate, up: 0, 1).
+    pub fn slot(self, which: Proj) -> (usize, Option<usize>) {
+        match self {
+            Layout::Separate => (which.index(), None),
+            Layout::Fused => match which {
+                Proj::Q => (0, Some(0)),
+                Proj::K => (0, Some(1)),
+                Proj::V => (0, Some(2)),
+                Proj::O => (1, None),
+                Proj::Gate => (2, Some(0)),
+                Proj::Up => (2, Some(1)),
+                Proj::Down => (3, None),
+            },
+        }
+    }
+
+    /// The o projection's position.
+    pub fn o(self) -> usize {
+        self.slot(Proj::O).0
+    }
+
+    /// The first MLP module's position (gate, or gate_up).
+    pub fn mlp_start(self) -> usize {
+        self.slot(Proj::Gate).0
+    }
+
+    /// The down projection's position.
+    pub fn down(self) -> usize {
+        self.slot(Proj::Down).0
+    }
+
+    /// The columns `(start, width)` projection `which` takes of its fused module's output: q, k
+    /// and v of widths `q` and `kv` (heads × head width) stacked, gate then up, `intermediate`
+    /// each.
+    pub fn fused_columns(which: Proj, q: usize, kv: usize, intermediate: usize) -> (usize, usize) {
+        match which {
+            Proj::Q => (0, q),
+            Proj::K => (q, kv),
+            Proj::V => (q + kv, kv),
+            Proj::Gate => (0, intermediate),
+            Proj::Up => (intermediate, intermediate),
+            Proj::O | Proj::Down => (0, 0),
+        }
     }
 }
 

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Writes the Gemma fixtures under tests/fixtures/ with transformers and PEFT (CPU, f32, eager attention).
+"""Writes the fixtures of the families added after make_reference_fixtures.py (Gemma, Gemma 2, Gemma 3, Phi-3) under
+tests/fixtures/ with transformers and PEFT (CPU, f32, eager attention).
 
-Run from the repo root: `python scripts/make_gemma_fixtures.py`. Deterministic (fixed seeds), no network.
+Run from the repo root: `python scripts/make_family_fixtures.py`. Deterministic (fixed seeds), no network.
 
 Outputs (small, committed):
-  models/{gemma,gemma2,gemma3}/   tiny random GemmaForCausalLM, Gemma2ForCausalLM and Gemma3ForCausalLM (text) with the
-                                  chatml test tokenizer; reference.safetensors: input_ids int64 [2,16], logits f32 [2,16,V]
-  peft/{gemma2,gemma3}/           adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
+  models/{gemma,gemma2,gemma3,phi3}/  tiny random GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and
+                                  Phi3ForCausalLM with the chatml test tokenizer; reference.safetensors: input_ids int64
+                                  [2,16], logits f32 [2,16,V] (phi3 also input_ids_short [2,8], logits_short: LongRoPE's
+                                  short factors; the 16-token inputs pass its original context of 8 and take the long ones)
+  peft/{gemma2,gemma3,phi3}/      adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
                                   reference.safetensors: input_ids, logits, loss (labels = ids, first 5 masked),
                                   merged_logits, grad.<PEFT key> for every LoRA weight
 
 The configs exercise what sets the families apart: `1 + w` norms (weights drawn around 0), √hidden embedding scale,
 GeGLU, query_pre_attn_scalar != head_dim, Gemma 2's soft caps set low enough to bend the scores and logits, sliding
 windows shorter than the 16-token inputs on alternating (Gemma 2) or patterned (Gemma 3) layers, Gemma 3's q/k norms
-and its two RoPE bases (global with linear scaling).
+and its two RoPE bases (global with linear scaling); Phi-3's fused qkv_proj and gate_up_proj (PEFT adapts them as one
+module each), partial_rotary_factor 0.5, LongRoPE and a sliding window.
 
 Versions used are appended to tests/fixtures/VERSIONS.txt by hand (see the "gemma" lines there).
 """
@@ -40,22 +44,31 @@ torch.use_deterministic_algorithms(True)
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore")
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh")
+GEMMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+             tie_word_embeddings=True)
 
 MODELS = {
-    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(num_hidden_layers=2)),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(**GEMMA, num_hidden_layers=2)),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
-        num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=6,
+        **GEMMA, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=6,
         attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
-        num_hidden_layers=4, query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=3,
+        **GEMMA, num_hidden_layers=4, query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=3,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    # head_dim 16, rotary width 8 (4 frequencies); original context 8 of 32: attention factor sqrt(1 + ln 4 / ln 8).
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        max_position_embeddings=32, original_max_position_embeddings=8, rms_norm_eps=1e-5, sliding_window=10,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.2, 2.5, 6.0, 11.0],
+                         "original_max_position_embeddings": 8})),
 }
 
 
-def randomize(model):
+def randomize(model, offset_norms):
     """Weights far from uniform logits; Gemma's norms scale by 1 + w, so their weights are drawn around 0."""
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -63,7 +76,7 @@ def randomize(model):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
             else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                p.copy_((0.0 if offset_norms else 1.0) + 0.3 * torch.randn(p.shape, generator=gen))
 
 
 def ids_for(vocab, seed):
@@ -73,11 +86,11 @@ def ids_for(vocab, seed):
 def build(name, tok):
     config_cls, model_cls, extra = MODELS[name]
     config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **COMMON, **extra)
+                        pad_token_id=tok.pad_token_id, **extra)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    randomize(model)
+    randomize(model, offset_norms=name.startswith("gemma"))
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return model
@@ -93,7 +106,15 @@ def write_models(tok):
         ids = ids_for(len(tok), 7)
         with torch.no_grad():
             logits = model(ids).logits.float().contiguous()
-        save_file({"input_ids": ids, "logits": logits}, path / "reference.safetensors")
+        tensors = {"input_ids": ids, "logits": logits}
+        if name == "phi3":
+            short = ids[:, :8].contiguous()
+            with torch.no_grad():
+                tensors["input_ids_short"] = short
+                tensors["logits_short"] = model(short).logits.float().contiguous()
+            # The long factors change the logits where the short ones would have applied.
+            assert (tensors["logits_short"] - logits[:, :8]).abs().max() > 1e-3
+        save_file(tensors, path / "reference.safetensors")
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
         with torch.no_grad():
             assert torch.equal(reloaded(ids).logits, logits), name
@@ -128,7 +149,7 @@ def check_gemma2_caps_and_window():
 
 
 def write_peft():
-    for name in ["gemma2", "gemma3"]:
+    for name in ["gemma2", "gemma3", "phi3"]:
         base = transformers.AutoModelForCausalLM.from_pretrained(OUT / "models" / name, attn_implementation="eager")
         torch.manual_seed(3)
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
