@@ -1563,6 +1563,44 @@ mod tests {
                 "Gemma 2 T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
             );
         }
+        // A Phi-3 of SmolLM2-135M's shape (fused qkv_proj and gate_up_proj, partial rotary 0.75,
+        // LongRoPE), measured the same way, 2026-12-03: LoRA pairs over the fused modules.
+        let phi3 = ModelConfig::from_value(
+            serde_json::json!({
+                "architectures": ["Phi3ForCausalLM"], "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": true,
+                "max_position_embeddings": 16384, "original_max_position_embeddings": 4096,
+                "partial_rotary_factor": 0.75
+            }),
+            Path::new("phi3"),
+        )
+        .unwrap();
+        for (t, method, gc, mib) in [
+            (512, Method::Lora, false, 1008.7),
+            (1024, Method::Lora, false, 1372.8),
+            (512, Method::Qlora, false, 666.4),
+            (1024, Method::Lora, true, 760.9),
+        ] {
+            let o = PlanOptions {
+                lora_r: 16,
+                lora_dropout: 0.0,
+                gradient_checkpointing: gc,
+                baseline_bytes: 9 * MIB,
+                ..PlanOptions::new(method, t)
+            };
+            let p = plan(&phi3, &o).unwrap();
+            // all-linear: 4 fused-layout modules per layer, r (in + out) each.
+            let per_layer =
+                16 * ((576 + 576 + 2 * 192) + (576 + 576) + (576 + 2 * 1536) + (1536 + 576));
+            assert_eq!(p.params.lora, 30 * per_layer as u64);
+            let predicted = p.total() as f64 / MIB as f64;
+            let error = (predicted - mib) / mib;
+            assert!(
+                error.abs() < 0.10,
+                "Phi-3 T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
+            );
+        }
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {
                 lora_r: r,
