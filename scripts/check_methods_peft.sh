@@ -3,7 +3,8 @@
 # the tiny fixture model, `examples/adapter_logits` writes our logits, and scripts/check_peft_loads.py
 # loads the adapter with PeftModel.from_pretrained and compares (max relative difference < 1e-4).
 # Needs torch, transformers, peft (and bitsandbytes for the QLoRA rows) in python3.
-# Usage: bash scripts/check_methods_peft.sh [MODEL_DIR]   (default tests/fixtures/models/llama)
+# Usage: bash scripts/check_methods_peft.sh [MODEL_DIR]   (default tests/fixtures/models/llama; any
+# fixture family: gemma2, gemma3, phi3 ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-tests/fixtures/models/llama}
@@ -44,7 +45,7 @@ pissa|--lora --init-lora-weights pissa||
 olora|--lora --init-lora-weights olora||
 loftq|--qlora --init-lora-weights loftq --loftq-iter 2|OUT/loftq_base|
 modules_to_save|--lora --modules-to-save embed_tokens,lm_head||
-layers|--lora --lora-target-modules q_proj,v_proj --layers-to-transform 1||
+layers|--lora --lora-target-modules o_proj,down_proj --layers-to-transform 1||
 exclude|--lora --exclude-modules down_proj||
 dft|--lora --loss-type dft||
 neftune|--lora --neftune-noise-alpha 5||
