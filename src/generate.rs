@@ -74,7 +74,18 @@ fn generate_tokens(model: &CausalLm, prompt: &[u32], opts: &GenerateOptions) -> 
     let mut out = Vec::new();
     let mut input: Vec<u32> = prompt.to_vec();
     let mut position = 0u32;
+    let long_from = model.rope_long_from().map(|n| n as u32);
     for _ in 0..opts.max_new_tokens {
+        // LongRoPE: when the sequence grows past the original context every position rotates
+        // with the long frequencies, so the keys cached with the short ones are recomputed (as
+        // transformers' Phi-3 drops its cache there).
+        if long_from
+            .is_some_and(|n| position > 0 && position <= n && position + input.len() as u32 > n)
+        {
+            caches = vec![None; model.layers.len()];
+            input = prompt.iter().chain(&out).copied().collect();
+            position = 0;
+        }
         let len = input.len() as u32;
         let ids = Tensor::new(input.as_slice(), &model.device)?.unsqueeze(0)?;
         let positions = vec![(position..position + len).collect::<Vec<u32>>()];

@@ -394,6 +394,15 @@ impl CausalLm {
         Ok(self.norm.forward(&x)?)
     }
 
+    /// LongRoPE's original context: sequences longer than this rotate with the long frequencies
+    /// (so keys cached before a sequence grows past it no longer fit).
+    pub fn rope_long_from(&self) -> Option<usize> {
+        self.ropes
+            .iter()
+            .filter_map(RotaryEmbedding::long_from)
+            .min()
+    }
+
     /// Logits of hidden states (soft-capped where the model caps them), outside autograd.
     /// hidden: [.., h] -> [.., vocab]
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {

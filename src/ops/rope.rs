@@ -116,6 +116,12 @@ impl RotaryEmbedding {
         RotaryEmbedding { inv_freq, long }
     }
 
+    /// LongRoPE: the sequence length past which the long frequencies apply (the original
+    /// context); None for every other scaling.
+    pub fn long_from(&self) -> Option<usize> {
+        self.long.as_ref().map(|(_, original, _)| *original)
+    }
+
     /// The inverse frequencies, one per rotation pair.
     pub fn inv_freq(&self) -> &[f64] {
         &self.inv_freq
