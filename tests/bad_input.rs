@@ -129,7 +129,21 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
         std::fs::write(&p, bytes).unwrap();
         p
     };
+    // A multimodal Gemma 3 config (no top-level hidden_size): named as such, not as a missing field.
+    let multimodal = dir.join("gemma3-multimodal");
+    std::fs::create_dir_all(&multimodal).unwrap();
+    std::fs::write(
+        multimodal.join("config.json"),
+        r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": {"hidden_size": 64}, "vision_config": {}}"#,
+    )
+    .unwrap();
     let mut cases = vec![
+        Case {
+            name: "multimodal Gemma 3",
+            args: train(&multimodal, &data, out, &[]),
+            says: "unsupported architecture `Gemma3ForConditionalGeneration`",
+        },
         // Every hyperparameter's range, the negative numbers reaching the range check.
         Case {
             name: "negative learning rate",

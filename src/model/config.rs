@@ -57,6 +57,57 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
     ("Phi3ForCausalLM", Family::Phi3),
 ];
 
+/// The error for an architecture peft-sft does not implement, naming those it does (and, for
+/// Gemma 3's multimodal wrapper, which Gemma 3 checkpoints load).
+fn unsupported(name: String) -> Error {
+    let mut supported = SUPPORTED_ARCHITECTURES
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if name == "Gemma3ForConditionalGeneration" {
+        supported.push_str(
+            " (Gemma 3 4B, 12B and 27B are multimodal Gemma3ForConditionalGeneration checkpoints, \
+             not loaded yet; gemma-3-270m and gemma-3-1b are Gemma3ForCausalLM)",
+        );
+    }
+    Error::UnsupportedArchitecture { name, supported }
+}
+
+/// Refuses a config.json whose `architectures` (or, without them, `model_type`) names no family
+/// peft-sft implements.
+fn known_architecture(raw: &serde_json::Value) -> Result<()> {
+    let architectures: Vec<&str> = raw["architectures"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let model_type = raw["model_type"].as_str().unwrap_or("");
+    let known_arch = architectures
+        .iter()
+        .any(|a| SUPPORTED_ARCHITECTURES.iter().any(|(n, _)| n == a));
+    let known_type = MODEL_TYPES.iter().any(|(t, _)| *t == model_type);
+    match (architectures.first(), known_arch || known_type) {
+        (_, true) => Ok(()),
+        (Some(first), false) => Err(unsupported(first.to_string())),
+        // Neither names anything: the strict parse says what is missing.
+        (None, false) if model_type.is_empty() => Ok(()),
+        (None, false) => Err(unsupported(model_type.to_string())),
+    }
+}
+
+/// config.json `model_type`s of the families, for configs without `architectures`.
+const MODEL_TYPES: &[(&str, Family)] = &[
+    ("llama", Family::Llama),
+    ("mistral", Family::Mistral),
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("smollm3", Family::SmolLm3),
+    ("gemma", Family::Gemma),
+    ("gemma2", Family::Gemma2),
+    ("gemma3_text", Family::Gemma3),
+    ("phi3", Family::Phi3),
+];
+
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as stored in config.json
 /// (`rope_type`, or the older `type`).
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +242,11 @@ impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // An architecture peft-sft does not implement is named as such, before any field it
+        // lacks (a multimodal wrapper has no top-level `hidden_size`).
+        if let Ok(raw) = serde_json::from_str::<serde_json::Value>(&text) {
+            known_architecture(&raw)?;
+        }
         let config: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::Parse {
             path: path.to_path_buf(),
             line: Some(e.line()),
@@ -201,6 +257,7 @@ impl ModelConfig {
 
     /// Reads a config given as JSON (e.g. derived from a GGUF file's metadata at `origin`).
     pub fn from_value(value: serde_json::Value, origin: &Path) -> Result<Self> {
+        known_architecture(&value)?;
         let config: ModelConfig = serde_json::from_value(value).map_err(|e| Error::Parse {
             path: origin.to_path_buf(),
             line: None,
@@ -247,32 +304,18 @@ impl ModelConfig {
                 .find(|(n, _)| n == a)
                 .map(|(_, f)| *f)
         });
-        let by_type = match self.model_type.as_str() {
-            "llama" => Some(Family::Llama),
-            "mistral" => Some(Family::Mistral),
-            "qwen2" => Some(Family::Qwen2),
-            "qwen3" => Some(Family::Qwen3),
-            "smollm3" => Some(Family::SmolLm3),
-            "gemma" => Some(Family::Gemma),
-            "gemma2" => Some(Family::Gemma2),
-            "gemma3_text" => Some(Family::Gemma3),
-            "phi3" => Some(Family::Phi3),
-            _ => None,
-        };
-        by_arch
-            .or(by_type)
-            .ok_or_else(|| Error::UnsupportedArchitecture {
-                name: self
-                    .architectures
+        let by_type = MODEL_TYPES
+            .iter()
+            .find(|(t, _)| *t == self.model_type)
+            .map(|(_, f)| *f);
+        by_arch.or(by_type).ok_or_else(|| {
+            unsupported(
+                self.architectures
                     .first()
                     .cloned()
                     .unwrap_or_else(|| self.model_type.clone()),
-                supported: SUPPORTED_ARCHITECTURES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+            )
+        })
     }
 
     /// Where the MLP's activation is named and the name: Gemma's `hidden_activation` (default
