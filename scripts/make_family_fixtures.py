@@ -68,6 +68,16 @@ MODELS = {
 }
 
 
+# Gemma 3's multimodal wrapper (the 4B/12B/27B checkpoints' architecture) around the gemma3 text model above and a
+# one-layer vision tower; peft-sft trains its text model, PEFT adapts only `language_model` modules here.
+MULTIMODAL = dict(
+    text_config=dict(MODELS["gemma3"][2], vocab_size=400),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=28, patch_size=14),
+    mm_tokens_per_image=4, image_token_index=399, boi_token_index=397, eoi_token_index=398)
+TEXT_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
 def randomize(model, offset_norms):
     """Weights far from uniform logits; Gemma's norms scale by 1 + w, so their weights are drawn around 0."""
     gen = torch.Generator().manual_seed(1234)
@@ -84,6 +94,14 @@ def ids_for(vocab, seed):
 
 
 def build(name, tok):
+    if name == "gemma3_multimodal":
+        config = transformers.Gemma3Config(**MULTIMODAL, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)
+        config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = transformers.Gemma3ForConditionalGeneration(config).eval()
+        randomize(model, offset_norms=True)
+        return model
     config_cls, model_cls, extra = MODELS[name]
     config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id, **extra)
@@ -97,7 +115,7 @@ def build(name, tok):
 
 
 def write_models(tok):
-    for name in MODELS:
+    for name in [*MODELS, "gemma3_multimodal"]:
         model = build(name, tok)
         path = OUT / "models" / name
         shutil.rmtree(path, ignore_errors=True)
@@ -118,7 +136,7 @@ def write_models(tok):
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
         with torch.no_grad():
             assert torch.equal(reloaded(ids).logits, logits), name
-        print(f"models/{name}: layer_types {getattr(model.config, 'layer_types', None)}, "
+        print(f"models/{name}: layer_types {getattr(model.config.get_text_config(), 'layer_types', None)}, "
               f"logits std {logits.std():.2f}, max |logit| {logits.abs().max():.2f}")
     check_gemma2_caps_and_window()
 
@@ -149,10 +167,11 @@ def check_gemma2_caps_and_window():
 
 
 def write_peft():
-    for name in ["gemma2", "gemma3", "phi3"]:
+    for name in ["gemma2", "gemma3", "phi3", "gemma3_multimodal"]:
         base = transformers.AutoModelForCausalLM.from_pretrained(OUT / "models" / name, attn_implementation="eager")
         torch.manual_seed(3)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+        targets = TEXT_MODULES if name == "gemma3_multimodal" else "all-linear"
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
         model = peft.get_peft_model(base, config)
         gen = torch.Generator().manual_seed(99)
@@ -165,7 +184,7 @@ def write_peft():
         shutil.rmtree(path, ignore_errors=True)
         model.save_pretrained(path / "adapter")
         (path / "adapter" / "README.md").unlink(missing_ok=True)
-        ids = ids_for(base.config.vocab_size, 11)
+        ids = ids_for(base.config.get_text_config().vocab_size, 11)
         labels = ids.clone()
         labels[:, :5] = -100
         out = model(ids, labels=labels)

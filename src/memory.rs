@@ -276,7 +276,7 @@ fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<Vec<boo
         .flat_map(|l| {
             shapes
                 .iter()
-                .map(move |(n, _, _)| format!("model.layers.{l}.{n}"))
+                .map(move |(n, _, _)| format!("{}.layers.{l}.{n}", c.module_prefix()))
         })
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();

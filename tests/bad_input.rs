@@ -129,20 +129,21 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
         std::fs::write(&p, bytes).unwrap();
         p
     };
-    // A multimodal Gemma 3 config (no top-level hidden_size): named as such, not as a missing field.
-    let multimodal = dir.join("gemma3-multimodal");
+    // A multimodal config peft-sft has no text model for (no top-level hidden_size): named as
+    // such, not as a missing field.
+    let multimodal = dir.join("llava");
     std::fs::create_dir_all(&multimodal).unwrap();
     std::fs::write(
         multimodal.join("config.json"),
-        r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        r#"{"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "text_config": {"hidden_size": 64}, "vision_config": {}}"#,
     )
     .unwrap();
     let mut cases = vec![
         Case {
-            name: "multimodal Gemma 3",
+            name: "multimodal Llava",
             args: train(&multimodal, &data, out, &[]),
-            says: "unsupported architecture `Gemma3ForConditionalGeneration`",
+            says: "unsupported architecture `LlavaForConditionalGeneration`",
         },
         // Every hyperparameter's range, the negative numbers reaching the range check.
         Case {

@@ -110,3 +110,10 @@ fn cached_generation_equals_recomputing_every_step() {
         );
     }
 }
+
+/// Gemma 3's multimodal wrapper (`Gemma3ForConditionalGeneration`, the 4B/12B/27B checkpoints):
+/// its text model, read from the original layout (`language_model.model.*`), on text alone.
+#[test]
+fn gemma3_multimodal_checkpoint_as_its_text_model() {
+    check("gemma3_multimodal");
+}

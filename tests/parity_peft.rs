@@ -45,8 +45,9 @@ fn check(name: &str, base: &str) {
     assert_eq!(merged_modules(&mut model), modules);
     let merged_ref = tensors(&dir.join("merged/model.safetensors"));
     for (n, p) in model.named_weights() {
+        // A multimodal wrapper's checkpoint holds its text model in the original layout.
         let expected = merged_ref
-            .get(&n)
+            .get(&model.config.stored_name(&n))
             .unwrap_or_else(|| panic!("merged fixture lacks {n}"));
         let diff = max_abs_diff(p.tensor(), expected);
         assert!(
@@ -90,6 +91,13 @@ fn gemma3_adapter_matches_peft() {
 #[test]
 fn phi3_fused_module_adapter_matches_peft() {
     check("phi3", "phi3");
+}
+
+/// Gemma 3's multimodal wrapper (the 4B+ checkpoints): the text model's modules under
+/// `model.language_model`, PEFT's regex target over them, its merge in the original layout.
+#[test]
+fn gemma3_multimodal_text_adapter_matches_peft() {
+    check("gemma3_multimodal", "gemma3_multimodal");
 }
 
 /// DoRA (scripts/make_dora_fixture.py): magnitude vectors moved off their initial norms, so the

@@ -854,3 +854,62 @@ fn merge_checked(model: &Path, adapter: &Path, merged: &Path) {
     ]);
     assert!(ok && err.contains("largest logit difference"), "{err}");
 }
+
+/// Gemma 3's multimodal wrapper through the CLI: the adapter names the text model's modules as
+/// PEFT does on `Gemma3ForConditionalGeneration` (`model.language_model...`, a target pattern
+/// that leaves the vision tower alone); merge writes the whole checkpoint — the text model in
+/// the original layout, every vision tensor as it was — and it reloads to the adapter's logits.
+#[test]
+fn gemma3_multimodal_trains_its_text_model_and_merges_the_whole_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (adapter, merged) = (tmp.path().join("adapter"), tmp.path().join("merged"));
+    let base = fixture("models/gemma3_multimodal");
+    let mut args = train_args(
+        "cpu",
+        adapter.to_str().unwrap(),
+        "3",
+        &["--learning-rate", "1e-2"],
+    );
+    args[2] = "tests/fixtures/models/gemma3_multimodal";
+    let (ok, _, err) = run_cli(&args);
+    assert!(ok, "{err}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let pattern = config["target_modules"].as_str().expect("a pattern");
+    assert!(pattern.starts_with(r"model\.language_model\."), "{pattern}");
+    let keys = tensors(&adapter.join("adapter_model.safetensors"));
+    assert!(keys
+        .keys()
+        .all(|k| k.starts_with("base_model.model.model.language_model.layers.")));
+    merge_checked(&base, &adapter, &merged);
+    let (before, after) = (
+        tensors(&base.join("model.safetensors")),
+        tensors(&merged.join("model.safetensors")),
+    );
+    let mut names: Vec<&String> = before.keys().collect();
+    names.sort();
+    let mut merged_names: Vec<&String> = after.keys().collect();
+    merged_names.sort();
+    assert_eq!(
+        names, merged_names,
+        "the merged checkpoint has the base's tensors"
+    );
+    for name in names.iter().filter(|n| !n.starts_with("language_model.")) {
+        assert_eq!(
+            max_abs_diff(&after[*name], &before[*name]),
+            0.0,
+            "{name} changed"
+        );
+    }
+    let mut with_adapter = load_model(&base, false);
+    peft_sft::lora::load_adapter(&mut with_adapter, &adapter).unwrap();
+    let reloaded = load_model(&merged, false);
+    let ids = Tensor::new(&[[3u32, 17, 42, 99, 7]], &candle_core::Device::Cpu).unwrap();
+    let err = rel_err(
+        &reloaded.forward(&ids).unwrap(),
+        &with_adapter.forward(&ids).unwrap(),
+    );
+    assert!(err < 1e-4, "merged logits differ by {err}");
+}

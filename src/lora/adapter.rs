@@ -7,7 +7,7 @@ use super::init::relative_to_original;
 use super::layer::LoraLayer;
 use super::target::{rank_and_scale, short_name};
 use crate::io::{read_safetensors, write_safetensors};
-use crate::model::tokens::{rows_name, short_module, SavedModules, EMBED_MODULE, HEAD_MODULE};
+use crate::model::tokens::{rows_name, short_module, SavedModules, HEAD_MODULE};
 use crate::model::CausalLm;
 use crate::ops::lora::MAGNITUDE;
 use crate::{Error, Result};
@@ -56,7 +56,8 @@ pub fn adapter_tensors(model: &CausalLm) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` as PEFT does: an
-/// `all-linear` target is saved as the list of module names it selected.
+/// `all-linear` target is saved as the list of module names it selected (for a multimodal
+/// wrapper's text model, a pattern over the text model's modules).
 pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result<()> {
     let mut config = config.clone();
     if config.target_modules == TargetModules::Pattern("all-linear".into()) {
@@ -67,6 +68,14 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result
             .map(|l| short_name(&l.name).to_string())
             .collect();
         config.target_modules = TargetModules::List(names.into_iter().collect());
+    }
+    if let (Some(_), TargetModules::List(names)) = (&model.config.wrapper, &config.target_modules) {
+        // A multimodal wrapper: the names alone would also select its vision tower's modules
+        // (PEFT matches them as suffixes); the adapter covers the text model only.
+        let prefix = regex::escape(model.config.module_prefix());
+        let names: Vec<String> = names.iter().map(|n| regex::escape(n)).collect();
+        config.target_modules =
+            TargetModules::Pattern(format!(r"{prefix}\..*\.({})", names.join("|")));
     }
     if let Some(tt) = &model.trainable_tokens {
         // PEFT keys the rows by the modules' short names; a tied head follows the embedding.
@@ -180,7 +189,7 @@ impl Adapter {
                 rows.insert(module.to_string(), t.to_dtype(model.dtype)?);
                 continue;
             }
-            if let Some(module) = saved_module(&key, &to_save) {
+            if let Some(module) = saved_module(&key, &to_save, &model.config.embed_module()) {
                 let hidden = model.config.hidden_size;
                 if t.rank() != 2 || t.dim(1)? != hidden || t.dim(0)? < model.config.vocab_size {
                     return Err(Error::Tensor {
@@ -331,13 +340,13 @@ pub fn remove_adapters(model: &mut CausalLm) {
 
 /// `embed_tokens` or `lm_head` when `key` is PEFT's saved key of a `modules_to_save` copy of one
 /// of them (`base_model.model.lm_head.weight`) and `to_save` names it.
-fn saved_module(key: &str, to_save: &[String]) -> Option<&'static str> {
+fn saved_module(key: &str, to_save: &[String], embed_module: &str) -> Option<&'static str> {
     let module = key.strip_prefix(PREFIX)?.strip_suffix(".weight")?;
     let short = short_module(module)?;
     let full = if short == "lm_head" {
         HEAD_MODULE
     } else {
-        EMBED_MODULE
+        embed_module
     };
     (module == full && to_save.iter().any(|m| short_module(m) == Some(short))).then_some(short)
 }
@@ -368,7 +377,8 @@ fn token_rows(
     path: &Path,
     model: &CausalLm,
 ) -> Result<Option<TokenRows>> {
-    let embed = rows.remove(EMBED_MODULE);
+    let embed_module = model.config.embed_module();
+    let embed = rows.remove(&embed_module);
     let head = rows.remove(HEAD_MODULE);
     if let Some(module) = rows.keys().next() {
         return Err(Error::Tensor {
@@ -399,7 +409,10 @@ fn token_rows(
             "{}: the adapter has trainable token rows but adapter_config.json names no trainable_token_indices",
             path.display()
         )))?;
-    for (module, t) in [(EMBED_MODULE, Some(&embed)), (HEAD_MODULE, head.as_ref())] {
+    for (module, t) in [
+        (embed_module.as_str(), Some(&embed)),
+        (HEAD_MODULE, head.as_ref()),
+    ] {
         let Some(t) = t else { continue };
         if t.dims() != [listed.len(), model.config.hidden_size] {
             return Err(Error::Tensor {

@@ -81,17 +81,31 @@ struct Loader<'a> {
     device: &'a Device,
     /// What the norms add to their weight (Gemma: 1).
     norm_offset: f64,
+    /// The model's config (where a wrapper's text model is stored).
+    config: &'a ModelConfig,
 }
 
 impl Loader<'_> {
+    /// The name a module path's tensor has in the weights: itself, or where a multimodal
+    /// wrapper's checkpoint stores it (`language_model.model.*`).
+    fn stored(&self, name: &str) -> String {
+        match self.weights.contains(name) {
+            true => name.to_string(),
+            false => self.config.stored_name(name),
+        }
+    }
+
     fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
-        let t = self.weights.get(name, shape, self.dtype, self.device)?;
+        let t = self
+            .weights
+            .get(&self.stored(name), shape, self.dtype, self.device)?;
         Ok(Param::new(t, self.trainable)?)
     }
 
     /// A decoder linear's weight: read pre-quantized (bitsandbytes 4-bit), quantized as it loads
     /// (one tensor at a time, so the full-precision model never exists), or dense.
     fn linear_weight(&self, name: &str, in_f: usize, out_f: usize) -> Result<LinearWeight> {
+        let name = &self.stored(name);
         if let Some(gguf) = self.weights.gguf() {
             let q = gguf.tensor(name, self.device)?;
             if q.shape().dims() != [out_f, in_f] {
@@ -192,6 +206,7 @@ impl CausalLm {
             dtype,
             device,
             norm_offset: config.norm_offset(),
+            config: &config,
         };
         let activation = config.activation().ok_or_else(|| {
             crate::Error::Config(format!(
@@ -202,10 +217,14 @@ impl CausalLm {
         let (h, hd) = (config.hidden_size, config.head_dim());
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
         let eps = config.rms_norm_eps;
-        let embed_tokens = l.param("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let prefix = config.module_prefix();
+        let embed_tokens = l.param(
+            &format!("{prefix}.embed_tokens.weight"),
+            &[config.vocab_size, h],
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}.layers.{i}");
             let qk_norm = config.qk_norm();
             let linears = config
                 .layer_linears()
@@ -256,7 +275,7 @@ impl CausalLm {
                 layout: config.layout(),
             });
         }
-        let norm = l.norm("model.norm", h, eps)?;
+        let norm = l.norm(&format!("{prefix}.norm"), h, eps)?;
         // Some tied checkpoints also store lm_head.weight; the tie decides.
         let lm_head = if config.tie_word_embeddings {
             None
@@ -516,7 +535,8 @@ impl CausalLm {
     /// Every full-precision base weight with its HF name (for saving a full or merged model);
     /// quantized linear weights are not listed (see [`CausalLm::dequantize`]).
     pub fn named_weights(&self) -> Vec<(String, &Param)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        let prefix = self.config.module_prefix();
+        let mut out = vec![(format!("{prefix}.embed_tokens.weight"), &self.embed_tokens)];
         for layer in &self.layers {
             for lin in layer.linears() {
                 if let Some(w) = lin.weight.param() {
@@ -530,7 +550,7 @@ impl CausalLm {
                 out.push((format!("{}.weight", n.name), &n.weight));
             }
         }
-        out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        out.push((format!("{prefix}.norm.weight"), &self.norm.weight));
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head));
         }

@@ -65,13 +65,53 @@ fn unsupported(name: String) -> Error {
         .map(|(n, _)| *n)
         .collect::<Vec<_>>()
         .join(", ");
-    if name == "Gemma3ForConditionalGeneration" {
-        supported.push_str(
-            " (Gemma 3 4B, 12B and 27B are multimodal Gemma3ForConditionalGeneration checkpoints, \
-             not loaded yet; gemma-3-270m and gemma-3-1b are Gemma3ForCausalLM)",
-        );
-    }
+    supported.push_str(" (and Gemma3ForConditionalGeneration's text model)");
     Error::UnsupportedArchitecture { name, supported }
+}
+
+/// Multimodal checkpoints whose text model peft-sft trains (the vision tower stays as it is).
+const WRAPPERS: &[&str] = &["Gemma3ForConditionalGeneration"];
+
+/// Gemma 3's text config inside a `Gemma3ForConditionalGeneration` config.json, with what
+/// transformers' `Gemma3TextConfig` defaults to where the file leaves a field out (the Hub's
+/// configs name only a few) and the special ids of the outer config: `(wrapper, text config)`.
+fn wrapped_text_config(raw: &serde_json::Value) -> Option<(String, serde_json::Value)> {
+    let wrapper = raw["architectures"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .find(|a| WRAPPERS.contains(a))?;
+    let mut text = raw.get("text_config")?.as_object()?.clone();
+    let defaults = serde_json::json!({
+        "model_type": "gemma3_text", "vocab_size": 262_208, "hidden_size": 2304,
+        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "tie_word_embeddings": true
+    });
+    for (key, value) in defaults.as_object()? {
+        text.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    for key in [
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "tie_word_embeddings",
+    ] {
+        if let Some(v) = raw.get(key).filter(|v| !v.is_null()) {
+            if text.get(key).is_none_or(|t| t.is_null()) {
+                text.insert(key.into(), v.clone());
+            }
+        }
+    }
+    for key in ["dtype", "torch_dtype"] {
+        if let Some(v) = raw.get(key) {
+            text.entry(key.to_string()).or_insert_with(|| v.clone());
+        }
+    }
+    text.remove("architectures");
+    Some((wrapper.to_string(), serde_json::Value::Object(text)))
 }
 
 /// Refuses a config.json whose `architectures` (or, without them, `model_type`) names no family
@@ -84,7 +124,7 @@ fn known_architecture(raw: &serde_json::Value) -> Result<()> {
     let model_type = raw["model_type"].as_str().unwrap_or("");
     let known_arch = architectures
         .iter()
-        .any(|a| SUPPORTED_ARCHITECTURES.iter().any(|(n, _)| n == a));
+        .any(|a| SUPPORTED_ARCHITECTURES.iter().any(|(n, _)| n == a) || WRAPPERS.contains(a));
     let known_type = MODEL_TYPES.iter().any(|(t, _)| *t == model_type);
     match (architectures.first(), known_arch || known_type) {
         (_, true) => Ok(()),
@@ -222,6 +262,11 @@ pub struct ModelConfig {
     /// `generation_config.json`).
     #[serde(skip)]
     pub special_ids_changed: bool,
+    /// Set when the checkpoint is a multimodal wrapper whose text model this is (Gemma 3's
+    /// `Gemma3ForConditionalGeneration`): its name, which also moves the module paths under
+    /// `model.language_model`.
+    #[serde(skip)]
+    pub wrapper: Option<String>,
     /// The dtype the weights were saved in (transformers 4).
     torch_dtype: Option<String>,
     /// The dtype the weights were saved in (transformers 5).
@@ -246,6 +291,11 @@ impl ModelConfig {
         // lacks (a multimodal wrapper has no top-level `hidden_size`).
         if let Ok(raw) = serde_json::from_str::<serde_json::Value>(&text) {
             known_architecture(&raw)?;
+            if let Some((wrapper, text_config)) = wrapped_text_config(&raw) {
+                let mut config = Self::from_value(text_config, path)?;
+                config.wrapper = Some(wrapper);
+                return Ok(config);
+            }
         }
         let config: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::Parse {
             path: path.to_path_buf(),
@@ -316,6 +366,43 @@ impl ModelConfig {
                     .unwrap_or_else(|| self.model_type.clone()),
             )
         })
+    }
+
+    /// Where the decoder's modules live: `model` (`model.layers.0.self_attn.q_proj`), or
+    /// `model.language_model` in a multimodal wrapper — the paths PEFT names them by.
+    pub fn module_prefix(&self) -> &'static str {
+        match self.wrapper {
+            Some(_) => "model.language_model",
+            None => "model",
+        }
+    }
+
+    /// PEFT's module path of the token embedding (`model.embed_tokens`).
+    pub fn embed_module(&self) -> String {
+        format!("{}.embed_tokens", self.module_prefix())
+    }
+
+    /// A wrapper checkpoint's tensor-name prefixes in transformers' original layout (what
+    /// `save_pretrained` writes and the Hub holds) and the module paths peft-sft and PEFT name
+    /// them by: `(stored, module)` pairs; none for other models.
+    pub fn name_aliases(&self) -> &'static [(&'static str, &'static str)] {
+        match self.wrapper {
+            Some(_) => &[
+                ("language_model.model.", "model.language_model."),
+                ("language_model.lm_head.", "lm_head."),
+            ],
+            None => &[],
+        }
+    }
+
+    /// The name `name` (a module path) is stored under in a checkpoint in the original layout.
+    pub fn stored_name(&self, name: &str) -> String {
+        for (stored, module) in self.name_aliases() {
+            if let Some(rest) = name.strip_prefix(module) {
+                return format!("{stored}{rest}");
+            }
+        }
+        name.to_string()
     }
 
     /// Where the MLP's activation is named and the name: Gemma's `hidden_activation` (default

@@ -218,7 +218,7 @@ pub fn load_pretrained_with(
         }
         let config = ModelConfig::from_file(&config_path)?;
         let tokenizer = ChatTokenizer::from_dir(options.tokenizer.as_deref().unwrap_or(&dir))?;
-        let weights = Weights::from_dir(&dir)?;
+        let weights = Weights::from_dir(&dir)?.with_aliases(config.name_aliases());
         (config, tokenizer, weights, dir)
     };
     let dtype = options

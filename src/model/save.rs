@@ -123,9 +123,31 @@ fn write_folder(
             }
         }
     }
+    if model.config.wrapper.is_some() {
+        // A multimodal wrapper: its text model in the checkpoint's original layout, and every
+        // other tensor (vision tower, projector) copied from the base as it is.
+        for (name, _) in tensors.iter_mut() {
+            *name = model.config.stored_name(name);
+        }
+        let written: std::collections::HashSet<String> =
+            tensors.iter().map(|(n, _)| n.clone()).collect();
+        let base = super::weights::Weights::from_dir(base_dir)?;
+        let text = |n: &str| {
+            model
+                .config
+                .name_aliases()
+                .iter()
+                .any(|(stored, module)| n.starts_with(stored) || n.starts_with(module))
+        };
+        for name in base.names() {
+            if !written.contains(name) && !text(name) {
+                tensors.push((name.clone(), base.get_raw(name, &candle_core::Device::Cpu)?));
+            }
+        }
+    }
     let total: usize = tensors
         .iter()
-        .map(|(_, t)| t.elem_count() * dtype.size_in_bytes())
+        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
         .sum();
     let shards = shard(tensors, max_shard_bytes);
     if shards.len() == 1 {
@@ -160,7 +182,15 @@ fn write_folder(
         };
         obj.insert(key.into(), name.into());
         // A chat-format setup may have grown the vocabulary and changed the special tokens.
-        obj.insert("vocab_size".into(), model.config.vocab_size.into());
+        match obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+            // A multimodal wrapper: the text model's own config.
+            Some(text) if model.config.wrapper.is_some() => {
+                text.insert("vocab_size".into(), model.config.vocab_size.into());
+            }
+            _ => {
+                obj.insert("vocab_size".into(), model.config.vocab_size.into());
+            }
+        }
         // A merged `modules_to_save` head is the model's own, no longer the embedding.
         if !model.config.tie_word_embeddings {
             obj.insert("tie_word_embeddings".into(), false.into());

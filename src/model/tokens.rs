@@ -41,9 +41,7 @@ impl SavedModules {
 /// The names `modules_to_save` may give (PEFT matches them as module-path suffixes).
 pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
 
-/// PEFT's module names for the two matrices.
-pub const EMBED_MODULE: &str = "model.embed_tokens";
-/// PEFT's module name of the LM head.
+/// PEFT's module name of the LM head (the embedding's is [`crate::model::ModelConfig::embed_module`]).
 pub const HEAD_MODULE: &str = "lm_head";
 
 /// PEFT's tensor name of a module's trainable rows (without the `base_model.model.` prefix).
@@ -224,7 +222,7 @@ impl CausalLm {
     pub fn saved_module_tensors(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         if let Some(e) = &self.saved_modules.embed {
-            out.push((format!("{EMBED_MODULE}.weight"), e.clone()));
+            out.push((format!("{}.weight", self.config.embed_module()), e.clone()));
         }
         if let Some(h) = &self.saved_modules.head {
             out.push((format!("{HEAD_MODULE}.weight"), h.clone()));
@@ -282,7 +280,7 @@ impl CausalLm {
         let Some(tt) = &self.trainable_tokens else {
             return Vec::new();
         };
-        let mut out = vec![(rows_name(EMBED_MODULE), tt.embed.clone())];
+        let mut out = vec![(rows_name(&self.config.embed_module()), tt.embed.clone())];
         if let Some(head) = &tt.head {
             out.push((rows_name(HEAD_MODULE), head.clone()));
         }

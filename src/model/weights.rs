@@ -202,6 +202,29 @@ impl Weights {
         }
     }
 
+    /// Also answers to the module paths of names stored under other prefixes (`(stored,
+    /// module)` pairs, [`crate::model::ModelConfig::name_aliases`]): a multimodal wrapper's text
+    /// model, stored as `language_model.model.*`, is read as `model.language_model.*`.
+    pub fn with_aliases(mut self, aliases: &[(&str, &str)]) -> Self {
+        let renamed: Vec<(String, String)> = self
+            .names
+            .iter()
+            .filter_map(|name| {
+                aliases.iter().find_map(|(stored, module)| {
+                    let rest = name.strip_prefix(stored)?;
+                    Some((name.clone(), format!("{module}{rest}")))
+                })
+            })
+            .collect();
+        for (stored, module) in renamed {
+            if let Some(entry) = self.entries.get(&stored).cloned() {
+                self.entries.insert(module.clone(), entry);
+            }
+            self.names.insert(module);
+        }
+        self
+    }
+
     /// The GGUF file behind these weights, if any.
     pub fn gguf(&self) -> Option<&GgufFile> {
         self.gguf.as_ref()

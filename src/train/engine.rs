@@ -341,7 +341,10 @@ fn prepare(config: &SftConfig) -> Result<Run> {
             )));
         }
         let checkpoint = (init == lora::init::LoraInit::Loftq)
-            .then(|| crate::model::weights::Weights::from_dir(&base_dir))
+            .then(|| {
+                crate::model::weights::Weights::from_dir(&base_dir)
+                    .map(|w| w.with_aliases(model.config.name_aliases()))
+            })
             .transpose()?;
         let originals = checkpoint.as_ref().map(lora::init::checkpoint_originals);
         let originals = originals
@@ -419,7 +422,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
     if let Some(ratio) = config.loraplus_lr_ratio {
         optimizer.set_loraplus_ratio(ratio);
         optimizer.set_lr_scale(
-            &format!("{}.weight", crate::model::tokens::EMBED_MODULE),
+            &format!("{}.weight", model.config.embed_module()),
             config.loraplus_lr_embedding / config.learning_rate,
         );
     }
