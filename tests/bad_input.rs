@@ -139,7 +139,19 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
             "text_config": {"hidden_size": 64}, "vision_config": {}}"#,
     )
     .unwrap();
+    // EmbeddingGemma: a Gemma 3 whose attention looks both ways.
+    let bidirectional = fixture_copy("models/gemma3", dir, "bidirectional");
+    let config_path = bidirectional.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["use_bidirectional_attention"] = true.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let mut cases = vec![
+        Case {
+            name: "bidirectional Gemma 3",
+            args: train(&bidirectional, &data, out, &[]),
+            says: "use_bidirectional_attention is true",
+        },
         Case {
             name: "multimodal Llava",
             args: train(&multimodal, &data, out, &[]),

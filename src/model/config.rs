@@ -243,6 +243,9 @@ pub struct ModelConfig {
     pub rope_local_base_freq: Option<f64>,
     /// Gemma 3 (transformers 4): every n-th layer is global, the others slide.
     pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3 (EmbeddingGemma): attention in both directions — not a causal LM.
+    #[serde(default)]
+    use_bidirectional_attention: Option<bool>,
     /// Phi-3 / Phi-4-mini: the part of each head RoPE rotates (transformers 4 keeps it here).
     partial_rotary_factor: Option<f64>,
     /// Phi-3: the pre-training context (LongRoPE's threshold; transformers 4 keeps it here).
@@ -322,6 +325,13 @@ impl ModelConfig {
         config.family()?;
         for layer in 0..config.num_hidden_layers {
             config.layer_rope(layer)?;
+        }
+        if config.use_bidirectional_attention == Some(true) {
+            return Err(Error::Config(format!(
+                "{}: use_bidirectional_attention is true (an embedding model such as \
+                 EmbeddingGemma): peft-sft trains causal language models",
+                path.display()
+            )));
         }
         for (field, p) in [
             ("resid_pdrop", config.resid_pdrop),
