@@ -6,6 +6,8 @@
 //! tolerances against the same transformers/PEFT/bitsandbytes fixtures as on the CPU. The tests
 //! in this file compare the two devices directly: merge, greedy generation, evaluation and a
 //! 20-step training run on CUDA against the same on the CPU, and `--bf16` against f32 on CUDA.
+//! The included files carry every family's fixtures (Gemma's soft caps and GeGLU, Phi-3's fused
+//! modules and LongRoPE run candle's kernels on CUDA where no CUDA kernel exists).
 // Each included test file declares its own `mod common` (the helpers they share on the CPU).
 #![allow(clippy::duplicate_mod)]
 
@@ -55,7 +57,7 @@ fn the_tests_run_on_cuda() {
 
 #[test]
 fn merge_on_cuda_equals_merge_on_the_cpu() {
-    for name in ["llama", "qwen2"] {
+    for name in ["llama", "qwen2", "gemma2", "phi3", "gemma3_multimodal"] {
         let base = fixture(&format!("models/{name}"));
         let adapter = fixture(&format!("peft/{name}/adapter"));
         let mut merged = Vec::new();
