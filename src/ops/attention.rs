@@ -9,30 +9,12 @@
 //! CPU the flash kernel ([`cpu::flash`]) runs instead; `kernel` is the dispatch point.
 
 pub use super::mask::AttentionMask;
+pub use super::scores::Scores;
 
 use super::cpu;
 use super::graft::{graft3, without_grad};
 use super::kernel::Kernel;
 use candle_core::{Result, Tensor, Var, D};
-
-/// How scores come from queries and keys: `scale · q k^T`, then, with `softcap` (Gemma 2's
-/// `attn_logit_softcapping`), `cap · tanh(s / cap)`, before the mask.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Scores {
-    /// The factor on `q k^T` (`1/√d`, or Gemma's `query_pre_attn_scalar^-½`).
-    pub scale: f64,
-    /// The soft cap, if any.
-    pub softcap: Option<f64>,
-}
-
-impl From<f64> for Scores {
-    fn from(scale: f64) -> Self {
-        Scores {
-            scale,
-            softcap: None,
-        }
-    }
-}
 
 /// Rows of queries (and columns of keys) per block.
 pub(crate) const BLOCK: usize = 256;

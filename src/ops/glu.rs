@@ -1,32 +1,11 @@
 //! The gated MLP activation `act(gate) * up`: SwiGLU (`silu`, Llama and most families) or GeGLU
 //! (`gelu_pytorch_tanh`, Gemma).
 
+pub use super::activation::Activation;
 use super::cpu;
 use super::graft::{graft2, Output};
 use super::kernel::Kernel;
 use candle_core::{Result, Tensor};
-
-/// The MLP's gate activation (config.json `hidden_act` / `hidden_activation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Activation {
-    /// `silu(x) = x · sigmoid(x)`: SwiGLU.
-    #[default]
-    Silu,
-    /// PyTorch's `gelu(approximate="tanh")` (`gelu_pytorch_tanh`): GeGLU.
-    GeluTanh,
-}
-
-impl Activation {
-    /// The activation config.json names, if peft-sft has it (`gelu_pytorch_tanh`, and `gelu_new`
-    /// and `gelu_fast`, which transformers computes with the same tanh formula).
-    pub fn from_name(name: &str) -> Option<Activation> {
-        match name {
-            "silu" | "swish" => Some(Activation::Silu),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Activation::GeluTanh),
-            _ => None,
-        }
-    }
-}
 
 /// `act(gate) * up` with its backward: one vectorized pass each way on the CPU in f32, candle
 /// ops elsewhere. gate, up: [.., i] -> [.., i]

@@ -5,6 +5,7 @@
 //! gradients only for tracked inputs: frozen weights never receive a gradient and never enter
 //! candle's autograd as operands.
 
+pub mod activation;
 pub mod attention;
 pub mod checkpoint;
 pub mod cpu;
@@ -24,6 +25,7 @@ pub mod norm;
 pub(crate) mod product;
 pub mod residual;
 pub mod rope;
+pub mod scores;
 
 use candle_core::{Result, Tensor};
 

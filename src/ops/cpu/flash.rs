@@ -12,9 +12,9 @@
 //! keys, dK and dV of those keys are owned by one task, dQ is summed over the key chunks afterwards.
 
 use super::{matmul, par_filled, par_zeroed, simd, tensor, Held, Threads};
-use crate::ops::attention::Scores;
 use crate::ops::graft::{graft3_with_output, Output};
 use crate::ops::mask::AttentionMask;
+use crate::ops::scores::Scores;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 

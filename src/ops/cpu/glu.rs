@@ -1,7 +1,7 @@
 //! The gated MLP activations' native kernels (SwiGLU, GeGLU): one vectorized pass each way.
 
 use super::{par_filled, par_filled_pair, simd, tensor, Held, PIECE};
-use crate::ops::glu::Activation;
+use crate::ops::activation::Activation;
 use crate::ops::graft::Output;
 use candle_core::{Result, Tensor};
 
