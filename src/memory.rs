@@ -1528,78 +1528,61 @@ mod tests {
             .chain(dora.iter().map(|&(shape, t, method, gc, dropout, mib)| {
                 (shape, t, 16, 1, dropout, method, gc, 0, 2, mib, true)
             }));
-        // A Gemma 2 of SmolLM2-135M's shape (head_dim 64, window 256, soft caps 50/30),
-        // `bench_lora_step DIR T 2 16 MODE`, 2026-12-03: its output norms keep two more
-        // hidden-wide tensors per layer.
-        let gemma2 = ModelConfig::from_value(
-            serde_json::json!({
-                "architectures": ["Gemma2ForCausalLM"], "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-                "query_pre_attn_scalar": 64, "sliding_window": 256,
-                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        // A Gemma 2 and a Phi-3 of SmolLM2-135M's shape, `bench_lora_step DIR T 2 16 MODE`,
+        // 2026-12-03: Gemma 2 (head_dim 64, window 256, soft caps 50/30) keeps two more
+        // hidden-wide tensors per layer for its output norms; Phi-3 (fused qkv_proj and
+        // gate_up_proj, partial rotary 0.75, LongRoPE) has one LoRA pair per fused module.
+        let gemma2 = serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"], "head_dim": 64, "query_pre_attn_scalar": 64,
+            "sliding_window": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0
+        });
+        let phi3 = serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 16384,
+            "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75
+        });
+        // all-linear on Phi-3: 4 modules per layer (qkv, o, gate_up, down), r (in + out) each.
+        let phi3_lora =
+            30 * 16 * ((576 + 576 + 2 * 192) + (576 + 576) + (576 + 2 * 1536) + (1536 + 576));
+        let families = [
+            (gemma2, [1103.2, 1502.0, 751.4, 768.2], None),
+            (phi3, [1008.7, 1372.8, 666.4, 760.9], Some(phi3_lora)),
+        ];
+        for (extra, peaks, lora_params) in families {
+            let mut json = serde_json::json!({
+                "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                 "tie_word_embeddings": true
-            }),
-            Path::new("gemma2"),
-        )
-        .unwrap();
-        for (t, method, gc, mib) in [
-            (512, Method::Lora, false, 1103.2),
-            (1024, Method::Lora, false, 1502.0),
-            (512, Method::Qlora, false, 751.4),
-            (1024, Method::Lora, true, 768.2),
-        ] {
-            let o = PlanOptions {
-                lora_r: 16,
-                lora_dropout: 0.0,
-                gradient_checkpointing: gc,
-                baseline_bytes: 9 * MIB,
-                ..PlanOptions::new(method, t)
-            };
-            let predicted = plan(&gemma2, &o).unwrap().total() as f64 / MIB as f64;
-            let error = (predicted - mib) / mib;
-            assert!(
-                error.abs() < 0.10,
-                "Gemma 2 T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
-            );
-        }
-        // A Phi-3 of SmolLM2-135M's shape (fused qkv_proj and gate_up_proj, partial rotary 0.75,
-        // LongRoPE), measured the same way, 2026-12-03: LoRA pairs over the fused modules.
-        let phi3 = ModelConfig::from_value(
-            serde_json::json!({
-                "architectures": ["Phi3ForCausalLM"], "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": true,
-                "max_position_embeddings": 16384, "original_max_position_embeddings": 4096,
-                "partial_rotary_factor": 0.75
-            }),
-            Path::new("phi3"),
-        )
-        .unwrap();
-        for (t, method, gc, mib) in [
-            (512, Method::Lora, false, 1008.7),
-            (1024, Method::Lora, false, 1372.8),
-            (512, Method::Qlora, false, 666.4),
-            (1024, Method::Lora, true, 760.9),
-        ] {
-            let o = PlanOptions {
-                lora_r: 16,
-                lora_dropout: 0.0,
-                gradient_checkpointing: gc,
-                baseline_bytes: 9 * MIB,
-                ..PlanOptions::new(method, t)
-            };
-            let p = plan(&phi3, &o).unwrap();
-            // all-linear: 4 fused-layout modules per layer, r (in + out) each.
-            let per_layer =
-                16 * ((576 + 576 + 2 * 192) + (576 + 576) + (576 + 2 * 1536) + (1536 + 576));
-            assert_eq!(p.params.lora, 30 * per_layer as u64);
-            let predicted = p.total() as f64 / MIB as f64;
-            let error = (predicted - mib) / mib;
-            assert!(
-                error.abs() < 0.10,
-                "Phi-3 T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}"
-            );
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            let config = ModelConfig::from_value(json, Path::new("family")).unwrap();
+            let runs = [
+                (512, Method::Lora, false),
+                (1024, Method::Lora, false),
+                (512, Method::Qlora, false),
+                (1024, Method::Lora, true),
+            ];
+            for ((t, method, gc), mib) in runs.into_iter().zip(peaks) {
+                let o = PlanOptions {
+                    lora_r: 16,
+                    lora_dropout: 0.0,
+                    gradient_checkpointing: gc,
+                    baseline_bytes: 9 * MIB,
+                    ..PlanOptions::new(method, t)
+                };
+                let p = plan(&config, &o).unwrap();
+                if let Some(n) = lora_params {
+                    assert_eq!(p.params.lora, n as u64);
+                }
+                let predicted = p.total() as f64 / MIB as f64;
+                let error = (predicted - mib) / mib;
+                assert!(
+                    error.abs() < 0.10,
+                    "{:?} T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}",
+                    config.family()
+                );
+            }
         }
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {
