@@ -9,7 +9,9 @@ Outputs (small, committed):
                                   Phi3ForCausalLM with the chatml test tokenizer; reference.safetensors: input_ids int64
                                   [2,16], logits f32 [2,16,V] (phi3 also input_ids_short [2,8], logits_short: LongRoPE's
                                   short factors; the 16-token inputs pass its original context of 8 and take the long ones)
-  peft/{gemma2,gemma3,phi3}/      adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
+  models/{mixtral,qwen3_moe}/     tiny mixtures of experts (4 experts, top 2)
+  peft/{gemma2,gemma3,phi3,gemma3_multimodal,mixtral,qwen3_moe}/
+                                  adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
                                   reference.safetensors: input_ids, logits, loss (labels = ids, first 5 masked),
                                   merged_logits, grad.<PEFT key> for every LoRA weight
 
@@ -65,6 +67,16 @@ MODELS = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.2, 2.5, 6.0, 11.0],
                          "original_max_position_embeddings": 8})),
+    # Mixtures of experts: 4 experts, 2 per token; Mixtral renormalises the top 2 and slides a window of 8; Qwen3-MoE
+    # renormalises too (norm_topk_prob), with q/k norms, and its second layer dense (mlp_only_layers).
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        mlp_only_layers=[1], max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 
@@ -76,6 +88,7 @@ MULTIMODAL = dict(
                        image_size=28, patch_size=14),
     mm_tokens_per_image=4, image_token_index=399, boi_token_index=397, eoi_token_index=398)
 TEXT_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def randomize(model, offset_norms):
@@ -167,10 +180,13 @@ def check_gemma2_caps_and_window():
 
 
 def write_peft():
-    for name in ["gemma2", "gemma3", "phi3", "gemma3_multimodal"]:
+    for name in ["gemma2", "gemma3", "phi3", "gemma3_multimodal", "mixtral", "qwen3_moe"]:
         base = transformers.AutoModelForCausalLM.from_pretrained(OUT / "models" / name, attn_implementation="eager")
         torch.manual_seed(3)
-        targets = TEXT_MODULES if name == "gemma3_multimodal" else "all-linear"
+        # MoE: PEFT's all-linear there also adapts the router and the experts (target_parameters), which peft-sft
+        # does not yet: the attention's four projections, named.
+        targets = {"gemma3_multimodal": TEXT_MODULES, "mixtral": ATTENTION,
+                   "qwen3_moe": ATTENTION}.get(name, "all-linear")
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
         model = peft.get_peft_model(base, config)

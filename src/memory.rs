@@ -815,6 +815,13 @@ impl Step<'_> {
 /// plus one recomputed layer) and the optimizer step (a clipped copy of the gradients and AdamW's
 /// temporaries, activations freed).
 pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
+    if c.is_moe() {
+        return Err(Error::Config(format!(
+            "the memory planner does not model mixture-of-experts layers yet ({:?}): measure a \
+             short run instead (peak RSS, or nvidia-smi on a GPU)",
+            c.family()?
+        )));
+    }
     if options.max_length == 0 || options.batch_size == 0 {
         return Err(Error::Config(
             "--max-length and --per-device-train-batch-size must be positive".into(),

@@ -148,6 +148,11 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
     std::fs::write(&config_path, config.to_string()).unwrap();
     let mut cases = vec![
         Case {
+            name: "all-linear on a mixture of experts",
+            args: train(&fixture("models/qwen3_moe"), &data, out, &[]),
+            says: "--lora-target-modules q_proj,k_proj,v_proj,o_proj",
+        },
+        Case {
             name: "bidirectional Gemma 3",
             args: train(&bidirectional, &data, out, &[]),
             says: "use_bidirectional_attention is true",

@@ -156,7 +156,17 @@ fn lora_gradients_with_dropout_equal_without_checkpointing() {
 #[test]
 fn selective_checkpointing_gives_the_op_by_op_gradients() {
     for name in [
-        "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "gemma2", "gemma3", "phi3",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "smollm3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "mixtral",
+        "qwen3_moe",
     ] {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
@@ -196,10 +206,12 @@ fn selective_checkpointing_gives_the_op_by_op_gradients() {
 /// LoRA r=4 with dropout on some modules and non-zero B, as the one-op tests train it.
 fn adapt(model: &mut CausalLm) {
     let fused = model.linears().iter().any(|l| l.name.ends_with("qkv_proj"));
-    let targets: &[&str] = match fused {
+    let targets: &[&str] = match (fused, model.config.is_moe()) {
         // Phi-3: the fused modules and down; o_proj stays frozen.
-        true => &["qkv_proj", "gate_up_proj", "down_proj"],
-        false => &["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
+        (true, _) => &["qkv_proj", "gate_up_proj", "down_proj"],
+        // A mixture of experts: the attention (experts and router frozen).
+        (false, true) => &["q_proj", "k_proj", "o_proj"],
+        (false, false) => &["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
     };
     let config = LoraConfig {
         r: 4,

@@ -28,7 +28,15 @@ fn docs_of(lens: &[usize]) -> Vec<Example> {
 #[test]
 fn packed_documents_see_only_themselves() {
     for name in [
-        "llama", "mistral", "qwen3", "smollm3", "gemma2", "gemma3", "phi3",
+        "llama",
+        "mistral",
+        "qwen3",
+        "smollm3",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "mixtral",
+        "qwen3_moe",
     ] {
         let model = load_model(&fixture(&format!("models/{name}")), false);
         // LongRoPE (phi3, original context 8) picks its factors by the batch's largest position,

@@ -80,7 +80,17 @@ fn phi3_with_fused_projections_partial_rotary_and_longrope() {
 fn cached_generation_equals_recomputing_every_step() {
     use peft_sft::generate::{generate, GenerateOptions};
     let families = [
-        "llama", "qwen2", "qwen3", "smollm3", "mistral", "gemma", "gemma2", "gemma3", "phi3",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "mixtral",
+        "qwen3_moe",
     ];
     for name in families {
         let dir = fixture(&format!("models/{name}"));
@@ -116,4 +126,17 @@ fn cached_generation_equals_recomputing_every_step() {
 #[test]
 fn gemma3_multimodal_checkpoint_as_its_text_model() {
     check("gemma3_multimodal");
+}
+
+/// Mixtral: a mixture of 4 experts, top 2 renormalised, in every layer, with a sliding window.
+#[test]
+fn mixtral_with_routed_experts() {
+    check("mixtral");
+}
+
+/// Qwen3-MoE: top-2 of 4 experts with `norm_topk_prob`, q/k norms, a dense layer
+/// (`mlp_only_layers`).
+#[test]
+fn qwen3_moe_with_routed_experts_and_a_dense_layer() {
+    check("qwen3_moe");
 }

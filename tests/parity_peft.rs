@@ -100,6 +100,14 @@ fn gemma3_multimodal_text_adapter_matches_peft() {
     check("gemma3_multimodal", "gemma3_multimodal");
 }
 
+/// Mixtures of experts with the attention adapted (PEFT `target_modules` q/k/v/o): the gradients
+/// flow back through the routed, frozen experts and the routing weights.
+#[test]
+fn moe_attention_adapters_match_peft() {
+    check("mixtral", "mixtral");
+    check("qwen3_moe", "qwen3_moe");
+}
+
 /// DoRA (scripts/make_dora_fixture.py): magnitude vectors moved off their initial norms, so the
 /// logits, every A/B/magnitude gradient and the merge all depend on them.
 #[test]

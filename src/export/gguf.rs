@@ -128,12 +128,15 @@ fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
             }
             Ok(("smollm3", true))
         }
-        family @ (Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Phi3) => {
-            Err(Error::Config(format!(
+        family @ (Family::Gemma
+        | Family::Gemma2
+        | Family::Gemma3
+        | Family::Phi3
+        | Family::Mixtral
+        | Family::Qwen3Moe) => Err(Error::Config(format!(
             "GGUF export of {family:?} models is not supported yet: merge to a safetensors folder \
              (`merge --output DIR`) and convert that with llama.cpp's convert_hf_to_gguf.py"
-            )))
-        }
+        ))),
     }
 }
 

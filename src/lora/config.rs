@@ -289,7 +289,7 @@ impl LoraConfig {
             .is_some_and(|p| !p.is_empty())
         {
             return Err(Error::Config(
-                "target_parameters adapts weights stored as bare parameters (Mixture-of-Experts experts held in one 3-D tensor, as in Llama 4 or gpt-oss); every weight of the architectures peft-sft trains is in a linear module: select them with target_modules".into(),
+                "target_parameters adapts weights stored as bare parameters (a mixture of experts' router and experts, held in 3-D tensors by transformers 5: Mixtral, Qwen3-MoE, Llama 4, gpt-oss), which peft-sft does not train yet: adapters of the attention (target_modules) load and train".into(),
             ));
         }
         Ok(())

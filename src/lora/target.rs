@@ -213,6 +213,17 @@ pub fn inject_with(
     originals: Option<Originals>,
 ) -> Result<Vec<String>> {
     config.validate()?;
+    if model.config.is_moe() && config.target_modules == TargetModules::Pattern("all-linear".into())
+    {
+        return Err(Error::Config(format!(
+            "{:?} is a mixture of experts: PEFT's all-linear there also adapts the router and \
+             every expert (target_parameters gate.weight, gate_up_proj, down_proj), which \
+             peft-sft does not train yet; adapt the attention with --lora-target-modules \
+             q_proj,k_proj,v_proj,o_proj (router and experts stay frozen; --qlora quantizes \
+             the experts)",
+            model.config.family()?
+        )));
+    }
     let names: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let chosen: BTreeSet<String> = targeted(config, &refs)?

@@ -3,7 +3,7 @@
 use super::bnb;
 use super::config::ModelConfig;
 use super::layers::{
-    Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Norm,
+    Attention, DecoderLayer, ForwardContext, KvCache, Linear, LinearWeight, Mlp, Moe, Norm,
 };
 use super::param::Param;
 use super::selective::{self, checkpointed_stack, stack_applies};
@@ -226,13 +226,49 @@ impl CausalLm {
         for i in 0..config.num_hidden_layers {
             let p = format!("{prefix}.layers.{i}");
             let qk_norm = config.qk_norm();
+            let moe_spec = config.layer_moe(i);
+            // A mixture-of-experts layer's linears are the attention's four.
+            let own = if moe_spec.is_some() { 4 } else { usize::MAX };
             let linears = config
                 .layer_linears()
                 .into_iter()
+                .take(own)
                 .map(|(name, in_f, out_f, bias)| {
                     l.linear(&format!("{p}.{name}"), in_f, out_f, bias)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let moe = match moe_spec {
+                None => None,
+                Some(spec) => {
+                    let [router, list, gate, up, down] = spec.names;
+                    let router_name = format!("{p}.{router}");
+                    let router_weight = l.weights.get(
+                        &l.stored(&format!("{router_name}.weight")),
+                        &[spec.experts, h],
+                        dtype,
+                        device,
+                    )?;
+                    let experts = (0..spec.experts)
+                        .map(|e| -> Result<[Linear; 3]> {
+                            let at = |m: &str| format!("{p}.{list}.{e}.{m}");
+                            let i = spec.intermediate;
+                            Ok([
+                                l.linear(&at(gate), h, i, false)?,
+                                l.linear(&at(up), h, i, false)?,
+                                l.linear(&at(down), i, h, false)?,
+                            ])
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(Moe {
+                        name: router_name,
+                        router: Param::Frozen(router_weight),
+                        experts,
+                        top_k: spec.top_k,
+                        normalize: spec.normalize,
+                        activation,
+                    })
+                }
+            };
             let self_attn = Attention {
                 q_norm: qk_norm
                     .then(|| l.norm(&format!("{p}.self_attn.q_norm"), hd, eps))
@@ -273,6 +309,7 @@ impl CausalLm {
                 output_norms,
                 linears,
                 layout: config.layout(),
+                moe,
             });
         }
         let norm = l.norm(&format!("{prefix}.norm"), h, eps)?;
@@ -519,7 +556,29 @@ impl CausalLm {
         Ok(lm_head_loss(&hidden, &self.head_weight()?, &targets)?)
     }
 
-    /// Every linear module (decoder layers only; the LM head is not a LoRA target).
+    /// Every linear module of the base, the experts of mixture-of-experts layers included (what
+    /// quantization, dequantization and saving cover; [`Self::linears`] are the LoRA targets).
+    pub fn base_linears(&self) -> Vec<&Linear> {
+        let mut out = self.linears();
+        for layer in &self.layers {
+            out.extend(layer.moe.iter().flat_map(|m| m.linears()));
+        }
+        out
+    }
+
+    /// Mutable access to [`Self::base_linears`].
+    pub fn base_linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            let DecoderLayer { linears, moe, .. } = layer;
+            out.extend(linears.iter_mut());
+            out.extend(moe.iter_mut().flat_map(|m| m.linears_mut()));
+        }
+        out
+    }
+
+    /// Every linear module (decoder layers only; the LM head is not a LoRA target, nor are the
+    /// experts of a mixture of experts, which PEFT's `all-linear` does not select either).
     pub fn linears(&self) -> Vec<&Linear> {
         self.layers.iter().flat_map(|l| l.linears()).collect()
     }
@@ -549,6 +608,14 @@ impl CausalLm {
             for n in layer.norms() {
                 out.push((format!("{}.weight", n.name), &n.weight));
             }
+            if let Some(moe) = &layer.moe {
+                out.push((format!("{}.weight", moe.name), &moe.router));
+                for lin in moe.linears() {
+                    if let Some(w) = lin.weight.param() {
+                        out.push((format!("{}.weight", lin.name), w));
+                    }
+                }
+            }
         }
         out.push((format!("{prefix}.norm.weight"), &self.norm.weight));
         if let Some(head) = &self.lm_head {
@@ -567,7 +634,7 @@ impl CausalLm {
             .map(|(_, p)| p.tensor().elem_count())
             .sum::<usize>()
             + self
-                .linears()
+                .base_linears()
                 .iter()
                 .filter_map(|l| match &l.weight {
                     LinearWeight::Quantized(q) => Some(q.shape.0 * q.shape.1),
@@ -591,7 +658,7 @@ impl CausalLm {
 
     /// Names of the linear modules whose weight is quantized.
     pub fn quantized_modules(&self) -> Vec<String> {
-        self.linears()
+        self.base_linears()
             .into_iter()
             .filter(|l| matches!(l.weight, LinearWeight::Quantized(_)))
             .map(|l| l.name.clone())
@@ -601,7 +668,7 @@ impl CausalLm {
     /// Replaces every quantized linear weight by its dequantized full-precision value (frozen).
     pub fn dequantize(&mut self) -> Result<usize> {
         let mut n = 0;
-        for lin in self.linears_mut() {
+        for lin in self.base_linears_mut() {
             if let LinearWeight::Quantized(q) = &lin.weight {
                 lin.weight = LinearWeight::Dense(Param::Frozen(q.dequantize()?));
                 n += 1;

@@ -35,6 +35,12 @@ pub enum Family {
     /// `Phi3ForCausalLM` (Phi-3, Phi-3.5-mini, Phi-4-mini): fused `qkv_proj` and `gate_up_proj`,
     /// `partial_rotary_factor`, LongRoPE.
     Phi3,
+    /// `MixtralForCausalLM`: Mistral with a mixture of experts in every layer (router softmax,
+    /// top-k renormalised).
+    Mixtral,
+    /// `Qwen3MoeForCausalLM`: Qwen3 with a mixture of experts (`norm_topk_prob`,
+    /// `decoder_sparse_step`, `mlp_only_layers`).
+    Qwen3Moe,
 }
 
 impl Family {
@@ -42,6 +48,22 @@ impl Family {
     pub fn is_gemma(self) -> bool {
         matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
     }
+}
+
+/// A layer's mixture of experts as config.json describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Whether the top-k routing weights are renormalised to sum to 1.
+    pub normalize: bool,
+    /// Each expert's intermediate width.
+    pub intermediate: usize,
+    /// Module names under the layer: the router, the experts' list, and each expert's gate, up
+    /// and down projections.
+    pub names: [&'static str; 5],
 }
 
 /// The architectures (config.json `architectures`) peft-sft can load.
@@ -55,6 +77,8 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
     ("Gemma2ForCausalLM", Family::Gemma2),
     ("Gemma3ForCausalLM", Family::Gemma3),
     ("Phi3ForCausalLM", Family::Phi3),
+    ("MixtralForCausalLM", Family::Mixtral),
+    ("Qwen3MoeForCausalLM", Family::Qwen3Moe),
 ];
 
 /// The error for an architecture peft-sft does not implement, naming those it does (and, for
@@ -146,6 +170,8 @@ const MODEL_TYPES: &[(&str, Family)] = &[
     ("gemma2", Family::Gemma2),
     ("gemma3_text", Family::Gemma3),
     ("phi3", Family::Phi3),
+    ("mixtral", Family::Mixtral),
+    ("qwen3_moe", Family::Qwen3Moe),
 ];
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) as stored in config.json
@@ -254,6 +280,27 @@ pub struct ModelConfig {
     resid_pdrop: Option<f64>,
     /// Phi-3: dropout on the embeddings in training.
     embd_pdrop: Option<f64>,
+    /// Experts per layer (Mixtral; transformers 5 also for Qwen3-MoE).
+    num_local_experts: Option<usize>,
+    /// Qwen3-MoE (the Hub's configs): experts per layer.
+    num_experts: Option<usize>,
+    /// Experts each token is routed to.
+    num_experts_per_tok: Option<usize>,
+    /// Qwen3-MoE: each expert's intermediate width.
+    moe_intermediate_size: Option<usize>,
+    /// Qwen3-MoE: renormalise the top-k routing weights (Mixtral always does).
+    #[serde(default)]
+    norm_topk_prob: bool,
+    /// Qwen3-MoE: every n-th layer is sparse.
+    decoder_sparse_step: Option<usize>,
+    /// Qwen3-MoE: layers with a dense MLP.
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+    /// Mixtral: multiplicative noise on the router's input in training.
+    router_jitter_noise: Option<f64>,
+    /// Whether the router's load-balancing loss joins the training loss.
+    #[serde(default)]
+    output_router_logits: bool,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
@@ -325,6 +372,32 @@ impl ModelConfig {
         config.family()?;
         for layer in 0..config.num_hidden_layers {
             config.layer_rope(layer)?;
+        }
+        if config.output_router_logits {
+            return Err(Error::Config(format!(
+                "{}: output_router_logits is true (the router's load-balancing loss added to the \
+                 training loss): peft-sft trains with the router frozen and does not add it; set \
+                 it to false",
+                path.display()
+            )));
+        }
+        if config.router_jitter_noise.is_some_and(|j| j > 0.0) {
+            return Err(Error::Config(format!(
+                "{}: router_jitter_noise > 0 is not supported (set it to 0.0, as Mixtral's \
+                 released configs have it)",
+                path.display()
+            )));
+        }
+        let moe_family = matches!(config.family()?, Family::Mixtral | Family::Qwen3Moe);
+        if moe_family
+            && (config.num_experts_per_tok.is_none()
+                || config.num_local_experts.or(config.num_experts).is_none())
+        {
+            return Err(Error::Config(format!(
+                "{}: a mixture-of-experts config needs num_experts_per_tok and {}",
+                path.display(),
+                "num_local_experts (or num_experts)"
+            )));
         }
         if config.use_bidirectional_attention == Some(true) {
             return Err(Error::Config(format!(
@@ -457,7 +530,10 @@ impl ModelConfig {
 
     /// Whether queries and keys are normalised per head (Qwen3, Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.family(), Ok(Family::Qwen3 | Family::Gemma3))
+        matches!(
+            self.family(),
+            Ok(Family::Qwen3 | Family::Gemma3 | Family::Qwen3Moe)
+        )
     }
 
     /// How attention forms its scores: `head_dim^-½`, or Gemma 2/3's
@@ -541,6 +617,54 @@ impl ModelConfig {
         ]
     }
 
+    /// Layer `layer`'s mixture of experts, if it has one.
+    pub fn layer_moe(&self, layer: usize) -> Option<MoeSpec> {
+        let family = self.family().ok()?;
+        // transformers 5 writes `num_local_experts` for both; Qwen3-MoE's Hub configs say
+        // `num_experts`.
+        let experts = self.num_local_experts.or(self.num_experts)?;
+        match family {
+            Family::Mixtral => {}
+            Family::Qwen3Moe => {
+                let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+                if self.mlp_only_layers.contains(&layer) || !(layer + 1).is_multiple_of(step) {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+        Some(MoeSpec {
+            experts,
+            top_k: self.num_experts_per_tok?,
+            normalize: family == Family::Mixtral || self.norm_topk_prob,
+            intermediate: match family {
+                Family::Qwen3Moe => self.moe_intermediate_size.unwrap_or(self.intermediate_size),
+                _ => self.intermediate_size,
+            },
+            names: match family {
+                Family::Mixtral => [
+                    "block_sparse_moe.gate",
+                    "block_sparse_moe.experts",
+                    "w1",
+                    "w3",
+                    "w2",
+                ],
+                _ => [
+                    "mlp.gate",
+                    "mlp.experts",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            },
+        })
+    }
+
+    /// Whether any layer has a mixture of experts.
+    pub fn is_moe(&self) -> bool {
+        (0..self.num_hidden_layers).any(|l| self.layer_moe(l).is_some())
+    }
+
     /// Whether q/k/v projections carry a bias.
     pub fn qkv_bias(&self) -> bool {
         matches!(self.family(), Ok(Family::Qwen2)) || self.attention_bias
@@ -584,7 +708,7 @@ impl ModelConfig {
             return if sliding { self.sliding_window } else { None };
         }
         match self.family() {
-            Ok(Family::Mistral | Family::Phi3) => self.sliding_window,
+            Ok(Family::Mistral | Family::Phi3 | Family::Mixtral) => self.sliding_window,
             Ok(Family::Qwen2 | Family::Qwen3 | Family::SmolLm3)
                 if self.use_sliding_window == Some(true) =>
             {

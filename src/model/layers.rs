@@ -274,6 +274,91 @@ pub struct Mlp {
     pub intermediate: usize,
 }
 
+/// A mixture of experts (Mixtral, Qwen3-MoE), frozen: the router and every expert's gate, up
+/// and down projections. Each token goes to the `top_k` experts its router probabilities rank
+/// first, weighed by those probabilities (renormalised to sum to 1 when `normalize`), as
+/// transformers routes it; gradients reach the input only (through the experts and the routing
+/// weights).
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// The router's module path, e.g. `model.layers.0.mlp.gate`.
+    pub name: String,
+    /// The router `[experts, hidden]` (frozen).
+    pub router: Param,
+    /// Each expert's gate, up and down weights (dense or quantized).
+    pub experts: Vec<[Linear; 3]>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Whether the top-k weights are renormalised.
+    pub normalize: bool,
+    /// The experts' activation.
+    pub activation: Activation,
+}
+
+impl Moe {
+    /// x: [.., hidden] -> [.., hidden]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = *dims.last().unwrap_or(&0);
+        let rows = x.reshape(((), hidden))?;
+        let n = rows.dim(0)?;
+        let experts = self.experts.len();
+        let k = self.top_k.min(experts);
+        // Router probabilities in f32 (transformers' softmax dtype), differentiable in x.
+        let router = FrozenWeight::Dense(self.router.tensor().clone());
+        let logits = frozen_linear(&rows, &router, None)?.to_dtype(candle_core::DType::F32)?;
+        let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
+        // The top k per row, chosen on the host (the choice has no gradient).
+        let host = probs.detach().to_vec2::<f32>()?;
+        let mut chosen = Vec::with_capacity(n * k);
+        for row in &host {
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            chosen.extend(order[..k].iter().map(|&e| e as u32));
+        }
+        let index = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
+        let mut weights = probs.gather(&index, 1)?;
+        if self.normalize {
+            weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+        }
+        let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
+        let mut out = rows.zeros_like()?.detach();
+        for (e, [gate, up, down]) in self.experts.iter().enumerate() {
+            let (mut token, mut slot) = (Vec::new(), Vec::new());
+            for (i, &c) in chosen.iter().enumerate() {
+                if c as usize == e {
+                    token.push((i / k) as u32);
+                    slot.push(i as u32);
+                }
+            }
+            if token.is_empty() {
+                continue;
+            }
+            let tokens = Tensor::new(token.as_slice(), x.device())?;
+            let xe = rows.index_select(&tokens, 0)?;
+            let act = glu(
+                &gate.forward(&xe, None)?,
+                &up.forward(&xe, None)?,
+                self.activation,
+            )?;
+            let ye = down.forward(&act, None)?;
+            let we = weights.index_select(&Tensor::new(slot.as_slice(), x.device())?, 0)?;
+            out = out.index_add(&tokens, &ye.broadcast_mul(&we.unsqueeze(1)?)?, 0)?;
+        }
+        out.reshape(dims)
+    }
+
+    /// Every expert's gate, up and down projections.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.experts.iter().flatten()
+    }
+
+    /// Mutable access to every expert's projections.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.experts.iter_mut().flatten()
+    }
+}
+
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -293,6 +378,9 @@ pub struct DecoderLayer {
     pub linears: Vec<Linear>,
     /// How the projections are stored.
     pub layout: Layout,
+    /// The mixture of experts that replaces the MLP (Mixtral, Qwen3-MoE's sparse layers); the
+    /// layer's `linears` are then the attention's q, k, v and o.
+    pub moe: Option<Moe>,
 }
 
 impl DecoderLayer {
@@ -414,6 +502,17 @@ impl LayerSteps for Tracked<'_, '_> {
 
     fn activate(&mut self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         glu(gate, up, self.layer.mlp.activation)
+    }
+
+    fn sparse(&self) -> bool {
+        self.layer.moe.is_some()
+    }
+
+    fn experts(&mut self, x: &Tensor) -> Result<Tensor> {
+        match &self.layer.moe {
+            Some(moe) => moe.forward(x),
+            None => candle_core::bail!("decoder layer: no mixture of experts"),
+        }
     }
 
     fn add(&mut self, stream: &Tensor, branch: &Tensor) -> Result<Tensor> {

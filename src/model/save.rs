@@ -114,7 +114,7 @@ fn write_folder(
         .map(|(n, p)| Ok((n, Param::tensor(p).to_dtype(dtype)?)))
         .collect::<candle_core::Result<_>>()?;
     if dequantize {
-        for lin in model.linears() {
+        for lin in model.base_linears() {
             if let LinearWeight::Quantized(q) = &lin.weight {
                 tensors.push((
                     format!("{}.weight", lin.name),

@@ -27,12 +27,13 @@ pub(crate) fn stack_applies(layers: &[DecoderLayer]) -> bool {
     grad_enabled() && layers.iter().all(frozen)
 }
 
-/// Every weight, bias and norm of `layer` is frozen (LoRA, DoRA, QLoRA or no adapter).
+/// Every weight, bias and norm of `layer` is frozen (LoRA, DoRA, QLoRA or no adapter), and its
+/// MLP is dense (a mixture of experts runs op by op).
 fn frozen(layer: &DecoderLayer) -> bool {
-    layer
-        .linears()
-        .iter()
-        .all(|l| l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none()))
+    layer.moe.is_none()
+        && layer.linears().iter().all(|l| {
+            l.weight.frozen().is_some() && l.bias.as_ref().is_none_or(|b| b.var().is_none())
+        })
         && layer.norms().iter().all(|n| n.weight.var().is_none())
 }
 

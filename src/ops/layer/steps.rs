@@ -147,6 +147,17 @@ pub trait LayerSteps {
     /// The gated activation `act(gate) * up` (SwiGLU or GeGLU).
     fn activate(&mut self, gate: &Self::T, up: &Self::T) -> Result<Self::T>;
 
+    /// Whether the layer's MLP is a mixture of experts ([`Self::experts`] replaces gate, up,
+    /// activation and down).
+    fn sparse(&self) -> bool {
+        false
+    }
+
+    /// The mixture of experts of the normalised residual stream `x`.
+    fn experts(&mut self, _x: &Self::T) -> Result<Self::T> {
+        candle_core::bail!("decoder layer: this form of the layer has no mixture of experts")
+    }
+
     /// The residual add `stream + branch` after attention.
     fn add(&mut self, stream: &Self::T, branch: &Self::T) -> Result<Self::T>;
 
@@ -185,6 +196,12 @@ pub fn mlp_activation<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::T> {
 /// The MLP half: `resid + down(mlp_activation(resid))` (normalised where the layer does), the
 /// layer's output.
 pub fn mlp_half<S: LayerSteps>(s: &mut S, resid: &S::T) -> Result<S::Out> {
+    if s.sparse() {
+        let normed = s.norm(NormAt::PostAttention, resid)?;
+        let out = s.experts(&normed)?;
+        drop(normed);
+        return s.output(resid, &out);
+    }
     let act = mlp_activation(s, resid)?;
     let down = s.project(Proj::Down, &act)?;
     drop(act);
