@@ -155,19 +155,7 @@ fn lora_gradients_with_dropout_equal_without_checkpointing() {
 /// the others, plain and packed rows.
 #[test]
 fn selective_checkpointing_gives_the_op_by_op_gradients() {
-    for name in [
-        "llama",
-        "qwen2",
-        "qwen3",
-        "mistral",
-        "smollm3",
-        "gemma",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "mixtral",
-        "qwen3_moe",
-    ] {
+    for &name in FAMILIES {
         let mut model = load_model(&fixture(&format!("models/{name}")), false);
         adapt(&mut model);
         for packed in [false, true] {

@@ -79,20 +79,7 @@ fn phi3_with_fused_projections_partial_rotary_and_longrope() {
 #[test]
 fn cached_generation_equals_recomputing_every_step() {
     use peft_sft::generate::{generate, GenerateOptions};
-    let families = [
-        "llama",
-        "qwen2",
-        "qwen3",
-        "smollm3",
-        "mistral",
-        "gemma",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "mixtral",
-        "qwen3_moe",
-    ];
-    for name in families {
+    for &name in FAMILIES {
         let dir = fixture(&format!("models/{name}"));
         let reference = tensors(&dir.join("reference.safetensors"));
         let model = load_model(&dir, false);

@@ -34,6 +34,21 @@ pub fn assert_peft_gradients(
 
 /// The repository root: `PEFT_SFT_REPO` when set (the GPU machine runs test binaries built
 /// elsewhere, scripts/gpu-check.sh), else the one the tests were compiled in.
+/// Every family's tiny fixture model under `tests/fixtures/models`.
+pub const FAMILIES: &[&str] = &[
+    "llama",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+];
+
 pub fn repo() -> PathBuf {
     std::env::var_os("PEFT_SFT_REPO")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
