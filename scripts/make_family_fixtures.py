@@ -83,7 +83,8 @@ MODELS = {
 # Gemma 3's multimodal wrapper (the 4B/12B/27B checkpoints' architecture) around the gemma3 text model above and a
 # one-layer vision tower; peft-sft trains its text model, PEFT adapts only `language_model` modules here.
 MULTIMODAL = dict(
-    text_config=dict(MODELS["gemma3"][2], vocab_size=400),
+    # Two text layers (one sliding, one global) keep the fixture small.
+    text_config=dict(MODELS["gemma3"][2], vocab_size=400, num_hidden_layers=2, sliding_window_pattern=2),
     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        image_size=28, patch_size=14),
     mm_tokens_per_image=4, image_token_index=399, boi_token_index=397, eoi_token_index=398)
