@@ -11,6 +11,7 @@ Outputs (small, committed):
                                   short factors; the 16-token inputs pass its original context of 8 and take the long ones)
   models/{mixtral,qwen3_moe}/     tiny mixtures of experts (4 experts, top 2)
   peft/{gemma2,gemma3,phi3,gemma3_multimodal,mixtral,qwen3_moe}/
+                                  (MoE: logits, loss and gradients from PEFT in float64 with eager experts)
                                   adapter/ (PEFT LoRA r=4 all-linear, non-zero B), merged/ (merge_and_unload),
                                   reference.safetensors: input_ids, logits, loss (labels = ids, first 5 masked),
                                   merged_logits, grad.<PEFT key> for every LoRA weight
@@ -89,7 +90,6 @@ MULTIMODAL = dict(
                        image_size=28, patch_size=14),
     mm_tokens_per_image=4, image_token_index=399, boi_token_index=397, eoi_token_index=398)
 TEXT_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def randomize(model, offset_norms):
@@ -184,10 +184,9 @@ def write_peft():
     for name in ["gemma2", "gemma3", "phi3", "gemma3_multimodal", "mixtral", "qwen3_moe"]:
         base = transformers.AutoModelForCausalLM.from_pretrained(OUT / "models" / name, attn_implementation="eager")
         torch.manual_seed(3)
-        # MoE: PEFT's all-linear there also adapts the router and the experts (target_parameters), which peft-sft
-        # does not yet: the attention's four projections, named.
-        targets = {"gemma3_multimodal": TEXT_MODULES, "mixtral": ATTENTION,
-                   "qwen3_moe": ATTENTION}.get(name, "all-linear")
+        # MoE: PEFT's all-linear adapts q/k/v/o and, through target_parameters, the router and the stacked experts
+        # (gate_up_proj at rank 2r, alpha 2·alpha, which PEFT writes as rank/alpha patterns).
+        targets = TEXT_MODULES if name == "gemma3_multimodal" else "all-linear"
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                                  task_type="CAUSAL_LM")
         model = peft.get_peft_model(base, config)
@@ -215,9 +214,29 @@ def write_peft():
         with torch.no_grad():
             tensors["merged_logits"] = merged(ids).logits.float().contiguous()
         merged.save_pretrained(path / "merged", safe_serialization=True)
+        if name in ("mixtral", "qwen3_moe"):
+            tensors.update(float64_reference(name, path / "adapter", ids, labels))
         save_file(tensors, path / "reference.safetensors")
         grads = sum(1 for k in tensors if k.startswith("grad."))
         print(f"peft/{name}: loss {out.loss.item():.4f}, {grads} LoRA tensors")
+
+
+def float64_reference(name, adapter, ids, labels):
+    """Logits, loss and gradients of the adapter computed in float64 with transformers' eager experts.
+
+    transformers 5 runs a mixture of experts through `grouped_mm` in f32, whose gradients stray ~1e-4 from the exact
+    ones (the f64 eager computation agrees with them to ~2e-5 elsewhere); the f64 values are the reference.
+    """
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        OUT / "models" / name, attn_implementation="eager", experts_implementation="eager", dtype=torch.float64)
+    model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True).double()
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    found = {"logits": out.logits.detach().float().contiguous(), "loss": out.loss.detach().float().reshape(1)}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            found["grad." + n.replace(".default", "")] = p.grad.float().contiguous()
+    return found
 
 
 def main():

@@ -46,8 +46,10 @@ pub fn adapter_tensors(model: &CausalLm) -> Result<Vec<(String, Tensor)>> {
         }
     }
     for (name, var) in model
-        .trainable_token_tensors()
-        .into_iter()
+        .layers
+        .iter()
+        .flat_map(|l| l.moe.iter().flat_map(|m| m.lora_vars()))
+        .chain(model.trainable_token_tensors())
         .chain(model.saved_module_tensors())
     {
         out.push((format!("{PREFIX}{name}"), var.as_tensor().clone()));
@@ -68,6 +70,30 @@ pub fn save_adapter(model: &CausalLm, config: &LoraConfig, dir: &Path) -> Result
             .map(|l| short_name(&l.name).to_string())
             .collect();
         config.target_modules = TargetModules::List(names.into_iter().collect());
+    }
+    // A mixture of experts' pairs: PEFT's target_parameters, gate_up at twice the rank and alpha
+    // (what PEFT's all-linear writes for them).
+    let moe = model.layers.iter().find_map(|l| l.moe.as_ref());
+    if let Some(moe) = moe {
+        let mut params = Vec::new();
+        if moe.lora.down.is_some() {
+            params.push("down_proj".to_string());
+        }
+        if let Some(gate_up) = &moe.lora.gate_up {
+            params.push("gate_up_proj".to_string());
+            if gate_up.rank != config.r {
+                let key = r".*\.gate_up_proj".to_string();
+                let factor = gate_up.rank as f64 / config.r as f64;
+                config.rank_pattern.insert(key.clone(), gate_up.rank);
+                config.alpha_pattern.insert(key, config.lora_alpha * factor);
+            }
+        }
+        if moe.lora.router.is_some() {
+            params.push("gate.weight".to_string());
+        }
+        if !params.is_empty() {
+            config.target_parameters = Some(params);
+        }
     }
     if let (Some(_), TargetModules::List(names)) = (&model.config.wrapper, &config.target_modules) {
         // A multimodal wrapper: the names alone would also select its vision tower's modules
@@ -133,6 +159,8 @@ pub struct Adapter {
     pub token_rows: Option<TokenRows>,
     /// Trained copies of the embedding and LM head (PEFT's `modules_to_save`).
     pub saved_modules: SavedModules,
+    /// LoRA pairs of each mixture of experts, by its PEFT path (`model.layers.0.mlp`).
+    pub experts: BTreeMap<String, crate::model::layers::MoeLora>,
 }
 
 /// Vocabulary rows an adapter replaces: ids and their embedding (and untied LM-head) rows.
@@ -287,6 +315,71 @@ impl Adapter {
             };
             layers.insert(lin.name.clone(), layer);
         }
+        let mut experts = BTreeMap::new();
+        for moe in model.layers.iter().filter_map(|l| l.moe.as_ref()) {
+            let p = &moe.peft_path;
+            let (e, hidden) = (moe.experts.len(), model.config.hidden_size);
+            let inter = moe.experts[0][0].out_features();
+            let mut lora = crate::model::layers::MoeLora::default();
+            // (module, parameter, experts, in, out)
+            let slots = [
+                (format!("{p}.gate"), "gate.weight", 1, hidden, e),
+                (
+                    format!("{p}.experts.base_layer"),
+                    "gate_up_proj",
+                    e,
+                    hidden,
+                    2 * inter,
+                ),
+                (format!("{p}.experts"), "down_proj", e, inter, hidden),
+            ];
+            for (k, (module, param, n, inp, out)) in slots.into_iter().enumerate() {
+                let Some([a, b, _]) = parts.remove(&module) else {
+                    continue;
+                };
+                let missing = |key: String| Error::Tensor {
+                    name: key,
+                    message: format!("missing from {}", path.display()),
+                };
+                let a = a.ok_or_else(|| missing(peft_key(&module, "lora_A")))?;
+                let b = b.ok_or_else(|| missing(peft_key(&module, "lora_B")))?;
+                let key = format!("{}.{param}", module.trim_end_matches(".base_layer"));
+                let key = if param == "gate.weight" {
+                    format!("{p}.gate.weight")
+                } else {
+                    key
+                };
+                let (r, scale) = rank_and_scale(&config, &key)?;
+                for (name, t, expect) in [
+                    (peft_key(&module, "lora_A"), &a, vec![r * n, inp]),
+                    (peft_key(&module, "lora_B"), &b, vec![out, r * n]),
+                ] {
+                    if t.dims() != expect {
+                        return Err(Error::Tensor {
+                            name,
+                            message: format!(
+                                "in {}: shape {:?} does not fit the base model's mixture of experts (expected {:?} for r={r})",
+                                path.display(),
+                                t.dims(),
+                                expect
+                            ),
+                        });
+                    }
+                }
+                let pair = crate::model::layers::ExpertLora {
+                    a: candle_core::Var::from_tensor(&a)?,
+                    b: candle_core::Var::from_tensor(&b)?,
+                    rank: r,
+                    scale,
+                };
+                match k {
+                    0 => lora.router = Some(pair),
+                    1 => lora.gate_up = Some(pair),
+                    _ => lora.down = Some(pair),
+                }
+            }
+            experts.insert(p.clone(), lora);
+        }
         if let Some(module) = parts.keys().next() {
             return Err(Error::Tensor {
                 name: peft_key(module, "lora_A"),
@@ -302,6 +395,7 @@ impl Adapter {
             layers,
             token_rows,
             saved_modules,
+            experts,
         })
     }
 
@@ -313,6 +407,13 @@ impl Adapter {
         }
         for lin in model.linears_mut() {
             lin.lora = self.layers.get(&lin.name).cloned();
+        }
+        for moe in model.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+            moe.lora = self
+                .experts
+                .get(&moe.peft_path)
+                .cloned()
+                .unwrap_or_default();
         }
         // A copy trained after new tokens were added has their rows too.
         let rows = [&self.saved_modules.embed, &self.saved_modules.head]
@@ -334,6 +435,9 @@ impl Adapter {
 pub fn remove_adapters(model: &mut CausalLm) {
     for lin in model.linears_mut() {
         lin.lora = None;
+    }
+    for moe in model.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        moe.lora = Default::default();
     }
     model.saved_modules = SavedModules::default();
 }

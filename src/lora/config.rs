@@ -283,14 +283,23 @@ impl LoraConfig {
                 "adapter_config.json: `{key}` = {value} is not supported: peft-sft implements PEFT 0.21's LoRA (with DoRA, rsLoRA, PiSSA/OLoRA, modules_to_save, layer selection); with this option on, the adapter computes something else"
             )));
         }
-        if self
-            .target_parameters
-            .as_ref()
-            .is_some_and(|p| !p.is_empty())
-        {
-            return Err(Error::Config(
-                "target_parameters adapts weights stored as bare parameters (a mixture of experts' router and experts, held in 3-D tensors by transformers 5: Mixtral, Qwen3-MoE, Llama 4, gpt-oss), which peft-sft does not train yet: adapters of the attention (target_modules) load and train".into(),
-            ));
+        let params = self.target_parameters.as_deref().unwrap_or_default();
+        // PEFT matches them as suffixes of the parameter paths (`mlp.experts.gate_up_proj`).
+        let known = |p: &str| {
+            ["gate_up_proj", "down_proj", "gate.weight"]
+                .iter()
+                .any(|k| p == *k || p.ends_with(&format!(".{k}")))
+        };
+        if let Some(other) = params.iter().find(|p| !known(p)) {
+            return Err(Error::Config(format!(
+                "target_parameters `{other}`: peft-sft adapts a mixture of experts' gate_up_proj, down_proj and gate.weight (Mixtral, Qwen3-MoE), as PEFT's all-linear selects them"
+            )));
+        }
+        if !params.is_empty() && self.lora_dropout > 0.0 {
+            return Err(Error::Config(format!(
+                "lora_dropout {} with target_parameters: PEFT cannot apply dropout to a mixture of experts' stacked weights and refuses it; use lora_dropout 0",
+                self.lora_dropout
+            )));
         }
         Ok(())
     }

@@ -27,6 +27,35 @@ pub fn merge_and_unload(model: &mut CausalLm) -> Result<usize> {
         }
     }
     let mut merged = 0;
+    for moe in model.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        let lora = std::mem::take(&mut moe.lora);
+        let experts = moe.experts.len();
+        if let Some(l) = &lora.router {
+            let w = moe.router.tensor();
+            let new_w = (w + l.weight_delta(0, 1)?.to_dtype(w.dtype())?)?;
+            moe.router = Param::new(new_w, false)?;
+            merged += 1;
+        }
+        for (e, [gate, up, down]) in moe.experts.iter_mut().enumerate() {
+            let mut updates: Vec<(&mut crate::model::layers::Linear, candle_core::Tensor)> =
+                Vec::new();
+            if let Some(l) = &lora.gate_up {
+                let delta = l.weight_delta(e, experts)?;
+                let i = gate.out_features();
+                updates.push((gate, delta.narrow(0, 0, i)?));
+                updates.push((up, delta.narrow(0, i, i)?));
+            }
+            if let Some(l) = &lora.down {
+                updates.push((down, l.weight_delta(e, experts)?));
+            }
+            for (lin, delta) in updates {
+                let w = lin.weight.dense()?;
+                let new_w = (&w + delta.to_dtype(w.dtype())?)?;
+                lin.weight = LinearWeight::Dense(Param::new(new_w, false)?);
+            }
+        }
+        merged += usize::from(lora.gate_up.is_some()) + usize::from(lora.down.is_some());
+    }
     for lin in model.linears_mut() {
         let Some(lora) = lin.lora.take() else {
             continue;

@@ -213,23 +213,23 @@ pub fn inject_with(
     originals: Option<Originals>,
 ) -> Result<Vec<String>> {
     config.validate()?;
-    if model.config.is_moe() && config.target_modules == TargetModules::Pattern("all-linear".into())
-    {
-        return Err(Error::Config(format!(
-            "{:?} is a mixture of experts: PEFT's all-linear there also adapts the router and \
-             every expert (target_parameters gate.weight, gate_up_proj, down_proj), which \
-             peft-sft does not train yet; adapt the attention with --lora-target-modules \
-             q_proj,k_proj,v_proj,o_proj (router and experts stay frozen; --qlora quantizes \
-             the experts)",
-            model.config.family()?
-        )));
-    }
+    // PEFT's all-linear on a mixture of experts (transformers 5): q/k/v/o of every layer, and
+    // the router and the experts through target_parameters.
+    let moe_all_linear = model.config.is_moe()
+        && config.target_modules == TargetModules::Pattern("all-linear".into());
     let names: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let chosen: BTreeSet<String> = targeted(config, &refs)?
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let chosen: BTreeSet<String> = match moe_all_linear {
+        true => refs
+            .iter()
+            .filter(|n| ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&short_name(n)))
+            .map(|n| n.to_string())
+            .collect(),
+        false => targeted(config, &refs)?
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    };
     let device = model.device.clone();
     let init = LoraInit::from_config(&config.init_lora_weights)?;
     let loftq = if init == LoraInit::Loftq {
@@ -299,7 +299,82 @@ pub fn inject_with(
         };
         lin.lora = Some(layer);
     }
+    if moe_all_linear {
+        inject_experts(model, config, seed)?;
+    }
     Ok(chosen.into_iter().collect())
+}
+
+/// PEFT's LoRA pairs on every mixture of experts of `model` (its `all-linear` there): the router
+/// at rank r, the experts' gate-up weights at 2r with alpha 2·alpha (PEFT's own rank and alpha
+/// patterns), their down weights at r; A Kaiming-uniform over the stacked rows, B zero.
+fn inject_experts(model: &mut CausalLm, config: &LoraConfig, seed: u64) -> Result<()> {
+    if config.lora_dropout > 0.0 {
+        return Err(Error::Config(format!(
+            "lora_dropout {}: PEFT's all-linear on a mixture of experts adapts its stacked expert weights, where it cannot apply dropout (and refuses it); use --lora-dropout 0, or adapt the attention alone with --lora-target-modules q_proj,k_proj,v_proj,o_proj",
+            config.lora_dropout
+        )));
+    }
+    match LoraInit::from_config(&config.init_lora_weights)? {
+        LoraInit::Default => {}
+        other => {
+            return Err(Error::Config(format!(
+                "init_lora_weights {other:?} on a mixture of experts' stacked weights is not supported (the default initialisation is)"
+            )))
+        }
+    }
+    if config.use_dora {
+        return Err(Error::Config(
+            "DoRA on a mixture of experts' stacked weights: PEFT does not support it either; adapt the attention alone with --lora-target-modules q_proj,k_proj,v_proj,o_proj".into(),
+        ));
+    }
+    let (hidden, device) = (model.config.hidden_size, model.device.clone());
+    let (r, alpha) = (config.r, config.lora_alpha);
+    for moe in model.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        let experts = moe.experts.len();
+        let inter = moe.experts[0][0].out_features();
+        let pair = |module: &str, n: usize, inp: usize, out: usize, rank: usize, alpha: f64| {
+            let scale = lora_scale(alpha, rank, config.use_rslora);
+            let layer = LoraLayer::init(
+                module,
+                inp,
+                out,
+                rank * n,
+                scale,
+                0.0,
+                seed,
+                crate::lora::layer::ADAPTER_DTYPE,
+                &device,
+            )?;
+            Ok::<_, crate::Error>(crate::model::layers::ExpertLora {
+                a: layer.a,
+                b: layer.b,
+                rank,
+                scale,
+            })
+        };
+        let p = moe.peft_path.clone();
+        moe.lora = crate::model::layers::MoeLora {
+            router: Some(pair(&format!("{p}.gate"), 1, hidden, experts, r, alpha)?),
+            gate_up: Some(pair(
+                &format!("{p}.experts.base_layer"),
+                experts,
+                hidden,
+                2 * inter,
+                2 * r,
+                2.0 * alpha,
+            )?),
+            down: Some(pair(
+                &format!("{p}.experts"),
+                experts,
+                inter,
+                hidden,
+                r,
+                alpha,
+            )?),
+        };
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -391,8 +466,8 @@ mod tests {
                 "every target module is excluded",
             ),
             (
-                serde_json::json!({"target_parameters": ["mlp.experts.gate_up_proj"]}),
-                "target_parameters adapts weights stored as bare parameters",
+                serde_json::json!({"target_parameters": ["feed_forward.experts.w13"]}),
+                "target_parameters `feed_forward.experts.w13`: peft-sft adapts",
             ),
         ] {
             let err = picked(json.clone()).unwrap_err();

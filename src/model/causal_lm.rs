@@ -266,6 +266,8 @@ impl CausalLm {
                         top_k: spec.top_k,
                         normalize: spec.normalize,
                         activation,
+                        lora: Default::default(),
+                        peft_path: format!("{p}.mlp"),
                     })
                 }
             };
@@ -693,6 +695,9 @@ impl CausalLm {
                     out.push((name, dora.magnitude.clone()));
                 }
             }
+        }
+        for layer in &self.layers {
+            out.extend(layer.moe.iter().flat_map(|m| m.lora_vars()));
         }
         out.extend(self.trainable_token_tensors());
         out.extend(self.saved_module_tensors());

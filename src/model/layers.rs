@@ -274,6 +274,71 @@ pub struct Mlp {
     pub intermediate: usize,
 }
 
+/// A LoRA pair over a mixture of experts' stacked weights, as PEFT's `ParamWrapper` adapts
+/// transformers 5's 3-D expert parameters (`target_parameters`): `a [r·E, in]`, `b [out, r·E]`;
+/// expert e's pair is rows `e·r..(e+1)·r` of `a` and columns `e, E + e, …` of `b`. The router
+/// (`gate.weight`, one "expert") is the plain `B A` of rank r.
+#[derive(Debug, Clone)]
+pub struct ExpertLora {
+    /// `[rank · experts, in]`.
+    pub a: Var,
+    /// `[out, rank · experts]`.
+    pub b: Var,
+    /// Rank per expert.
+    pub rank: usize,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl ExpertLora {
+    /// Expert `e`'s `(A [r, in], B [out, r])` of `experts`.
+    pub fn factors(&self, e: usize, experts: usize) -> Result<(Tensor, Tensor)> {
+        let r = self.rank;
+        let a = self.a.as_tensor().narrow(0, e * r, r)?;
+        let columns: Vec<u32> = (0..r).map(|j| (j * experts + e) as u32).collect();
+        let b = self
+            .b
+            .as_tensor()
+            .index_select(&Tensor::new(columns.as_slice(), self.b.device())?, 1)?;
+        Ok((a, b))
+    }
+
+    /// Expert `e`'s update of the output columns `rows` (all when None) for input `x: [n, in]`:
+    /// `scale · x Aᵀ B[rows]ᵀ`.
+    pub fn delta(
+        &self,
+        x: &Tensor,
+        e: usize,
+        experts: usize,
+        rows: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let (a, b) = self.factors(e, experts)?;
+        let b = match rows {
+            Some((start, len)) => b.narrow(0, start, len)?,
+            None => b,
+        };
+        let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+    }
+
+    /// Expert `e`'s weight update `scale · B A` (`[out, in]`).
+    pub fn weight_delta(&self, e: usize, experts: usize) -> Result<Tensor> {
+        let (a, b) = self.factors(e, experts)?;
+        b.matmul(&a)? * self.scale
+    }
+}
+
+/// The LoRA pairs of a mixture of experts: router, the experts' gate-up and down weights.
+#[derive(Debug, Clone, Default)]
+pub struct MoeLora {
+    /// On the router (`gate.weight`).
+    pub router: Option<ExpertLora>,
+    /// On the experts' gate and up weights, stacked (`gate_up_proj`: gate rows, then up rows).
+    pub gate_up: Option<ExpertLora>,
+    /// On the experts' down weights (`down_proj`).
+    pub down: Option<ExpertLora>,
+}
+
 /// A mixture of experts (Mixtral, Qwen3-MoE), frozen: the router and every expert's gate, up
 /// and down projections. Each token goes to the `top_k` experts its router probabilities rank
 /// first, weighed by those probabilities (renormalised to sum to 1 when `normalize`), as
@@ -293,9 +358,31 @@ pub struct Moe {
     pub normalize: bool,
     /// The experts' activation.
     pub activation: Activation,
+    /// LoRA pairs on the router and the experts (PEFT's `target_parameters`).
+    pub lora: MoeLora,
+    /// PEFT's module path of the block (`model.layers.0.mlp`), which its adapter keys name.
+    pub peft_path: String,
 }
 
 impl Moe {
+    /// The block's LoRA tensors under PEFT's names (without `base_model.model.`):
+    /// `…mlp.gate`, `…mlp.experts.base_layer` (gate_up) and `…mlp.experts` (down).
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let p = &self.peft_path;
+        let mut out = Vec::new();
+        for (module, lora) in [
+            (format!("{p}.gate"), &self.lora.router),
+            (format!("{p}.experts.base_layer"), &self.lora.gate_up),
+            (format!("{p}.experts"), &self.lora.down),
+        ] {
+            if let Some(l) = lora {
+                out.push((format!("{module}.lora_A.weight"), l.a.clone()));
+                out.push((format!("{module}.lora_B.weight"), l.b.clone()));
+            }
+        }
+        out
+    }
+
     /// x: [.., hidden] -> [.., hidden]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -306,7 +393,11 @@ impl Moe {
         let k = self.top_k.min(experts);
         // Router probabilities in f32 (transformers' softmax dtype), differentiable in x.
         let router = FrozenWeight::Dense(self.router.tensor().clone());
-        let logits = frozen_linear(&rows, &router, None)?.to_dtype(candle_core::DType::F32)?;
+        let mut logits = frozen_linear(&rows, &router, None)?;
+        if let Some(l) = &self.lora.router {
+            logits = (logits + l.delta(&rows, 0, 1, None)?)?;
+        }
+        let logits = logits.to_dtype(candle_core::DType::F32)?;
         let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
         // The top k per row, chosen on the host (the choice has no gradient).
         let host = probs.detach().to_vec2::<f32>()?;
@@ -336,12 +427,17 @@ impl Moe {
             }
             let tokens = Tensor::new(token.as_slice(), x.device())?;
             let xe = rows.index_select(&tokens, 0)?;
-            let act = glu(
-                &gate.forward(&xe, None)?,
-                &up.forward(&xe, None)?,
-                self.activation,
-            )?;
-            let ye = down.forward(&act, None)?;
+            let (mut g, mut u) = (gate.forward(&xe, None)?, up.forward(&xe, None)?);
+            if let Some(l) = &self.lora.gate_up {
+                let i = g.dim(1)?;
+                g = (g + l.delta(&xe, e, experts, Some((0, i)))?)?;
+                u = (u + l.delta(&xe, e, experts, Some((i, i)))?)?;
+            }
+            let act = glu(&g, &u, self.activation)?;
+            let mut ye = down.forward(&act, None)?;
+            if let Some(l) = &self.lora.down {
+                ye = (ye + l.delta(&act, e, experts, None)?)?;
+            }
             let we = weights.index_select(&Tensor::new(slot.as_slice(), x.device())?, 0)?;
             out = out.index_add(&tokens, &ye.broadcast_mul(&we.unsqueeze(1)?)?, 0)?;
         }
