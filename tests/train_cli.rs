@@ -190,6 +190,14 @@ fn every_adapter_method_resumes_exactly() {
             "--loftq-iter",
             "2",
         ],
+        // A mixture of experts with PEFT's all-linear: router and stacked experts' pairs in the
+        // checkpoint and the optimizer state (no dropout there, as PEFT).
+        &[
+            "--model",
+            "tests/fixtures/models/mixtral",
+            "--lora-dropout",
+            "0",
+        ],
     ] {
         resume_is_exact(extra);
     }
@@ -209,18 +217,49 @@ fn resume_is_exact(method: &[&str]) {
     } else {
         "--lora"
     };
+    // `--model X` and `--lora-dropout X` in `method` replace the defaults.
+    let value = |flag: &str| {
+        method
+            .iter()
+            .position(|m| *m == flag)
+            .map(|i| method[i + 1])
+    };
+    let (model, dropout) = (value("--model"), value("--lora-dropout").unwrap_or("0.1"));
     let mut extra = vec![
         mode,
         "--lora-dropout",
-        "0.1",
+        dropout,
         "--save-steps",
         "3",
         "--gradient-accumulation-steps",
         "2",
     ];
-    extra.extend(method.iter().filter(|m| **m != "--qlora"));
-    for dir in [&a, &b] {
-        let (ok, _, err) = run_cli(&train_args("cpu", dir.to_str().unwrap(), "6", &extra));
+    let mut rest = method.iter();
+    while let Some(m) = rest.next() {
+        match *m {
+            "--qlora" => {}
+            "--model" | "--lora-dropout" => {
+                rest.next();
+            }
+            other => extra.push(other),
+        }
+    }
+    let (a_str, b_str, c_str) = (
+        a.to_str().unwrap().to_string(),
+        b.to_str().unwrap().to_string(),
+        c.to_str().unwrap().to_string(),
+    );
+    let train = |dir: &'_ str| -> Vec<String> {
+        let mut args = train_args("cpu", dir, "6", &extra);
+        if let Some(model) = model {
+            args[2] = model;
+        }
+        args.into_iter().map(String::from).collect()
+    };
+    for dir in [&a_str, &b_str] {
+        let args = train(dir);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = run_cli(&refs);
         assert!(ok, "{method:?}: {err}");
     }
     let (ma, mb) = (metrics(&a), metrics(&b));
@@ -234,9 +273,10 @@ fn resume_is_exact(method: &[&str]) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), c.join("checkpoint-3").join(entry.file_name())).unwrap();
     }
-    let mut args = train_args("cpu", c.to_str().unwrap(), "6", &extra);
-    args.extend(["--resume-from-checkpoint", "latest"]);
-    let (ok, _, err) = run_cli(&args);
+    let mut args = train(&c_str);
+    args.extend(["--resume-from-checkpoint".into(), "latest".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = run_cli(&refs);
     assert!(ok, "{method:?}: {err}");
     let mc = metrics(&c);
     assert_eq!(mc.len(), ma.len());
