@@ -303,20 +303,9 @@ impl ExpertLora {
         Ok((a, b))
     }
 
-    /// Expert `e`'s update of the output columns `rows` (all when None) for input `x: [n, in]`:
-    /// `scale · x Aᵀ B[rows]ᵀ`.
-    pub fn delta(
-        &self,
-        x: &Tensor,
-        e: usize,
-        experts: usize,
-        rows: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
+    /// Expert `e`'s update for input `x: [n, in]`: `scale · x Aᵀ Bᵀ` (`[n, out]`).
+    pub fn delta(&self, x: &Tensor, e: usize, experts: usize) -> Result<Tensor> {
         let (a, b) = self.factors(e, experts)?;
-        let b = match rows {
-            Some((start, len)) => b.narrow(0, start, len)?,
-            None => b,
-        };
         let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
         x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
     }
@@ -395,7 +384,7 @@ impl Moe {
         let router = FrozenWeight::Dense(self.router.tensor().clone());
         let mut logits = frozen_linear(&rows, &router, None)?;
         if let Some(l) = &self.lora.router {
-            logits = (logits + l.delta(&rows, 0, 1, None)?)?;
+            logits = (logits + l.delta(&rows, 0, 1)?)?;
         }
         let logits = logits.to_dtype(candle_core::DType::F32)?;
         let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
@@ -413,15 +402,14 @@ impl Moe {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         }
         let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
+        // Each expert's tokens and their slots in `chosen`, in one pass.
+        let mut routed: Vec<(Vec<u32>, Vec<u32>)> = vec![Default::default(); experts];
+        for (i, &c) in chosen.iter().enumerate() {
+            routed[c as usize].0.push((i / k) as u32);
+            routed[c as usize].1.push(i as u32);
+        }
         let mut out = rows.zeros_like()?.detach();
-        for (e, [gate, up, down]) in self.experts.iter().enumerate() {
-            let (mut token, mut slot) = (Vec::new(), Vec::new());
-            for (i, &c) in chosen.iter().enumerate() {
-                if c as usize == e {
-                    token.push((i / k) as u32);
-                    slot.push(i as u32);
-                }
-            }
+        for (e, ([gate, up, down], (token, slot))) in self.experts.iter().zip(&routed).enumerate() {
             if token.is_empty() {
                 continue;
             }
@@ -429,14 +417,15 @@ impl Moe {
             let xe = rows.index_select(&tokens, 0)?;
             let (mut g, mut u) = (gate.forward(&xe, None)?, up.forward(&xe, None)?);
             if let Some(l) = &self.lora.gate_up {
-                let i = g.dim(1)?;
-                g = (g + l.delta(&xe, e, experts, Some((0, i)))?)?;
-                u = (u + l.delta(&xe, e, experts, Some((i, i)))?)?;
+                // One product for both: gate's columns, then up's.
+                let (d, i) = (l.delta(&xe, e, experts)?, g.dim(1)?);
+                g = (g + d.narrow(1, 0, i)?)?;
+                u = (u + d.narrow(1, i, i)?)?;
             }
             let act = glu(&g, &u, self.activation)?;
             let mut ye = down.forward(&act, None)?;
             if let Some(l) = &self.lora.down {
-                ye = (ye + l.delta(&act, e, experts, None)?)?;
+                ye = (ye + l.delta(&act, e, experts)?)?;
             }
             let we = weights.index_select(&Tensor::new(slot.as_slice(), x.device())?, 0)?;
             out = out.index_add(&tokens, &ye.broadcast_mul(&we.unsqueeze(1)?)?, 0)?;

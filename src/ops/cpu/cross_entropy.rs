@@ -53,18 +53,21 @@ pub(crate) fn chunks(
         let rows: Vec<[f64; 3]> = logits
             .par_chunks_mut(vocab)
             .enumerate()
-            .map(|(r, row)| {
+            // One buffer per task for a soft-capped row (the cap's backward reads it).
+            .map_init(Vec::new, |capped: &mut Vec<f32>, (r, row)| {
                 let i = start + r;
                 let target = target_ids[i] as usize;
                 let (loss_w, ent_w) = (loss_weight[i], entropy_weight[i]);
-                // Soft-capped logits, kept for the cap's backward.
-                let capped = softcap.map(|cap| {
+                if let Some(cap) = softcap {
                     simd::softcap(row, cap);
-                    (cap, grad.then(|| row.to_vec()))
-                });
+                    if grad {
+                        capped.clear();
+                        capped.extend_from_slice(row);
+                    }
+                }
                 let stats = simd::softmax_row_stats(row, target, grad.then_some(loss_w), dft);
-                if let Some((cap, Some(capped))) = &capped {
-                    simd::softcap_backward(row, capped, *cap);
+                if let (Some(cap), true) = (softcap, grad) {
+                    simd::softcap_backward(row, capped, cap);
                 }
                 // DFT weighs each token's loss by its detached probability.
                 let weight = if dft {
