@@ -240,6 +240,9 @@ pub fn render(info: &CardInfo, fallback_name: &str) -> String {
             if let Some(alpha) = c.neftune_noise_alpha {
                 row("neftune_noise_alpha", alpha.to_string());
             }
+            if let Some(coef) = c.router_aux_loss_coef {
+                row("router_aux_loss_coef", coef.to_string());
+            }
             if qlora {
                 row(
                     "quantization",

@@ -174,6 +174,9 @@ pub struct SftConfig {
     /// NEFTune (transformers' `neftune_noise_alpha`): uniform noise of magnitude
     /// `alpha / sqrt(L · d)` on the input embeddings while training; None adds none.
     pub neftune_noise_alpha: Option<f64>,
+    /// A mixture of experts' load-balancing loss weight (TRL's `router_aux_loss_coef`): None
+    /// takes the model config's (0.001 for Mixtral and Qwen3-MoE), 0 turns the loss off.
+    pub router_aux_loss_coef: Option<f64>,
     /// The token loss (TRL's `loss_type`): `nll` (cross-entropy) or `dft` (Dynamic Fine-Tuning:
     /// each token's loss weighed by its detached probability).
     pub loss_type: String,
@@ -272,6 +275,7 @@ impl Default for SftConfig {
             skip_nonfinite_steps: 0,
             loss_type: "nll".into(),
             neftune_noise_alpha: None,
+            router_aux_loss_coef: None,
             device: "auto".into(),
             push_to_hub: false,
             hub_model_id: None,
@@ -413,6 +417,24 @@ impl SftConfig {
         self.validate_reporting()
     }
 
+    /// The weight of the routers' load-balancing loss for `model`, as TRL resolves it:
+    /// `--router-aux-loss-coef`, else the model config's coefficient; 0 for a dense model, for
+    /// which a non-zero flag is an error.
+    pub fn router_aux_loss_coef_for(&self, model: &crate::model::ModelConfig) -> Result<f64> {
+        match (self.router_aux_loss_coef, model.router_aux_loss_coef()) {
+            (Some(coef), None) if coef != 0.0 => Err(Error::Config(format!(
+                "--router-aux-loss-coef {coef}: {} is not a mixture of experts (its routers' \
+                 load-balancing loss is what the flag weighs); leave the flag out",
+                model
+                    .architectures
+                    .first()
+                    .map_or("the model", String::as_str)
+            ))),
+            (Some(coef), _) => Ok(coef),
+            (None, from_model) => Ok(from_model.unwrap_or(0.0)),
+        }
+    }
+
     /// The token loss `loss_type` names.
     pub fn loss_kind(&self) -> Result<crate::ops::cross_entropy::LossKind> {
         use crate::ops::cross_entropy::LossKind;
@@ -544,6 +566,14 @@ impl SftConfig {
                 "neftune-noise-alpha",
                 &alpha,
                 "must be a positive number (the NEFTune paper uses 5 to 15)",
+            )?;
+        }
+        if let Some(coef) = self.router_aux_loss_coef {
+            check(
+                coef.is_finite() && coef >= 0.0,
+                "router-aux-loss-coef",
+                &coef,
+                "must be a number >= 0 (Mixtral and Qwen3-MoE use 0.001; 0 turns the loss off)",
             )?;
         }
         check(
@@ -770,6 +800,9 @@ impl SftConfig {
         }
         if let Some(alpha) = self.neftune_noise_alpha {
             parts.push(format!("NEFTune alpha {alpha}"));
+        }
+        if let Some(coef) = self.router_aux_loss_coef {
+            parts.push(format!("router aux loss coef {coef}"));
         }
         parts.join(", ")
     }

@@ -89,7 +89,7 @@ fn generate_tokens(model: &CausalLm, prompt: &[u32], opts: &GenerateOptions) -> 
         let len = input.len() as u32;
         let ids = Tensor::new(input.as_slice(), &model.device)?.unsqueeze(0)?;
         let positions = vec![(position..position + len).collect::<Vec<u32>>()];
-        let hidden = model.forward_hidden(&ids, &positions, None, None, Some(&mut caches))?;
+        let hidden = model.forward_hidden(&ids, &positions, None, None, Some(&mut caches), None)?;
         let last = hidden.squeeze(0)?.get(len as usize - 1)?;
         let next = sample(&model.logits(&last)?, opts, &mut rng)?;
         position += len;

@@ -153,6 +153,16 @@ fn cases(dir: &Path, out: &Path) -> Vec<Case> {
             says: "--lora-target-modules q_proj,k_proj,v_proj,o_proj",
         },
         Case {
+            name: "router loss weight on a dense model",
+            args: t(&["--router-aux-loss-coef", "0.01"]),
+            says: "--router-aux-loss-coef 0.01: Qwen2ForCausalLM is not a mixture of experts",
+        },
+        Case {
+            name: "negative router loss weight",
+            args: t(&["--router-aux-loss-coef", "-1"]),
+            says: "--router-aux-loss-coef -1: must be a number >= 0",
+        },
+        Case {
             name: "bidirectional Gemma 3",
             args: train(&bidirectional, &data, out, &[]),
             says: "use_bidirectional_attention is true",

@@ -260,8 +260,9 @@ fn offloaded_one_op_layers_give_the_op_by_op_gradients() {
 
 #[test]
 fn full_fine_tuning_gradients_equal_without_checkpointing() {
-    // Gemma 2: its norms' weights train through `1 + w`.
-    for name in ["qwen2", "gemma2"] {
+    // Gemma 2: its norms' weights train through `1 + w`; the mixtures of experts train their
+    // routers and experts.
+    for name in ["qwen2", "gemma2", "mixtral", "qwen3_moe"] {
         let mut model = load_model(&fixture(&format!("models/{name}")), true);
         assert_same(&mut model);
     }

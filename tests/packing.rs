@@ -56,6 +56,7 @@ fn packed_documents_see_only_themselves() {
                 batch.documents.as_deref(),
                 None,
                 None,
+                None,
             )
             .unwrap();
         let packed = model.logits(&hidden).unwrap().i(0).unwrap();

@@ -953,3 +953,75 @@ fn gemma3_multimodal_trains_its_text_model_and_merges_the_whole_checkpoint() {
     );
     assert!(err < 1e-4, "merged logits differ by {err}");
 }
+
+/// A mixture of experts trains with its routers' load-balancing loss as TRL does: the config's
+/// coefficient (0.001) by default, logged as `aux_loss` and `eval_aux_loss`, the logged loss
+/// including the weighted term; `--router-aux-loss-coef 0` leaves it out. With gradient
+/// checkpointing (layers recomputed in the backward, router and experts' LoRA pairs included)
+/// the run is the same as without.
+#[test]
+fn moe_trains_with_the_router_load_balancing_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(name);
+        let mut args: Vec<String> = train_args("cpu", out.to_str().unwrap(), "3", &[])
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args[2] = "tests/fixtures/models/mixtral".into();
+        for a in [
+            "--lora-dropout",
+            "0",
+            "--gradient-accumulation-steps",
+            "2",
+            "--eval-dataset",
+            "tests/fixtures/data/qa_chat.jsonl",
+            "--eval-steps",
+            "3",
+        ]
+        .iter()
+        .chain(extra)
+        {
+            args.push(a.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = run_cli(&args);
+        assert!(ok, "{name}: {err}");
+        metrics(&out)
+    };
+    let values = |log: &[serde_json::Value], key: &str| -> Vec<f64> {
+        log.iter().filter_map(|e| e.get(key)?.as_f64()).collect()
+    };
+    let default = run("default", &[]);
+    let aux = values(&default, "aux_loss");
+    assert_eq!(aux.len(), 3, "aux_loss in every step's entry");
+    assert!(aux.iter().all(|a| a.is_finite() && *a > 0.0), "{aux:?}");
+    assert_eq!(values(&default, "eval_aux_loss").len(), 1);
+    let off = run("off", &["--router-aux-loss-coef", "0"]);
+    assert!(values(&off, "aux_loss").is_empty() && values(&off, "eval_aux_loss").is_empty());
+    // The first step starts from the same weights: its loss differs by the weighted term only.
+    let (with, without) = (values(&default, "loss")[0], values(&off, "loss")[0]);
+    assert!(
+        (with - without - 0.001 * aux[0]).abs() < 3e-6,
+        "loss {with} = {without} + 0.001 · {}?",
+        aux[0]
+    );
+    let strong = ["--router-aux-loss-coef", "0.5"];
+    let plain = run("strong", &strong);
+    let checkpointed = run(
+        "checkpointed",
+        &[strong[0], strong[1], "--gradient-checkpointing"],
+    );
+    for key in ["loss", "aux_loss", "grad_norm", "eval_loss"] {
+        let (a, b) = (values(&plain, key), values(&checkpointed, key));
+        assert_eq!(a.len(), b.len(), "{key}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key}: {a:?} vs {b:?}"
+            );
+        }
+    }
+    // A weight 500 times larger moves the run elsewhere.
+    assert_ne!(values(&plain, "grad_norm"), values(&default, "grad_norm"));
+}

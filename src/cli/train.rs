@@ -205,6 +205,11 @@ const FIELDS: &[(&str, Kind, &str)] = &[
         "NEFTune: uniform noise of alpha / sqrt(length x hidden) on the input embeddings while training, as transformers' neftune_noise_alpha [off]",
     ),
     (
+        "router_aux_loss_coef",
+        Kind::Float,
+        "Mixtures of experts: weight of the routers' load-balancing loss added to the training loss, logged as aux_loss (TRL's router_aux_loss_coef; 0 turns it off) [the model config's, 0.001]",
+    ),
+    (
         "loss_type",
         Kind::Text,
         "Token loss: nll (cross-entropy) or dft (Dynamic Fine-Tuning, as TRL's loss_type) [nll]",

@@ -17,6 +17,7 @@ use crate::ops::graft::grad_enabled;
 use crate::ops::linear::dense;
 use crate::ops::lora::MAGNITUDE;
 use crate::ops::rope::{RopeScaling, RotaryEmbedding};
+use crate::ops::router::RouterLoss;
 use crate::quant::{gguf, QuantScheme, QuantizedData, QuantizedWeight};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -70,6 +71,10 @@ pub struct CausalLm {
     /// layer's), with gradient checkpointing each layer's input. Also runs the one-op layers off
     /// the CPU, with candle's kernels.
     pub offload_activations: bool,
+    /// The weight of the mixture-of-experts routers' load-balancing loss in [`CausalLm::loss`]
+    /// (transformers' `router_aux_loss_coef`, added when its config has `output_router_logits`;
+    /// the trainer sets it as TRL does). 0 leaves the loss out.
+    pub router_aux_loss_coef: f64,
 }
 
 /// Where a tensor loads from and whether it trains.
@@ -261,7 +266,7 @@ impl CausalLm {
                         .collect::<Result<Vec<_>>>()?;
                     Some(Moe {
                         name: router_name,
-                        router: Param::Frozen(router_weight),
+                        router: Param::new(router_weight, l.trainable)?,
                         experts,
                         top_k: spec.top_k,
                         normalize: spec.normalize,
@@ -339,6 +344,7 @@ impl CausalLm {
             .iter()
             .map(|(theta, scaling)| RotaryEmbedding::new(config.rotary_dim(), *theta, scaling))
             .collect();
+        let router_aux_loss_coef = config.default_router_aux_loss_coef();
         Ok(CausalLm {
             config,
             embed_tokens,
@@ -357,6 +363,7 @@ impl CausalLm {
             checkpoint_chunk_rows: 0,
             selective_checkpointing: true,
             offload_activations: false,
+            router_aux_loss_coef,
         })
     }
 
@@ -371,6 +378,7 @@ impl CausalLm {
         documents: Option<&[Vec<u32>]>,
         dropout_key: Option<u64>,
         mut caches: Option<&mut [KvCache]>,
+        router: Option<&RouterLoss>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let offset = positions
@@ -415,6 +423,7 @@ impl CausalLm {
                 dropout_key,
                 selective: self.selective_checkpointing,
                 offload: self.offload_activations,
+                router,
             });
         }
         let checkpointing = self.gradient_checkpointing && caches.is_none() && grad_enabled();
@@ -434,6 +443,7 @@ impl CausalLm {
                 let layer = layer.clone();
                 let (mask, cos, sin) = (ctx.mask.clone(), ctx.cos.clone(), ctx.sin.clone());
                 let (selective, offload) = (ctx.selective, ctx.offload);
+                let router = ctx.router.cloned();
                 checkpoint(&x, layer.trainable_vars(), move |h| {
                     let ctx = ForwardContext {
                         mask: &mask,
@@ -442,6 +452,7 @@ impl CausalLm {
                         dropout_key,
                         selective,
                         offload,
+                        router: router.as_ref(),
                     };
                     layer_forward(&layer, h, &ctx, None)
                 })?
@@ -478,7 +489,7 @@ impl CausalLm {
         let t = input_ids.dim(1)?;
         crate::ops::graft::without_grad(|| {
             let positions = [(0..t as u32).collect()];
-            let hidden = self.forward_hidden(input_ids, &positions, None, None, None)?;
+            let hidden = self.forward_hidden(input_ids, &positions, None, None, None, None)?;
             self.logits(&hidden)
         })
     }
@@ -553,9 +564,21 @@ impl CausalLm {
                 targets.entropy_weight.push(attention[row][i]);
             }
         }
-        let hidden = self.forward_hidden(input_ids, positions, documents, dropout_key, None)?;
+        // The routers' load-balancing loss over the attended tokens, as transformers masks it.
+        let router = (self.router_aux_loss_coef != 0.0 && self.config.is_moe())
+            .then(|| RouterLoss::new(self.router_aux_loss_coef, attention.concat()));
+        let hidden = self.forward_hidden(
+            input_ids,
+            positions,
+            documents,
+            dropout_key,
+            None,
+            router.as_ref(),
+        )?;
         let hidden = hidden.reshape((b * t, self.config.hidden_size))?;
-        Ok(lm_head_loss(&hidden, &self.head_weight()?, &targets)?)
+        let mut out = lm_head_loss(&hidden, &self.head_weight()?, &targets)?;
+        out.router = router;
+        Ok(out)
     }
 
     /// Every linear module of the base, the experts of mixture-of-experts layers included (what

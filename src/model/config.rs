@@ -298,9 +298,12 @@ pub struct ModelConfig {
     mlp_only_layers: Vec<usize>,
     /// Mixtral: multiplicative noise on the router's input in training.
     router_jitter_noise: Option<f64>,
-    /// Whether the router's load-balancing loss joins the training loss.
+    /// Whether the router's load-balancing loss joins the loss (transformers' forward; TRL
+    /// decides by `router_aux_loss_coef` instead).
     #[serde(default)]
     output_router_logits: bool,
+    /// The load-balancing loss's weight (Mixtral and Qwen3-MoE default to 0.001).
+    router_aux_loss_coef: Option<f64>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-sequence id(s).
@@ -372,14 +375,6 @@ impl ModelConfig {
         config.family()?;
         for layer in 0..config.num_hidden_layers {
             config.layer_rope(layer)?;
-        }
-        if config.output_router_logits {
-            return Err(Error::Config(format!(
-                "{}: output_router_logits is true (the router's load-balancing loss added to the \
-                 training loss): peft-sft trains with the router frozen and does not add it; set \
-                 it to false",
-                path.display()
-            )));
         }
         if config.router_jitter_noise.is_some_and(|j| j > 0.0) {
             return Err(Error::Config(format!(
@@ -663,6 +658,22 @@ impl ModelConfig {
     /// Whether any layer has a mixture of experts.
     pub fn is_moe(&self) -> bool {
         (0..self.num_hidden_layers).any(|l| self.layer_moe(l).is_some())
+    }
+
+    /// A mixture of experts' `router_aux_loss_coef` (0.001 where the config leaves it out, as
+    /// transformers' Mixtral and Qwen3-MoE configs); None for dense models.
+    pub fn router_aux_loss_coef(&self) -> Option<f64> {
+        self.is_moe()
+            .then(|| self.router_aux_loss_coef.unwrap_or(0.001))
+    }
+
+    /// The load-balancing loss's weight in the model's own loss: the coefficient when the config
+    /// has `output_router_logits` (as transformers' forward adds it), else 0.
+    pub fn default_router_aux_loss_coef(&self) -> f64 {
+        match self.output_router_logits {
+            true => self.router_aux_loss_coef().unwrap_or(0.0),
+            false => 0.0,
+        }
     }
 
     /// Whether q/k/v projections carry a bias.

@@ -12,6 +12,7 @@ use crate::ops::lora::{dora_linear, LoraLayer};
 use crate::ops::norm::rms_norm;
 use crate::ops::residual::residual_add;
 use crate::ops::rope::{apply_rope, apply_rope_tokens};
+use crate::ops::router::RouterLoss;
 use crate::quant::QuantizedWeight;
 use candle_core::{Result, Tensor, Var};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct ForwardContext<'a> {
     /// Keep what each one-op layer saves in host memory until its backward (and run such layers
     /// on every device, not only with the native CPU kernels).
     pub offload: bool,
+    /// Where the mixture-of-experts layers record their routing for the load-balancing loss
+    /// (training with `router_aux_loss_coef`); None routes without recording.
+    pub router: Option<&'a RouterLoss>,
 }
 
 /// The weight of a linear projection: full precision (frozen or trained) or frozen and quantized.
@@ -328,16 +332,16 @@ pub struct MoeLora {
     pub down: Option<ExpertLora>,
 }
 
-/// A mixture of experts (Mixtral, Qwen3-MoE), frozen: the router and every expert's gate, up
-/// and down projections. Each token goes to the `top_k` experts its router probabilities rank
-/// first, weighed by those probabilities (renormalised to sum to 1 when `normalize`), as
-/// transformers routes it; gradients reach the input only (through the experts and the routing
-/// weights).
+/// A mixture of experts (Mixtral, Qwen3-MoE): the router and every expert's gate, up and down
+/// projections (frozen, or all trained when fully fine-tuning). Each token goes to the `top_k`
+/// experts its router probabilities rank first, weighed by those probabilities (renormalised to
+/// sum to 1 when `normalize`), as transformers routes it; gradients reach the input through the
+/// experts and the routing weights, and the LoRA pairs (or the weights themselves).
 #[derive(Debug, Clone)]
 pub struct Moe {
     /// The router's module path, e.g. `model.layers.0.mlp.gate`.
     pub name: String,
-    /// The router `[experts, hidden]` (frozen).
+    /// The router `[experts, hidden]` (trained only when fully fine-tuning).
     pub router: Param,
     /// Each expert's gate, up and down weights (dense or quantized).
     pub experts: Vec<[Linear; 3]>,
@@ -372,8 +376,11 @@ impl Moe {
         out
     }
 
+    /// With `router`, the routing is recorded for the load-balancing loss and the output carries
+    /// its gradient.
+    ///
     /// x: [.., hidden] -> [.., hidden]
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, router: Option<&RouterLoss>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let hidden = *dims.last().unwrap_or(&0);
         let rows = x.reshape(((), hidden))?;
@@ -381,8 +388,14 @@ impl Moe {
         let experts = self.experts.len();
         let k = self.top_k.min(experts);
         // Router probabilities in f32 (transformers' softmax dtype), differentiable in x.
-        let router = FrozenWeight::Dense(self.router.tensor().clone());
-        let mut logits = frozen_linear(&rows, &router, None)?;
+        let mut logits = match self.router.var() {
+            // Full fine-tuning trains the router too.
+            Some(v) => rows.matmul(&v.as_tensor().to_dtype(rows.dtype())?.t()?)?,
+            None => {
+                let weight = FrozenWeight::Dense(self.router.tensor().clone());
+                frozen_linear(&rows, &weight, None)?
+            }
+        };
         if let Some(l) = &self.lora.router {
             logits = (logits + l.delta(&rows, 0, 1)?)?;
         }
@@ -429,6 +442,9 @@ impl Moe {
             }
             let we = weights.index_select(&Tensor::new(slot.as_slice(), x.device())?, 0)?;
             out = out.index_add(&tokens, &ye.broadcast_mul(&we.unsqueeze(1)?)?, 0)?;
+        }
+        if let Some(router) = router {
+            out = router.route(out, &probs, &host, &chosen)?;
         }
         out.reshape(dims)
     }
@@ -501,6 +517,13 @@ impl DecoderLayer {
                 .into_iter()
                 .filter_map(|n| n.weight.var().cloned()),
         );
+        if let Some(moe) = &self.moe {
+            out.extend(moe.lora_vars().into_iter().map(|(_, v)| v));
+            out.extend(moe.router.var().cloned());
+            for lin in moe.linears() {
+                out.extend(lin.weight.param().and_then(Param::var).cloned());
+            }
+        }
         out
     }
 
@@ -595,7 +618,7 @@ impl LayerSteps for Tracked<'_, '_> {
 
     fn experts(&mut self, x: &Tensor) -> Result<Tensor> {
         match &self.layer.moe {
-            Some(moe) => moe.forward(x),
+            Some(moe) => moe.forward(x, self.ctx.router),
             None => candle_core::bail!("decoder layer: no mixture of experts"),
         }
     }

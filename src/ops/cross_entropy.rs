@@ -5,6 +5,7 @@
 use super::cpu::{self, cross_entropy::ChunkSums};
 use super::graft::{grad_enabled, graft2};
 use super::kernel::Kernel;
+use super::router::RouterLoss;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Which token loss the LM head trains with (TRL's `loss_type`).
@@ -46,6 +47,30 @@ pub struct LossOutput {
     pub entropy_sum: f64,
     /// Sum of entropy weights.
     pub entropy_tokens: f64,
+    /// A mixture of experts' load-balancing loss, when the model adds it (see
+    /// [`LossOutput::objective`]).
+    pub router: Option<RouterLoss>,
+}
+
+impl LossOutput {
+    /// The scalar to back-propagate: `loss_scale · loss_sum`, plus `aux_scale · coef · aux_loss`
+    /// when the model adds its routers' load-balancing loss (`router`; its gradient reaches the
+    /// router probabilities through the layers, whose record this call seals). A trainer that
+    /// normalises by the step's loss tokens passes `1 / tokens` and, as TRL, `1 / micro-batches`.
+    pub fn objective(&self, loss_scale: f64, aux_scale: f64) -> Result<Tensor> {
+        if let Some(router) = &self.router {
+            router.set_scale(aux_scale, self.loss_sum.device())?;
+        }
+        self.loss_sum.affine(loss_scale, 0.0)
+    }
+
+    /// The routers' load-balancing loss (unweighted, transformers' `aux_loss`), when added.
+    pub fn aux_loss(&self) -> Result<Option<f64>> {
+        match &self.router {
+            Some(router) => router.value(),
+            None => Ok(None),
+        }
+    }
 }
 
 /// Rows per chunk so that one chunk's logits stay near 16M values.
@@ -108,6 +133,7 @@ pub fn lm_head_loss(hidden: &Tensor, head: &Tensor, targets: &LossTargets) -> Re
         correct_tokens: correct,
         entropy_sum,
         entropy_tokens,
+        router: None,
     })
 }
 

@@ -25,6 +25,7 @@ pub mod norm;
 pub(crate) mod product;
 pub mod residual;
 pub mod rope;
+pub mod router;
 pub mod scores;
 
 use candle_core::{Result, Tensor};

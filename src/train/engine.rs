@@ -303,6 +303,7 @@ fn prepare(config: &SftConfig) -> Result<Run> {
     model.gradient_checkpointing = config.gradient_checkpointing;
     model.loss_kind = config.loss_kind()?;
     model.neftune_noise_alpha = config.neftune_noise_alpha;
+    model.router_aux_loss_coef = config.router_aux_loss_coef_for(&model.config)?;
     // On the CPU activations live in host memory already: the flag would only cost time.
     model.offload_activations = config.offload_activations && !model.device.is_cpu();
     let custom_template = config.chat_template()?;
@@ -547,7 +548,11 @@ impl Run {
             )?;
             let dropout_key = key(&[config.seed, step as u64, micro as u64]);
             let out = self.model.batch_loss(&batch, Some(dropout_key))?;
-            let store = (&out.loss_sum / step_loss_tokens.max(1.0))?.backward()?;
+            // As TRL: the load-balancing loss of each micro-batch, averaged over the step's.
+            let aux_scale = 1.0 / micro_batches.len() as f64;
+            let store = out
+                .objective(1.0 / step_loss_tokens.max(1.0), aux_scale)?
+                .backward()?;
             for (slot, (_, var)) in grads.iter_mut().zip(self.optimizer.params()) {
                 if let Some(g) = store.get(var) {
                     *slot = Some(match slot.take() {
@@ -556,13 +561,7 @@ impl Run {
                     });
                 }
             }
-            totals.add(&LossTotals {
-                loss_sum: out.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                loss_tokens: out.loss_tokens,
-                correct_tokens: out.correct_tokens,
-                entropy_sum: out.entropy_sum,
-                entropy_tokens: out.entropy_tokens,
-            });
+            totals.add(&LossTotals::of(&out)?);
             tokens += batch.num_tokens;
         }
         // A trainable tensor the loss did not reach would silently stop training: an error.
@@ -589,6 +588,7 @@ impl Run {
         self.state.num_input_tokens_seen += tokens;
         Ok(StepMetrics {
             loss: totals.loss(),
+            aux_loss: totals.aux_loss(),
             grad_norm,
             accuracy: totals.accuracy(),
             entropy: totals.entropy(),

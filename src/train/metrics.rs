@@ -1,5 +1,5 @@
 //! Training metrics as TRL logs them (`loss`, `grad_norm`, `learning_rate`, `epoch`, `num_tokens`,
-//! `mean_token_accuracy`, `entropy`, `eval_*`): averaged over each logging window, written to
+//! `mean_token_accuracy`, `entropy`, `aux_loss`, `eval_*`): averaged over each logging window, written to
 //! `OUTPUT/metrics.jsonl` (`report::jsonl`) and shown on a progress bar.
 
 use serde_json::{Map, Value};
@@ -8,8 +8,11 @@ use std::time::Instant;
 /// The metrics of one optimizer step.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepMetrics {
-    /// Token-weighted mean cross-entropy of the step.
+    /// Token-weighted mean cross-entropy of the step (plus the weighted router load-balancing
+    /// loss where a mixture of experts adds it, as TRL's `loss`).
     pub loss: f64,
+    /// The routers' load-balancing loss (unweighted), averaged over the step's micro-batches.
+    pub aux_loss: Option<f64>,
     /// Pre-clip gradient norm.
     pub grad_norm: f64,
     /// Fraction of loss tokens predicted correctly (argmax).
@@ -27,6 +30,8 @@ pub struct Window {
     loss: f64,
     accuracy: f64,
     entropy: f64,
+    /// Sum and count of the steps' load-balancing losses.
+    aux_loss: (f64, usize),
     last_grad_norm: f64,
     tokens: usize,
     started: Option<Instant>,
@@ -40,6 +45,10 @@ impl Window {
         self.loss += m.loss;
         self.accuracy += m.accuracy;
         self.entropy += m.entropy;
+        if let Some(aux) = m.aux_loss {
+            self.aux_loss.0 += aux;
+            self.aux_loss.1 += 1;
+        }
         self.last_grad_norm = m.grad_norm;
         self.tokens += m.tokens;
     }
@@ -75,6 +84,10 @@ impl Window {
         entry.insert("entropy".into(), round(self.entropy / n));
         entry.insert("num_tokens".into(), Value::from(num_tokens as f64));
         entry.insert("mean_token_accuracy".into(), round(self.accuracy / n));
+        if self.aux_loss.1 > 0 {
+            let mean = self.aux_loss.0 / self.aux_loss.1 as f64;
+            entry.insert("aux_loss".into(), round(mean));
+        }
         entry.insert("epoch".into(), round(epoch));
         entry.insert("step".into(), Value::from(step));
         *self = Window::default();
