@@ -414,14 +414,18 @@ impl Moe {
         if self.normalize {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         }
-        let weights = weights.to_dtype(x.dtype())?.flatten_all()?;
+        let weights = weights.to_dtype(x.dtype())?;
         // Each expert's tokens and their slots in `chosen`, in one pass.
         let mut routed: Vec<(Vec<u32>, Vec<u32>)> = vec![Default::default(); experts];
         for (i, &c) in chosen.iter().enumerate() {
             routed[c as usize].0.push((i / k) as u32);
             routed[c as usize].1.push(i as u32);
         }
-        let mut out = rows.zeros_like()?.detach();
+        // The experts' outputs one after the other, then put back in slot order and summed with
+        // the routing weights: the graph keeps O(n·k) rows, not one [n, hidden] sum per expert.
+        let mut outputs = Vec::with_capacity(experts);
+        let mut at = vec![0u32; n * k];
+        let mut row = 0u32;
         for (e, ([gate, up, down], (token, slot))) in self.experts.iter().zip(&routed).enumerate() {
             if token.is_empty() {
                 continue;
@@ -440,9 +444,18 @@ impl Moe {
             if let Some(l) = &self.lora.down {
                 ye = (ye + l.delta(&act, e, experts)?)?;
             }
-            let we = weights.index_select(&Tensor::new(slot.as_slice(), x.device())?, 0)?;
-            out = out.index_add(&tokens, &ye.broadcast_mul(&we.unsqueeze(1)?)?, 0)?;
+            for &s in slot {
+                at[s as usize] = row;
+                row += 1;
+            }
+            outputs.push(ye);
         }
+        let stacked = Tensor::cat(&outputs, 0)?;
+        let by_slot = stacked.index_select(&Tensor::from_vec(at, n * k, x.device())?, 0)?;
+        let mut out = by_slot
+            .reshape((n, k, hidden))?
+            .broadcast_mul(&weights.unsqueeze(2)?)?
+            .sum(1)?;
         if let Some(router) = router {
             out = router.route(out, &probs, &host, &chosen)?;
         }
