@@ -351,3 +351,276 @@ fn export_adapter_writes_llama_cpp_lora_tensors() {
     };
     assert_eq!(rows(&bq), rows(theirs));
 }
+
+/// A copy of fixture model `name` with `edits` applied to its config.json.
+fn edited_fixture(name: &str, into: &Path, edits: serde_json::Value) -> std::path::PathBuf {
+    let dir = into.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(&format!("models/{name}"))).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, v) in edits.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    std::fs::write(&path, config.to_string()).unwrap();
+    dir
+}
+
+/// A GGUF tensor, dequantized.
+fn stored(c: &Content, path: &Path, name: &str) -> Tensor {
+    let mut f = std::fs::File::open(path).unwrap();
+    c.tensor(&mut f, name, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .dequantize(&Device::Cpu)
+        .unwrap()
+}
+
+/// Gemma, Gemma 2/3 (and Gemma 3's multimodal text model), Phi-3, Mixtral and Qwen3-MoE convert
+/// to llama.cpp's own architectures as its converter writes them (checked against llama.cpp
+/// itself by scripts/check_llama_cpp_families.py): Gemma's `1 + w` norms, the attention scale
+/// llama.cpp hard-codes carried by the queries (Gemma 2) or the query norm (Gemma 3), each
+/// layer's window, soft caps, Gemma 3's local RoPE base; Phi-3's fused tensors and LongRoPE
+/// factors; the experts stacked per projection with the router as `ffn_gate_inp`. Each file,
+/// loaded alone (tokenizer from its metadata), computes the model.
+#[test]
+fn new_families_export_to_their_llama_cpp_architectures() {
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("gemma", json!({}), "gemma"),
+        ("gemma2", json!({}), "gemma2"),
+        ("gemma3", json!({}), "gemma3"),
+        ("gemma3_multimodal", json!({}), "gemma3"),
+        // llama.cpp's phi3 and llama attend without a window: the fixtures' windows (shorter
+        // than the probe) are lifted.
+        ("phi3", json!({"sliding_window": null}), "phi3"),
+        ("mixtral", json!({"sliding_window": null}), "llama"),
+        // llama.cpp's qwen3moe routes every layer: the fixture's first layer alone.
+        (
+            "qwen3_moe",
+            json!({"mlp_only_layers": [], "num_hidden_layers": 1}),
+            "qwen3moe",
+        ),
+    ];
+    let ids = Tensor::new(
+        &[[5u32, 50, 120, 7, 300, 42, 9, 77, 3, 11, 200, 64]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, edits, arch) in cases {
+        let base = edited_fixture(name, tmp.path(), edits);
+        let out = tmp.path().join(format!("{name}.gguf"));
+        let (ok, _, err) = run_cli(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--quantize",
+            "f32",
+        ]);
+        assert!(ok, "{name}: {err}");
+        let c = read(&out);
+        assert_eq!(string(&c, "general.architecture"), arch, "{name}");
+        let key = |k: &str| c.metadata[&format!("{arch}.{k}")].clone();
+        let hf = tensors(&base.join("model.safetensors"));
+        let t = |n: &str| stored(&c, &out, n);
+        let w = |n: &str| hf[n].clone();
+        let same = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-6, "{name}: {what} differs by {d}");
+        };
+        match name {
+            "gemma2" => {
+                assert!(!c.tensor_infos.contains_key("output.weight"));
+                let l = "model.layers.0";
+                let one = |n: &str| (w(n) + 1.0).unwrap();
+                same(
+                    &t("blk.0.attn_norm.weight"),
+                    &one(&format!("{l}.input_layernorm.weight")),
+                    "attn_norm",
+                );
+                same(
+                    &t("blk.0.post_attention_norm.weight"),
+                    &one(&format!("{l}.post_attention_layernorm.weight")),
+                    "post_attention_norm",
+                );
+                same(
+                    &t("blk.0.ffn_norm.weight"),
+                    &one(&format!("{l}.pre_feedforward_layernorm.weight")),
+                    "ffn_norm",
+                );
+                same(
+                    &t("blk.0.post_ffw_norm.weight"),
+                    &one(&format!("{l}.post_feedforward_layernorm.weight")),
+                    "post_ffw_norm",
+                );
+                same(
+                    &t("output_norm.weight"),
+                    &one("model.norm.weight"),
+                    "output_norm",
+                );
+                // Scores scaled by query_pre_attn_scalar^-1/2 (24) where llama.cpp uses head_dim^-1/2 (16).
+                let q =
+                    (w(&format!("{l}.self_attn.q_proj.weight")) * (16f64 / 24.0).sqrt()).unwrap();
+                same(&t("blk.0.attn_q.weight"), &q, "attn_q");
+                assert_eq!(key("attn_logit_softcapping").to_f32().unwrap(), 3.0);
+                assert_eq!(key("final_logit_softcapping").to_f32().unwrap(), 2.0);
+                assert_eq!(key("attention.sliding_window").to_u32().unwrap(), 6);
+                let pattern: Vec<bool> = key("attention.sliding_window_pattern")
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bool().unwrap())
+                    .collect();
+                assert_eq!(pattern, [true, false, true]);
+            }
+            "gemma3" => {
+                let l = "model.layers.0.self_attn";
+                let q_norm = ((w(&format!("{l}.q_norm.weight")) + 1.0).unwrap()
+                    * (16f64 / 24.0).sqrt())
+                .unwrap();
+                same(&t("blk.0.attn_q_norm.weight"), &q_norm, "attn_q_norm");
+                same(
+                    &t("blk.0.attn_k_norm.weight"),
+                    &(w(&format!("{l}.k_norm.weight")) + 1.0).unwrap(),
+                    "attn_k_norm",
+                );
+                same(
+                    &t("blk.0.attn_q.weight"),
+                    &w(&format!("{l}.q_proj.weight")),
+                    "attn_q",
+                );
+                assert_eq!(key("rope.freq_base").to_f32().unwrap(), 1e6);
+                assert_eq!(key("rope.freq_base_swa").to_f32().unwrap(), 1e4);
+                assert_eq!(key("rope.scaling.factor").to_f32().unwrap(), 2.0);
+                let pattern: Vec<bool> = key("attention.sliding_window_pattern")
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bool().unwrap())
+                    .collect();
+                assert_eq!(pattern, [true, true, false, true]);
+            }
+            "phi3" => {
+                let l = "model.layers.1";
+                same(
+                    &t("blk.1.attn_qkv.weight"),
+                    &w(&format!("{l}.self_attn.qkv_proj.weight")),
+                    "attn_qkv",
+                );
+                same(
+                    &t("blk.1.ffn_up.weight"),
+                    &w(&format!("{l}.mlp.gate_up_proj.weight")),
+                    "ffn_up",
+                );
+                assert!(!c.tensor_infos.contains_key("blk.1.ffn_gate.weight"));
+                let factors = |n: &str| t(n).to_vec1::<f32>().unwrap();
+                assert_eq!(factors("rope_factors_short.weight"), [1.0, 1.3, 2.1, 3.4]);
+                assert_eq!(factors("rope_factors_long.weight"), [1.2, 2.5, 6.0, 11.0]);
+                assert_eq!(key("rope.dimension_count").to_u32().unwrap(), 8);
+                assert_eq!(
+                    key("rope.scaling.original_context_length")
+                        .to_u32()
+                        .unwrap(),
+                    8
+                );
+                let attn = key("rope.scaling.attn_factor").to_f32().unwrap() as f64;
+                let expected = (1.0 + (32f64 / 8.0).ln() / 8f64.ln()).sqrt();
+                assert!((attn - expected).abs() < 1e-6, "attn_factor {attn}");
+            }
+            "mixtral" | "qwen3_moe" => {
+                let (moe, projections) = match name {
+                    "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                    _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+                };
+                for (stack, p) in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+                    .iter()
+                    .zip(projections)
+                {
+                    let stacked = t(&format!("blk.0.{stack}.weight"));
+                    assert_eq!(stacked.dim(0).unwrap(), 4, "{stack}: experts outermost");
+                    for e in 0..4 {
+                        let expert = w(&format!("model.layers.0.{moe}.experts.{e}.{p}.weight"));
+                        same(&stacked.get(e).unwrap(), &expert, &format!("{stack}[{e}]"));
+                    }
+                }
+                same(
+                    &t("blk.0.ffn_gate_inp.weight"),
+                    &w(&format!("model.layers.0.{moe}.gate.weight")),
+                    "ffn_gate_inp",
+                );
+                assert_eq!(key("expert_count").to_u32().unwrap(), 4);
+                assert_eq!(key("expert_used_count").to_u32().unwrap(), 2);
+                if name == "qwen3_moe" {
+                    assert_eq!(key("expert_feed_forward_length").to_u32().unwrap(), 32);
+                }
+            }
+            _ => {}
+        }
+        // The file alone computes the model (attention scale, windows and caps as llama.cpp
+        // reads them back).
+        let expected = load_model(&base, false).forward(&ids).unwrap();
+        let alone = peft_sft::model::load_pretrained(out.to_str().unwrap(), false, &Device::Cpu)
+            .unwrap()
+            .model;
+        let err = rel_err(&alone.forward(&ids).unwrap(), &expected);
+        assert!(err < 1e-5, "{name}: the GGUF's logits differ by {err}");
+        if arch == "llama" || arch == "qwen3moe" {
+            // Quantized stacks: each expert loads as its own rows' blocks. (`--force`: on these
+            // random routers Q8_0's rounding tips near-tied routes on the probe.)
+            let q8 = tmp.path().join(format!("{name}-q8_0.gguf"));
+            let (ok, _, err) = run_cli(&[
+                "merge",
+                "--model",
+                base.to_str().unwrap(),
+                "--output",
+                q8.to_str().unwrap(),
+                "--quantize",
+                "q8_0",
+                "--force",
+            ]);
+            assert!(ok, "{name} q8_0: {err}");
+            let gguf = peft_sft::quant::gguf::GgufFile::open(&q8).unwrap();
+            let (moe, gate) = match name {
+                "mixtral" => ("block_sparse_moe", "w1"),
+                _ => ("mlp", "gate_proj"),
+            };
+            for e in 0..4 {
+                let hf_name = format!("model.layers.0.{moe}.experts.{e}.{gate}.weight");
+                let q = gguf.tensor(&hf_name, &Device::Cpu).unwrap();
+                assert_eq!(q.dtype(), GgmlDType::Q8_0);
+                let d = max_abs_diff(&q.dequantize(&Device::Cpu).unwrap(), &w(&hf_name));
+                assert!(d < 0.01, "{name}: expert {e} differs by {d} after Q8_0");
+            }
+        }
+    }
+    // What llama.cpp's architectures cannot hold is refused by name, nothing written.
+    let dense = tmp.path().join("dense.gguf");
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        fixture("models/qwen3_moe").to_str().unwrap(),
+        "--output",
+        dense.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("layer 1 has a dense MLP"), "{err}");
+    assert!(!dense.exists());
+    let unnormalized = edited_fixture(
+        "qwen3_moe",
+        &tmp.path().join("unnormalized"),
+        json!({"mlp_only_layers": [], "num_hidden_layers": 1, "norm_topk_prob": false}),
+    );
+    let (ok, _, err) = run_cli(&[
+        "merge",
+        "--model",
+        unnormalized.to_str().unwrap(),
+        "--output",
+        dense.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("norm_topk_prob is false"), "{err}");
+}

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::data::ChatTokenizer;
 use crate::model::{CausalLm, Family, ModelConfig};
 use crate::ops::rope::{RopeScaling, RotaryEmbedding};
-use crate::quant::gguf::{gguf_name, permute_rows};
+use crate::quant::gguf::{llama_cpp_tensor, permute_rows};
 use crate::{Error, Result};
 
 /// The text llama.cpp's converter encodes to recognise a tokenizer's pre-tokenization
@@ -44,6 +44,19 @@ const KNOWN_PRE_TOKENIZERS: &[(&str, &str)] = &[
     (
         "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454",
         "gpt-2",
+    ),
+];
+
+/// The split patterns of llama.cpp's pre-tokenizers (its `llm_tokenizer_bpe` regexes), as
+/// `tokenizer.json` writes them, for vocabularies its hash list does not know.
+const KNOWN_SPLITS: &[(&str, &str)] = &[
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "llama-bpe",
+    ),
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "qwen2",
     ),
 ];
 
@@ -107,10 +120,12 @@ impl ExportType {
     }
 }
 
-/// llama.cpp's `general.architecture` for a family, and whether its query/key rows are permuted.
+/// llama.cpp's `general.architecture` for a family, and whether its query/key rows are permuted;
+/// an error naming what llama.cpp cannot compute for models it could otherwise hold.
 fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
+    let refuse = |what: String| Err(Error::Config(what));
     match config.family()? {
-        Family::Llama | Family::Mistral => Ok(("llama", true)),
+        Family::Llama | Family::Mistral | Family::Mixtral => Ok(("llama", true)),
         Family::Qwen2 => Ok(("qwen2", false)),
         Family::Qwen3 => Ok(("qwen3", false)),
         Family::SmolLm3 => {
@@ -121,23 +136,94 @@ fn architecture(config: &ModelConfig) -> Result<(&'static str, bool)> {
             if let Some(i) =
                 (0..layers).find(|&i| config.layer_uses_rope(i) != smollm3_uses_rope(i))
             {
-                return Err(Error::Config(format!(
+                return refuse(format!(
                     "layer {i} {} RoPE, but llama.cpp's smollm3 architecture skips RoPE exactly on every 4th layer (3, 7, 11, ...; hard-coded, no GGUF key): this model's no_rope_layers cannot be written to GGUF",
                     if config.layer_uses_rope(i) { "uses" } else { "skips" }
-                )));
+                ));
             }
             Ok(("smollm3", true))
         }
-        family @ (Family::Gemma
-        | Family::Gemma2
-        | Family::Gemma3
-        | Family::Phi3
-        | Family::Mixtral
-        | Family::Qwen3Moe) => Err(Error::Config(format!(
-            "GGUF export of {family:?} models is not supported yet: merge to a safetensors folder \
-             (`merge --output DIR`) and convert that with llama.cpp's convert_hf_to_gguf.py"
-        ))),
+        Family::Gemma => Ok(("gemma", false)),
+        Family::Gemma2 => Ok(("gemma2", false)),
+        Family::Gemma3 => {
+            if config.attention_scores().softcap.is_some() {
+                return refuse(
+                    "llama.cpp's gemma3 has no attention soft-capping: this model's attn_logit_softcapping cannot be written to GGUF".into(),
+                );
+            }
+            Ok(("gemma3", false))
+        }
+        Family::Phi3 => {
+            if config.num_attention_heads * config.head_dim() != config.hidden_size {
+                return refuse(format!(
+                    "llama.cpp's phi3 needs heads x head_dim = hidden_size ({} x {} != {})",
+                    config.num_attention_heads,
+                    config.head_dim(),
+                    config.hidden_size
+                ));
+            }
+            Ok(("phi3", false))
+        }
+        Family::Qwen3Moe => {
+            // llama.cpp's qwen3moe routes every layer and always renormalises the top k.
+            if let Some(i) = (0..config.num_hidden_layers).find(|&i| config.layer_moe(i).is_none())
+            {
+                return refuse(format!(
+                    "layer {i} has a dense MLP (mlp_only_layers / decoder_sparse_step), which llama.cpp's qwen3moe architecture cannot hold (every layer is a mixture there)"
+                ));
+            }
+            if config.layer_moe(0).is_some_and(|m| !m.normalize) {
+                return refuse(
+                    "norm_topk_prob is false, but llama.cpp's qwen3moe always renormalises the top-k routing weights: the file would compute another model".into(),
+                );
+            }
+            Ok(("qwen3moe", false))
+        }
     }
+}
+
+/// The factor that makes llama.cpp's attention scale (1/sqrt(head size), for the 27B Gemmas
+/// 1/sqrt(hidden / heads), picked by layer count) the model's own: Gemma 2/3's
+/// `query_pre_attn_scalar`. 1 elsewhere.
+fn query_factor(config: &ModelConfig, arch: &str) -> f64 {
+    let layers = config.num_hidden_layers;
+    let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let llama_cpp = match big {
+        true => ((config.hidden_size / config.num_attention_heads) as f64).powf(-0.5),
+        false => (config.head_dim() as f64).powf(-0.5),
+    };
+    match arch {
+        "gemma2" | "gemma3" => config.attention_scores().scale / llama_cpp,
+        _ => 1.0,
+    }
+}
+
+/// The sliding-window metadata of Gemma 2/3: the window and which layers slide, per layer (the
+/// converter leaves the pattern to llama.cpp's default; writing it keeps `layer_types` exact).
+fn sliding_metadata(
+    config: &ModelConfig,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Vec<(String, Value)>> {
+    let windows: Vec<Option<usize>> = (0..config.num_hidden_layers)
+        .map(|i| config.layer_window(i))
+        .collect();
+    let sizes: std::collections::BTreeSet<usize> = windows.iter().flatten().copied().collect();
+    if sizes.len() > 1 {
+        return Err(Error::Config(format!(
+            "the layers slide windows of different sizes ({sizes:?}); llama.cpp has one sliding_window"
+        )));
+    }
+    let Some(&window) = sizes.first() else {
+        return Ok(Vec::new());
+    };
+    let pattern = windows.iter().map(|w| Value::Bool(w.is_some())).collect();
+    Ok(vec![
+        (key("attention.sliding_window"), Value::U32(window as u32)),
+        (
+            key("attention.sliding_window_pattern"),
+            Value::Array(pattern),
+        ),
+    ])
 }
 
 /// llama.cpp's layers without RoPE in its `smollm3` architecture: every 4th (`n_no_rope_layer_step`).
@@ -158,6 +244,7 @@ pub(crate) fn tensor_type(
     ty: ExportType,
     layers: usize,
     tied: bool,
+    experts: usize,
 ) -> GgmlDType {
     if dims.len() < 2 {
         return GgmlDType::F32;
@@ -173,9 +260,16 @@ pub(crate) fn tensor_type(
         ExportType::Q4_0 => GgmlDType::Q4_0,
         ExportType::Q4KM => {
             let output = name == "output.weight" || (tied && name == "token_embd.weight");
+            // llama.cpp's categories: attn_v-like (attn_v, fused attn_qkv), attn_k, and every
+            // ffn_down (the experts' stack included).
+            let attn_v = name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight");
+            let attn_k = name.ends_with("attn_k.weight");
             let more = layer.is_some_and(|l| use_more_bits(l, layers))
-                && (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"));
-            if output || more {
+                && (attn_v || name.contains("ffn_down"));
+            if experts == 8 && (attn_v || attn_k) {
+                // Its 8-expert rule (Mixtral): the attention's values and keys in Q8_0.
+                GgmlDType::Q8_0
+            } else if output || more {
                 GgmlDType::Q6K
             } else {
                 GgmlDType::Q4K
@@ -243,6 +337,22 @@ pub fn pre_tokenizer(tok: &ChatTokenizer) -> Result<String> {
     let gpt2 = pre["type"] == "ByteLevel" && pre["use_regex"] != false;
     if gpt2 {
         return Ok("gpt-2".into());
+    }
+    // A split by Llama 3's or Qwen2's pattern, then bytes: llama.cpp's `llama-bpe` or `qwen2`
+    // pre-tokenizer is that split (a vocabulary of their own, e.g. a trimmed one).
+    let steps = pre["pretokenizers"].as_array();
+    if let Some([split, bytes]) = steps.map(Vec::as_slice) {
+        let pattern = split["pattern"]["Regex"].as_str();
+        let plain_bytes = bytes["type"] == "ByteLevel" && bytes["use_regex"] == false;
+        let named = KNOWN_SPLITS
+            .iter()
+            .find(|(p, _)| Some(*p) == pattern)
+            .map(|(_, n)| n);
+        if let (true, "Split", Some(name)) =
+            (plain_bytes, split["type"].as_str().unwrap_or(""), named)
+        {
+            return Ok(name.to_string());
+        }
     }
     Err(Error::Config(format!(
         "the tokenizer's pre-tokenization (check hash {hash}, pre_tokenizer {}) has no llama.cpp equivalent; llama.cpp would tokenize text differently",
@@ -379,7 +489,21 @@ pub fn export_model(
     }
     let layers = config.num_hidden_layers;
     let tied = model.lm_head.is_none();
+    let gemma = matches!(arch, "gemma" | "gemma2" | "gemma3");
+    if arch == "gemma2" && !tied {
+        return Err(Error::Config(
+            "llama.cpp's gemma2 ties the LM head to the embeddings: a separate lm_head.weight cannot be written".into(),
+        ));
+    }
+    let moe = (0..layers).find_map(|i| config.layer_moe(i));
+    let experts = moe.as_ref().map_or(0, |m| m.experts);
     let key = |k: &str| format!("{arch}.{k}");
+    // Phi-3's partial rotary width and Gemma 3's global layers' RoPE (its local layers' base is a
+    // key of its own).
+    let global = (0..layers)
+        .find(|&i| config.layer_window(i).is_none())
+        .unwrap_or(0);
+    let (theta, scaling) = config.layer_rope(global)?;
     let mut meta = vec![
         (
             "general.architecture".to_string(),
@@ -408,17 +532,14 @@ pub fn export_model(
             key("attention.head_count_kv"),
             Value::U32(config.kv_heads() as u32),
         ),
-        (
-            key("rope.freq_base"),
-            Value::F32(config.rope_theta() as f32),
-        ),
+        (key("rope.freq_base"), Value::F32(theta as f32)),
         (
             key("attention.layer_norm_rms_epsilon"),
             Value::F32(config.rms_norm_eps as f32),
         ),
         ("general.file_type".to_string(), Value::U32(ty.file_type())),
     ];
-    if config.head_dim.is_some() {
+    if config.head_dim.is_some() || gemma {
         meta.push((
             key("attention.key_length"),
             Value::U32(config.head_dim() as u32),
@@ -436,16 +557,81 @@ pub fn export_model(
             Value::U32(config.head_dim() as u32),
         ));
     }
+    if let Some(moe) = &moe {
+        meta.push((key("expert_count"), Value::U32(moe.experts as u32)));
+        meta.push((key("expert_used_count"), Value::U32(moe.top_k as u32)));
+        if arch == "qwen3moe" {
+            meta.push((
+                key("expert_feed_forward_length"),
+                Value::U32(moe.intermediate as u32),
+            ));
+        }
+    }
+    if matches!(arch, "gemma2" | "gemma3") {
+        meta.extend(sliding_metadata(config, &key)?);
+    }
+    if arch == "gemma2" {
+        // llama.cpp always caps (defaults 50 and 30): an uncapped model gets a cap far above its
+        // scores and logits, where tanh is the identity to float precision.
+        let cap = |c: Option<f64>| Value::F32(c.unwrap_or(1e6) as f32);
+        meta.push((
+            key("attn_logit_softcapping"),
+            cap(config.attention_scores().softcap),
+        ));
+        meta.push((key("final_logit_softcapping"), cap(config.final_softcap())));
+    }
+    if arch == "gemma3" {
+        if let Some(cap) = config.final_softcap() {
+            meta.push((key("final_logit_softcapping"), Value::F32(cap as f32)));
+        }
+        if let Some(local) = (0..layers).find(|&i| config.layer_window(i).is_some()) {
+            let (base, local_scaling) = config.layer_rope(local)?;
+            if !matches!(local_scaling, RopeScaling::Default) {
+                return Err(Error::Config(
+                    "the sliding layers' RoPE is scaled, which llama.cpp's gemma3 does not do (it scales the global layers only)".into(),
+                ));
+            }
+            meta.push((key("rope.freq_base_swa"), Value::F32(base as f32)));
+        }
+    }
     let mut extra: Vec<(String, Tensor)> = Vec::new();
-    match config.rope_scaling()? {
+    match scaling {
         RopeScaling::Default => {}
         RopeScaling::Linear { factor } => {
             meta.push((key("rope.scaling.type"), Value::String("linear".into())));
             meta.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
         }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } if arch == "phi3" => {
+            // Phi-3: the factors as tensors, cos/sin scaled by the attention factor.
+            meta.push((
+                key("rope.scaling.original_context_length"),
+                Value::U32(original_max_position_embeddings as u32),
+            ));
+            meta.push((
+                key("rope.scaling.attn_factor"),
+                Value::F32(attention_factor as f32),
+            ));
+            for (name, factors) in [
+                ("rope_factors_short.weight", short_factor),
+                ("rope_factors_long.weight", long_factor),
+            ] {
+                let f: Vec<f32> = factors.iter().map(|&x| x as f32).collect();
+                let n = f.len();
+                extra.push((name.into(), Tensor::from_vec(f, n, &Device::Cpu)?));
+            }
+        }
+        RopeScaling::LongRope { .. } => {
+            return Err(Error::Config(format!(
+                "LongRoPE on a {arch} model has no llama.cpp form"
+            )))
+        }
         scaling => {
             // Llama 3.1: llama.cpp divides each frequency by a stored factor (`rope_freqs`).
-            let theta = config.rope_theta();
             let base = RotaryEmbedding::new(config.head_dim(), theta, &RopeScaling::Default);
             let scaled = RotaryEmbedding::new(config.head_dim(), theta, &scaling);
             let factors: Vec<f32> = base
@@ -460,6 +646,17 @@ pub fn export_model(
                 Tensor::from_vec(factors, n, &Device::Cpu)?,
             ));
         }
+    }
+    if arch == "phi3" {
+        meta.push((
+            key("rope.dimension_count"),
+            Value::U32(config.rotary_dim() as u32),
+        ));
+        // Written as llama.cpp's converter does; llama.cpp's phi3 attends without it.
+        meta.push((
+            key("attention.sliding_window"),
+            Value::U32(config.sliding_window.unwrap_or(0) as u32),
+        ));
     }
     meta.push(("general.quantization_version".into(), Value::U32(2)));
     meta.extend(tokenizer_metadata(tok, config.vocab_size)?);
@@ -478,22 +675,64 @@ pub fn export_model(
     let mut report = Vec::new();
     let mut add = |name: String, value: Tensor| -> Result<()> {
         let value = value.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let dtype = tensor_type(&name, value.dims(), ty, layers, tied);
+        let dtype = tensor_type(&name, value.dims(), ty, layers, tied, experts);
         report.push((name.clone(), dtype));
         tensors.push((name, QTensor::quantize(&value, dtype)?));
         Ok(())
     };
+    let q_factor = query_factor(config, arch);
+    // A multimodal wrapper's text model is written as the text model (`model.*`).
+    let prefix = format!("{}.", config.module_prefix());
+    // The experts of each mixture, stacked per projection below.
+    let mut stacks: BTreeMap<String, Vec<Option<Tensor>>> = BTreeMap::new();
     for (hf, param) in model.named_weights() {
-        let gguf = gguf_name(&hf).ok_or_else(|| Error::Tensor {
-            name: hf.clone(),
-            message: "has no llama.cpp name".into(),
-        })?;
-        let value = param.tensor().clone();
-        let value = match permuted_heads(&hf, config, permutes) {
-            Some(heads) => permute_rows(&value, heads)?,
-            None => value,
+        let hf = match hf.strip_prefix(&prefix) {
+            Some(rest) => format!("model.{rest}"),
+            None => hf,
         };
-        add(gguf, value)?;
+        let stored = llama_cpp_tensor(arch, &hf).ok_or_else(|| Error::Tensor {
+            name: hf.clone(),
+            message: format!("has no llama.cpp name in its {arch} architecture"),
+        })?;
+        let mut value = param.tensor().clone();
+        if let Some(e) = stored.expert {
+            let slots = stacks.entry(stored.name).or_default();
+            if slots.len() <= e {
+                slots.resize(e + 1, None);
+            }
+            slots[e] = Some(value);
+            continue;
+        }
+        if let Some(heads) = permuted_heads(&hf, config, permutes) {
+            value = permute_rows(&value, heads)?;
+        }
+        if gemma && hf.ends_with("norm.weight") {
+            // llama.cpp's Gemma norms multiply by the stored weight: `1 + w`.
+            value = value.to_dtype(DType::F32)?.affine(1.0, 1.0)?;
+        }
+        // The model's attention scale where llama.cpp hard-codes another: on the queries
+        // (Gemma 2), or on the query norm that follows them (Gemma 3).
+        let scaled = match arch {
+            "gemma3" => stored.name.ends_with("attn_q_norm.weight"),
+            _ => stored.name.ends_with("attn_q.weight"),
+        };
+        if scaled && q_factor != 1.0 {
+            value = value.to_dtype(DType::F32)?.affine(q_factor, 0.0)?;
+        }
+        add(stored.name, value)?;
+    }
+    for (name, slots) in stacks {
+        let experts = slots
+            .into_iter()
+            .enumerate()
+            .map(|(e, t)| {
+                t.ok_or_else(|| Error::Tensor {
+                    name: format!("{name} (expert {e})"),
+                    message: "an expert's weight is missing".into(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        add(name, Tensor::stack(&experts, 0)?)?;
     }
     for (name, value) in extra {
         add(name, value)?;
@@ -545,6 +784,7 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
     }
     let path = adapter_dir.join(crate::lora::adapter::ADAPTER_WEIGHTS);
     let tensors = crate::io::read_safetensors(&path, &Device::Cpu)?;
+    let prefix = format!("{}.", config.module_prefix());
     let mut pairs: BTreeMap<String, Tensor> = BTreeMap::new();
     for (key, t) in tensors {
         let rest = key
@@ -572,13 +812,28 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
             }
         };
         let hf = format!("{module}.weight");
-        let gguf = gguf_name(&hf).ok_or_else(|| Error::Tensor {
-            name: key.clone(),
-            message: "the module has no llama.cpp name".into(),
-        })?;
+        // A multimodal wrapper's text model is written as the text model (`model.*`).
+        let hf = match hf.strip_prefix(&prefix) {
+            Some(rest) => format!("model.{rest}"),
+            None => hf,
+        };
+        let gguf = llama_cpp_tensor(arch, &hf)
+            .filter(|s| s.expert.is_none())
+            .ok_or_else(|| Error::Tensor {
+                name: key.clone(),
+                message: format!("the module has no llama.cpp {arch} adapter tensor"),
+            })?
+            .name;
         let t = t.to_dtype(DType::F32)?;
         let t = match (suffix, permuted_heads(&hf, config, permutes)) {
             ("lora_b", Some(heads)) => permute_rows(&t, heads)?,
+            _ => t,
+        };
+        // Gemma 2's query rows carry the model's attention scale in the exported base: so does
+        // the update to them.
+        let q_factor = query_factor(config, arch);
+        let t = match suffix == "lora_b" && arch == "gemma2" && gguf.ends_with("attn_q.weight") {
+            true if q_factor != 1.0 => t.affine(q_factor, 0.0)?,
             _ => t,
         };
         pairs.insert(format!("{gguf}.{suffix}"), t);
@@ -612,7 +867,7 @@ mod tests {
 
     #[test]
     fn q4_k_m_mixes_types_like_llama_cpp_and_falls_back_on_short_rows() {
-        let t = |n: &str, dims: &[usize]| tensor_type(n, dims, ExportType::Q4KM, 16, false);
+        let t = |n: &str, dims: &[usize]| tensor_type(n, dims, ExportType::Q4KM, 16, false, 0);
         assert_eq!(t("blk.0.attn_v.weight", &[256, 512]), GgmlDType::Q6K);
         assert_eq!(t("blk.3.attn_v.weight", &[256, 512]), GgmlDType::Q4K);
         assert_eq!(t("blk.4.ffn_down.weight", &[256, 512]), GgmlDType::Q6K);
@@ -621,7 +876,14 @@ mod tests {
         assert_eq!(t("output.weight", &[256, 576]), GgmlDType::Q8_0);
         assert_eq!(t("blk.3.attn_norm.weight", &[512]), GgmlDType::F32);
         assert_eq!(t("blk.3.attn_q.weight", &[64, 63]), GgmlDType::F16);
-        let q8 = tensor_type("blk.0.attn_q.weight", &[64, 64], ExportType::Q8_0, 2, false);
+        let q8 = tensor_type(
+            "blk.0.attn_q.weight",
+            &[64, 64],
+            ExportType::Q8_0,
+            2,
+            false,
+            0,
+        );
         assert_eq!(q8, GgmlDType::Q8_0);
     }
 

@@ -34,7 +34,7 @@ use crate::data::ChatTokenizer;
 use crate::lora::{load_adapter, merge_and_unload, LoraConfig};
 use crate::model::save::{save_pretrained, MAX_SHARD_BYTES};
 use crate::model::{load_pretrained, load_pretrained_with, CausalLm, LoadOptions, Pretrained};
-use crate::quant::gguf::{gguf_name, GgufFile};
+use crate::quant::gguf::{llama_cpp_tensor, GgufFile};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -218,6 +218,22 @@ fn merge_to_gguf(
         )));
     }
     let gguf = GgufFile::open(Path::new(&options.base))?;
+    if let Some(moe) = loaded
+        .model
+        .layers
+        .iter()
+        .filter_map(|l| l.moe.as_ref())
+        .find(|m| !m.lora_vars().is_empty())
+    {
+        return Err(Error::Config(format!(
+            "{}: the adapter trains the router or the experts ({}), which a merge into the base's GGUF file does not rewrite yet; merge into a model folder instead (--output DIR), or convert a safetensors base with --output x.gguf",
+            options
+                .adapter
+                .as_deref()
+                .map_or("the adapter".into(), |a| a.display().to_string()),
+            moe.peft_path
+        )));
+    }
     let adapted: Vec<String> = loaded
         .model
         .linears()
@@ -235,10 +251,16 @@ fn merge_to_gguf(
         if adapted.contains(&lin.name) {
             let name = format!("{}.weight", lin.name);
             let dense = lin.weight.dense()?;
-            let dtype = match (options.gguf_type, gguf_name(&name)) {
-                (Some(ty), Some(gname)) => {
-                    Some(tensor_type(&gname, dense.dims(), ty, layers, tied))
-                }
+            let stored = llama_cpp_tensor(gguf.arch(), &name);
+            let dtype = match (options.gguf_type, stored) {
+                (Some(ty), Some(s)) => Some(tensor_type(
+                    &s.name,
+                    dense.dims(),
+                    ty,
+                    layers,
+                    tied,
+                    gguf.experts(),
+                )),
                 _ => None,
             };
             replaced.insert(name, (dense, dtype));
