@@ -2,7 +2,8 @@
 """llama.cpp itself (through llama-cpp-python) on the GGUF files peft-sft writes for the families
 whose llama.cpp architectures differ from llama's: Gemma (gemma), Gemma 2 (gemma2), Gemma 3 and
 Gemma 3's multimodal text model (gemma3), Phi-3 (phi3), Mixtral (llama with experts), Qwen3-MoE
-(qwen3moe); and llama.cpp adapters (`export-adapter`) for Gemma 2 and Phi-3's fused modules.
+(qwen3moe); llama.cpp adapters (`export-adapter`) for Gemma 2 and Phi-3's fused modules; and a
+SentencePiece vocabulary written as llama.cpp's `llama` model.
 
 For each tiny fixture model (tests/fixtures/models, its config edited where llama.cpp's
 architecture cannot follow it: no sliding window for phi3/llama, every Qwen3-MoE layer routed)
@@ -115,6 +116,29 @@ def main():
             ids = torch.randint(3, vocab - 10, (1, 16), generator=torch.Generator().manual_seed(6))
             compare(f"{name} base + export-adapter (--lora)", llama_cpp_logits(base, ids, 64, lora),
                     hf_logits(model, ids, adapter))
+        # A SentencePiece vocabulary: the tiny SentencePiece GGUF fixture as a transformers folder
+        # (tokenizer.json BPE with byte fallback), exported by peft-sft; llama.cpp must tokenize
+        # the export as it tokenizes the original, SentencePiece-scored file.
+        from llama_cpp import Llama
+        from safetensors.torch import save_file
+        spm = FIXTURES / "gguf_spm"
+        folder = Path(tmp) / "spm"
+        tok = transformers.AutoTokenizer.from_pretrained(spm, gguf_file="model.gguf")
+        model = transformers.AutoModelForCausalLM.from_pretrained(spm, gguf_file="model.gguf")
+        tok.save_pretrained(folder)
+        model.config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        exported = Path(tmp) / "spm.gguf"
+        run("merge", "--model", str(folder), "--output", str(exported), "--quantize", "f32")
+        ours = Llama(model_path=str(exported), vocab_only=True, verbose=False)
+        original = Llama(model_path=str(spm / "model.gguf"), vocab_only=True, verbose=False)
+        texts = [c["text"] for c in json.loads((spm / "reference.json").read_text())["cases"]]
+        differ = sum(ours.tokenize(t.encode(), add_bos=True, special=s) != original.tokenize(t.encode(), add_bos=True,
+                     special=s) for t in texts for s in (True, False))
+        print(f"{'SentencePiece vocabulary (llama.cpp tokens)':42s} {differ} of {2 * len(texts)} tokenizations differ")
+        if differ:
+            failed.append("sentencepiece")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     sys.exit(1 if failed else 0)
 

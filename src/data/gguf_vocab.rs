@@ -209,7 +209,8 @@ impl GgufVocab {
                 {"type": "Strip", "content": " ", "start": 1, "stop": 0},
             ]}),
             json!({
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "type": "BPE", "dropout": null, "unk_token": self.token(self.unk_id),
+                "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                 "ignore_merges": false, "vocab": vocab, "merges": merges,
             }),

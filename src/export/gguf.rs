@@ -360,14 +360,17 @@ pub fn pre_tokenizer(tok: &ChatTokenizer) -> Result<String> {
     )))
 }
 
-/// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer, for `vocab` embedding rows.
+/// The `tokenizer.ggml.*` metadata of a tokenizer, for `vocab` embedding rows: byte-level BPE
+/// (`gpt2`), or SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3-mini)
+/// as llama.cpp's `llama` vocabulary.
 fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, Value)>> {
     let json = tokenizer_json(tok)?;
-    if json["model"]["type"] != "BPE" || json["model"]["byte_fallback"] == true {
+    if json["model"]["type"] != "BPE" {
         return Err(Error::Config(
-            "GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style); this tokenizer is not one".into(),
+            "GGUF export supports BPE tokenizers (byte-level as Llama 3, Qwen2, SmolLM; SentencePiece-style with byte fallback as Llama 2, Mistral, Gemma); this tokenizer is neither".into(),
         ));
     }
+    let sentencepiece = json["model"]["byte_fallback"] == true;
     let by_id: HashMap<u32, String> = tok
         .inner
         .get_vocab(true)
@@ -382,6 +385,27 @@ fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, 
                 .collect()
         })
         .unwrap_or_default();
+    // The merges as pairs: `"a b"` strings (transformers 4) or `["a", "b"]` (transformers 5).
+    let merges: Vec<(String, String)> = json["model"]["merges"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|merge| match merge {
+                    serde_json::Value::String(s) => s
+                        .split_once(' ')
+                        .map(|(l, r)| (l.to_string(), r.to_string())),
+                    serde_json::Value::Array(pair) => {
+                        let part = |i: usize| pair.get(i)?.as_str().map(str::to_string);
+                        Some((part(0)?, part(1)?))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if sentencepiece {
+        return sentencepiece_metadata(tok, &json, vocab, &by_id, &added, &merges);
+    }
     let mut tokens = Vec::with_capacity(vocab);
     let mut types = Vec::with_capacity(vocab);
     for id in 0..vocab as u32 {
@@ -396,23 +420,14 @@ fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, 
         tokens.push(Value::String(token));
         types.push(Value::I32(kind));
     }
-    let merges: Vec<Value> = json["model"]["merges"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|merge| match merge {
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Array(pair) => {
-                        let part =
-                            |i: usize| pair.get(i)?.as_str().map(|s| s.replace(' ', "\u{120}"));
-                        Some(format!("{} {}", part(0)?, part(1)?))
-                    }
-                    _ => None,
-                })
-                .map(Value::String)
-                .collect()
+    // llama.cpp's merges are `"a b"`: a space inside a piece is written as GPT-2's `Ġ`.
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|(l, r)| {
+            let part = |p: &str| p.replace(' ', "\u{120}");
+            Value::String(format!("{} {}", part(l), part(r)))
         })
-        .unwrap_or_default();
+        .collect();
     let mut meta = vec![
         (
             "tokenizer.ggml.model".to_string(),
@@ -426,6 +441,105 @@ fn tokenizer_metadata(tok: &ChatTokenizer, vocab: usize) -> Result<Vec<(String, 
         ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
     ];
+    meta.extend(special_metadata(tok)?);
+    Ok(meta)
+}
+
+/// A SentencePiece-style vocabulary as llama.cpp's `llama` model: the pieces, a score per piece
+/// that orders llama.cpp's pair merging as the BPE merges rank them (the piece made by the
+/// `k`-th merge scores `-k`; pieces no merge makes, below all), token types (unknown, control
+/// for special tokens, user-defined, byte `<0xNN>`, normal), `add_space_prefix` from the
+/// normalizer or Metaspace pre-tokenizer.
+fn sentencepiece_metadata(
+    tok: &ChatTokenizer,
+    json: &serde_json::Value,
+    vocab: usize,
+    by_id: &HashMap<u32, String>,
+    added: &HashMap<u32, bool>,
+    merges: &[(String, String)],
+) -> Result<Vec<(String, Value)>> {
+    let mut rank: HashMap<String, usize> = HashMap::new();
+    for (k, (l, r)) in merges.iter().enumerate() {
+        rank.entry(format!("{l}{r}")).or_insert(k);
+    }
+    let unk = json["model"]["unk_token"]
+        .as_str()
+        .and_then(|u| tok.inner.token_to_id(u));
+    let is_byte = |t: &str| {
+        t.len() == 6
+            && t.starts_with("<0x")
+            && t.ends_with('>')
+            && u8::from_str_radix(&t[3..5], 16).is_ok()
+    };
+    let unmade = -(merges.len() as f32) - 1.0;
+    let mut tokens = Vec::with_capacity(vocab);
+    let mut scores = Vec::with_capacity(vocab);
+    let mut types = Vec::with_capacity(vocab);
+    for id in 0..vocab as u32 {
+        let (token, kind, score) = match (by_id.get(&id), added.get(&id)) {
+            (None, _) => (format!("[PAD{id}]"), 5, unmade),
+            (Some(t), _) if Some(id) == unk => (t.clone(), 2, 0.0),
+            (Some(t), Some(&special)) => (t.clone(), if special { 3 } else { 4 }, 0.0),
+            (Some(t), None) if is_byte(t) => (t.clone(), 6, 0.0),
+            (Some(t), None) => {
+                let score = match (rank.get(t), t.chars().count()) {
+                    (Some(&k), _) => -(k as f32),
+                    (None, 1) => 0.0,
+                    (None, _) => unmade,
+                };
+                (t.clone(), 1, score)
+            }
+        };
+        tokens.push(Value::String(token));
+        scores.push(Value::F32(score));
+        types.push(Value::I32(kind));
+    }
+    // A `▁` before the first word: a Prepend normalizer or a Metaspace pre-tokenizer that
+    // prepends.
+    let prepends = |v: &serde_json::Value| -> bool {
+        let one = |n: &serde_json::Value| {
+            n["type"] == "Prepend"
+                || (n["type"] == "Metaspace"
+                    && n["prepend_scheme"] != "never"
+                    && n["add_prefix_space"] != false)
+        };
+        one(v)
+            || v["normalizers"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(one))
+            || v["pretokenizers"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(one))
+    };
+    let space_prefix = prepends(&json["normalizer"]) || prepends(&json["pre_tokenizer"]);
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("default".into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        ("tokenizer.ggml.scores".to_string(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        (
+            "tokenizer.ggml.add_space_prefix".to_string(),
+            Value::Bool(space_prefix),
+        ),
+    ];
+    if let Some(unk) = unk {
+        meta.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(unk)));
+    }
+    meta.extend(special_metadata(tok)?);
+    Ok(meta)
+}
+
+/// BOS/EOS/padding ids, llama.cpp's add_bos/add_eos flags from what the tokenizer does, and the
+/// chat template.
+fn special_metadata(tok: &ChatTokenizer) -> Result<Vec<(String, Value)>> {
+    let mut meta = Vec::new();
     for (key, id) in [
         ("bos_token_id", tok.bos_token_id()),
         ("eos_token_id", tok.eos_token_id()),
