@@ -65,8 +65,34 @@ fn selective(options: &PlanOptions) -> bool {
 /// `checkpointed_stack`): gradient checkpointing over a frozen base (LoRA, QLoRA), on any device.
 /// It keeps only the layer inputs, rebuilds one layer at a time in the backward and runs each MLP
 /// by chunks of rows.
-fn stacked(options: &PlanOptions) -> bool {
-    options.gradient_checkpointing && options.method != Method::Full
+fn stacked(c: &ModelConfig, options: &PlanOptions) -> bool {
+    options.gradient_checkpointing && options.method != Method::Full && !c.is_moe()
+}
+
+/// Whether layer `layer` runs as one op ([`selective`]): not a mixture of experts, which runs op
+/// by op.
+fn one_op(c: &ModelConfig, options: &PlanOptions, layer: usize) -> bool {
+    selective(options) && c.layer_moe(layer).is_none()
+}
+
+/// Whether PEFT's `all-linear` on a mixture of experts: q/k/v/o of every layer, and the router
+/// and the experts through `target_parameters` (`lora::target::inject_with`).
+fn moe_all_linear(c: &ModelConfig, options: &PlanOptions) -> bool {
+    c.is_moe()
+        && options.method != Method::Full
+        && options.target_modules == TargetModules::Pattern("all-linear".into())
+}
+
+/// The LoRA parameters of one mixture of experts under PEFT's all-linear: the router's pair
+/// (`r·hidden + experts·r`), the stacked gate-up pair at rank 2r (`2r·E·(hidden + 2·inter)`) and
+/// the down pair (`r·E·(inter + hidden)`).
+fn moe_lora_params(c: &ModelConfig, m: &crate::model::config::MoeSpec, r: u64) -> u64 {
+    let (h, i, e) = (
+        c.hidden_size as u64,
+        m.intermediate as u64,
+        m.experts as u64,
+    );
+    r * h + e * r + 2 * r * e * (h + 2 * i) + r * e * (i + h)
 }
 
 /// How the model trains.
@@ -280,13 +306,25 @@ fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<Vec<boo
         })
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let chosen: HashSet<&str> = select(&options.target_modules, &refs)?
-        .into_iter()
-        .collect();
+    let attention = c.layout().o();
+    let chosen: HashSet<&str> = match moe_all_linear(c, options) {
+        true => (0..c.num_hidden_layers)
+            .flat_map(|l| (0..=attention).map(move |k| l * per_layer + k))
+            .map(|i| refs[i])
+            .collect(),
+        false => select(&options.target_modules, &refs)?
+            .into_iter()
+            .collect(),
+    };
+    // A mixture of experts' layer has the attention's linears only (its experts are adapted
+    // through target_parameters, counted apart).
     Ok((0..c.num_hidden_layers)
         .map(|l| {
             (0..per_layer)
-                .map(|k| chosen.contains(&refs[l * per_layer + k]))
+                .map(|k| {
+                    chosen.contains(&refs[l * per_layer + k])
+                        && (k <= attention || c.layer_moe(l).is_none())
+                })
                 .collect()
         })
         .collect())
@@ -294,10 +332,17 @@ fn adapted_linears(c: &ModelConfig, options: &PlanOptions) -> Result<Vec<Vec<boo
 
 /// Parameter counts of the base model: its tensors as `CausalLm::load` creates them.
 fn base_counts(c: &ModelConfig) -> ParamCounts {
-    let shapes = linear_shapes(c);
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
     let layers = c.num_hidden_layers as u64;
-    let linear_per_layer: u64 = shapes.iter().map(|(_, i, o)| (i * o) as u64).sum();
+    let linear: u64 = (0..c.num_hidden_layers)
+        .flat_map(|l| layer_linear_shapes(c, l))
+        .map(|(i, o)| i * o)
+        .sum();
+    // Each router: experts × hidden.
+    let routers: u64 = (0..c.num_hidden_layers)
+        .filter_map(|l| c.layer_moe(l))
+        .map(|m| m.experts as u64 * h)
+        .sum();
     let bias_per_layer: u64 = c
         .layer_linears()
         .iter()
@@ -313,22 +358,46 @@ fn base_counts(c: &ModelConfig) -> ParamCounts {
     }
     let embed = v * h;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
-    let largest_linear = shapes
-        .iter()
-        .map(|(_, i, o)| (i * o) as u64)
+    let largest_linear = (0..c.num_hidden_layers)
+        .flat_map(|l| layer_linear_shapes(c, l))
+        .map(|(i, o)| i * o)
         .max()
         .unwrap_or(0);
     ParamCounts {
-        total: embed + layers * (linear_per_layer + bias_per_layer + norms_per_layer) + h + head,
-        linear: layers * linear_per_layer,
+        total: embed + linear + routers + layers * (bias_per_layer + norms_per_layer) + h + head,
+        linear,
         lora: 0,
         largest_linear,
         largest_tensor: largest_linear.max(embed),
     }
 }
 
+/// The `(in, out)` of layer `layer`'s linear weights: the model's list, or for a mixture of
+/// experts the attention's and every expert's gate, up and down.
+fn layer_linear_shapes(c: &ModelConfig, layer: usize) -> Vec<(u64, u64)> {
+    let shapes = linear_shapes(c);
+    match c.layer_moe(layer) {
+        None => shapes
+            .iter()
+            .map(|(_, i, o)| (*i as u64, *o as u64))
+            .collect(),
+        Some(m) => {
+            let (h, i) = (c.hidden_size as u64, m.intermediate as u64);
+            let mut out: Vec<(u64, u64)> = shapes[..=c.layout().o()]
+                .iter()
+                .map(|(_, i, o)| (*i as u64, *o as u64))
+                .collect();
+            for _ in 0..m.experts {
+                out.extend([(h, i), (h, i), (i, h)]);
+            }
+            out
+        }
+    }
+}
+
 /// Parameter counts: the base model's tensors and the LoRA pairs (`r * (in + out)` per adapted
-/// linear, and `out` more with DoRA; none when fully fine-tuning).
+/// linear, and `out` more with DoRA; PEFT's all-linear pairs on mixtures of experts; none when
+/// fully fine-tuning).
 pub fn param_counts(c: &ModelConfig, options: &PlanOptions) -> Result<ParamCounts> {
     let shapes = linear_shapes(c);
     let r = options.lora_r as u64;
@@ -341,7 +410,14 @@ pub fn param_counts(c: &ModelConfig, options: &PlanOptions) -> Result<ParamCount
                 .filter(|(_, &a)| a)
                 .map(|((_, i, o), _)| r * (i + o) as u64 + options.use_dora as u64 * *o as u64)
         })
-        .sum();
+        .sum::<u64>()
+        + match moe_all_linear(c, options) {
+            true => (0..c.num_hidden_layers)
+                .filter_map(|l| c.layer_moe(l))
+                .map(|m| moe_lora_params(c, &m, r))
+                .sum(),
+            false => 0,
+        };
     Ok(ParamCounts {
         lora,
         ..base_counts(c)
@@ -356,11 +432,11 @@ pub fn weight_bytes(c: &ModelConfig, method: Method, dtype: DType) -> u64 {
     match method {
         Method::Lora | Method::Full => p.total * dt,
         Method::Qlora => {
-            let per_layer: u64 = linear_shapes(c)
-                .iter()
-                .map(|(_, i, o)| nf4_double_quant_bytes((i * o) as u64))
+            let quantized: u64 = (0..c.num_hidden_layers)
+                .flat_map(|l| layer_linear_shapes(c, l))
+                .map(|(i, o)| nf4_double_quant_bytes(i * o))
                 .sum();
-            (p.total - p.linear) * dt + c.num_hidden_layers as u64 * per_layer
+            (p.total - p.linear) * dt + quantized
         }
     }
 }
@@ -411,7 +487,8 @@ impl Step<'_> {
     ///
     /// Op by op, per row: the layer input, both norm outputs, the o-projection and down-projection outputs,
     /// and the mid-layer residual (6 × hidden); gate, up and their SwiGLU product (3 ×
-    /// intermediate). On the CPU in f32 attention runs token-major: q as projected and rotated
+    /// intermediate), or a mixture of experts' routed tensors ([`Self::mlp_row_elements`]; such
+    /// layers always run op by op). On the CPU in f32 attention runs token-major: q as projected and rotated
     /// (2 × q width, plus one for the q-norm of Qwen3 and Gemma 3), k likewise, v as projected, the output (also
     /// o_proj's input) and the flash kernel's per-head f32 log-sum-exp. Elsewhere: q as projected,
     /// made heads-first (a copy) and rotated (3 × q width, plus one for the q-norm of Qwen3 and Gemma 3), k
@@ -426,7 +503,7 @@ impl Step<'_> {
         let (qd, kvd) = (self.qd(), self.kvd());
         let r = self.o.lora_r as u64;
         let adapters = adapted.iter().filter(|&&a| a).count() as u64;
-        if selective(self.o) {
+        if one_op(c, self.o, layer) {
             // One op per layer: its input and the mid-layer residual, gate and up, q/k/v as
             // projected, the attention output and its f32 log-sum-exp, r per adapted linear
             // (dropout masks are drawn again in the backward), and with DoRA each adapted
@@ -447,7 +524,7 @@ impl Step<'_> {
         }
         let norm = u64::from(c.qk_norm());
         let rope = u64::from(c.layer_uses_rope(layer));
-        let mut e = 6 * h + 3 * i;
+        let mut e = 6 * h + self.mlp_row_elements(layer);
         if native_cpu(self.o) {
             // Token-major path: q and k as projected (viewed per head), normed, rotated; v as
             // projected; the output is o_proj's input as is; the flash kernel's f32 lse.
@@ -490,6 +567,53 @@ impl Step<'_> {
         e
     }
 
+    /// Elements (per row) the MLP of layer `layer` keeps op by op: gate, up and their product
+    /// (3 × intermediate); for a mixture of experts, the router's f32 logits and probabilities
+    /// with its LoRA's product and update, and per routed slot (top k per row) the expert's input
+    /// rows, gate, up, their product and output, the outputs' concatenation, its slot-order copy
+    /// and the weighted copy (5 × hidden + 3 × intermediate); with LoRA on the experts each slot
+    /// also keeps the gate-up pair's `x A^T` (2r), update and its scaled copy (4 ×
+    /// intermediate), the updated gate and up, and the down pair's `x A^T`, update, scaled copy
+    /// and sum (r + 3 × hidden).
+    fn mlp_row_elements(&self, layer: usize) -> u64 {
+        let c = self.c;
+        let Some(m) = c.layer_moe(layer) else {
+            return 3 * c.intermediate_size as u64;
+        };
+        let (h, i, e, k) = (
+            c.hidden_size as u64,
+            m.intermediate as u64,
+            m.experts as u64,
+            m.top_k as u64,
+        );
+        let r = self.o.lora_r as u64;
+        let experts_adapted = moe_all_linear(c, self.o);
+        let mut router = 4 * e;
+        let mut slot = 5 * h + 3 * i;
+        if experts_adapted {
+            router += r + 2 * e;
+            slot += 3 * r + 6 * i + 3 * h;
+        }
+        router + k * slot
+    }
+
+    /// Bytes a mixture of experts' layer keeps whatever the length: with LoRA on the experts,
+    /// each expert's slices of the stacked pairs (`[2r, hidden]` and `[2·inter, 2r]` for gate-up,
+    /// `[r, inter]` and `[hidden, r]` for down, f32).
+    fn moe_fixed_bytes(&self, layer: usize) -> u64 {
+        match (self.c.layer_moe(layer), moe_all_linear(self.c, self.o)) {
+            (Some(m), true) => {
+                let (h, i, r) = (
+                    self.c.hidden_size as u64,
+                    m.intermediate as u64,
+                    self.o.lora_r as u64,
+                );
+                m.experts as u64 * (2 * r * h + 4 * i * r + r * i + h * r) * 4
+            }
+            _ => 0,
+        }
+    }
+
     /// Rows of one MLP chunk of the checkpointed stack (at most all rows).
     fn chunk_rows(&self) -> u64 {
         let rows = match self.o.checkpoint_chunk_rows {
@@ -530,7 +654,7 @@ impl Step<'_> {
     /// Whether the layer inputs wait in host memory (gradient checkpointing with
     /// `--offload-activations` on an accelerator).
     fn offloads_inputs(&self) -> bool {
-        stacked(self.o) && self.o.offload_activations && self.o.device == PlanDevice::Cuda
+        stacked(self.c, self.o) && self.o.offload_activations && self.o.device == PlanDevice::Cuda
     }
 
     /// QLoRA's MLP weights dequantized once for all of a layer's chunks when there are several
@@ -646,7 +770,9 @@ impl Step<'_> {
         } else {
             0
         };
-        self.n * self.layer_row_elements(layer, adapted) * self.dt + probs
+        self.n * self.layer_row_elements(layer, adapted) * self.dt
+            + probs
+            + self.moe_fixed_bytes(layer)
     }
 
     /// Bytes alive outside the layers: the last layer's output, the final norm's output and the
@@ -716,7 +842,7 @@ impl Step<'_> {
     /// blocks) or in the MLP (residual, norm output, gate, up and the up projection's three
     /// temporaries).
     fn forward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
-        if stacked(self.o) {
+        if stacked(self.c, self.o) {
             return self.stack_forward_bytes(params);
         }
         if native_cpu(self.o) {
@@ -745,7 +871,7 @@ impl Step<'_> {
         let (qd, kvd) = (self.qd(), self.kvd());
         let norm = u64::from(c.qk_norm());
         if !self.o.gradient_checkpointing {
-            if !selective(self.o) {
+            if !selective(self.o) || c.is_moe() {
                 return 0;
             }
             // The one-op layer: q and k normalised and rotated for the kernel, or the SwiGLU
@@ -779,12 +905,12 @@ impl Step<'_> {
     /// concatenations (≈ 6 × q width per row) plus 4 probability blocks of 256 query rows, or 3
     /// full probability-sized tensors when they are kept.
     fn backward_workspace_bytes(&self, params: &ParamCounts) -> u64 {
-        if stacked(self.o) {
+        if stacked(self.c, self.o) {
             return self.stack_backward_bytes(params);
         }
         let c = self.c;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-        let (mlp, attention) = if selective(self.o) {
+        let (mlp, attention) = if selective(self.o) && !c.is_moe() {
             // The one-op layer writes the SwiGLU gradients itself (no zeros + sum): the product's
             // gradient and the two it writes; attention rebuilds rotated q and k for the kernel.
             (3 * self.n * i * self.dt, self.attention_backward_bytes())
@@ -793,6 +919,17 @@ impl Step<'_> {
         } else {
             (7 * self.n * i * self.dt, self.attention_backward_bytes())
         };
+        // A mixture of experts' backward (op by op): per routed slot the gradients of the
+        // expert's output, its copies and the concatenation, and of gate, up and their product
+        // (4 × hidden + 4 × intermediate).
+        let moe = (0..c.num_hidden_layers)
+            .filter_map(|l| c.layer_moe(l))
+            .map(|m| {
+                let (k, i) = (m.top_k as u64, m.intermediate as u64);
+                self.n * k * (4 * h + 4 * i) * self.dt
+            })
+            .max();
+        let mlp = moe.unwrap_or(mlp);
         let mut ws = mlp.max(attention) + 2 * self.n * h * self.dt;
         ws += self.dequantized_bytes(params);
         if self.o.method == Method::Full {
@@ -815,13 +952,6 @@ impl Step<'_> {
 /// plus one recomputed layer) and the optimizer step (a clipped copy of the gradients and AdamW's
 /// temporaries, activations freed).
 pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
-    if c.is_moe() {
-        return Err(Error::Config(format!(
-            "the memory planner does not model mixture-of-experts layers yet ({:?}): measure a \
-             short run instead (peak RSS, or nvidia-smi on a GPU)",
-            c.family()?
-        )));
-    }
     if options.max_length == 0 || options.batch_size == 0 {
         return Err(Error::Config(
             "--max-length and --per-device-train-batch-size must be positive".into(),
@@ -893,7 +1023,7 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
     } else {
         layer_bytes.iter().sum::<u64>() + top
     };
-    let recomputed = if stacked(options) {
+    let recomputed = if stacked(c, options) {
         adapted
             .iter()
             .map(|a| step.stack_recomputed_bytes(a))
@@ -975,7 +1105,7 @@ pub fn plan(c: &ModelConfig, options: &PlanOptions) -> Result<MemoryPlan> {
         peak,
         phases,
         params,
-        layer_activation_bytes: if stacked(options) {
+        layer_activation_bytes: if stacked(c, options) {
             recomputed
         } else {
             layer_bytes.first().copied().unwrap_or(0)
@@ -1053,7 +1183,15 @@ mod tests {
     use candle_core::Device;
     use std::path::Path;
 
-    const FIXTURES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "smollm3"];
+    const FIXTURES: [&str; 7] = [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "smollm3",
+        "mixtral",
+        "qwen3_moe",
+    ];
 
     fn fixture(name: &str) -> (ModelConfig, Weights) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1096,7 +1234,7 @@ mod tests {
             .map(|(_, p)| p.tensor().elem_count() * p.tensor().dtype().size_in_bytes())
             .sum();
         let quantized: usize = model
-            .linears()
+            .base_linears()
             .iter()
             .filter_map(|l| match &l.weight {
                 LinearWeight::Quantized(q) => Some(q.bytes()),
@@ -1180,6 +1318,34 @@ mod tests {
             };
             let planned = param_counts(&config, &options).unwrap().lora;
             assert_eq!(planned, injected as u64, "{targets:?}");
+        }
+        // Mixtures of experts: PEFT's all-linear (attention, router, stacked experts; Qwen3-MoE's
+        // dense layer keeps its MLP unadapted) and a module list.
+        for name in ["mixtral", "qwen3_moe"] {
+            let (config, weights) = fixture(name);
+            for targets in [
+                TargetModules::default(),
+                TargetModules::List(vec!["q_proj".into(), "o_proj".into()]),
+            ] {
+                let mut model =
+                    CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu)
+                        .unwrap();
+                let lora = LoraConfig {
+                    r: 4,
+                    target_modules: targets.clone(),
+                    lora_dropout: 0.0,
+                    ..LoraConfig::default()
+                };
+                inject(&mut model, &lora, 0).unwrap();
+                let injected: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+                let options = PlanOptions {
+                    lora_r: 4,
+                    target_modules: targets.clone(),
+                    ..PlanOptions::new(Method::Lora, 8)
+                };
+                let planned = param_counts(&config, &options).unwrap().lora;
+                assert_eq!(planned, injected as u64, "{name} {targets:?}");
+            }
         }
     }
 
@@ -1590,6 +1756,56 @@ mod tests {
                     config.family()
                 );
             }
+        }
+        // Mixtures of experts (op by op; random weights from config.json,
+        // `bench_lora_step CONFIG T 2 16 MODE`, all-linear: attention, router and experts),
+        // 2026-12-03: a Qwen3-MoE of 64 experts (top 8, width 256) and a Mixtral of 8 (top 2,
+        // width 1024), hidden 512, 4 layers, vocabulary 32000.
+        let qwen3_moe = serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"], "intermediate_size": 1024,
+            "moe_intermediate_size": 256, "head_dim": 64, "num_experts": 64,
+            "num_experts_per_tok": 8, "norm_topk_prob": true
+        });
+        let mixtral = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "intermediate_size": 1024,
+            "num_local_experts": 8, "num_experts_per_tok": 2
+        });
+        let moe_runs = [
+            (&qwen3_moe, 512, Method::Lora, false, 1364.3),
+            (&qwen3_moe, 1024, Method::Lora, false, 1862.1),
+            (&qwen3_moe, 512, Method::Qlora, false, 1016.7),
+            (&qwen3_moe, 1024, Method::Lora, true, 1181.0),
+            (&qwen3_moe, 2048, Method::Lora, true, 1573.9),
+            (&qwen3_moe, 1024, Method::Qlora, true, 840.5),
+            (&mixtral, 512, Method::Lora, false, 745.7),
+            (&mixtral, 1024, Method::Lora, false, 1021.4),
+            (&mixtral, 1024, Method::Qlora, false, 848.6),
+            (&mixtral, 2048, Method::Lora, true, 861.2),
+        ];
+        for (extra, t, method, gc, mib) in moe_runs {
+            let mut json = serde_json::json!({
+                "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": false
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            let config = ModelConfig::from_value(json, Path::new("moe")).unwrap();
+            let o = PlanOptions {
+                lora_r: 16,
+                lora_dropout: 0.0,
+                gradient_checkpointing: gc,
+                baseline_bytes: 9 * MIB,
+                ..PlanOptions::new(method, t)
+            };
+            let p = plan(&config, &o).unwrap();
+            let predicted = p.total() as f64 / MIB as f64;
+            let error = (predicted - mib) / mib;
+            assert!(
+                error.abs() < 0.10,
+                "{:?} T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}",
+                config.family()
+            );
         }
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {
