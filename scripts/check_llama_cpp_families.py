@@ -45,7 +45,7 @@ MODELS = [
     ("mixtral", {"sliding_window": None}, 16, 64),
     ("qwen3_moe", {"mlp_only_layers": [], "num_hidden_layers": 1}, 16, 64),
 ]
-ADAPTERS = ["gemma2", "phi3"]
+ADAPTERS = ["gemma2", "phi3", "mixtral"]
 
 
 def edited(name, edits, into):

@@ -687,3 +687,84 @@ fn sentencepiece_vocabularies_export_as_llama_cpp_llama_vocabularies() {
     );
     assert!(err < 1e-5, "logits differ by {err}");
 }
+
+/// A mixture of experts' all-linear adapter (attention, router, and through PEFT's
+/// target_parameters the stacked experts) exports to llama.cpp's adapter tensors for its
+/// `mul_mat_id` LoRA: per expert `[r, in]` A and `[out, r]` B stacked outermost, the gate-up pair
+/// (rank 2r) split into the gate and up stacks over the shared A, its PEFT scale folded into B so
+/// that llama.cpp's alpha / rank reproduces every expert's update (llama.cpp itself computes the
+/// adapter's logits: scripts/check_llama_cpp_families.py).
+#[test]
+fn mixture_of_experts_adapters_export_per_expert_for_llama_cpp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe-adapter.gguf");
+    let adapter = fixture("peft/mixtral/adapter");
+    let model_dir = fixture("models/mixtral");
+    let (ok, _, err) = run_cli(&[
+        "export-adapter",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let c = read(&out);
+    let alpha = c.metadata["adapter.lora.alpha"].to_f32().unwrap() as f64;
+    let t = |n: &str| stored(&c, &out, n);
+    let mut model = load_model(&model_dir, false);
+    load_adapter(&mut model, &adapter).unwrap();
+    let moe = model.layers[1].moe.as_ref().unwrap();
+    let (experts, inter) = (4, 48);
+    // llama.cpp's update of expert e: alpha / r · B_e A_e, r = B's rank dimension.
+    let update = |stack: &str, e: usize| {
+        let a = t(&format!("blk.1.{stack}.weight.lora_a")).get(e).unwrap();
+        let b = t(&format!("blk.1.{stack}.weight.lora_b")).get(e).unwrap();
+        let r = b.dim(1).unwrap() as f64;
+        (b.matmul(&a).unwrap() * (alpha / r)).unwrap()
+    };
+    for e in 0..experts {
+        let gate_up = moe
+            .lora
+            .gate_up
+            .as_ref()
+            .unwrap()
+            .weight_delta(e, experts)
+            .unwrap();
+        let down = moe
+            .lora
+            .down
+            .as_ref()
+            .unwrap()
+            .weight_delta(e, experts)
+            .unwrap();
+        for (stack, expected) in [
+            ("ffn_gate_exps", gate_up.narrow(0, 0, inter).unwrap()),
+            ("ffn_up_exps", gate_up.narrow(0, inter, inter).unwrap()),
+            ("ffn_down_exps", down),
+        ] {
+            let d = max_abs_diff(&update(stack, e), &expected);
+            assert!(d < 1e-6, "expert {e} {stack}: update differs by {d}");
+        }
+    }
+    // The router's pair, 2-D.
+    let router = moe
+        .lora
+        .router
+        .as_ref()
+        .unwrap()
+        .weight_delta(0, 1)
+        .unwrap();
+    let a = t("blk.1.ffn_gate_inp.weight.lora_a");
+    let b = t("blk.1.ffn_gate_inp.weight.lora_b");
+    let r = b.dim(1).unwrap() as f64;
+    let d = max_abs_diff(&(b.matmul(&a).unwrap() * (alpha / r)).unwrap(), &router);
+    assert!(d < 1e-6, "router update differs by {d}");
+    assert_eq!(
+        c.tensor_infos["blk.1.ffn_up_exps.weight.lora_a"]
+            .shape
+            .dims(),
+        [experts, 8, 64]
+    );
+}

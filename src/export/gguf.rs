@@ -866,18 +866,16 @@ pub fn export_model(
 /// Writes a PEFT LoRA adapter (read from `adapter_dir`, trained on a base with `config`) in
 /// llama.cpp's adapter format: `general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`,
 /// tensors `blk.N.<module>.weight.lora_a` (PEFT's A, `[r, in]`) and `.lora_b` (B, `[out, r]`,
-/// with llama's query/key row permutation), f32. llama.cpp scales by alpha / r, so rsLoRA's
-/// alpha / sqrt(r) is written as alpha * sqrt(r); per-module rank or alpha overrides and DoRA,
-/// which the format cannot express, are refused.
+/// with llama's query/key row permutation), f32; a mixture of experts' stacked pairs per expert
+/// (`blk.N.ffn_{gate,up,down}_exps.weight.lora_a` `[E, r, in]`, `.lora_b` `[E, out, r]`, the
+/// gate-up pair split into its gate and up rows over a shared A) and its router's pair
+/// (`ffn_gate_inp`). llama.cpp scales by one alpha over each pair's rank: rsLoRA's alpha /
+/// sqrt(r) is written as alpha * sqrt(r), and a module whose scale differs (rank_pattern,
+/// alpha_pattern) has the difference folded into its B. DoRA, which the format cannot express,
+/// is refused.
 pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> Result<usize> {
     let (arch, permutes) = architecture(config)?;
     let lora = crate::lora::LoraConfig::from_dir(adapter_dir)?;
-    if !lora.rank_pattern.is_empty() || !lora.alpha_pattern.is_empty() {
-        return Err(Error::Config(format!(
-            "{}: rank_pattern/alpha_pattern give modules their own scale, which llama.cpp's adapter format (one alpha) cannot express",
-            adapter_dir.display()
-        )));
-    }
     if lora.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
         return Err(Error::Config(format!(
             "{}: the adapter trains full copies of modules (modules_to_save), which llama.cpp's adapter format cannot carry; merge it into the model instead",
@@ -899,7 +897,16 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
     let path = adapter_dir.join(crate::lora::adapter::ADAPTER_WEIGHTS);
     let tensors = crate::io::read_safetensors(&path, &Device::Cpu)?;
     let prefix = format!("{}.", config.module_prefix());
-    let mut pairs: BTreeMap<String, Tensor> = BTreeMap::new();
+    // llama.cpp scales every pair by one alpha over the pair's rank; a module whose PEFT scale
+    // differs (rank_pattern / alpha_pattern, a mixture's gate-up pair at twice the rank) gets the
+    // difference folded into its B.
+    let alpha = if lora.use_rslora {
+        lora.lora_alpha * (lora.r as f64).sqrt()
+    } else {
+        lora.lora_alpha
+    };
+    // module → (A, B), as PEFT stores them.
+    let mut modules: BTreeMap<String, [Option<Tensor>; 2]> = BTreeMap::new();
     for (key, t) in tensors {
         let rest = key
             .strip_prefix("base_model.model.")
@@ -912,9 +919,9 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
             name: key.clone(),
             message: "not a PEFT LoRA weight".into(),
         })?;
-        let suffix = match half {
-            "lora_A" => "lora_a",
-            "lora_B" => "lora_b",
+        let slot = match half {
+            "lora_A" => 0,
+            "lora_B" => 1,
             _ => {
                 return Err(Error::Tensor {
                     name: key.clone(),
@@ -925,38 +932,106 @@ pub fn export_adapter(config: &ModelConfig, adapter_dir: &Path, out: &Path) -> R
                 })
             }
         };
-        let hf = format!("{module}.weight");
         // A multimodal wrapper's text model is written as the text model (`model.*`).
-        let hf = match hf.strip_prefix(&prefix) {
+        let module = match module.strip_prefix(&prefix) {
             Some(rest) => format!("model.{rest}"),
-            None => hf,
+            None => module.to_string(),
         };
+        modules.entry(module).or_default()[slot] = Some(t.to_dtype(DType::F32)?);
+    }
+    let q_factor = query_factor(config, arch);
+    let mut pairs: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (module, [a, b]) in modules {
+        let missing = |half: &str| Error::Tensor {
+            name: format!("base_model.model.{module}.{half}.weight"),
+            message: format!("missing from {}", path.display()),
+        };
+        let (a, b) = (
+            a.ok_or_else(|| missing("lora_A"))?,
+            b.ok_or_else(|| missing("lora_B"))?,
+        );
+        // PEFT's target_parameters on a mixture of experts: the stacked pairs of every expert
+        // (expert e: rows e·r.. of A, columns e, E+e, … of B).
+        let layer = module
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, _)| l.parse::<usize>().ok());
+        let moe = layer.and_then(|l| config.layer_moe(l).map(|m| (l, m)));
+        let stacked = match &moe {
+            Some((l, m)) if module.ends_with(".mlp.experts.base_layer") => {
+                Some((*l, m.experts, "gate_up_proj"))
+            }
+            Some((l, m)) if module.ends_with(".mlp.experts") => Some((*l, m.experts, "down_proj")),
+            _ => None,
+        };
+        if let Some((l, experts, param)) = stacked {
+            let base = module.trim_end_matches(".base_layer");
+            let key = format!("{base}.{param}");
+            let (_, scale) = crate::lora::target::rank_and_scale(&lora, &key)?;
+            let (ra, inp) = a.dims2()?;
+            let (out, rb) = b.dims2()?;
+            let r = ra / experts;
+            if ra != r * experts || rb != ra {
+                return Err(Error::Tensor {
+                    name: format!("base_model.model.{module}.lora_A.weight"),
+                    message: format!(
+                        "shapes {:?} and {:?} are not {experts} experts' stacked pairs",
+                        a.dims(),
+                        b.dims()
+                    ),
+                });
+            }
+            // [E, r, in] and [E, out, r], B scaled to llama.cpp's alpha / r.
+            let a3 = a.reshape((experts, r, inp))?;
+            let b3 = b
+                .reshape((out, r, experts))?
+                .permute((2, 0, 1))?
+                .contiguous()?
+                .affine(scale * r as f64 / alpha, 0.0)?;
+            let name = |stack: &str| format!("blk.{l}.{stack}.weight");
+            if param == "gate_up_proj" {
+                // Gate rows, then up rows: each half its own pair over the shared A.
+                let half = out / 2;
+                for (stack, from) in [("ffn_gate_exps", 0), ("ffn_up_exps", half)] {
+                    pairs.insert(format!("{}.lora_a", name(stack)), a3.clone());
+                    pairs.insert(
+                        format!("{}.lora_b", name(stack)),
+                        b3.narrow(1, from, half)?.contiguous()?,
+                    );
+                }
+            } else {
+                pairs.insert(format!("{}.lora_a", name("ffn_down_exps")), a3);
+                pairs.insert(format!("{}.lora_b", name("ffn_down_exps")), b3);
+            }
+            continue;
+        }
+        let hf = format!("{module}.weight");
         let gguf = llama_cpp_tensor(arch, &hf)
             .filter(|s| s.expert.is_none())
             .ok_or_else(|| Error::Tensor {
-                name: key.clone(),
+                name: format!("base_model.model.{module}.lora_A.weight"),
                 message: format!("the module has no llama.cpp {arch} adapter tensor"),
             })?
             .name;
-        let t = t.to_dtype(DType::F32)?;
-        let t = match (suffix, permuted_heads(&hf, config, permutes)) {
-            ("lora_b", Some(heads)) => permute_rows(&t, heads)?,
-            _ => t,
+        // The router's pair is PEFT's `gate.weight` parameter.
+        let scale_key = match moe {
+            Some(_) if module.ends_with(".mlp.gate") => format!("{module}.weight"),
+            _ => module.clone(),
         };
+        let (_, scale) = crate::lora::target::rank_and_scale(&lora, &scale_key)?;
+        let r = a.dim(0)?;
+        let mut b = b.affine(scale * r as f64 / alpha, 0.0)?;
+        if let Some(heads) = permuted_heads(&hf, config, permutes) {
+            b = permute_rows(&b, heads)?;
+        }
         // Gemma 2's query rows carry the model's attention scale in the exported base: so does
         // the update to them.
-        let q_factor = query_factor(config, arch);
-        let t = match suffix == "lora_b" && arch == "gemma2" && gguf.ends_with("attn_q.weight") {
-            true if q_factor != 1.0 => t.affine(q_factor, 0.0)?,
-            _ => t,
-        };
-        pairs.insert(format!("{gguf}.{suffix}"), t);
+        if arch == "gemma2" && gguf.ends_with("attn_q.weight") && q_factor != 1.0 {
+            b = b.affine(q_factor, 0.0)?;
+        }
+        pairs.insert(format!("{gguf}.lora_a"), a);
+        pairs.insert(format!("{gguf}.lora_b"), b);
     }
-    let alpha = if lora.use_rslora {
-        lora.lora_alpha * (lora.r as f64).sqrt()
-    } else {
-        lora.lora_alpha
-    };
     let meta = vec![
         (
             "general.architecture".to_string(),
