@@ -1287,7 +1287,30 @@ mod tests {
 
     #[test]
     fn plan_lora_params_equal_the_injected_adapters() {
-        let (config, weights) = fixture("qwen3");
+        // The LoRA parameters `inject` creates on fixture `name` and the planner's count.
+        let counts = |name: &str, targets: &TargetModules, use_dora: bool| {
+            let (config, weights) = fixture(name);
+            let mut model =
+                CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu).unwrap();
+            let lora = LoraConfig {
+                r: 4,
+                target_modules: targets.clone(),
+                use_dora,
+                // A mixture's router and experts take no dropout.
+                lora_dropout: 0.0,
+                ..LoraConfig::default()
+            };
+            inject(&mut model, &lora, 0).unwrap();
+            let injected: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+            let options = PlanOptions {
+                lora_r: 4,
+                target_modules: targets.clone(),
+                use_dora,
+                ..PlanOptions::new(Method::Lora, 8)
+            };
+            let planned = param_counts(&config, &options).unwrap().lora;
+            (injected as u64, planned)
+        };
         for (targets, use_dora) in [
             (TargetModules::default(), false),
             (TargetModules::default(), true),
@@ -1300,51 +1323,18 @@ mod tests {
                 false,
             ),
         ] {
-            let mut model =
-                CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu).unwrap();
-            let lora = LoraConfig {
-                r: 4,
-                target_modules: targets.clone(),
-                use_dora,
-                ..LoraConfig::default()
-            };
-            inject(&mut model, &lora, 0).unwrap();
-            let injected: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-            let options = PlanOptions {
-                lora_r: 4,
-                target_modules: targets.clone(),
-                use_dora,
-                ..PlanOptions::new(Method::Lora, 8)
-            };
-            let planned = param_counts(&config, &options).unwrap().lora;
-            assert_eq!(planned, injected as u64, "{targets:?}");
+            let (injected, planned) = counts("qwen3", &targets, use_dora);
+            assert_eq!(planned, injected, "{targets:?}");
         }
         // Mixtures of experts: PEFT's all-linear (attention, router, stacked experts; Qwen3-MoE's
         // dense layer keeps its MLP unadapted) and a module list.
         for name in ["mixtral", "qwen3_moe"] {
-            let (config, weights) = fixture(name);
             for targets in [
                 TargetModules::default(),
                 TargetModules::List(vec!["q_proj".into(), "o_proj".into()]),
             ] {
-                let mut model =
-                    CausalLm::load(config.clone(), &weights, false, DType::F32, &Device::Cpu)
-                        .unwrap();
-                let lora = LoraConfig {
-                    r: 4,
-                    target_modules: targets.clone(),
-                    lora_dropout: 0.0,
-                    ..LoraConfig::default()
-                };
-                inject(&mut model, &lora, 0).unwrap();
-                let injected: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-                let options = PlanOptions {
-                    lora_r: 4,
-                    target_modules: targets.clone(),
-                    ..PlanOptions::new(Method::Lora, 8)
-                };
-                let planned = param_counts(&config, &options).unwrap().lora;
-                assert_eq!(planned, injected as u64, "{name} {targets:?}");
+                let (injected, planned) = counts(name, &targets, false);
+                assert_eq!(planned, injected, "{name} {targets:?}");
             }
         }
     }
@@ -1646,6 +1636,41 @@ mod tests {
     /// the plan less 8 bytes per LoRA parameter. The chunked rows set `CHUNK_ROWS` (rows per MLP
     /// chunk; the automatic size is one chunk at these lengths). benches/README.md, "Memory
     /// planner", has the table and the commands.
+    /// A config.json of `base` with `extra`'s fields set.
+    fn shaped(mut base: serde_json::Value, extra: &serde_json::Value) -> ModelConfig {
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        ModelConfig::from_value(base, Path::new("shaped")).unwrap()
+    }
+
+    /// The plan of a `bench_lora_step CONFIG T 2 16 MODE` run (r=16, batch 1, no dropout, the
+    /// example's 9 MiB baseline) is within 10% of its measured peak `mib`.
+    fn within_ten_percent(
+        config: &ModelConfig,
+        t: usize,
+        method: Method,
+        gc: bool,
+        mib: f64,
+    ) -> MemoryPlan {
+        let o = PlanOptions {
+            lora_r: 16,
+            lora_dropout: 0.0,
+            gradient_checkpointing: gc,
+            baseline_bytes: 9 * MIB,
+            ..PlanOptions::new(method, t)
+        };
+        let p = plan(config, &o).unwrap();
+        let predicted = p.total() as f64 / MIB as f64;
+        let error = (predicted - mib) / mib;
+        assert!(
+            error.abs() < 0.10,
+            "{:?} T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}",
+            config.family()
+        );
+        p
+    }
+
     #[test]
     fn plan_matches_measured_peaks_within_ten_percent() {
         let measured = [
@@ -1721,15 +1746,12 @@ mod tests {
             (phi3, [1008.7, 1372.8, 666.4, 760.9], Some(phi3_lora)),
         ];
         for (extra, peaks, lora_params) in families {
-            let mut json = serde_json::json!({
+            let base = serde_json::json!({
                 "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                 "tie_word_embeddings": true
             });
-            for (k, v) in extra.as_object().unwrap() {
-                json[k] = v.clone();
-            }
-            let config = ModelConfig::from_value(json, Path::new("family")).unwrap();
+            let config = shaped(base, &extra);
             let runs = [
                 (512, Method::Lora, false),
                 (1024, Method::Lora, false),
@@ -1737,24 +1759,10 @@ mod tests {
                 (1024, Method::Lora, true),
             ];
             for ((t, method, gc), mib) in runs.into_iter().zip(peaks) {
-                let o = PlanOptions {
-                    lora_r: 16,
-                    lora_dropout: 0.0,
-                    gradient_checkpointing: gc,
-                    baseline_bytes: 9 * MIB,
-                    ..PlanOptions::new(method, t)
-                };
-                let p = plan(&config, &o).unwrap();
+                let p = within_ten_percent(&config, t, method, gc, mib);
                 if let Some(n) = lora_params {
                     assert_eq!(p.params.lora, n as u64);
                 }
-                let predicted = p.total() as f64 / MIB as f64;
-                let error = (predicted - mib) / mib;
-                assert!(
-                    error.abs() < 0.10,
-                    "{:?} T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}",
-                    config.family()
-                );
             }
         }
         // Mixtures of experts (op by op; random weights from config.json,
@@ -1783,29 +1791,11 @@ mod tests {
             (&mixtral, 2048, Method::Lora, true, 861.2),
         ];
         for (extra, t, method, gc, mib) in moe_runs {
-            let mut json = serde_json::json!({
+            let base = serde_json::json!({
                 "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
                 "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": false
             });
-            for (k, v) in extra.as_object().unwrap() {
-                json[k] = v.clone();
-            }
-            let config = ModelConfig::from_value(json, Path::new("moe")).unwrap();
-            let o = PlanOptions {
-                lora_r: 16,
-                lora_dropout: 0.0,
-                gradient_checkpointing: gc,
-                baseline_bytes: 9 * MIB,
-                ..PlanOptions::new(method, t)
-            };
-            let p = plan(&config, &o).unwrap();
-            let predicted = p.total() as f64 / MIB as f64;
-            let error = (predicted - mib) / mib;
-            assert!(
-                error.abs() < 0.10,
-                "{:?} T={t} {method:?} gc={gc}: predicted {predicted:.0} MiB, measured {mib}",
-                config.family()
-            );
+            within_ten_percent(&shaped(base, extra), t, method, gc, mib);
         }
         for (shape, t, r, batch, dropout, method, gc, chunk_rows, steps, mib, use_dora) in cases {
             let o = PlanOptions {

@@ -427,6 +427,14 @@ fn new_families_export_to_their_llama_cpp_architectures() {
         let c = read(&out);
         assert_eq!(string(&c, "general.architecture"), arch, "{name}");
         let key = |k: &str| c.metadata[&format!("{arch}.{k}")].clone();
+        let sliding = || -> Vec<bool> {
+            key("attention.sliding_window_pattern")
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bool().unwrap())
+                .collect()
+        };
         let hf = tensors(&base.join("model.safetensors"));
         let t = |n: &str| stored(&c, &out, n);
         let w = |n: &str| hf[n].clone();
@@ -439,26 +447,15 @@ fn new_families_export_to_their_llama_cpp_architectures() {
                 assert!(!c.tensor_infos.contains_key("output.weight"));
                 let l = "model.layers.0";
                 let one = |n: &str| (w(n) + 1.0).unwrap();
-                same(
-                    &t("blk.0.attn_norm.weight"),
-                    &one(&format!("{l}.input_layernorm.weight")),
-                    "attn_norm",
-                );
-                same(
-                    &t("blk.0.post_attention_norm.weight"),
-                    &one(&format!("{l}.post_attention_layernorm.weight")),
-                    "post_attention_norm",
-                );
-                same(
-                    &t("blk.0.ffn_norm.weight"),
-                    &one(&format!("{l}.pre_feedforward_layernorm.weight")),
-                    "ffn_norm",
-                );
-                same(
-                    &t("blk.0.post_ffw_norm.weight"),
-                    &one(&format!("{l}.post_feedforward_layernorm.weight")),
-                    "post_ffw_norm",
-                );
+                for (norm, hf) in [
+                    ("attn_norm", "input_layernorm"),
+                    ("post_attention_norm", "post_attention_layernorm"),
+                    ("ffn_norm", "pre_feedforward_layernorm"),
+                    ("post_ffw_norm", "post_feedforward_layernorm"),
+                ] {
+                    let stored = t(&format!("blk.0.{norm}.weight"));
+                    same(&stored, &one(&format!("{l}.{hf}.weight")), norm);
+                }
                 same(
                     &t("output_norm.weight"),
                     &one("model.norm.weight"),
@@ -471,12 +468,7 @@ fn new_families_export_to_their_llama_cpp_architectures() {
                 assert_eq!(key("attn_logit_softcapping").to_f32().unwrap(), 3.0);
                 assert_eq!(key("final_logit_softcapping").to_f32().unwrap(), 2.0);
                 assert_eq!(key("attention.sliding_window").to_u32().unwrap(), 6);
-                let pattern: Vec<bool> = key("attention.sliding_window_pattern")
-                    .to_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bool().unwrap())
-                    .collect();
+                let pattern = sliding();
                 assert_eq!(pattern, [true, false, true]);
             }
             "gemma3" => {
@@ -498,12 +490,7 @@ fn new_families_export_to_their_llama_cpp_architectures() {
                 assert_eq!(key("rope.freq_base").to_f32().unwrap(), 1e6);
                 assert_eq!(key("rope.freq_base_swa").to_f32().unwrap(), 1e4);
                 assert_eq!(key("rope.scaling.factor").to_f32().unwrap(), 2.0);
-                let pattern: Vec<bool> = key("attention.sliding_window_pattern")
-                    .to_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bool().unwrap())
-                    .collect();
+                let pattern = sliding();
                 assert_eq!(pattern, [true, true, false, true]);
             }
             "phi3" => {
