@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod chat_format;
+pub mod fast_bpe;
 pub mod files;
 pub mod format;
 pub mod gguf_vocab;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::fast_bpe::FastBpe;
 use super::format::{ChatVars, Sample};
 use super::mapping::FieldMapping;
 use super::template::ChatTemplate;
@@ -148,6 +149,8 @@ pub fn tokenize_sample(
 /// Tokenizes samples with one tokenizer, compiling its chat template once, on first use.
 pub(crate) struct SampleTokenizer<'a> {
     tok: &'a ChatTokenizer,
+    /// The byte-level BPE fast path, when the tokenizer is one it reproduces.
+    fast: Option<FastBpe<'a>>,
     completion_only_loss: Option<bool>,
     assistant_only_loss: bool,
     template: Option<ChatTemplate>,
@@ -157,9 +160,22 @@ impl<'a> SampleTokenizer<'a> {
     pub(crate) fn new(tok: &'a ChatTokenizer, opts: &TokenizeOptions) -> Self {
         SampleTokenizer {
             tok,
+            fast: FastBpe::new(tok),
             completion_only_loss: opts.completion_only_loss,
             assistant_only_loss: opts.assistant_only_loss,
             template: None,
+        }
+    }
+
+    /// The ids of `text`: through the fast path where it applies, else the tokenizer.
+    fn encode(&mut self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        match self
+            .fast
+            .as_mut()
+            .and_then(|f| f.encode(text, add_special_tokens))
+        {
+            Some(ids) => ids,
+            None => self.tok.encode(text, add_special_tokens),
         }
     }
 
@@ -184,7 +200,7 @@ impl<'a> SampleTokenizer<'a> {
         let (input_ids, completion_start) = match sample {
             Sample::Text(text) => {
                 let text = with_eos(text, self.eos_token()?);
-                (self.tok.encode(&text, true)?, None)
+                (self.encode(&text, true)?, None)
             }
             Sample::Messages(messages, vars) if self.assistant_only_loss => {
                 let (ids, mask) = self.assistant_tokens(messages, vars)?;
@@ -192,12 +208,12 @@ impl<'a> SampleTokenizer<'a> {
             }
             Sample::Messages(messages, vars) => {
                 let rendered = self.render(messages, false, vars)?;
-                (self.tok.encode(&rendered, false)?, None)
+                (self.encode(&rendered, false)?, None)
             }
             Sample::PromptCompletion { prompt, completion } => {
                 let completion = with_eos(completion, self.eos_token()?);
-                let prompt_ids = self.tok.encode(prompt, true)?;
-                let full_ids = self.tok.encode(&format!("{prompt}{completion}"), true)?;
+                let prompt_ids = self.encode(prompt, true)?;
+                let full_ids = self.encode(&format!("{prompt}{completion}"), true)?;
                 let start = common_prefix_length(&prompt_ids, &full_ids);
                 (full_ids, Some(start))
             }
@@ -210,8 +226,8 @@ impl<'a> SampleTokenizer<'a> {
                 let conversation: Vec<serde_json::Value> =
                     prompt.iter().chain(completion.iter()).cloned().collect();
                 let full_text = self.render(&conversation, false, vars)?;
-                let prompt_ids = self.tok.encode(&prompt_text, false)?;
-                let full_ids = self.tok.encode(&full_text, false)?;
+                let prompt_ids = self.encode(&prompt_text, false)?;
+                let full_ids = self.encode(&full_text, false)?;
                 let start = common_prefix_length(&prompt_ids, &full_ids);
                 (full_ids, Some(start))
             }
