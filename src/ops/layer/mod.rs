@@ -129,9 +129,11 @@ pub fn forward(
 }
 
 /// Gradient checkpointing of the whole decoder stack as one op (`--gradient-checkpointing` with a
-/// frozen base, any device): the forward keeps only each layer's input — in host memory with
-/// `offload` on an accelerator — and the backward rebuilds one layer at a time from its input,
-/// last layer first (`LayerOp::recompute_backward`); `offload` also runs candle's kernels, as
+/// frozen base, any device): the forward keeps each layer's input — in host memory with
+/// `offload` on an accelerator — and, with the native CPU kernels, its attention output and
+/// log-sum-exp (n × (q width + heads) per layer: attention is most of a long sequence's work,
+/// and the rest of the layer is rebuilt around them), and the backward rebuilds one layer at a
+/// time from its input, last layer first (`LayerOp::recompute_backward`); `offload` also runs candle's kernels, as
 /// [`forward`] does (the CPU in f32 otherwise runs the native ones). Each layer's MLP runs in
 /// chunks of `chunk_rows` rows (0: [`mlp_chunk_rows`]) in both passes, so neither the MLP's
 /// activations nor its gradients ever exist for all rows at once; the recomputation skips the
@@ -154,14 +156,16 @@ pub fn checkpointed_stack(
         .collect::<Result<Vec<_>>>()?;
     let mut h = x.detach().reshape((b * t, hidden))?.contiguous()?;
     let mut inputs = Vec::with_capacity(layer_ops.len());
+    let mut attentions = Vec::with_capacity(layer_ops.len());
     for op in &layer_ops {
-        let next = op.forward_chunked(&h)?;
+        let (next, attention) = op.forward_chunked(&h)?;
         // Into host memory (a no-op on the CPU).
         inputs.push(if offload {
             h.to_device(&Device::Cpu)?
         } else {
             h
         });
+        attentions.push(attention);
         h = next;
     }
     let out = h.reshape((b, t, hidden))?;
@@ -171,9 +175,15 @@ pub fn checkpointed_stack(
         .collect();
     let backward = move |x: &Tensor, g: &Tensor, needs_x: bool| -> Result<Option<Tensor>> {
         let mut g = g.reshape((b * t, hidden))?.contiguous()?;
-        for (i, (op, input)) in layer_ops.iter().zip(&inputs).enumerate().rev() {
+        for (i, ((op, input), attention)) in layer_ops
+            .iter()
+            .zip(&inputs)
+            .zip(&attentions)
+            .enumerate()
+            .rev()
+        {
             let input = input.to_device(x.device())?;
-            match op.recompute_backward(&input, &g, i > 0 || needs_x)? {
+            match op.recompute_backward(&input, &g, i > 0 || needs_x, attention.clone())? {
                 Some(grad) => g = grad,
                 None => return Ok(None),
             }
@@ -634,9 +644,15 @@ impl LayerOp {
         Ok((out, saved))
     }
 
-    /// The layer's output alone, keeping nothing, the MLP by chunks of rows. x: [n, hidden]
-    fn forward_chunked(&self, x: &Tensor) -> Result<Tensor> {
-        let resid = steps::attention_half(&mut Recorder::new(self, &[], 0, false), x)?;
+    /// The layer's output, the MLP by chunks of rows; with the native CPU kernels also
+    /// attention's output and log-sum-exp, which spare [`Self::recompute_backward`] its costliest
+    /// recomputation (attention is most of a long sequence's work). x: [n, hidden]
+    fn forward_chunked(&self, x: &Tensor) -> Result<(Tensor, Option<(Kept, Tensor)>)> {
+        let mut steps = Recorder::new(self, &[], 0, false);
+        steps.capture = self.attention.is_cpu();
+        let resid = steps::attention_half(&mut steps, x)?;
+        let attention = steps.attention.take();
+        drop(steps);
         let n = resid.dim(0)?;
         let mlp = self.mlp_projections(n)?;
         let mut outs = Vec::new();
@@ -645,15 +661,22 @@ impl LayerOp {
             let mut steps = Recorder::new(self, &mlp, first, false);
             outs.push(steps::mlp_half(&mut steps, &r)?.into_tensor()?);
         }
-        concat_rows(outs)
+        Ok((concat_rows(outs)?, attention))
     }
 
     /// Under [`checkpointed_stack`]: the layer rebuilt from its input `x: [n, hidden]` and
     /// differentiated for its output gradient `g` — attention whole, then the MLP chunk by chunk
     /// (each chunk's activations rebuilt and differentiated before the next) — parking the LoRA
     /// gradients and returning x's gradient when `needs_x`.
-    fn recompute_backward(&self, x: &Tensor, g: &Tensor, needs_x: bool) -> Result<Option<Tensor>> {
+    fn recompute_backward(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        needs_x: bool,
+        attention: Option<(Kept, Tensor)>,
+    ) -> Result<Option<Tensor>> {
         let mut steps = Recorder::new(self, &[], 0, true);
+        steps.reuse = attention;
         let resid = steps::attention_half(&mut steps, x)?;
         let attention = steps.attention_saved(resid)?;
         drop(steps);
@@ -848,6 +871,11 @@ struct Recorder<'a> {
     down: Option<Tensor>,
     attention: Option<(Kept, Tensor)>,
     gate_up: Option<(Tensor, Tensor)>,
+    /// Keep attention's output and log-sum-exp even when nothing else is kept (the checkpointed
+    /// stack's forward).
+    capture: bool,
+    /// Attention's output and log-sum-exp from the forward, used instead of running it again.
+    reuse: Option<(Kept, Tensor)>,
 }
 
 impl<'a> Recorder<'a> {
@@ -864,6 +892,8 @@ impl<'a> Recorder<'a> {
             down: None,
             attention: None,
             gate_up: None,
+            capture: false,
+            reuse: None,
         }
     }
 
@@ -981,12 +1011,18 @@ impl LayerSteps for Recorder<'_> {
     }
 
     fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        if let Some((kept, out)) = self.reuse.take() {
+            if self.keep {
+                self.attention = Some((kept, out.clone()));
+            }
+            return Ok(out);
+        }
         let op = self.op;
         let q_rot = op.rotated(&q, op.q_norm.as_ref())?;
         let k_rot = op.rotated(&k, op.k_norm.as_ref())?;
         let v4 = v.reshape(k_rot.dims())?;
         let (kept, out) = op.attention(&q_rot, &k_rot, &v4)?;
-        if self.keep {
+        if self.keep || self.capture {
             self.attention = Some((kept, out.clone()));
         }
         Ok(out)
