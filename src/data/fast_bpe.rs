@@ -40,6 +40,8 @@ pub struct FastBpe<'a> {
     newline_alternative: bool,
     /// Added tokens' contents and ids, longest first.
     added: Vec<(String, u32)>,
+    /// Whether some added token starts with this byte.
+    starts: [bool; 256],
     /// Whether the normalizer is NFC (then only ASCII text takes this path).
     nfc: bool,
     /// Whether every digit is a piece of its own before the pattern splits (SmolLM's `Digits`).
@@ -117,7 +119,12 @@ impl<'a> FastBpe<'a> {
             }
             added.push((t["content"].as_str()?.to_string(), t["id"].as_u64()? as u32));
         }
+        added.retain(|(c, _)| !c.is_empty());
         added.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+        let mut starts = [false; 256];
+        for (c, _) in &added {
+            starts[c.as_bytes()[0] as usize] = true;
+        }
         let with = inner.encode_fast("a", true).ok()?;
         let without = inner.encode_fast("a", false).ok()?;
         Some(FastBpe {
@@ -125,6 +132,7 @@ impl<'a> FastBpe<'a> {
             split,
             newline_alternative,
             added,
+            starts,
             nfc,
             digits,
             post_processes: with.get_ids() != without.get_ids(),
@@ -144,11 +152,14 @@ impl<'a> FastBpe<'a> {
         let mut i = 0;
         while i < text.len() {
             let rest = &text[i..];
-            match self
-                .added
-                .iter()
-                .find(|(c, _)| !c.is_empty() && rest.starts_with(c.as_str()))
-            {
+            let found = match self.starts[rest.as_bytes()[0] as usize] {
+                true => self
+                    .added
+                    .iter()
+                    .find(|(c, _)| rest.starts_with(c.as_str())),
+                false => None,
+            };
+            match found {
                 Some((content, id)) => {
                     let (len, id) = (content.len(), *id);
                     if let Err(e) = self.segment(&text[start..i], &mut ids) {

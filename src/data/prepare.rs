@@ -281,7 +281,7 @@ fn tokenize_rows(
                     // A copy per thread: the tokenizer's regexes keep their search caches in a
                     // pool that threads sharing one regex contend for.
                     let own = tok.clone();
-                    let mut tokenizer = SampleTokenizer::new(&own, opts);
+                    let mut tokenizer = SampleTokenizer::new(&own, opts).with_fast_path();
                     part.iter()
                         .map(|row| {
                             opts.fields

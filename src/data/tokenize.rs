@@ -160,11 +160,18 @@ impl<'a> SampleTokenizer<'a> {
     pub(crate) fn new(tok: &'a ChatTokenizer, opts: &TokenizeOptions) -> Self {
         SampleTokenizer {
             tok,
-            fast: FastBpe::new(tok),
+            fast: None,
             completion_only_loss: opts.completion_only_loss,
             assistant_only_loss: opts.assistant_only_loss,
             template: None,
         }
+    }
+
+    /// With the byte-level BPE fast path where it applies: for a tokenizer that encodes many
+    /// samples (setting it up reads the whole tokenizer once).
+    pub(crate) fn with_fast_path(mut self) -> Self {
+        self.fast = FastBpe::new(self.tok);
+        self
     }
 
     /// The ids of `text`: through the fast path where it applies, else the tokenizer.

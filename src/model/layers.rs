@@ -409,6 +409,11 @@ impl Moe {
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             chosen.extend(order[..k].iter().map(|&e| e as u32));
         }
+        // With the load-balancing loss, the probabilities also carry its gradient.
+        let probs = match router {
+            Some(router) => router.route(probs, &host, &chosen)?,
+            None => probs,
+        };
         let index = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
         let mut weights = probs.gather(&index, 1)?;
         if self.normalize {
@@ -452,13 +457,10 @@ impl Moe {
         }
         let stacked = Tensor::cat(&outputs, 0)?;
         let by_slot = stacked.index_select(&Tensor::from_vec(at, n * k, x.device())?, 0)?;
-        let mut out = by_slot
+        let out = by_slot
             .reshape((n, k, hidden))?
             .broadcast_mul(&weights.unsqueeze(2)?)?
             .sum(1)?;
-        if let Some(router) = router {
-            out = router.route(out, &probs, &host, &chosen)?;
-        }
         out.reshape(dims)
     }
 

@@ -6,12 +6,12 @@
 //! probability of `e`, both averaged over layers and tokens; the loss is `E · Σ_e f_e · P_e`.
 //! The choices have no gradient, so `d loss / d p[l, n, e] = E · f_e · m_n / (L · N)` for every
 //! layer — known only once every layer has routed. Each layer records its counts as it routes,
-//! and its output carries a backward that adds that gradient to the router probabilities when the
+//! and its router probabilities carry a backward that adds that gradient to theirs when the
 //! weight is set ([`RouterLoss::set_scale`], after the forward). The same holds when a checkpointed
 //! layer recomputes its forward in the backward: the record is sealed by then, so the recomputation
 //! only attaches the gradient.
 
-use super::graft::{grad_enabled, graft2};
+use super::graft::{grad_enabled, graft1};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -59,18 +59,13 @@ impl RouterLoss {
             .map_err(|_| candle_core::Error::Msg("router loss: poisoned lock".into()))
     }
 
-    /// Records one layer's routing and returns its output `out`, which then carries the loss's
-    /// gradient to `probs` in the backward.
+    /// Records one layer's routing and returns its router probabilities `probs`, which then
+    /// carry the loss's gradient in the backward (added to whatever reaches them through the
+    /// routing weights).
     ///
-    /// out: the layer's output; probs: `[n, experts]` f32 router probabilities (tracked);
-    /// host: the same values; chosen: `[n · k]` expert per top-k slot, row-major.
-    pub fn route(
-        &self,
-        out: Tensor,
-        probs: &Tensor,
-        host: &[Vec<f32>],
-        chosen: &[u32],
-    ) -> Result<Tensor> {
+    /// probs: `[n, experts]` f32 router probabilities (tracked); host: the same values;
+    /// chosen: `[n · k]` expert per top-k slot, row-major.
+    pub fn route(&self, probs: Tensor, host: &[Vec<f32>], chosen: &[u32]) -> Result<Tensor> {
         let n = host.len();
         if n != self.mask.len() {
             candle_core::bail!(
@@ -107,40 +102,31 @@ impl RouterLoss {
             }
         }
         if !grad_enabled() || !probs.track_op() {
-            return Ok(out);
+            return Ok(probs);
         }
         let (record, mask) = (self.record.clone(), self.mask.clone());
-        graft2(
+        graft1(
             "router_loss",
-            &out,
-            probs,
-            out.clone(),
-            Box::new(move |_, p, grad, needs| {
-                let dp = match needs[1] {
-                    false => None,
-                    true => {
-                        let weight = record
-                            .lock()
-                            .map_err(|_| {
-                                candle_core::Error::Msg("router loss: poisoned lock".into())
-                            })?
-                            .weight
-                            .clone()
-                            .ok_or_else(|| {
-                                candle_core::Error::Msg(
-                                    "router loss: back-propagated before its weight was set \
-                                     (back-propagate LossOutput::objective, not loss_sum)"
-                                        .into(),
-                                )
-                            })?;
-                        let m = Tensor::from_slice(mask.as_slice(), (mask.len(), 1), p.device())?;
-                        Some(
-                            m.broadcast_mul(&weight.to_device(p.device())?)?
-                                .to_dtype(p.dtype())?,
+            &probs,
+            probs.clone(),
+            Box::new(move |p, grad| {
+                let weight = record
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("router loss: poisoned lock".into()))?
+                    .weight
+                    .clone()
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(
+                            "router loss: back-propagated before its weight was set \
+                             (back-propagate LossOutput::objective, not loss_sum)"
+                                .into(),
                         )
-                    }
-                };
-                Ok((needs[0].then(|| grad.clone()), dp))
+                    })?;
+                let m = Tensor::from_slice(mask.as_slice(), (mask.len(), 1), p.device())?;
+                let aux = m
+                    .broadcast_mul(&weight.to_device(p.device())?)?
+                    .to_dtype(p.dtype())?;
+                Ok(Some((grad + aux)?))
             }),
         )
     }
