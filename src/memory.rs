@@ -887,12 +887,12 @@ impl Step<'_> {
     /// Temporaries of the attention backward with the CPU flash kernel: the o-projection's input
     /// gradient and its contiguous copy in heads-first order, one dQ part per key chunk, dK and dV
     /// per query head, then dQ (q width each per row; dK and dV at the key/value heads come after
-    /// the per-head ones are summed and dropped).
+    /// the per-head ones are summed and dropped), and the keys and values transposed by tiles.
     fn flash_backward_bytes(&self) -> u64 {
         let t = self.o.max_length;
         let batch_heads = self.o.batch_size * self.c.num_attention_heads;
         let chunks = flash_key_chunks(batch_heads, t, rayon::current_num_threads());
-        (5 + chunks) * self.n * self.qd() * self.dt
+        ((5 + chunks) * self.qd() + 2 * self.kvd()) * self.n * self.dt
     }
 
     /// Temporaries of one layer's backward pass: the larger of the SwiGLU backward and the

@@ -143,8 +143,8 @@ fn geglu_matches_composed_natively_and_in_candle_ops() -> Result<()> {
 #[test]
 fn soft_capped_attention_matches_composed_in_every_kernel() -> Result<()> {
     // Gemma 2's attn_logit_softcapping, small enough to bend most scores; several flash tiles
-    // and blocked-kernel blocks, a window and packed documents.
-    let t = 300;
+    // and runs and blocked-kernel blocks, a window and packed documents.
+    let t = 600;
     let docs: Vec<Vec<u32>> = vec![(0..t as u32).map(|i| u32::from(i >= 170)).collect()];
     let scores = Scores {
         scale: 0.35,
@@ -391,9 +391,10 @@ fn attention_matches_composed_across_several_blocks() -> Result<()> {
 
 #[test]
 fn flash_attention_matches_composed_on_several_shapes_and_masks() -> Result<()> {
-    // Lengths around the kernel's 64-row tiles (one partial tile, several tiles, tails), GQA and
-    // plain heads, head widths 8 and 64, batches of one and two; causal, windows that end inside
-    // and on tile edges, packed documents whose boundaries fall inside tiles, and both together.
+    // Lengths around the kernel's 128-row tiles and 512-row runs (one partial tile, several tiles,
+    // several runs, tails), GQA and plain heads, head widths 8 and 64, batches of one and two;
+    // causal, windows that end inside and on tile edges, packed documents whose boundaries fall
+    // inside tiles and runs, and both together.
     let packed = |t: usize, cuts: &[usize]| -> Vec<u32> {
         (0..t)
             .map(|i| cuts.iter().filter(|&&c| i >= c).count() as u32)
@@ -482,6 +483,26 @@ fn flash_attention_matches_composed_on_several_shapes_and_masks() -> Result<()> 
             window: Some(150),
             docs: Some(vec![packed(333, &[40, 250])]),
         },
+        // Two runs of queries and keys, the second ragged.
+        Case {
+            b: 2,
+            heads: 2,
+            kv: 1,
+            t: 600,
+            d: 16,
+            window: None,
+            docs: None,
+        },
+        // A window wider than a tile and documents whose boundaries fall inside the second run.
+        Case {
+            b: 1,
+            heads: 2,
+            kv: 1,
+            t: 700,
+            d: 8,
+            window: Some(300),
+            docs: Some(vec![packed(700, &[100, 530, 531])]),
+        },
     ];
     for c in cases {
         let (q, k, v) = (
@@ -511,18 +532,26 @@ fn flash_attention_matches_composed_on_several_shapes_and_masks() -> Result<()> 
 
 #[test]
 fn flash_attention_with_a_cache_offset_matches_the_full_computation() -> Result<()> {
-    // 70 new queries at positions 90..160 over 160 keys: tiles start mid-sequence.
-    let (q, k, v) = (
-        randn(&[1, 4, 160, 8])?,
-        randn(&[1, 2, 160, 8])?,
-        randn(&[1, 2, 160, 8])?,
-    );
-    for window in [None, Some(50)] {
-        let full_mask = AttentionMask::new(160, 0, window, None, DType::F32, &Device::Cpu)?;
-        let full = attention_keeping_probabilities(&q, &k, &v, &full_mask, 0.5)?;
-        let tail_mask = AttentionMask::new(70, 90, window, None, DType::F32, &Device::Cpu)?;
-        let tail = attention_flash_cpu(&q.narrow(2, 90, 70)?, &k, &v, &tail_mask, 0.5)?;
-        assert_close("cached flash attention", &tail, &full.narrow(2, 90, 70)?);
+    // New queries at positions 90..160 over 160 keys, and 500..700 over 700 (more than a run of
+    // keys): tiles start mid-sequence.
+    for (t, start) in [(160, 90), (700, 500)] {
+        let (q, k, v) = (
+            randn(&[1, 4, t, 8])?,
+            randn(&[1, 2, t, 8])?,
+            randn(&[1, 2, t, 8])?,
+        );
+        for window in [None, Some(50), Some(260)] {
+            let full_mask = AttentionMask::new(t, 0, window, None, DType::F32, &Device::Cpu)?;
+            let full = attention_keeping_probabilities(&q, &k, &v, &full_mask, 0.5)?;
+            let new = t - start;
+            let tail_mask = AttentionMask::new(new, start, window, None, DType::F32, &Device::Cpu)?;
+            let tail = attention_flash_cpu(&q.narrow(2, start, new)?, &k, &v, &tail_mask, 0.5)?;
+            assert_close(
+                "cached flash attention",
+                &tail,
+                &full.narrow(2, start, new)?,
+            );
+        }
     }
     Ok(())
 }

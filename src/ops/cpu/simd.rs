@@ -117,19 +117,6 @@ fn lane_sum(acc: [f32; LANES]) -> f32 {
 }
 
 #[inline(always)]
-fn sum_of(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += c[l];
-        }
-    }
-    lane_sum(acc) + rest.iter().sum::<f32>()
-}
-
-#[inline(always)]
 fn dot_of(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -328,7 +315,7 @@ dispatch! {
 }
 
 dispatch! {
-    /// One key tile of the online softmax, row by row (`s`: `[m, n]` scores, -inf where
+    /// One run of keys of the online softmax, row by row (`s`: `[m, n]` scores, -inf where
     /// hidden): updates each row's running max and sum, rescales its output row (`out`:
     /// `[m, d]`) and turns the scores into `exp(s - max)`.
     fn online_softmax_rows(
@@ -347,8 +334,22 @@ dispatch! {
                 continue;
             }
             let alpha = exp(max[r] - new_max);
-            row.iter_mut().for_each(|x| *x = exp(*x - new_max));
-            sum[r] = sum[r] * alpha + sum_of(row);
+            // exp and the row's sum in one pass
+            let mut acc = [0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    let e = exp(c[l] - new_max);
+                    c[l] = e;
+                    acc[l] += e;
+                }
+            }
+            let mut rest = 0.0;
+            for x in chunks.into_remainder() {
+                *x = exp(*x - new_max);
+                rest += *x;
+            }
+            sum[r] = sum[r] * alpha + lane_sum(acc) + rest;
             if alpha != 1.0 {
                 out[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
             }
