@@ -45,10 +45,11 @@ fn main() -> anyhow::Result<()> {
     let half = (t * t) as f64 / 2.0 * (heads * d) as f64 * 2.0;
     let (fwd_flops, bwd_flops) = (2.0 * half, 5.0 * half);
     for round in 0..rounds {
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         let (out, lse) = forward(&q, &k, &v, dims, &mask, scale);
         let f = start.elapsed().as_secs_f64();
-        let start = Instant::now();
+        let f_cores = (cpu_seconds() - cpu) / f;
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         let saved = Saved {
             q: &q,
             k: &k,
@@ -58,9 +59,10 @@ fn main() -> anyhow::Result<()> {
         };
         let grads = backward(saved, &g, dims, &mask, scale);
         let b = start.elapsed().as_secs_f64();
+        let b_cores = (cpu_seconds() - cpu) / b;
         std::hint::black_box(grads);
         println!(
-            "round {round}: T={t} forward {:.1} ms ({:.0} GFLOP/s), backward {:.1} ms ({:.0} GFLOP/s)",
+            "round {round}: T={t} forward {:.1} ms ({:.0} GFLOP/s, {f_cores:.2} cores), backward {:.1} ms ({:.0} GFLOP/s, {b_cores:.2} cores)",
             f * 1e3,
             fwd_flops / f / 1e9,
             b * 1e3,
@@ -68,4 +70,16 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// CPU time of the process so far (user + system), seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }

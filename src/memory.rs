@@ -43,8 +43,7 @@ pub const CUDA_BASELINE_BYTES: u64 = 512 * MIB;
 /// Key chunks per head of the CPU flash backward (`ops/flash.rs`, `backward`): each chunk is a task
 /// writing its own dQ part.
 fn flash_key_chunks(batch_heads: usize, t_k: usize, threads: usize) -> u64 {
-    let chunk_rows = crate::ops::cpu::flash::key_chunk_rows(batch_heads, t_k, threads);
-    t_k.div_ceil(chunk_rows.max(1)).max(1) as u64
+    crate::ops::cpu::flash::key_chunks(batch_heads, t_k, threads) as u64
 }
 
 /// Whether the step runs the native CPU kernels (`ops/cpu/`): flash attention, linears writing

@@ -458,8 +458,11 @@ pub fn backward(
         transposed_tiles(saved.k, dims),
         transposed_tiles(saved.v, dims),
     );
-    let chunk_rows = key_chunk_rows(b * heads, t_k, rayon::current_num_threads());
-    let chunks = t_k.div_ceil(chunk_rows).max(1);
+    let chunks = key_chunks(b * heads, t_k, rayon::current_num_threads());
+    // Per batch row (the mask's rows), where each key chunk starts: about equal work each.
+    let starts: Vec<Vec<usize>> = (0..b)
+        .map(|bi| chunk_starts(mask, bi, (t_q, t_k), chunks))
+        .collect();
     // Per query head, heads-first: dQ's parts per key chunk, dK and dV.
     let mut dq_parts = par_zeroed(b * heads * chunks * t_q * d);
     let mut dk_heads = par_zeroed(b * heads * t_k * d);
@@ -470,14 +473,15 @@ pub fn backward(
         .zip(dv_heads.par_chunks_mut(t_k * d))
         .enumerate()
         .for_each(|(bh, ((dq, dk), dv))| {
+            let starts = &starts[bh / heads];
             dq.par_chunks_mut(t_q * d)
-                .zip(dk.par_chunks_mut(chunk_rows * d))
-                .zip(dv.par_chunks_mut(chunk_rows * d))
-                .enumerate()
-                .for_each(|(chunk, ((dq, dk), dv))| {
+                .zip(key_parts(dk, starts, d))
+                .zip(key_parts(dv, starts, d))
+                .zip(starts.par_iter())
+                .for_each(|(((dq, dk), dv), &k_start)| {
                     let task = HeadTask {
                         bh,
-                        k_start: chunk * chunk_rows,
+                        k_start,
                         saved: &saved,
                         transposed: (&kt, &vt),
                         g,
@@ -528,13 +532,74 @@ pub fn backward(
     (dq, dk, dv)
 }
 
-/// Keys per chunk of the backward's tasks (a query head and a chunk of its keys each, writing its
-/// own dQ part): whole key tiles, chunks small enough for about four tasks per thread even with
-/// one row and few heads.
-pub(crate) fn key_chunk_rows(batch_heads: usize, t_k: usize, threads: usize) -> usize {
-    let key_tiles = t_k.div_ceil(BK);
-    let wanted = (4 * threads).div_ceil(batch_heads.max(1));
-    BK * key_tiles.div_ceil(wanted.clamp(1, key_tiles.max(1)))
+/// Key chunks per query head in the backward's tasks (a query head and a chunk of its keys each,
+/// writing its own dQ part): at least two tasks per thread, and a task count the threads divide
+/// (nine heads on two threads as nine tasks kept one core idle for the last; the chunks are cut
+/// for equal work, [`chunk_starts`]), at most one per key tile.
+pub(crate) fn key_chunks(batch_heads: usize, t_k: usize, threads: usize) -> usize {
+    let (heads, threads) = (batch_heads.max(1), threads.max(1));
+    let tiles = t_k.div_ceil(BK).max(1);
+    let mut chunks = (2 * threads).div_ceil(heads);
+    while (heads * chunks) % threads != 0 && chunks < threads {
+        chunks += 1;
+    }
+    chunks.min(tiles)
+}
+
+/// A head's `[t_k, d]` rows cut where each key chunk starts (`starts`, the first at 0).
+fn key_parts<'a>(rows: &'a mut [f32], starts: &[usize], d: usize) -> Vec<&'a mut [f32]> {
+    let mut rest = rows;
+    let mut parts = Vec::with_capacity(starts.len());
+    for pair in starts.windows(2) {
+        let (part, tail) = rest.split_at_mut((pair[1] - pair[0]) * d);
+        parts.push(part);
+        rest = tail;
+    }
+    parts.push(rest);
+    parts
+}
+
+/// Where each of `chunks` key chunks of batch row `row` starts (whole key tiles, the first at 0):
+/// cut so each meets about the same number of query rows — under a causal mask the first keys
+/// are seen by every later query, the last by few.
+fn chunk_starts(
+    mask: &AttentionMask,
+    row: usize,
+    (t_q, t_k): (usize, usize),
+    chunks: usize,
+) -> Vec<usize> {
+    let tiles = t_k.div_ceil(BK);
+    // Query rows that meet each key tile.
+    let mut work = vec![0usize; tiles];
+    for q0 in (0..t_q).step_by(BQ) {
+        let q1 = (q0 + BQ).min(t_q);
+        let (lo, hi) = mask.tile_keys(row, q0, q1);
+        for w in &mut work[(lo / BK).min(tiles)..hi.div_ceil(BK).min(tiles)] {
+            *w += q1 - q0;
+        }
+    }
+    let total: usize = work.iter().sum::<usize>().max(1);
+    let mut starts = vec![0];
+    let mut done = 0;
+    for (tile, w) in work.iter().enumerate() {
+        // The next chunk starts at this tile if the work so far plus half of it reaches the
+        // chunk's share (the cut nearest the share), leaving a tile for each later chunk.
+        let next = starts.len();
+        if next < chunks
+            && tile > 0
+            && (2 * done + w) * chunks >= 2 * total * next
+            && tiles - tile >= chunks - next
+        {
+            starts.push(tile * BK);
+        }
+        done += w;
+    }
+    while starts.len() < chunks {
+        // Too little work to share (all of it in the first tiles): one tile each at the end.
+        let last = starts[starts.len() - 1];
+        starts.push(last + BK);
+    }
+    starts
 }
 
 /// One backward task: a query head and a chunk of its keys.
@@ -740,5 +805,77 @@ impl AttentionMask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Query rows meeting the keys of each chunk (`starts` as [`chunk_starts`] cuts them).
+    fn chunk_work(mask: &AttentionMask, t: usize, starts: &[usize]) -> Vec<usize> {
+        let mut work = vec![0; starts.len()];
+        for i in 0..t {
+            let (lo, hi) = mask.tile_keys(0, i, i + 1);
+            for j in lo..hi {
+                work[starts.iter().rposition(|&s| s <= j).unwrap()] += 1;
+            }
+        }
+        work
+    }
+
+    #[test]
+    fn backward_tasks_are_a_multiple_of_the_threads() {
+        // SmolLM2-135M's nine heads on two threads: two chunks each (nine tasks left one core
+        // idle for the last); many heads need no split; one head gets two tasks per thread.
+        assert_eq!(key_chunks(9, 8192, 2), 2);
+        assert_eq!(key_chunks(32, 8192, 2), 1);
+        assert_eq!(key_chunks(1, 8192, 2), 4);
+        assert_eq!(key_chunks(9, 8192, 16), 16);
+        // Never more chunks than key tiles.
+        assert_eq!(key_chunks(1, 200, 2), 2);
+        assert_eq!(key_chunks(1, 100, 8), 1);
+    }
+
+    #[test]
+    fn key_chunks_share_the_work_of_causal_and_windowed_masks() -> Result<()> {
+        let t = 8192;
+        for (window, chunks) in [(None, 2), (None, 4), (Some(1000), 4)] {
+            let mask = AttentionMask::new(t, 0, window, None, DType::F32, &Device::Cpu)?;
+            let starts = chunk_starts(&mask, 0, (t, t), chunks);
+            assert_eq!(starts.len(), chunks);
+            assert_eq!(starts[0], 0);
+            assert!(starts.windows(2).all(|w| w[0] < w[1] && w[1] % BK == 0));
+            let work = chunk_work(&mask, t, &starts);
+            let (min, max) = (work.iter().min().unwrap(), work.iter().max().unwrap());
+            // Within a key tile's work of each other (a tile meets at most every query).
+            assert!(
+                max - min <= BK * t,
+                "window {window:?}: {work:?} from {starts:?}"
+            );
+        }
+        // Causal halves: the first chunk ends near t·(1 - 1/√2), not at t/2.
+        let mask = AttentionMask::new(t, 0, None, None, DType::F32, &Device::Cpu)?;
+        let cut = chunk_starts(&mask, 0, (t, t), 2)[1];
+        assert!((2304..=2560).contains(&cut), "{cut}");
+        Ok(())
+    }
+
+    #[test]
+    fn every_key_chunk_keeps_a_tile() -> Result<()> {
+        // Three tiles, three chunks; and packed documents that leave the last keys' tiles
+        // almost no work still give each chunk a tile.
+        let mask = AttentionMask::new(300, 0, None, None, DType::F32, &Device::Cpu)?;
+        assert_eq!(chunk_starts(&mask, 0, (300, 300), 3), vec![0, 128, 256]);
+        let docs = vec![(0..1024u32)
+            .map(|i| u32::from(i >= 1000))
+            .collect::<Vec<_>>()];
+        let mask = AttentionMask::new(1024, 0, Some(8), Some(&docs), DType::F32, &Device::Cpu)?;
+        let starts = chunk_starts(&mask, 0, (1024, 1024), 4);
+        assert_eq!(starts.len(), 4);
+        assert!(starts.windows(2).all(|w| w[0] < w[1] && w[1] % BK == 0));
+        assert!(*starts.last().unwrap() < 1024);
+        Ok(())
     }
 }
