@@ -3,9 +3,12 @@
 //!
 //! `cargo run --release --example bench_flash -- T [rounds] [heads kv_heads d]`
 
+#[path = "common/process.rs"]
+mod process;
 use candle_core::{DType, Device};
 use peft_sft::ops::cpu::flash::{backward, forward, Dims, Saved};
 use peft_sft::ops::mask::AttentionMask;
+use process::cpu_seconds;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -70,16 +73,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// CPU time of the process so far (user + system), seconds.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
 }

@@ -16,6 +16,8 @@
 //! 8B-shaped model needs no files. Steps end with a device synchronisation; peak GPU memory is
 //! measured from outside (scripts/gpu_mem_peak.py), the same way as for the PyTorch side.
 
+#[path = "common/process.rs"]
+mod process;
 use candle_core::{DType, Tensor};
 use peft_sft::lora::{inject, LoraConfig};
 use peft_sft::model::weights::Weights;
@@ -23,6 +25,7 @@ use peft_sft::model::{CausalLm, ModelConfig};
 use peft_sft::quant::QuantScheme;
 use peft_sft::rng::Rng;
 use peft_sft::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
+use process::cpu_seconds;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -240,16 +243,4 @@ fn epoch_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// User + system CPU time of the whole process so far, in seconds.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
